@@ -1,0 +1,34 @@
+"""fcclass: conv-pool-flatten-dense image classifiers from Keras-style YAML configs, on PyTorch.
+
+Library use: ``from fcclass import load_config, build_model, fit, evaluate, predict``.
+Torch is imported on first use of a function that needs it, so ``import fcclass`` stays instant.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fcclass.config import Config, load_config
+from fcclass.errors import FcclassError
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "build_model": ("fcclass.model", "build_model"),
+    "fit": ("fcclass.train", "fit"),
+    "evaluate": ("fcclass.evaluate", "evaluate"),
+    "predict": ("fcclass.predict", "predict"),
+    "load_dataset": ("fcclass.data", "load_dataset"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'fcclass' has no attribute {name!r}")
+
+
+__all__ = ["Config", "FcclassError", "load_config", *_LAZY]

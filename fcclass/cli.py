@@ -1,0 +1,186 @@
+"""The `fcclass` command line: parse, call the library, render with Rich. No torch import at module level."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+
+from fcclass.errors import FcclassError
+
+app = typer.Typer(
+    help="Train, evaluate and serve conv-pool-flatten-dense image classifiers from Keras-style YAML configs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+err_console = Console(stderr=True)
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file [default: configs/fashion_mnist.yaml].")
+SetOpt = typer.Option(None, "--set", help="Override a config key: dotted.key=value (value parsed as YAML). Repeatable.")
+JsonOpt = typer.Option(None, "--json", help="Write the result as JSON to FILE, or '-' for stdout (then nothing else goes to stdout).")
+RunsDirOpt = typer.Option(Path("runs"), "--runs-dir", help="Where runs are looked up.")
+DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N | mps")
+
+
+def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except FcclassError as e:
+            err_console.print(f"[bold red]Error:[/bold red] [red]{e}[/red]", highlight=False, markup=True, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]Interrupted.[/yellow]")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _human_console(json_target: str | None) -> Console:
+    """Human output goes to stdout unless JSON does."""
+    return err_console if json_target == "-" else Console()
+
+
+def _emit_json(target: str | None, data: Any) -> None:
+    if target is None:
+        return
+    text = json.dumps(data, indent=2)
+    if target == "-":
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+    else:
+        try:
+            Path(target).write_text(text + "\n", encoding="utf-8")
+        except OSError as e:
+            raise FcclassError(f"Cannot write JSON to '{target}': {e.strerror}. Check that the folder exists and is writable.") from None
+
+
+@app.command()
+@_handle_errors
+def train(
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run directory from its last completed epoch."),
+    json_out: Optional[str] = JsonOpt,
+) -> None:
+    """Train a model from a YAML config (default: Fashion-MNIST CNN) into runs/<name>-<timestamp>/."""
+    from fcclass.config import load_config
+
+    cfg = None if resume is not None else load_config(config, set_)
+    from fcclass.train import fit
+
+    console = _human_console(json_out)
+    result = fit(cfg, resume=resume, overrides=set_ if resume is not None else None, console=console)
+    if result.extra.get("removed"):
+        raise typer.Exit(130)
+    best = result.best or {}
+    if best:
+        console.print(
+            f"[bold]Best epoch {result.best_epoch}[/bold]: val accuracy {best['val_accuracy']:.2%}, val loss {best['val_loss']:.4f}. "
+            f"Run saved in [bold]{result.run_dir}[/bold]\nNext: fcclass eval {result.run_dir}"
+        )
+    _emit_json(json_out, {"run_dir": str(result.run_dir), "epochs": len(result.history), "best_epoch": result.best_epoch,
+                          "best": best, "stopped_early": result.stopped_early, "interrupted": result.interrupted,
+                          "device": result.device, "history": result.history})
+    if result.interrupted:
+        raise typer.Exit(130)
+
+
+@app.command("eval")
+@_handle_errors
+def eval_(
+    run_dir: Optional[Path] = typer.Argument(None, help="Run directory [default: the newest run in --runs-dir]."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Evaluate this checkpoint file instead of a run."),
+    split: str = typer.Option("test", "--split", help="test | val"),
+    json_out: Optional[str] = JsonOpt,
+    runs_dir: Path = RunsDirOpt,
+    data_root: Optional[str] = typer.Option(None, "--data-root", help="Dataset root, if not where training found it."),
+    device: str = DeviceOpt,
+) -> None:
+    """Evaluate the best checkpoint on the test split: accuracy per label, by name."""
+    from fcclass.evaluate import evaluate
+
+    report = evaluate(run_dir, checkpoint, split=split, runs_dir=runs_dir, data_root=data_root, device=device)
+    if json_out != "-":
+        from fcclass.report import eval_table
+
+        Console().print(eval_table(report))
+    _emit_json(json_out, report.to_dict())
+
+
+@app.command()
+@_handle_errors
+def predict(
+    images: list[str] = typer.Argument(..., help="Image files, folders (searched recursively) or glob patterns."),
+    run: Optional[Path] = typer.Option(None, "--run", help="Run directory [default: the newest run]."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Use this checkpoint file."),
+    top_k: int = typer.Option(3, "--top-k", "-k", help="How many labels to show per image."),
+    json_out: Optional[str] = JsonOpt,
+    runs_dir: Path = RunsDirOpt,
+    device: str = DeviceOpt,
+) -> None:
+    """Predict the label of images with the preprocessing used in training. Exit status 1 if any image failed."""
+    from fcclass.predict import predict as run_predict
+
+    preds = run_predict(images, run, checkpoint, top_k=top_k, runs_dir=runs_dir, device=device)
+    if json_out != "-":
+        from fcclass.report import predict_table
+
+        Console().print(predict_table(preds, max((len(p.top_k) for p in preds), default=1) or 1))
+    _emit_json(json_out, [p.to_dict() for p in preds])
+    failed = [p for p in preds if p.error is not None]
+    if failed:
+        err_console.print(f"[red]{len(failed)} of {len(preds)} input(s) could not be predicted.[/red]")
+        raise typer.Exit(1)
+
+
+@app.command()
+@_handle_errors
+def summary(
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    json_out: Optional[str] = JsonOpt,
+) -> None:
+    """Print the model's layers, output shapes and parameter counts (Keras-style)."""
+    from fcclass.config import load_config
+
+    cfg = load_config(config, set_)
+    from fcclass.data import describe
+    from fcclass.model import build_model
+
+    if cfg.model.input_shape is not None:
+        input_shape = list(cfg.model.input_shape)
+        num_classes = _num_classes_without_data(cfg) or describe(cfg.data)[1]
+    else:
+        shape, num_classes = describe(cfg.data)
+        input_shape = list(shape)
+
+    result = build_model(cfg.model, input_shape, num_classes).summary()
+    if json_out != "-":
+        from fcclass.report import summary_table
+
+        Console().print(summary_table(result, title=f"Model: {cfg.name}"))
+    _emit_json(json_out, result.to_dict())
+
+
+def _num_classes_without_data(cfg: Any) -> int | None:
+    """The class count when the last Dense states it, so `summary` needs no dataset."""
+    from fcclass.config import Dense
+
+    dense = [layer for layer in cfg.model.layers if isinstance(layer, Dense)]
+    return dense[-1].units if dense and dense[-1].units else None
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,438 @@
+"""The typed, validated config: pydantic v2 models, safe YAML loading and ``--set`` overrides.
+
+Everything downstream takes these objects, never raw dicts. Unknown keys are errors with a
+did-you-mean, and every problem in a file is reported at once with its full dotted path.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from fcclass.errors import ConfigError
+from fcclass.registries import ACTIVATIONS, DATASETS, INITIALIZERS, LAYER_ALIASES, OPTIMIZERS, SCHEDULERS
+
+DEFAULT_CONFIG = Path("configs/fashion_mnist.yaml")
+
+Activation = Literal[tuple(ACTIVATIONS)]  # type: ignore[valid-type]
+Initializer = Literal[tuple(INITIALIZERS)]  # type: ignore[valid-type]
+Monitor = Literal["val_loss", "val_accuracy"]
+Size2 = Union[PositiveInt, Annotated[list[PositiveInt], Field(min_length=2, max_length=2)]]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------- model / layers
+class Regularizer(Strict):
+    l1: NonNegativeFloat = 0.0
+    l2: NonNegativeFloat = 0.0
+
+
+class LayerBase(Strict):
+    name: str | None = None
+    trainable: bool = True
+
+
+class Conv2D(LayerBase):
+    type: Literal["Conv2D"]
+    filters: PositiveInt
+    kernel_size: Size2
+    strides: Size2 = 1
+    padding: Literal["valid", "same"] = "valid"
+    activation: Activation = "linear"
+    use_bias: bool = True
+    kernel_initializer: Initializer = "glorot_uniform"
+    bias_initializer: Initializer = "zeros"
+    kernel_regularizer: Regularizer | None = None
+
+
+class _Pooling(LayerBase):
+    pool_size: Size2 = 2
+    strides: Size2 | None = None  # Keras: defaults to pool_size
+    padding: Literal["valid"] = "valid"
+
+
+class MaxPooling2D(_Pooling):
+    type: Literal["MaxPooling2D"]
+
+
+class AveragePooling2D(_Pooling):
+    type: Literal["AveragePooling2D"]
+
+
+class GlobalAveragePooling2D(LayerBase):
+    type: Literal["GlobalAveragePooling2D"]
+
+
+class Flatten(LayerBase):
+    type: Literal["Flatten"]
+
+
+class Dense(LayerBase):
+    type: Literal["Dense"]
+    units: PositiveInt | None = None  # None on the last Dense: the number of classes
+    activation: Activation = "linear"
+    use_bias: bool = True
+    kernel_initializer: Initializer = "glorot_uniform"
+    bias_initializer: Initializer = "zeros"
+    kernel_regularizer: Regularizer | None = None
+
+
+class Dropout(LayerBase):
+    type: Literal["Dropout"]
+    rate: float = Field(ge=0.0, lt=1.0)
+
+
+class BatchNormalization(LayerBase):
+    type: Literal["BatchNormalization"]
+    momentum: float = Field(0.99, gt=0.0, lt=1.0)  # Keras meaning: weight of the old running value
+    epsilon: PositiveFloat = 1e-3
+
+
+class Activation_(LayerBase):
+    type: Literal["Activation"]
+    activation: Activation
+
+
+LAYER_CLASSES: dict[str, type[LayerBase]] = {
+    "Conv2D": Conv2D,
+    "MaxPooling2D": MaxPooling2D,
+    "AveragePooling2D": AveragePooling2D,
+    "GlobalAveragePooling2D": GlobalAveragePooling2D,
+    "Flatten": Flatten,
+    "Dense": Dense,
+    "Dropout": Dropout,
+    "BatchNormalization": BatchNormalization,
+    "Activation": Activation_,
+}
+
+LayerSpec = Annotated[
+    Union[tuple(LAYER_CLASSES.values())],  # type: ignore[valid-type]
+    Field(discriminator="type"),
+]
+
+
+class ModelConfig(Strict):
+    input_shape: Annotated[list[PositiveInt], Field(min_length=1, max_length=3)] | None = None
+    layers: Annotated[list[LayerSpec], Field(min_length=1)]
+
+    @field_validator("input_shape")
+    @classmethod
+    def _shape_rank(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and len(v) == 2:
+            raise ValueError("must be [channels, height, width] or [features], e.g. [1, 28, 28] or [784]")
+        return v
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _canonical_types(cls, layers: Any) -> Any:
+        # Accept Keras aliases and any capitalisation (conv2d, MaxPool2D, dense...).
+        if isinstance(layers, list):
+            out = []
+            for layer in layers:
+                if isinstance(layer, dict) and isinstance(layer.get("type"), str):
+                    canonical = LAYER_ALIASES.get(layer["type"].lower().replace("_", ""))
+                    if canonical:
+                        layer = {**layer, "type": canonical}
+                out.append(layer)
+            return out
+        return layers
+
+
+# ----------------------------------------------------------------------------- data
+class NormalizeStats(Strict):
+    mean: Annotated[list[float], Field(min_length=1, max_length=3)]
+    std: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=1, max_length=3)]
+
+    @model_validator(mode="after")
+    def _same_length(self) -> "NormalizeStats":
+        if len(self.mean) != len(self.std):
+            raise ValueError("mean and std need one value per channel each")
+        return self
+
+
+class AugmentConfig(Strict):
+    random_crop_padding: NonNegativeInt = 0
+    horizontal_flip: bool = False
+    rotation: float = Field(0.0, ge=0.0, le=180.0)  # degrees, uniform in [-rotation, rotation]
+
+
+class DataConfig(Strict):
+    dataset: Literal[tuple(DATASETS)] = "fashion_mnist"  # type: ignore[valid-type]
+    root: str = "data"
+    download: bool = True  # torchvision sets: download when data.root lacks them and the network allows
+    path: str | None = None
+    val_split: float = Field(0.1, ge=0.0, lt=1.0)
+    test_split: float = Field(0.1, gt=0.0, lt=1.0)  # imagefolder without a test/ folder
+    limit_train: PositiveInt | None = None
+    limit_test: PositiveInt | None = None
+    image_size: Annotated[list[PositiveInt], Field(min_length=2, max_length=2)] | None = None
+    channels: Literal[1, 3] | None = None
+    normalize: Literal["auto", "none"] | NormalizeStats = "auto"
+    augment: AugmentConfig = AugmentConfig()
+    batch_size: PositiveInt = 128
+    sampler: Literal["shuffle", "balanced"] = "shuffle"
+    num_workers: NonNegativeInt | None = None  # imagefolder loader workers; None: min(4, cores)
+
+    @model_validator(mode="after")
+    def _imagefolder_needs_path(self) -> "DataConfig":
+        if self.dataset == "imagefolder" and not self.path:
+            raise ValueError(
+                "dataset 'imagefolder' needs data.path: a folder with one sub-folder of images per class"
+            )
+        return self
+
+
+# ----------------------------------------------------------------------------- optimisation
+class OptimizerConfig(Strict):
+    name: Literal[tuple(OPTIMIZERS)] = "adam"  # type: ignore[valid-type]
+    lr: PositiveFloat = 1e-3
+    weight_decay: NonNegativeFloat = 0.0
+    momentum: NonNegativeFloat = 0.0  # sgd, rmsprop
+    nesterov: bool = False  # sgd
+    betas: Annotated[list[Annotated[float, Field(ge=0, lt=1)]], Field(min_length=2, max_length=2)] = [0.9, 0.999]
+    eps: PositiveFloat | None = None
+    rho: float = Field(0.9, gt=0, lt=1)  # adadelta, rmsprop (alpha)
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> "OptimizerConfig":
+        if self.nesterov and (self.name != "sgd" or self.momentum <= 0):
+            raise ValueError("nesterov: true needs name: sgd and momentum > 0 (e.g. momentum: 0.9)")
+        return self
+
+
+class SchedulerConfig(Strict):
+    name: Literal[tuple(SCHEDULERS)] = "none"  # type: ignore[valid-type]
+    warmup_epochs: NonNegativeInt = 0
+    step_size: PositiveInt = 10  # step: epochs between decays
+    milestones: list[PositiveInt] = [30, 60]  # multistep
+    gamma: PositiveFloat = 0.1  # step, multistep, exponential
+    min_lr: NonNegativeFloat = 0.0  # cosine, plateau
+    max_lr: PositiveFloat | None = None  # onecycle (default: optimizer.lr)
+    pct_start: float = Field(0.3, gt=0, lt=1)  # onecycle
+    factor: float = Field(0.1, gt=0, lt=1)  # plateau
+    patience: NonNegativeInt = 2  # plateau
+    monitor: Monitor = "val_loss"  # plateau
+
+
+# ----------------------------------------------------------------------------- training
+class EarlyStoppingConfig(Strict):
+    monitor: Monitor = "val_loss"
+    patience: PositiveInt | None = None
+    min_delta: NonNegativeFloat = 0.0
+
+
+class CheckpointConfig(Strict):
+    monitor: Monitor = "val_accuracy"
+
+
+class TrainConfig(Strict):
+    epochs: PositiveInt = 10
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    class_weight: Literal["balanced"] | dict[str, PositiveFloat] | None = None
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    grad_clip: PositiveFloat | None = None
+    early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    runs_dir: str = "runs"
+    threads: PositiveInt | None = None  # CPU threads; None: all cores
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v):
+            raise ValueError("must be one of auto, cpu, cuda, cuda:N (e.g. cuda:1), mps")
+        return v
+
+
+class Config(Strict):
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")] = "run"
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    model: ModelConfig
+    optimizer: OptimizerConfig = OptimizerConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    train: TrainConfig = TrainConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- loading
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (default ``configs/fashion_mnist.yaml``), apply ``key=value`` overrides, validate."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        hint = (
+            "run fcclass from the project folder, or pass -c/--config PATH"
+            if path == DEFAULT_CONFIG
+            else "check the path, or pass -c/--config with an existing YAML file"
+        )
+        raise ConfigError(f"Config file '{path}' not found: {hint}.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"Cannot read config file '{path}': {e}.") from None
+    raw = parse_yaml(text, str(path))
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"Config file '{path}' must hold a mapping of sections (name, data, model, ...), not a {type(raw).__name__}.")
+    for item in overrides or []:
+        apply_override(raw, item)
+    return config_from_dict(raw, source=str(path))
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.constructor.ConstructorError as e:
+        where = _mark(e)
+        raise ConfigError(
+            f"{source}{where}: {e.problem or e}. Configs are read with YAML safe loading, so tags such as "
+            "'!!python/object' are refused and never executed; write plain values instead."
+        ) from None
+    except yaml.YAMLError as e:
+        where = _mark(e)
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"YAML syntax error in {source}{where}: {problem}. Fix the YAML at that position.") from None
+
+
+def _mark(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one ``dotted.key=value`` override in place; the value is parsed as YAML (``3``, ``0.01``, ``[1, 28, 28]``)."""
+    key, sep, value_text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set '{item}' must look like dotted.key=value, e.g. --set train.epochs=3.")
+    value = parse_yaml(value_text, f"--set {item}")
+    parts = key.split(".")
+    node: Any = raw
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
+                raise ConfigError(f"--set {key}: '{where}' indexes a list of {len(node)} items; use an index from 0 to {len(node) - 1}.")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+        else:
+            raise ConfigError(f"--set {key}: '{'.'.join(parts[:i])}' is a value, not a section, so it has no key '{part}'.")
+
+
+# ----------------------------------------------------------------------------- error messages
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        path = _dotted(loc)
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            lines.append(f"{path}: unknown key. {_did_you_mean(loc)}")
+        elif kind == "union_tag_invalid":
+            tag = err.get("ctx", {}).get("tag", "?")
+            lines.append(f"{path}.type: unknown layer type '{tag}'. Valid layer types: {', '.join(LAYER_CLASSES)}.")
+        elif kind == "union_tag_not_found":
+            lines.append(f"{path}: a layer needs 'type', one of: {', '.join(LAYER_CLASSES)}.")
+        elif kind == "missing":
+            lines.append(f"{path}: required key is missing.")
+        elif kind in ("literal_error", "enum"):
+            got = err.get("input")
+            lines.append(f"{path}: {err['msg'].removeprefix('Input should be ')} are the valid values, got {got!r}.")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            got = err.get("input")
+            shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+            lines.append(f"{path}: {msg}{shown}.")
+    n = len(lines)
+    head = f"{source} has {n} error{'s' if n != 1 else ''}:"
+    return head + "\n" + "\n".join(f"  - {line}" for line in dict.fromkeys(lines))
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in LAYER_CLASSES or str(part).startswith(("function-", "literal[", "list[", "dict[", "str", "int", "float")):
+            continue  # union branch labels pydantic adds to locations
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "config"
+
+
+def _did_you_mean(loc: tuple[Any, ...]) -> str:
+    model = _model_at(loc[:-1])
+    if model is None:
+        return "Remove it."
+    valid = list(model.model_fields)
+    bad = str(loc[-1])
+    close = difflib.get_close_matches(bad, valid, n=1, cutoff=0.6)
+    hint = f"Did you mean '{close[0]}'? " if close else ""
+    return f"{hint}Valid keys here: {', '.join(valid)}."
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    current: Any = Config
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if isinstance(part, str) and part in LAYER_CLASSES:
+            current = LAYER_CLASSES[part]
+            continue
+        if isinstance(current, type) and issubclass(current, BaseModel) and part in current.model_fields:
+            current = _inner_model(current.model_fields[part].annotation)
+        else:
+            continue
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _inner_model(annotation: Any) -> Any:
+    """The pydantic model inside Optional[...], list[...], Annotated[...] and unions, if exactly one."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    found = [m for m in (_inner_model(a) for a in typing.get_args(annotation)) if m is not None]
+    return found[0] if len(found) == 1 else None

@@ -1,0 +1,100 @@
+"""Prediction on image files with exactly the preprocessing the model was trained with."""
+
+from __future__ import annotations
+
+import glob
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from fcclass.data import BatchPreprocess, list_images, load_image, resize_uint8
+from fcclass.device import select_device
+from fcclass.errors import DataError, FcclassError
+from fcclass.runs import load_trained, resolve_checkpoint
+
+
+@dataclass
+class Prediction:
+    path: str
+    label: str | None = None
+    probability: float | None = None
+    top_k: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.error is not None:
+            return {"path": self.path, "error": self.error}
+        return {"path": self.path, "label": self.label, "probability": self.probability, "top_k": self.top_k}
+
+
+def expand_inputs(inputs: Sequence[str | Path]) -> list[Path | tuple[Path, str]]:
+    """Files as given, folders recursively, globs expanded; missing ones become (path, error) entries."""
+    out: list[Path | tuple[Path, str]] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = list_images(p)
+            if not found:
+                out.append((p, "folder has no image files"))
+            out.extend(found)
+        elif p.exists():
+            out.append(p)
+        elif glob.has_magic(str(item)):
+            matches = sorted(Path(m) for m in glob.glob(str(item), recursive=True))
+            files = [m for m in matches if m.is_file()]
+            out.extend(files) if files else out.append((p, "no files match this pattern"))
+        else:
+            out.append((p, "file not found"))
+    return out
+
+
+def predict(inputs: Sequence[str | Path], run: str | Path | None = None, checkpoint: str | Path | None = None, *,
+            top_k: int = 3, runs_dir: str | Path = "runs", batch_size: int = 256, device: str = "auto") -> list[Prediction]:
+    """Predict each image; unreadable files get a Prediction with ``error`` set and don't stop the others."""
+    if top_k < 1:
+        raise FcclassError("--top-k must be at least 1.")
+    path = resolve_checkpoint(run, checkpoint, runs_dir)
+    model, ckpt = load_trained(path)
+    names = list(ckpt["class_names"])
+    shape = [int(s) for s in ckpt["input_shape"]]
+    if len(shape) != 3:
+        raise FcclassError(f"Checkpoint '{path}' was trained on feature vectors {shape}, not images; predict needs an image model.")
+    channels, height, width = shape
+    dev = select_device(device)
+    model.to(dev)
+    prep = BatchPreprocess(ckpt["mean"], ckpt["std"])
+    k = min(top_k, len(names))
+
+    results: list[Prediction] = []
+    pending: list[tuple[Prediction, torch.Tensor]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        batch = torch.stack([t for _, t in pending]).to(dev)
+        with torch.inference_mode():
+            probs = model.predict_proba(prep(batch)).cpu()
+        top_p, top_i = probs.topk(k, dim=1)
+        for (pred, _), ps, idx in zip(pending, top_p.tolist(), top_i.tolist()):
+            pred.top_k = [{"label": names[i], "probability": p} for p, i in zip(ps, idx)]
+            pred.label, pred.probability = names[idx[0]], ps[0]
+        pending.clear()
+
+    for entry in expand_inputs(inputs):
+        if isinstance(entry, tuple):
+            results.append(Prediction(str(entry[0]), error=entry[1]))
+            continue
+        pred = Prediction(str(entry))
+        results.append(pred)
+        try:
+            img = load_image(entry, channels)
+        except DataError as e:
+            pred.error = str(e).removeprefix(f"{entry}: ")
+            continue
+        pending.append((pred, resize_uint8(img.unsqueeze(0), (height, width))[0]))
+        if len(pending) >= batch_size:
+            flush()
+    flush()
+    return results

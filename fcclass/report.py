@@ -1,0 +1,111 @@
+"""Rich rendering shared by the CLI and the training loop (human output only; --json bypasses it)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+def summary_table(summary: Any, title: str = "Model") -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column("Layer (type)")
+    table.add_column("Output Shape")
+    table.add_column("Param #", justify="right")
+    table.add_row("input", "(None, " + ", ".join(str(s) for s in summary.input_shape) + ")", "0")
+    for li in summary.layers:
+        table.add_row(f"{li.name} ({li.type})", "(None, " + ", ".join(str(s) for s in li.output_shape) + ")", f"{li.params:,}")
+    table.add_section()
+    table.add_row("[bold]Total params[/bold]", "", f"[bold]{summary.total_params:,}[/bold]")
+    table.add_row("Trainable params", "", f"{summary.trainable_params:,}")
+    table.add_row("Non-trainable params", "", f"{summary.non_trainable_params:,}")
+    return table
+
+
+def print_training_header(console: Console, cfg: Any, ds: Any, model: Any, device: Any, amp_dtype: Any,
+                          weights: Any, run_dir: Any, resumed: bool, start_epoch: int) -> None:
+    console.print(summary_table(model.summary()))
+    precision = {None: "fp32"}.get(amp_dtype, str(amp_dtype).removeprefix("torch."))
+    console.print(f"Device: [bold]{device}[/bold] ({precision})   Run: [bold]{run_dir}[/bold]"
+                  + (f"   [yellow]resuming after epoch {start_epoch}[/yellow]" if resumed else ""))
+    table = Table(title=f"Data: {cfg.data.dataset}", title_justify="left")
+    table.add_column("Label")
+    table.add_column("Train", justify="right")
+    table.add_column("Val", justify="right")
+    if weights is not None:
+        table.add_column("Class weight", justify="right")
+    for i, name in enumerate(ds.info.class_names):
+        row = [name, f"{ds.info.train_counts[i]:,}", f"{ds.info.val_counts[i]:,}"]
+        if weights is not None:
+            row.append(f"{float(weights[i]):.3f}")
+        table.add_row(*row)
+    table.add_section()
+    table.add_row("[bold]Total[/bold]", f"{sum(ds.info.train_counts):,}", f"{sum(ds.info.val_counts):,}", *([""] if weights is not None else []))
+    console.print(table)
+
+
+class EpochProgress:
+    """A per-epoch Rich progress bar with the running loss and accuracy; silent without a console."""
+
+    def __init__(self, console: Console | None, epoch: int, epochs: int, batches: int) -> None:
+        self.progress = None
+        if console is not None and console.is_terminal:  # a live bar only where someone watches it
+            self.progress = Progress(
+                TextColumn(f"epoch {epoch}/{epochs}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.2%}"),
+                TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
+            )
+            self.task = self.progress.add_task("train", total=batches, loss=float("nan"), acc=0.0)
+
+    def __enter__(self) -> "EpochProgress":
+        if self.progress is not None:
+            self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+
+    def update(self, batch: int, loss: float, acc: float) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=batch, loss=loss, acc=acc)
+
+
+def print_epoch(console: Console, row: dict[str, float], epochs: int, is_best: bool) -> None:
+    console.print(
+        f"epoch {row['epoch']:>{len(str(epochs))}}/{epochs}  "
+        f"train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.2%}  "
+        f"val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.2%}  "
+        f"lr {row['lr']:.2e}  {row['seconds']:.1f}s" + ("  [green]* best[/green]" if is_best else "")
+    )
+
+
+def eval_table(report: Any) -> Table:
+    table = Table(title=f"{report.split} split: {report.num_samples:,} images ({report.checkpoint})", title_justify="left")
+    table.add_column("Label")
+    table.add_column("Accuracy", justify="right")
+    table.add_column("Support", justify="right")
+    worst = min(report.per_class.values(), key=lambda m: m["accuracy"] if m["support"] else 2.0)["accuracy"]
+    for name, m in report.per_class.items():
+        style = "red" if m["support"] and m["accuracy"] == worst else None
+        table.add_row(name, f"{m['accuracy']:.2%}", f"{m['support']:,}", style=style)
+    table.add_section()
+    table.add_row("[bold]Overall[/bold]", f"[bold]{report.accuracy:.2%}[/bold]", f"{report.num_samples:,}")
+    table.caption = f"loss {report.loss:.4f}"
+    return table
+
+
+def predict_table(preds: list[Any], top_k: int) -> Table:
+    table = Table(title_justify="left")
+    table.add_column("Image")
+    for i in range(top_k):
+        table.add_column(f"Top {i + 1}" if top_k > 1 else "Label")
+    for p in preds:
+        if p.error is not None:
+            table.add_row(p.path, f"[red]error: {p.error}[/red]", *[""] * (top_k - 1))
+        else:
+            cells = [f"{t['label']} ({t['probability']:.1%})" for t in p.top_k]
+            table.add_row(p.path, *cells, *[""] * (top_k - len(cells)))
+    return table
