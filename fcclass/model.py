@@ -67,12 +67,18 @@ class Network(nn.Module):
         self.infos = infos
         self.input_shape = tuple(input_shape)
         self.flatten_input = flatten_input
+        # Convolutions run measurably faster in channels-last layout (oneDNN on CPU, tensor cores on GPU).
+        self.channels_last = any(isinstance(m, nn.Conv2d) for m in self.body.modules())
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)
         self._regularized = regularized
         self._frozen_norms = frozen_norms
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.flatten_input:
             x = x.flatten(1)
+        elif self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.body(x)
 
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:

@@ -348,10 +348,11 @@ def fit(
                 schedule.after_epoch(row)
                 state["history"].append(row)
                 state["epoch"] = epoch
-                is_best = _improved(row[monitor], state["best"][monitor] if state["best"] else None, monitor)
+                # Without a validation split every epoch is the newest best (Keras: no val metric to monitor).
+                is_best = not labels_v.numel() or _improved(row[monitor], state["best"][monitor] if state["best"] else None, monitor)
                 if is_best:
                     state["best"], state["best_epoch"] = dict(row), epoch
-                if _improved(row[es.monitor], state["es_best"], es.monitor, es.min_delta):
+                if not labels_v.numel() or _improved(row[es.monitor], state["es_best"], es.monitor, es.min_delta):
                     state["es_best"], state["es_wait"] = row[es.monitor], 0
                 else:
                     state["es_wait"] += 1

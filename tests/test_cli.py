@@ -1,0 +1,155 @@
+"""The CLI end to end on real Fashion-MNIST: train, eval, predict, summary, and user mistakes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import DATA_ROOT, ROOT, needs_fashion, small_config
+from fcclass.cli import app
+
+runner = CliRunner(env={"COLUMNS": "200"})  # wide enough that Rich does not wrap paths
+
+
+def run(*args: str):
+    return runner.invoke(app, list(args))
+
+
+@needs_fashion
+def test_train_cli_writes_a_complete_run_directory(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    res = run("train", "-c", str(ROOT / "configs" / "fashion_mnist.yaml"), "--set", "train.epochs=2",
+              "--set", "data.limit_train=1000", "--set", f"train.runs_dir={runs}", "--set", f"data.root={DATA_ROOT}",
+              "--set", "optimizer.lr=0.003")
+    assert res.exit_code == 0, res.output
+    (run_dir,) = runs.iterdir()
+    assert run_dir.name.startswith("fashion-cnn-")
+    assert {p.name for p in run_dir.iterdir()} >= {"config.yaml", "metrics.csv", "best.pt", "last.pt", "classes.json"}
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert resolved["train"]["epochs"] == 2 and resolved["optimizer"]["lr"] == 0.003  # --set reached the run
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"} <= set(rows[0])
+    assert json.loads((run_dir / "classes.json").read_text())[9] == "Ankle boot"
+    assert "epoch 2/2" in res.output and "val loss" in res.output
+
+
+@needs_fashion
+def test_eval_json_reports_per_label_accuracy_well_above_chance(trained_run: Path) -> None:
+    res = run("eval", str(trained_run), "--json", "-")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)  # nothing but JSON on stdout
+    assert report["num_samples"] == 500
+    assert report["accuracy"] > 0.7  # chance is 0.1
+    assert set(report["per_class"]) == {"T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"}
+    assert all(v["support"] == 50 for v in report["per_class"].values())
+    assert abs(np.mean([v["accuracy"] for v in report["per_class"].values()]) - report["accuracy"]) < 1e-6  # balanced test set
+    assert 0 < report["loss"] < 2.3
+
+
+@needs_fashion
+def test_eval_table_names_labels_and_newest_run_is_default(trained_run: Path) -> None:
+    res = run("eval", "--runs-dir", str(trained_run.parent))
+    assert res.exit_code == 0, res.output
+    for label in ("T-shirt/top", "Ankle boot", "Overall"):
+        assert label in res.output
+    ck = run("eval", "--checkpoint", str(trained_run / "last.pt"), "--json", "-")
+    assert ck.exit_code == 0 and json.loads(ck.stdout)["num_samples"] == 500
+
+
+@needs_fashion
+def test_predict_agrees_with_eval_on_the_same_images(trained_run: Path, tmp_path: Path) -> None:
+    from fcclass.data import load_dataset
+    from fcclass.evaluate import evaluate
+    from fcclass.runs import load_trained
+
+    report = evaluate(trained_run)
+    _, ckpt = load_trained(trained_run / "best.pt")
+    cfg = ckpt["config_obj"]
+    test = load_dataset(cfg.data, cfg.seed, splits=("test",)).test
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    n = 40
+    for i in range(n):
+        Image.fromarray(test.images[i, 0].numpy(), "L").save(folder / f"{i:03d}.png")
+    res = run("predict", str(folder), "--run", str(trained_run), "--json", "-", "--top-k", "2")
+    assert res.exit_code == 0, res.output
+    preds = json.loads(res.stdout)
+    names = ckpt["class_names"]
+    assert [p["label"] for p in preds] == [names[i] for i in report.predictions[:n].tolist()]
+    assert all(len(p["top_k"]) == 2 and p["top_k"][0]["probability"] >= p["top_k"][1]["probability"] for p in preds)
+    assert all(p["probability"] == p["top_k"][0]["probability"] for p in preds)
+
+
+@needs_fashion
+def test_predict_converts_colour_and_size_and_survives_bad_files(trained_run: Path, tmp_path: Path) -> None:
+    big_rgb = tmp_path / "big_colour.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 200, 3), dtype=np.uint8), "RGB").save(big_rgb)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    res = run("predict", str(big_rgb), str(broken), str(tmp_path / "missing.png"), "--run", str(trained_run), "--json", "-")
+    assert res.exit_code == 1  # some inputs failed
+    out = {Path(p["path"]).name: p for p in json.loads(res.stdout)}
+    assert out["big_colour.png"]["label"] in json.loads((trained_run / "classes.json").read_text())
+    assert "error" in out["broken.png"] and "error" in out["missing.png"]
+    table = run("predict", str(big_rgb), str(broken), "--run", str(trained_run))
+    assert "big_colour.png" in table.output and "broken.png" in table.output and "error" in table.output
+
+
+def test_summary_needs_no_dataset_when_input_shape_is_set(tmp_path: Path) -> None:
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text(
+        "data: {root: /nonexistent}\nmodel:\n  input_shape: [3, 32, 32]\n  layers:\n"
+        "    - {type: Conv2D, filters: 16, kernel_size: 3, padding: same, activation: relu}\n"
+        "    - {type: MaxPooling2D}\n    - {type: Flatten}\n    - {type: Dense, units: 64, use_bias: false}\n    - {type: Dense, units: 5}\n"
+    )
+    res = run("summary", "-c", str(cfg), "--json", "-")
+    assert res.exit_code == 0, res.output
+    s = json.loads(res.stdout)
+    assert [layer["params"] for layer in s["layers"]] == [3 * 3 * 3 * 16 + 16, 0, 0, 16 * 16 * 16 * 64, 64 * 5 + 5]
+    assert s["layers"][0]["output_shape"] == [16, 32, 32]
+    assert s["total_params"] == s["trainable_params"] == 448 + 262144 + 325 and s["non_trainable_params"] == 0
+    table = run("summary", "-c", str(cfg))
+    assert "Total params" in table.output and "262,144" in table.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "--set", "train.epohcs=2"], "Did you mean 'epochs'"),
+        (["train", "-c", "nope.yaml"], "not found"),
+        (["summary", "--set", "model.layers.0.type=Conv3D"], "unknown layer type 'Conv3D'"),
+        (["eval", "--runs-dir", "/nonexistent-runs"], "No training runs found"),
+        (["predict", "x.png", "--checkpoint", "/nonexistent.pt"], "not found"),
+    ],
+)
+def test_user_mistakes_exit_1_with_a_message_and_no_traceback(args: list[str], message: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "fcclass.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert message in proc.stderr.replace("\n", " ") or message in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert proc.stdout == ""
+
+
+def test_failed_train_leaves_no_run_directory(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    res = run("train", "--set", f"train.runs_dir={runs}", "--set", f"data.root={tmp_path}", "--set", "data.dataset=kmnist",
+              "--set", "data.download=false")
+    assert res.exit_code == 1
+    assert not runs.exists() or not any(runs.iterdir())
+
+
+def test_help_does_not_import_torch() -> None:
+    code = "import sys; from typer.testing import CliRunner; from fcclass.cli import app; r = CliRunner().invoke(app, ['--help']); " \
+           "assert r.exit_code == 0; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "False", out.stderr

@@ -1,0 +1,130 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fcclass.config import Config, load_config
+from fcclass.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+MINIMAL = """
+model:
+  layers:
+    - {type: Flatten}
+    - {type: Dense}
+"""
+
+
+def test_every_shipped_config_validates() -> None:
+    configs = sorted((ROOT / "configs").glob("*.yaml"))
+    assert configs, "configs/ must ship example configs"
+    for path in configs:
+        assert isinstance(load_config(path), Config), path
+
+
+def test_defaults_follow_the_contract(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, MINIMAL))
+    assert cfg.data.dataset == "fashion_mnist"
+    assert cfg.data.val_split == 0.1
+    assert cfg.optimizer.name == "adam" and cfg.optimizer.lr == 0.001
+    assert cfg.train.checkpoint.monitor == "val_accuracy"
+    assert cfg.train.runs_dir == "runs"
+
+
+def test_unknown_key_names_it_and_suggests_the_closest(tmp_path: Path) -> None:
+    text = MINIMAL + "train:\n  epohcs: 3\n"
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, text))
+    msg = str(e.value)
+    assert "train.epohcs" in msg and "Did you mean 'epochs'" in msg
+
+
+def test_unknown_layer_argument_suggests_within_the_layer(tmp_path: Path) -> None:
+    text = "model:\n  layers:\n    - {type: Conv2D, filter: 8, kernel_size: 3}\n    - {type: Flatten}\n    - {type: Dense}\n"
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, text))
+    msg = str(e.value)
+    assert "model.layers[0].filter" in msg and "Did you mean 'filters'" in msg
+
+
+def test_all_errors_reported_at_once_with_dotted_paths(tmp_path: Path) -> None:
+    text = (
+        "data: {batch_size: -4, dataset: fashion}\n"
+        "optimizer: {lr: fast}\n"
+        "model:\n  layers:\n    - {type: Dense, units: 10, activation: relux}\n    - {type: Conv3D}\n"
+    )
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, text))
+    msg = str(e.value)
+    assert "has 5 errors" in msg
+    assert "data.batch_size" in msg
+    assert "data.dataset" in msg and "'fashion_mnist'" in msg and "'imagefolder'" in msg  # lists valid datasets
+    assert "optimizer.lr" in msg
+    assert "model.layers[0].activation" in msg and "'gelu'" in msg  # lists valid activations
+    assert "model.layers[1].type: unknown layer type 'Conv3D'" in msg and "MaxPooling2D" in msg
+
+
+def test_unknown_initializer_lists_valid_ones(tmp_path: Path) -> None:
+    text = "model:\n  layers:\n    - {type: Flatten}\n    - {type: Dense, kernel_initializer: he_normall}\n"
+    with pytest.raises(ConfigError, match=r"model.layers\[1\].kernel_initializer.*'he_normal'"):
+        load_config(write(tmp_path, text))
+
+
+def test_keras_aliases_and_case_are_accepted(tmp_path: Path) -> None:
+    text = "model:\n  layers:\n    - {type: conv2d, filters: 4, kernel_size: 3}\n    - {type: MaxPool2D}\n    - {type: flatten}\n    - {type: dense}\n"
+    cfg = load_config(write(tmp_path, text))
+    assert [layer.type for layer in cfg.model.layers] == ["Conv2D", "MaxPooling2D", "Flatten", "Dense"]
+
+
+def test_yaml_syntax_error_gives_line_and_column(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"line 3, column 14: mapping values are not allowed"):
+        load_config(write(tmp_path, "name: x\nseed: 0\ndata: dataset: mnist\n"))
+
+
+def test_python_tags_are_refused_and_never_executed(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    text = f"name: !!python/object/apply:os.system ['touch {marker}']\n" + MINIMAL
+    with pytest.raises(ConfigError, match="safe loading"):
+        load_config(write(tmp_path, text))
+    assert not marker.exists()
+
+
+def test_set_overrides_parse_values_as_yaml(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL)
+    cfg = load_config(path, ["train.epochs=3", "optimizer.lr=0.01", "data.image_size=[32, 32]",
+                             "model.layers.1.units=10", "train.class_weight=balanced"])
+    assert cfg.train.epochs == 3
+    assert cfg.optimizer.lr == 0.01
+    assert cfg.data.image_size == [32, 32]
+    assert cfg.model.layers[1].units == 10
+    assert cfg.train.class_weight == "balanced"
+
+
+def test_bad_set_override_is_a_clear_error(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        load_config(path, ["train.epochs"])
+    with pytest.raises(ConfigError, match="Did you mean 'epochs'"):
+        load_config(path, ["train.epoch=3"])
+    with pytest.raises(ConfigError, match="index from 0 to 1"):
+        load_config(path, ["model.layers.7.units=3"])
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_resolved_config_round_trips(tmp_path: Path) -> None:
+    cfg = load_config(ROOT / "configs" / "fashion_mnist.yaml")
+    again = load_config(write(tmp_path, cfg.to_yaml()))
+    assert again == cfg

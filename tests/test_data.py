@@ -1,0 +1,131 @@
+"""Data: stratified splits, channel conversion, the Debian copy, batch augmentation, image decoding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import DATA_ROOT, needs_fashion
+from fcclass.config import AugmentConfig, DataConfig
+from fcclass.data import (BatchPreprocess, augment_batch, convert_channels, load_dataset, load_image, make_loader,
+                          stratified_take)
+from fcclass.errors import DataError
+
+
+def test_stratified_take_keeps_class_proportions_and_is_seeded() -> None:
+    labels = torch.tensor([0] * 600 + [1] * 300 + [2] * 100)
+    taken, rest = stratified_take(labels, 100, torch.Generator().manual_seed(0))
+    assert torch.bincount(labels[taken]).tolist() == [60, 30, 10]
+    assert len(set(taken.tolist()) & set(rest.tolist())) == 0 and len(taken) + len(rest) == 1000
+    again, _ = stratified_take(labels, 100, torch.Generator().manual_seed(0))
+    other, _ = stratified_take(labels, 100, torch.Generator().manual_seed(1))
+    assert torch.equal(taken, again) and not torch.equal(taken, other)
+
+
+@needs_fashion
+def test_fashion_mnist_splits_are_real_stratified_and_disjoint() -> None:
+    ds = load_dataset(DataConfig(root=str(DATA_ROOT), download=False, limit_train=2000, limit_test=300), seed=0)
+    assert ds.info.class_names[0] == "T-shirt/top" and ds.info.class_names[-1] == "Ankle boot"
+    assert ds.info.input_shape == (1, 28, 28)
+    assert len(ds.train) == 1800 and len(ds.val) == 200 and len(ds.test) == 300
+    assert ds.info.train_counts == [180] * 10 and ds.info.val_counts == [20] * 10
+    assert ds.train.images.dtype == torch.uint8 and ds.train.images.float().std() > 50  # real pictures, not blanks
+    train_rows = {bytes(img.numpy()) for img in ds.train.images}
+    assert not any(bytes(img.numpy()) in train_rows for img in ds.val.images)
+
+
+@needs_fashion
+def test_resize_and_channel_options_apply_to_the_data() -> None:
+    ds = load_dataset(DataConfig(root=str(DATA_ROOT), download=False, limit_train=100, limit_test=10,
+                                 image_size=[32, 32], channels=3), seed=0, splits=("test",))
+    assert ds.test.images.shape == (10, 3, 32, 32)
+    assert torch.equal(ds.test.images[:, 0], ds.test.images[:, 2])
+
+
+def test_missing_dataset_says_how_to_get_it(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="not found under .*To get it.*(internet|data.root)"):
+        load_dataset(DataConfig(dataset="kmnist", root=str(tmp_path), download=False), seed=0)
+
+
+def test_debian_copy_is_unpacked_for_torchvision(tmp_path: Path) -> None:
+    from fcclass.data import _use_debian_copy
+    from fcclass.registries import DATASETS
+
+    source = DATASETS["fashion_mnist"]
+    if not Path(source.debian_dir).is_dir():
+        pytest.skip("dataset-fashion-mnist not installed")
+    _use_debian_copy(source, tmp_path)
+    raw = tmp_path / "FashionMNIST" / "raw"
+    assert (raw / "t10k-labels-idx1-ubyte").stat().st_size == 10008  # 8-byte header + 10,000 labels
+
+
+def test_channel_conversion_uses_luma_and_repeats_gray() -> None:
+    rgb = torch.tensor([255, 0, 0], dtype=torch.uint8).view(1, 3, 1, 1)
+    assert convert_channels(rgb, 1).item() == round(0.299 * 255)
+    gray = torch.full((2, 1, 4, 4), 7, dtype=torch.uint8)
+    assert convert_channels(gray, 3).shape == (2, 3, 4, 4)
+
+
+def test_augmentation_changes_training_batches_only() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 1, 12, 12)
+    flipped = augment_batch(x, AugmentConfig(horizontal_flip=True), gen)
+    same = [(torch.equal(a, b)) for a, b in zip(flipped, x)]
+    mirrored = [(torch.equal(a, b.flip(2))) for a, b in zip(flipped, x)]
+    assert all(s or m for s, m in zip(same, mirrored)) and 10 < sum(mirrored) < 54
+    cropped = augment_batch(x, AugmentConfig(random_crop_padding=2), gen)
+    assert cropped.shape == x.shape and not torch.equal(cropped, x)
+    rotated = augment_batch(x, AugmentConfig(rotation=30), gen)
+    assert rotated.shape == x.shape and not torch.allclose(rotated, x)
+    prep = BatchPreprocess([0.5], [0.25], AugmentConfig(horizontal_flip=True), gen)
+    u8 = (x * 255).to(torch.uint8)
+    assert torch.equal(prep(u8, train=False), prep(u8, train=False))  # eval is deterministic
+    assert torch.allclose(prep(u8[:1], train=False), (u8[:1].float() / 255 - 0.5) / 0.25)
+
+
+def test_balanced_sampler_oversamples_minority_classes() -> None:
+    from fcclass.data import Split
+
+    labels = torch.tensor([0] * 900 + [1] * 100)
+    split = Split(labels, torch.zeros(1000, 1, 2, 2, dtype=torch.uint8))
+    seen = torch.cat([y for _, y in make_loader(split, 100, True, 0, 1, (2, 2), balanced=True)])
+    assert len(seen) == 1000 and 400 < int((seen == 1).sum()) < 600
+    plain = torch.cat([y for _, y in make_loader(split, 100, True, 0, 1, (2, 2))])
+    assert int((plain == 1).sum()) == 100
+
+
+def test_image_decoding_converts_modes_and_honours_exif(tmp_path: Path) -> None:
+    rgba = tmp_path / "rgba.png"
+    Image.new("RGBA", (6, 4), (255, 0, 0, 255)).save(rgba)
+    assert load_image(rgba, 1).shape == (1, 4, 6)
+    assert load_image(rgba, 3)[:, 0, 0].tolist() == [255, 0, 0]
+    deep = tmp_path / "16bit.png"
+    Image.fromarray(np.full((3, 3), 65535, dtype=np.uint16)).save(deep)
+    assert load_image(deep, 1).max().item() == 255
+    rotated = tmp_path / "exif.jpg"
+    img = Image.new("RGB", (8, 4), (0, 0, 0))
+    exif = img.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees
+    img.save(rotated, exif=exif)
+    assert load_image(rotated, 1).shape == (1, 8, 4)
+
+
+@pytest.mark.parametrize("content", [b"", b"not an image at all", b"\x89PNG\r\n\x1a\n" + b"\x00" * 20])
+def test_broken_files_are_named_in_the_error(tmp_path: Path, content: bytes) -> None:
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(content)
+    with pytest.raises(DataError, match="broken.png"):
+        load_image(bad, 1)
+
+
+def test_truncated_png_is_reported(tmp_path: Path) -> None:
+    good = tmp_path / "good.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(good)
+    bad = tmp_path / "truncated.png"
+    bad.write_bytes(good.read_bytes()[:300])
+    with pytest.raises(DataError, match="truncated.png"):
+        load_image(bad, 1)

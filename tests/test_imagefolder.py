@@ -1,0 +1,84 @@
+"""The user's own images: a folder per class, decoded by a DataLoader with workers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import DATA_ROOT, needs_fashion
+from fcclass.cli import app
+
+runner = CliRunner(env={"COLUMNS": "200"})  # wide enough that Rich does not wrap paths
+CLASSES = {0: "tshirt", 1: "trouser", 7: "sneaker"}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real Fashion-MNIST test images written as PNG files, 3 classes x 60, in RGB to exercise conversion."""
+    from fcclass.config import DataConfig
+    from fcclass.data import load_dataset
+
+    test = load_dataset(DataConfig(root=str(DATA_ROOT), download=False), 0, splits=("test",)).test
+    root = tmp_path_factory.mktemp("folder") / "clothes"
+    for label, name in CLASSES.items():
+        (root / name).mkdir(parents=True)
+        idx = (test.labels == label).nonzero().flatten()[:60]
+        for i in idx.tolist():
+            Image.fromarray(test.images[i, 0].numpy(), "L").convert("RGB").save(root / name / f"{i}.png")
+    return root
+
+
+def write_config(tmp_path: Path, folder: Path) -> Path:
+    cfg = tmp_path / "if.yaml"
+    cfg.write_text(
+        f"name: clothes\ndata: {{dataset: imagefolder, path: '{folder}', image_size: [20, 20], channels: 1, batch_size: 32, num_workers: 2}}\n"
+        "model:\n  layers:\n    - {type: Conv2D, filters: 8, kernel_size: 3, activation: relu}\n    - {type: MaxPooling2D}\n"
+        "    - {type: Flatten}\n    - {type: Dense, activation: softmax}\n"
+        f"optimizer: {{lr: 0.01}}\ntrain: {{epochs: 6, runs_dir: '{tmp_path / 'runs'}'}}\n"
+    )
+    return cfg
+
+
+@needs_fashion
+def test_imagefolder_trains_evaluates_and_predicts(folder: Path, tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, folder)
+    res = runner.invoke(app, ["train", "-c", str(cfg)])
+    assert res.exit_code == 0, res.output
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert json.loads((run_dir / "classes.json").read_text()) == sorted(CLASSES.values())
+    ev = runner.invoke(app, ["eval", str(run_dir), "--json", "-"])
+    assert ev.exit_code == 0, ev.output
+    report = json.loads(ev.stdout)
+    assert report["num_samples"] == 18  # data.test_split 0.1 of 180, stratified
+    assert report["accuracy"] > 0.6  # chance is 1/3
+    one = next((folder / "trouser").iterdir())
+    pred = runner.invoke(app, ["predict", str(one), "--run", str(run_dir), "--json", "-"])
+    assert pred.exit_code == 0, pred.output
+    assert json.loads(pred.stdout)[0]["label"] in CLASSES.values()
+
+
+@needs_fashion
+def test_corrupt_image_in_the_folder_names_the_file(folder: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    for name in CLASSES.values():
+        (copy / name / "zz_broken.png").write_bytes(b"not a png")
+    cfg = write_config(tmp_path, copy)
+    res = runner.invoke(app, ["train", "-c", str(cfg), "--set", "data.val_split=0.0", "--set", "data.num_workers=0"])
+    assert res.exit_code == 1
+    assert "zz_broken.png" in res.output and "Cannot read image" in res.output
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_imagefolder_errors(tmp_path: Path) -> None:
+    res = runner.invoke(app, ["summary", "--set", "data.dataset=imagefolder", "--set", f"data.path={tmp_path / 'nope'}"])
+    assert res.exit_code == 1 and "is not a folder" in res.output
+    (tmp_path / "only").mkdir()
+    res = runner.invoke(app, ["summary", "--set", "data.dataset=imagefolder", "--set", f"data.path={tmp_path}"])
+    assert res.exit_code == 1 and "one sub-folder per class" in res.output
