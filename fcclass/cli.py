@@ -111,7 +111,9 @@ def eval_(
     if json_out != "-":
         from fcclass.report import eval_table
 
-        Console().print(eval_table(report))
+        console = Console()
+        console.print(f"Checkpoint: [bold]{report.checkpoint}[/bold]", highlight=False)
+        console.print(eval_table(report))
     _emit_json(json_out, report.to_dict())
 
 

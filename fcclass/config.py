@@ -381,7 +381,7 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
             lines.append(f"{path}: required key is missing.")
         elif kind in ("literal_error", "enum"):
             got = err.get("input")
-            lines.append(f"{path}: {err['msg'].removeprefix('Input should be ')} are the valid values, got {got!r}.")
+            lines.append(f"{path}: got {got!r}; valid values are {err['msg'].removeprefix('Input should be ')}.")
         else:
             msg = err["msg"].removeprefix("Value error, ")
             got = err.get("input")

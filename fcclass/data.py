@@ -236,26 +236,25 @@ def _finish(split: Split, channels: int, size: Sequence[int]) -> Split:
 
 
 def _load_torchvision(source: TorchvisionSet, cfg: DataConfig, splits: Sequence[str]) -> tuple[Split, Split, list[str]]:
+    """The training and test sets as uint8 tensors; a part no requested split needs stays empty."""
     import torchvision
 
     root = Path(cfg.root)
     if source.debian_dir:
         _use_debian_copy(source, root)
     cls = getattr(torchvision.datasets, source.class_name)
-    parts = {}
-    for train in (True, False):
-        if not train and "test" not in splits and parts:
-            parts[train] = None
+    parts = []
+    class_names: list[str] = []
+    for train, needed in ((True, "train" in splits or "val" in splits), (False, "test" in splits)):
+        if not needed:
+            parts.append(Split(torch.zeros(0, dtype=torch.long), torch.zeros(0, *source.shape, dtype=torch.uint8)))
             continue
         ds = _open_torchvision(cls, source, cfg, root, train)
-        data = ds.data
-        images = torch.as_tensor(data) if not isinstance(data, torch.Tensor) else data
-        images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)  # N,C,H,W
-        labels = torch.as_tensor(ds.targets, dtype=torch.long)
-        parts[train] = Split(labels, images.contiguous())
+        images = torch.as_tensor(ds.data)
+        images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)  # N, C, H, W
+        parts.append(Split(torch.as_tensor(ds.targets, dtype=torch.long), images.contiguous()))
         class_names = list(ds.classes)
-    test = parts[False] if parts[False] is not None else Split(torch.zeros(0, dtype=torch.long), torch.zeros(0, *source.shape, dtype=torch.uint8))
-    return parts[True], test, class_names
+    return parts[0], parts[1], class_names
 
 
 def _open_torchvision(cls: Any, source: TorchvisionSet, cfg: DataConfig, root: Path, train: bool) -> Any:

@@ -64,7 +64,7 @@ def compute_report(logits: torch.Tensor, labels: torch.Tensor, class_names: list
 
 def evaluate(run: str | Path | None = None, checkpoint: str | Path | None = None, *, split: str = "test",
              runs_dir: str | Path = "runs", data_root: str | None = None, device: str = "auto",
-             batch_size: int = 1024) -> EvalReport:
+             batch_size: int = 256) -> EvalReport:
     """Evaluate the best checkpoint of ``run`` (default: the newest run) or ``checkpoint`` on a split of its dataset."""
     if split not in ("test", "val"):
         raise FcclassError(f"--split must be test or val, not '{split}'.")

@@ -83,7 +83,7 @@ def print_epoch(console: Console, row: dict[str, float], epochs: int, is_best: b
 
 
 def eval_table(report: Any) -> Table:
-    table = Table(title=f"{report.split} split, {report.num_samples:,} images", title_justify="left")
+    table = Table(title=f"{report.split} split: {report.num_samples:,} images", title_justify="left")
     table.add_column("Label")
     table.add_column("Accuracy", justify="right")
     table.add_column("Support", justify="right")
@@ -93,7 +93,7 @@ def eval_table(report: Any) -> Table:
         table.add_row(name, f"{m['accuracy']:.2%}", f"{m['support']:,}", style=style)
     table.add_section()
     table.add_row("[bold]Overall[/bold]", f"[bold]{report.accuracy:.2%}[/bold]", f"{report.num_samples:,}")
-    table.caption = f"loss {report.loss:.4f} | {report.checkpoint}"
+    table.caption = f"loss {report.loss:.4f}"
     return table
 
 

@@ -221,7 +221,7 @@ def fit(
 
     train_loader = make_loader(ds.train, cfg.data.batch_size, True, cfg.seed, ds.channels, ds.size,
                                balanced=cfg.data.sampler == "balanced", device=device, num_workers=cfg.data.num_workers)
-    val_loader = make_loader(ds.val, max(cfg.data.batch_size, 1024), False, cfg.seed, ds.channels, ds.size,
+    val_loader = make_loader(ds.val, 256, False, cfg.seed, ds.channels, ds.size,
                              device=device, num_workers=cfg.data.num_workers)
     aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
     prep = BatchPreprocess(mean, std, cfg.data.augment, aug_gen)
