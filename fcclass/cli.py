@@ -172,6 +172,21 @@ def summary(
     _emit_json(json_out, result.to_dict())
 
 
+@app.command()
+@_handle_errors
+def plot(
+    run_dir: Optional[Path] = typer.Argument(None, help="Run directory [default: the newest run in --runs-dir]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output PNG [default: RUN_DIR/curves.png]."),
+    runs_dir: Path = RunsDirOpt,
+) -> None:
+    """Redraw a run's training curves: loss and accuracy (train vs val) and the learning rate per epoch."""
+    from fcclass.plots import plot_curves
+    from fcclass.runs import newest_run
+
+    path = plot_curves(run_dir if run_dir is not None else newest_run(runs_dir), out)
+    Console().print(f"Wrote [bold]{path}[/bold]", highlight=False)
+
+
 def _num_classes_without_data(cfg: Any) -> int | None:
     """The class count when the last Dense states it, so `summary` needs no dataset."""
     from fcclass.config import Dense

@@ -15,6 +15,8 @@ from fcclass.errors import CheckpointError
 
 CHECKPOINT_FORMAT = 1
 BEST, LAST = "best.pt", "last.pt"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def create_run_dir(runs_dir: str | Path, name: str) -> Path:
@@ -37,6 +39,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the user's usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -21,7 +21,8 @@ from fcclass.config import Config, SchedulerConfig, config_from_dict, load_confi
 from fcclass.device import autocast, select_device, select_precision
 from fcclass.data import BatchPreprocess, Dataset, channel_stats, load_dataset, make_loader
 from fcclass.errors import CheckpointError, FcclassError
-from fcclass.model import Network, build_model
+from fcclass.model import build_model
+from fcclass.plots import plot_curves
 from fcclass.registries import OPTIMIZERS, SCHEDULERS
 from fcclass.runs import BEST, LAST, atomic_write_text, create_run_dir, load_checkpoint, save_checkpoint
 
@@ -376,5 +377,7 @@ def fit(
         shutil.rmtree(run_dir, ignore_errors=True)
         result.extra["removed"] = True
     result.history, result.best_epoch, result.best = state["history"], state["best_epoch"], state["best"]
+    if state["history"]:
+        plot_curves(run_dir)
     return result
 

@@ -1,0 +1,325 @@
+"""Training options: each test fails if its config key were ignored."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import DATA_ROOT, ROOT, needs_fashion, small_config
+from fcclass.cli import app
+from fcclass.config import OptimizerConfig, SchedulerConfig
+from fcclass.errors import FcclassError
+from fcclass.registries import OPTIMIZERS
+from fcclass.runs import load_checkpoint
+from fcclass.train import LRSchedule, TrainingDiverged, fit
+
+runner = CliRunner(env={"COLUMNS": "200"})
+
+
+def metrics(run_dir: Path) -> list[dict[str, float]]:
+    return [{k: float(v) for k, v in row.items()} for row in csv.DictReader((run_dir / "metrics.csv").open())]
+
+
+def no_time(history: list[dict[str, float]]) -> list[dict[str, float]]:
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+
+# ----------------------------------------------------------------------------- optimizers
+@pytest.mark.parametrize(
+    ("name", "cls", "options", "check"),
+    [
+        ("sgd", torch.optim.SGD, {"momentum": 0.9, "nesterov": True}, {"momentum": 0.9, "nesterov": True}),
+        ("adam", torch.optim.Adam, {"betas": [0.8, 0.99]}, {"betas": (0.8, 0.99)}),
+        ("adamw", torch.optim.AdamW, {"weight_decay": 0.05}, {"weight_decay": 0.05}),
+        ("rmsprop", torch.optim.RMSprop, {"momentum": 0.5, "rho": 0.8}, {"momentum": 0.5, "alpha": 0.8}),
+        ("adadelta", torch.optim.Adadelta, {"rho": 0.95, "lr": 1.0}, {"rho": 0.95, "lr": 1.0}),
+    ],
+)
+def test_optimizer_names_and_options_reach_torch(name: str, cls: type, options: dict, check: dict) -> None:
+    opt = OPTIMIZERS[name]([torch.nn.Parameter(torch.zeros(2))], OptimizerConfig(name=name, **options))
+    assert type(opt) is cls
+    for key, value in check.items():
+        assert opt.param_groups[0][key] == value
+
+
+# ----------------------------------------------------------------------------- schedules
+def lr_per_epoch(name: str, epochs: int = 4, steps: int = 5, lr: float = 1.0, metric=lambda e: 1.0, **kw) -> list[float]:
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=lr)
+    sched = LRSchedule(opt, SchedulerConfig(name=name, **kw), epochs, steps)
+    out = []
+    for epoch in range(epochs):
+        used = []
+        for _ in range(steps):
+            used.append(sched.lr)
+            opt.step()
+            sched.after_batch()
+        out.append(sum(used) / len(used))
+        sched.after_epoch({"val_loss": metric(epoch), "val_accuracy": 0.5})
+    return out
+
+
+def test_step_multistep_exponential_schedules() -> None:
+    assert lr_per_epoch("none") == [1.0] * 4
+    assert lr_per_epoch("step", step_size=1, gamma=0.5) == pytest.approx([1, 0.5, 0.25, 0.125])
+    assert lr_per_epoch("step", step_size=2, gamma=0.1) == pytest.approx([1, 1, 0.1, 0.1])
+    assert lr_per_epoch("multistep", milestones=[1, 3], gamma=0.1) == pytest.approx([1, 0.1, 0.1, 0.01])
+    assert lr_per_epoch("exponential", gamma=0.5) == pytest.approx([1, 0.5, 0.25, 0.125])
+
+
+def test_cosine_and_onecycle_step_per_batch() -> None:
+    cos = lr_per_epoch("cosine", min_lr=0.0)
+    assert cos[0] > cos[1] > cos[2] > cos[3] and cos[3] < 0.2
+    one = lr_per_epoch("onecycle", epochs=5, max_lr=2.0, pct_start=0.3)
+    peak = one.index(max(one))
+    assert 0 < peak < 4 and one[0] < one[peak] and one[-1] < one[0] and max(one) <= 2.0
+
+
+def test_plateau_reduces_when_the_monitored_metric_stalls() -> None:
+    assert lr_per_epoch("plateau", epochs=4, factor=0.5, patience=0, metric=lambda e: 1.0) == pytest.approx([1, 1, 0.5, 0.25])
+    assert lr_per_epoch("plateau", epochs=4, factor=0.5, patience=0, metric=lambda e: 1.0 - e) == pytest.approx([1, 1, 1, 1])
+
+
+def test_linear_warmup_precedes_the_schedule() -> None:
+    lrs = lr_per_epoch("step", epochs=4, step_size=1, gamma=0.5, warmup_epochs=2)
+    assert lrs[0] < lrs[1] < 1.0  # rising
+    assert lrs[2:] == pytest.approx([1.0, 0.5])  # then the step schedule from its start
+
+
+@needs_fashion
+def test_lr_used_each_epoch_is_logged(tmp_path: Path) -> None:
+    result = fit(small_config(tmp_path, **{"train.epochs": 3, "data.limit_train": 500, "scheduler.name": "step",
+                                           "scheduler.step_size": 1, "scheduler.gamma": 0.5, "optimizer.lr": 0.004}))
+    assert [r["lr"] for r in metrics(result.run_dir)] == pytest.approx([0.004, 0.002, 0.001])
+
+
+# ----------------------------------------------------------------------------- loss options
+@needs_fashion
+def test_label_smoothing_raises_the_training_loss(tmp_path: Path) -> None:
+    base = {"train.epochs": 1, "data.limit_train": 1000}
+    plain = fit(small_config(tmp_path / "a", **base)).history[0]["train_loss"]
+    smooth = fit(small_config(tmp_path / "b", **base, **{"train.label_smoothing": 0.5})).history[0]["train_loss"]
+    assert smooth > plain + 0.2
+
+
+@needs_fashion
+def test_grad_clip_limits_the_update(tmp_path: Path) -> None:
+    base = {"train.epochs": 1, "data.limit_train": 2000, "data.batch_size": 64, "optimizer.name": "sgd",
+            "optimizer.lr": 0.05, "optimizer.momentum": 0.9, "scheduler.name": "none"}
+    free = fit(small_config(tmp_path / "a", **base)).history[0]["val_accuracy"]
+    clipped = fit(small_config(tmp_path / "b", **base, **{"train.grad_clip": 1e-5})).history[0]["val_accuracy"]
+    assert free > clipped + 0.2
+
+
+@needs_fashion
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_best(tmp_path: Path) -> None:
+    cfg = small_config(tmp_path, **{"train.epochs": 4, "data.limit_train": 600, "optimizer.name": "sgd", "optimizer.lr": 0.01,
+                                    "scheduler.name": "exponential", "scheduler.gamma": 1.0e7})
+    with pytest.raises(TrainingDiverged, match=r"epoch 2, batch \d+ \(learning rate .*\)\. Lower optimizer.lr"):
+        fit(cfg)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert load_checkpoint(run_dir / "best.pt")["epoch"] == 1
+
+
+# ----------------------------------------------------------------------------- early stopping, best checkpoint
+@needs_fashion
+def test_early_stopping_and_best_checkpoint(tmp_path: Path) -> None:
+    cfg = small_config(tmp_path, **{"train.epochs": 6, "data.limit_train": 600, "train.early_stopping.monitor": "val_accuracy",
+                                    "train.early_stopping.patience": 2, "train.early_stopping.min_delta": 1.0})
+    result = fit(cfg)
+    assert result.stopped_early and len(result.history) == 3  # epoch 1 sets the mark; 2 and 3 can't beat it by 1.0
+    best_epoch = max(result.history, key=lambda r: r["val_accuracy"])["epoch"]
+    assert load_checkpoint(result.run_dir / "best.pt")["epoch"] == best_epoch
+    from fcclass.evaluate import evaluate
+
+    assert evaluate(result.run_dir).checkpoint.endswith("best.pt")
+
+
+# ----------------------------------------------------------------------------- device, precision, reproducibility
+def test_precision_and_device_errors() -> None:
+    from fcclass.device import select_device, select_precision
+
+    with pytest.raises(FcclassError, match="fp16 needs a CUDA device"):
+        select_precision("fp16", torch.device("cpu"))
+    assert select_precision("auto", torch.device("cpu")) is None  # fp32 on the CPU unless asked
+    if not torch.cuda.is_available():
+        assert select_device("auto").type in ("cpu", "mps")
+        with pytest.raises(FcclassError, match="CUDA is not available"):
+            select_device("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@needs_fashion
+def test_trains_on_cuda_with_bf16(tmp_path: Path) -> None:  # pragma: no cover - runs where a GPU is present
+    result = fit(small_config(tmp_path, **{"train.epochs": 1, "train.device": "cuda", "train.precision": "bf16"}))
+    assert result.device.startswith("cuda") and result.history[0]["val_accuracy"] > 0.5
+
+
+@needs_fashion
+def test_same_seed_gives_the_same_metrics(tmp_path: Path) -> None:
+    over = {"train.epochs": 2, "data.limit_train": 800, "data.augment.random_crop_padding": 2}
+    a = fit(small_config(tmp_path / "a", **over)).history
+    b = fit(small_config(tmp_path / "b", **over)).history
+    c = fit(small_config(tmp_path / "c", **over, seed=1)).history
+    assert no_time(a) == no_time(b)
+    assert no_time(a) != no_time(c)
+
+
+# ----------------------------------------------------------------------------- class imbalance
+@pytest.fixture(scope="module")
+def imbalanced(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real Fashion-MNIST: T-shirt and Pullover with 300 training images each, Shirt with 30; 100 each to test."""
+    from fcclass.config import DataConfig
+    from fcclass.data import load_dataset
+
+    if not (ROOT / "data").exists():
+        pytest.skip("no data")
+    ds = load_dataset(DataConfig(root=str(DATA_ROOT), download=False), 0, splits=("train", "test"))
+    root = tmp_path_factory.mktemp("imb")
+    for split, part, counts in (("train", ds.train, {0: 300, 2: 300, 6: 30}), ("test", ds.test, {0: 100, 2: 100, 6: 100})):
+        for label, n in counts.items():
+            folder = root / split / ds.info.class_names[label].replace("/", "-")
+            folder.mkdir(parents=True)
+            for i in (part.labels == label).nonzero().flatten()[:n].tolist():
+                Image.fromarray(part.images[i, 0].numpy(), "L").save(folder / f"{i}.png")
+    return root
+
+
+def _shirt_recall(tmp_path: Path, folder: Path, **extra: object) -> float:
+    from fcclass.config import config_from_dict
+    from fcclass.evaluate import evaluate
+
+    raw = {
+        "name": "imb", "seed": 0,
+        "data": {"dataset": "imagefolder", "path": str(folder), "channels": 1, "val_split": 0.0, "batch_size": 32, "num_workers": 0},
+        "model": {"layers": [{"type": "Flatten"}, {"type": "Dense", "units": 64, "activation": "relu"}, {"type": "Dense"}]},
+        "optimizer": {"lr": 0.002}, "train": {"epochs": 6, "runs_dir": str(tmp_path / "runs")},
+    }
+    for key, value in extra.items():
+        section, name = key.split(".")
+        raw[section][name] = value
+    result = fit(config_from_dict(raw))
+    return evaluate(result.run_dir).per_class["Shirt"]["accuracy"]
+
+
+@needs_fashion
+def test_class_weights_and_balanced_sampler_raise_minority_recall(imbalanced: Path, tmp_path: Path) -> None:
+    plain = _shirt_recall(tmp_path / "plain", imbalanced)
+    weighted = _shirt_recall(tmp_path / "weighted", imbalanced, **{"train.class_weight": "balanced"})
+    sampled = _shirt_recall(tmp_path / "sampled", imbalanced, **{"data.sampler": "balanced"})
+    manual = _shirt_recall(tmp_path / "manual", imbalanced, **{"train.class_weight": {"Shirt": 20.0}})
+    print(f"Shirt recall: plain {plain:.2f}, balanced weights {weighted:.2f}, balanced sampler {sampled:.2f}, manual {manual:.2f}")
+    assert weighted > plain + 0.05  # fixed seed: measured 0.12 -> 0.22
+    assert sampled > plain + 0.05
+    assert manual > plain + 0.05
+
+
+@needs_fashion
+def test_training_header_shows_device_counts_and_class_weights(imbalanced: Path, tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"data: {{dataset: imagefolder, path: '{imbalanced}', channels: 1, num_workers: 0}}\n"
+        "model: {layers: [{type: Flatten}, {type: Dense}]}\n"
+        f"train: {{epochs: 1, class_weight: balanced, runs_dir: '{tmp_path / 'runs'}'}}\n"
+    )
+    res = runner.invoke(app, ["train", "-c", str(cfg)])
+    assert res.exit_code == 0, res.output
+    assert "Device: cpu" in res.output and "Class weight" in res.output
+    # 300 + 300 + 30 images, 10% held out for validation: 270 + 270 + 27 train -> weight n / (3 * count)
+    assert "270" in res.output and "27 " in res.output
+    assert f"{567 / (3 * 27):.3f}" in res.output and f"{567 / (3 * 270):.3f}" in res.output
+
+
+def test_unknown_label_in_class_weight_mapping_is_an_error(imbalanced: Path, tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"data: {{dataset: imagefolder, path: '{imbalanced}', num_workers: 0}}\nmodel: {{layers: [{{type: Flatten}}, {{type: Dense}}]}}\n"
+        f"train: {{epochs: 1, class_weight: {{Shirts: 2}}, runs_dir: '{tmp_path / 'runs'}'}}\n"
+    )
+    res = runner.invoke(app, ["train", "-c", str(cfg)])
+    assert res.exit_code == 1 and "Shirts" in res.output and "Pullover" in res.output
+
+
+# ----------------------------------------------------------------------------- plots
+@needs_fashion
+def test_curves_png_is_drawn_and_redrawn(trained_run: Path) -> None:
+    png = trained_run / "curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png.unlink()
+    res = runner.invoke(app, ["plot", str(trained_run)])
+    assert res.exit_code == 0 and png.exists()
+    with Image.open(png) as img:
+        assert img.width > 1000
+
+
+# ----------------------------------------------------------------------------- crash safety and resume
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fcclass.cli", *args]
+
+
+def _train_args(runs: Path, epochs: int) -> list[str]:
+    return ["train", "--set", f"train.runs_dir={runs}", "--set", f"data.root={DATA_ROOT}", "--set", "data.limit_train=4000",
+            "--set", "data.limit_test=200", "--set", f"train.epochs={epochs}", "--set", "data.augment.horizontal_flip=true"]
+
+
+def _wait_for_epochs(runs: Path, n: int, proc: subprocess.Popen, timeout: float = 180) -> Path:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for run_dir in runs.glob("*"):
+            csv_path = run_dir / "metrics.csv"
+            if csv_path.exists() and len(csv_path.read_text().strip().splitlines()) - 1 >= n:
+                return run_dir
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError("training did not reach the epoch in time")
+
+
+@needs_fashion
+def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    env = {**os.environ, "COLUMNS": "200"}
+    straight = subprocess.run(_cli(*_train_args(tmp_path / "straight", 3)), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr
+    (straight_dir,) = (tmp_path / "straight").iterdir()
+
+    runs = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(*_train_args(runs, 3)), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    run_dir = _wait_for_epochs(runs, 1, proc)
+    time.sleep(0.3)  # into epoch 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert load_checkpoint(run_dir / "last.pt")["epoch"] >= 1  # the previous checkpoint is loadable
+    resumed = subprocess.run(_cli("train", "--resume", str(run_dir)), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming after epoch" in resumed.stdout
+    rows = metrics(run_dir)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]  # exactly train.epochs epochs, none twice
+    assert no_time(rows) == no_time(metrics(straight_dir))  # model, optimizer, schedule and RNG state restored
+
+
+@needs_fashion
+def test_sigint_saves_and_says_how_to_resume(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    proc = subprocess.Popen(_cli(*_train_args(runs, 4)), cwd=ROOT, env={**os.environ, "COLUMNS": "300"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_dir = _wait_for_epochs(runs, 1, proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert f"fcclass train --resume {run_dir}" in " ".join(out.split()) and "Traceback" not in err
+    done = load_checkpoint(run_dir / "last.pt")["epoch"]
+    assert 1 <= done < 4
+    res = runner.invoke(app, ["train", "--resume", str(run_dir)])
+    assert res.exit_code == 0, res.output
+    assert [r["epoch"] for r in metrics(run_dir)] == [1, 2, 3, 4]
+    assert json.loads((run_dir / "classes.json").read_text())[0] == "T-shirt/top"
