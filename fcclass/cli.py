@@ -99,21 +99,30 @@ def eval_(
     run_dir: Optional[Path] = typer.Argument(None, help="Run directory [default: the newest run in --runs-dir]."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Evaluate this checkpoint file instead of a run."),
     split: str = typer.Option("test", "--split", help="test | val"),
+    normalize: bool = typer.Option(False, "--normalize", help="Show the confusion matrix as fractions of each true label."),
+    misclassified: int = typer.Option(0, "--misclassified", min=0, help="Save a PNG grid of N misclassified images."),
+    save: bool = typer.Option(True, "--save/--no-save", help="Write eval.json and confusion_matrix.png beside the checkpoint."),
     json_out: Optional[str] = JsonOpt,
     runs_dir: Path = RunsDirOpt,
     data_root: Optional[str] = typer.Option(None, "--data-root", help="Dataset root, if not where training found it."),
     device: str = DeviceOpt,
 ) -> None:
-    """Evaluate the best checkpoint on the test split: accuracy per label, by name."""
+    """Evaluate the best checkpoint: per-label accuracy, precision, F1, confusion matrix, most confused pairs."""
     from fcclass.evaluate import evaluate
 
-    report = evaluate(run_dir, checkpoint, split=split, runs_dir=runs_dir, data_root=data_root, device=device)
+    report = evaluate(run_dir, checkpoint, split=split, runs_dir=runs_dir, data_root=data_root, device=device,
+                      save=save, misclassified=misclassified)
     if json_out != "-":
-        from fcclass.report import eval_table
+        from fcclass.report import confused_pairs_table, confusion_table, eval_table
 
         console = Console()
         console.print(f"Checkpoint: [bold]{report.checkpoint}[/bold]", highlight=False)
         console.print(eval_table(report))
+        if len(report.class_names) <= 20:
+            console.print(confusion_table(report, normalize))
+        console.print(confused_pairs_table(report))
+        for what, path in report.files.items():
+            console.print(f"Wrote {what.replace('_', ' ')}: [bold]{path}[/bold]", highlight=False)
     _emit_json(json_out, report.to_dict())
 
 
@@ -125,17 +134,26 @@ def predict(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Use this checkpoint file."),
     top_k: int = typer.Option(3, "--top-k", "-k", help="How many labels to show per image."),
     json_out: Optional[str] = JsonOpt,
+    csv_out: Optional[Path] = typer.Option(None, "--csv", help="Also write the predictions as CSV to FILE."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per forward pass."),
     runs_dir: Path = RunsDirOpt,
     device: str = DeviceOpt,
 ) -> None:
     """Predict the label of images with the preprocessing used in training. Exit status 1 if any image failed."""
     from fcclass.predict import predict as run_predict
+    from fcclass.predict import predictions_csv
 
-    preds = run_predict(images, run, checkpoint, top_k=top_k, runs_dir=runs_dir, device=device)
+    preds = run_predict(images, run, checkpoint, top_k=top_k, runs_dir=runs_dir, device=device, batch_size=batch_size)
+    shown = max((len(p.top_k) for p in preds), default=1) or 1
     if json_out != "-":
         from fcclass.report import predict_table
 
-        Console().print(predict_table(preds, max((len(p.top_k) for p in preds), default=1) or 1))
+        Console().print(predict_table(preds, shown))
+    if csv_out is not None:
+        try:
+            csv_out.write_text(predictions_csv(preds, shown), encoding="utf-8")
+        except OSError as e:
+            raise FcclassError(f"Cannot write CSV to '{csv_out}': {e.strerror}. Check that the folder exists and is writable.") from None
     _emit_json(json_out, [p.to_dict() for p in preds])
     failed = [p for p in preds if p.error is not None]
     if failed:
@@ -185,6 +203,22 @@ def plot(
 
     path = plot_curves(run_dir if run_dir is not None else newest_run(runs_dir), out)
     Console().print(f"Wrote [bold]{path}[/bold]", highlight=False)
+
+
+@app.command()
+@_handle_errors
+def export(
+    run_dir: Optional[Path] = typer.Argument(None, help="Run directory [default: the newest run in --runs-dir]."),
+    fmt: str = typer.Option("onnx", "--format", "-f", help="onnx | torchscript"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Export this checkpoint file instead of a run's best."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file [default: RUN_DIR/model.onnx or model.torchscript.pt]."),
+    runs_dir: Path = RunsDirOpt,
+) -> None:
+    """Export the best checkpoint as a deployable model (pixels in [0, 1] in, probabilities out) plus a JSON description."""
+    from fcclass.export import export_model
+
+    model_path, sidecar = export_model(run_dir, checkpoint, fmt=fmt, out=out, runs_dir=runs_dir)
+    Console().print(f"Wrote [bold]{model_path}[/bold] and [bold]{sidecar}[/bold] (class names, input shape, preprocessing)", highlight=False)
 
 
 def _num_classes_without_data(cfg: Any) -> int | None:

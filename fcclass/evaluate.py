@@ -37,35 +37,101 @@ def predict_loader(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.
 class EvalReport:
     accuracy: float
     loss: float
-    per_class: dict[str, dict[str, float | int]]
+    per_class: dict[str, dict[str, float | int]]  # accuracy (= recall), precision, f1, support
     num_samples: int
     class_names: list[str]
     predictions: torch.Tensor = field(repr=False)
     labels: torch.Tensor = field(repr=False)
+    confusion: torch.Tensor = field(repr=False)  # [true, predicted] counts
+    macro: dict[str, float] = field(default_factory=dict)
+    weighted: dict[str, float] = field(default_factory=dict)
+    top5_accuracy: float | None = None
     checkpoint: str = ""
     split: str = "test"
+    files: dict[str, str] = field(default_factory=dict)
+
+    def confused_pairs(self, n: int = 5) -> list[dict[str, Any]]:
+        """The ``n`` largest off-diagonal cells: which label is most often taken for which."""
+        off = self.confusion.clone()
+        off.fill_diagonal_(0)
+        flat = off.flatten()
+        order = torch.argsort(flat, descending=True, stable=True)[:n]
+        k = len(self.class_names)
+        pairs = []
+        for idx in order.tolist():
+            count = int(flat[idx])
+            if count == 0:
+                break
+            t, p = divmod(idx, k)
+            support = int(self.confusion[t].sum())
+            pairs.append({"true": self.class_names[t], "predicted": self.class_names[p], "count": count,
+                          "fraction_of_true": count / support if support else 0.0})
+        return pairs
 
     def to_dict(self) -> dict[str, Any]:
-        return {"accuracy": self.accuracy, "loss": self.loss, "per_class": self.per_class, "num_samples": self.num_samples}
+        return {
+            "accuracy": self.accuracy,
+            "loss": self.loss,
+            "per_class": self.per_class,
+            "num_samples": self.num_samples,
+            "split": self.split,
+            "checkpoint": self.checkpoint,
+            "top5_accuracy": self.top5_accuracy,
+            "macro_avg": self.macro,
+            "weighted_avg": self.weighted,
+            "labels": self.class_names,
+            "confusion_matrix": self.confusion.tolist(),
+            "most_confused": self.confused_pairs(10),
+        }
 
 
 def compute_report(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> EvalReport:
-    from torchmetrics.functional.classification import multiclass_accuracy, multiclass_recall
+    """Every figure of the report, computed with torchmetrics from the logits and the true labels."""
+    from torchmetrics.functional.classification import (multiclass_accuracy, multiclass_confusion_matrix,
+                                                        multiclass_f1_score, multiclass_precision, multiclass_recall)
 
     k = len(class_names)
     preds = logits.argmax(1)
-    recall = multiclass_recall(preds, labels, num_classes=k, average=None)
-    accuracy = multiclass_accuracy(preds, labels, num_classes=k, average="micro")
+    args = {"num_classes": k}
+    recall = multiclass_recall(preds, labels, average=None, **args)
+    precision = multiclass_precision(preds, labels, average=None, **args)
+    f1 = multiclass_f1_score(preds, labels, average=None, **args)
     support = torch.bincount(labels, minlength=k)
-    per_class = {name: {"accuracy": float(recall[i]), "support": int(support[i])} for i, name in enumerate(class_names)}
-    loss = float(nn.functional.cross_entropy(logits, labels))
-    return EvalReport(float(accuracy), loss, per_class, int(labels.numel()), class_names, preds, labels)
+    per_class = {
+        name: {"accuracy": float(recall[i]), "precision": float(precision[i]), "f1": float(f1[i]), "support": int(support[i])}
+        for i, name in enumerate(class_names)
+    }
+    averages = {}
+    for average in ("macro", "weighted"):
+        averages[average] = {
+            "precision": float(multiclass_precision(preds, labels, average=average, **args)),
+            "recall": float(multiclass_recall(preds, labels, average=average, **args)),
+            "f1": float(multiclass_f1_score(preds, labels, average=average, **args)),
+        }
+    top5 = float(multiclass_accuracy(logits, labels, average="micro", top_k=5, **args)) if k > 5 else None
+    return EvalReport(
+        accuracy=float(multiclass_accuracy(preds, labels, average="micro", **args)),
+        loss=float(nn.functional.cross_entropy(logits, labels)),
+        per_class=per_class,
+        num_samples=int(labels.numel()),
+        class_names=class_names,
+        predictions=preds,
+        labels=labels,
+        confusion=multiclass_confusion_matrix(preds, labels, **args),
+        macro=averages["macro"],
+        weighted=averages["weighted"],
+        top5_accuracy=top5,
+    )
 
 
 def evaluate(run: str | Path | None = None, checkpoint: str | Path | None = None, *, split: str = "test",
              runs_dir: str | Path = "runs", data_root: str | None = None, device: str = "auto",
-             batch_size: int = 256) -> EvalReport:
-    """Evaluate the best checkpoint of ``run`` (default: the newest run) or ``checkpoint`` on a split of its dataset."""
+             batch_size: int = 256, save: bool = False, misclassified: int = 0) -> EvalReport:
+    """Evaluate the best checkpoint of ``run`` (default: the newest run) or ``checkpoint`` on a split of its dataset.
+
+    ``save`` writes ``eval.json`` and ``confusion_matrix.png`` beside the checkpoint (``eval-val.json``... for the
+    validation split); ``misclassified`` > 0 also draws that many misclassified images to ``misclassified.png``.
+    """
     if split not in ("test", "val"):
         raise FcclassError(f"--split must be test or val, not '{split}'.")
     path = resolve_checkpoint(run, checkpoint, runs_dir)
@@ -85,4 +151,40 @@ def evaluate(run: str | Path | None = None, checkpoint: str | Path | None = None
                                     select_precision("auto", dev))
     report = compute_report(logits, labels, list(ckpt["class_names"]))
     report.checkpoint, report.split = str(path), split
+    if save or misclassified:
+        _save_artifacts(report, part, ds, path.parent, save, misclassified)
     return report
+
+
+def _save_artifacts(report: EvalReport, part: Any, ds: Any, out_dir: Path, save: bool, misclassified: int) -> None:
+    from fcclass.plots import plot_confusion, plot_image_grid
+    from fcclass.runs import write_json
+
+    suffix = "" if report.split == "test" else f"-{report.split}"
+    targets = {}
+    try:
+        if misclassified:
+            wrong = (report.predictions != report.labels).nonzero().flatten()[:misclassified]
+            images = _split_images(part, wrong, ds)
+            names = report.class_names
+            captions = [f"true: {names[int(report.labels[i])]}\npred: {names[int(report.predictions[i])]}" for i in wrong.tolist()]
+            targets["misclassified"] = plot_image_grid(images, captions, out_dir / f"misclassified{suffix}.png",
+                                                       f"{len(captions)} misclassified {report.split} images")
+        if save:
+            targets["confusion_matrix"] = plot_confusion(report, out_dir / f"confusion_matrix{suffix}.png")
+            targets["eval_json"] = out_dir / f"eval{suffix}.json"
+            write_json(targets["eval_json"], report.to_dict())
+    except OSError as e:
+        raise FcclassError(f"Cannot write evaluation files into '{out_dir}': {e.strerror}. Make it writable or pass --no-save.") from None
+    report.files = {k: str(v) for k, v in targets.items()}
+
+
+def _split_images(part: Any, idx: torch.Tensor, ds: Any) -> torch.Tensor:
+    """uint8 (N, C, H, W) images of a split, as the model saw them before normalisation."""
+    from fcclass.data import load_image, resize_uint8
+
+    if part.images is not None:
+        return part.images[idx]
+    if not len(idx):
+        return torch.zeros(0, ds.channels, *ds.size, dtype=torch.uint8)
+    return torch.stack([resize_uint8(load_image(part.files[i], ds.channels).unsqueeze(0), ds.size)[0] for i in idx.tolist()])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import glob
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -32,19 +34,31 @@ class Prediction:
 def expand_inputs(inputs: Sequence[str | Path]) -> list[Path | tuple[Path, str]]:
     """Files as given, folders recursively, globs expanded; missing ones become (path, error) entries."""
     out: list[Path | tuple[Path, str]] = []
+    seen: set[Path] = set()
+
+    def add(path: Path) -> None:
+        key = path.resolve()
+        if key not in seen:  # a file named twice (say by its folder and a glob) is predicted once
+            seen.add(key)
+            out.append(path)
+
     for item in inputs:
         p = Path(item)
         if p.is_dir():
             found = list_images(p)
             if not found:
                 out.append((p, "folder has no image files"))
-            out.extend(found)
+            for f in found:
+                add(f)
         elif p.exists():
-            out.append(p)
+            add(p)
         elif glob.has_magic(str(item)):
             matches = sorted(Path(m) for m in glob.glob(str(item), recursive=True))
             files = [m for m in matches if m.is_file()]
-            out.extend(files) if files else out.append((p, "no files match this pattern"))
+            for f in files:
+                add(f)
+            if not files:
+                out.append((p, "no files match this pattern"))
         else:
             out.append((p, "file not found"))
     return out
@@ -82,19 +96,48 @@ def predict(inputs: Sequence[str | Path], run: str | Path | None = None, checkpo
             pred.label, pred.probability = names[idx[0]], ps[0]
         pending.clear()
 
-    for entry in expand_inputs(inputs):
-        if isinstance(entry, tuple):
-            results.append(Prediction(str(entry[0]), error=entry[1]))
-            continue
-        pred = Prediction(str(entry))
-        results.append(pred)
+    def decode(path: Path) -> torch.Tensor | str:
         try:
-            img = load_image(entry, channels)
+            return resize_uint8(load_image(path, channels).unsqueeze(0), (height, width))[0]
         except DataError as e:
-            pred.error = str(e).removeprefix(f"{entry}: ")
-            continue
-        pending.append((pred, resize_uint8(img.unsqueeze(0), (height, width))[0]))
-        if len(pending) >= batch_size:
+            return str(e).removeprefix(f"{path}: ")
+
+    entries = expand_inputs(inputs)
+    # Pillow releases the GIL while decoding, so threads overlap the file reading and decoding.
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 2)) as pool:
+        for start in range(0, len(entries), batch_size):
+            chunk = entries[start : start + batch_size]
+            files = [e for e in chunk if not isinstance(e, tuple)]
+            decoded = dict(zip(files, pool.map(decode, files)))
+            for entry in chunk:
+                if isinstance(entry, tuple):
+                    results.append(Prediction(str(entry[0]), error=entry[1]))
+                    continue
+                pred = Prediction(str(entry))
+                results.append(pred)
+                img = decoded[entry]
+                if isinstance(img, str):
+                    pred.error = img
+                else:
+                    pending.append((pred, img))
             flush()
-    flush()
     return results
+
+
+def predictions_csv(preds: list[Prediction], top_k: int) -> str:
+    """One row per input: path, label, probability, error, then top{i}_label / top{i}_probability."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    header = ["path", "label", "probability", "error"]
+    for i in range(1, top_k + 1):
+        header += [f"top{i}_label", f"top{i}_probability"]
+    writer.writerow(header)
+    for p in preds:
+        row: list[Any] = [p.path, p.label or "", "" if p.probability is None else f"{p.probability:.6f}", p.error or ""]
+        for t in p.top_k[:top_k]:
+            row += [t["label"], f"{t['probability']:.6f}"]
+        writer.writerow(row + [""] * (len(header) - len(row)))
+    return buf.getvalue()

@@ -82,18 +82,54 @@ def print_epoch(console: Console, row: dict[str, float], epochs: int, is_best: b
     )
 
 
-def eval_table(report: Any) -> Table:
+def eval_table(report: Any, highlight: int = 3) -> Table:
+    """Per-label recall (accuracy), precision, F1 and support; the ``highlight`` weakest labels by F1 in red."""
     table = Table(title=f"{report.split} split: {report.num_samples:,} images", title_justify="left")
     table.add_column("Label")
-    table.add_column("Accuracy", justify="right")
-    table.add_column("Support", justify="right")
-    worst = min(report.per_class.values(), key=lambda m: m["accuracy"] if m["support"] else 2.0)["accuracy"]
+    for name in ("Accuracy", "Precision", "F1", "Support"):
+        table.add_column(name, justify="right")
+    ranked = sorted((m["f1"], name) for name, m in report.per_class.items() if m["support"])
+    worst = {name for _, name in ranked[: min(highlight, max(len(ranked) - 1, 0))]}
     for name, m in report.per_class.items():
-        style = "red" if m["support"] and m["accuracy"] == worst else None
-        table.add_row(name, f"{m['accuracy']:.2%}", f"{m['support']:,}", style=style)
+        table.add_row(name, f"{m['accuracy']:.2%}", f"{m['precision']:.2%}", f"{m['f1']:.2%}", f"{m['support']:,}",
+                      style="red" if name in worst else None)
     table.add_section()
-    table.add_row("[bold]Overall[/bold]", f"[bold]{report.accuracy:.2%}[/bold]", f"{report.num_samples:,}")
-    table.caption = f"loss {report.loss:.4f}"
+    for label, avg in (("Macro avg", report.macro), ("Weighted avg", report.weighted)):
+        table.add_row(label, f"{avg['recall']:.2%}", f"{avg['precision']:.2%}", f"{avg['f1']:.2%}", f"{report.num_samples:,}")
+    table.add_section()
+    table.add_row("[bold]Overall accuracy[/bold]", f"[bold]{report.accuracy:.2%}[/bold]", "", "", f"{report.num_samples:,}")
+    top5 = f"top-5 accuracy {report.top5_accuracy:.2%} | " if report.top5_accuracy is not None else ""
+    table.caption = f"{top5}loss {report.loss:.4f} | red: weakest F1"
+    return table
+
+
+def confusion_table(report: Any, normalize: bool = False) -> Table:
+    """Rows: true label; columns: predicted label (counts, or fractions of the row with ``normalize``)."""
+    names = report.class_names
+    table = Table(title="Confusion matrix (rows: true label, columns: predicted)" + (", row-normalised" if normalize else ""),
+                  title_justify="left")
+    table.add_column("true \\ pred")
+    for name in names:
+        table.add_column(name, justify="right")
+    for t, name in enumerate(names):
+        row = report.confusion[t]
+        total = max(int(row.sum()), 1)
+        cells = []
+        for p, count in enumerate(row.tolist()):
+            text = f"{count / total:.1%}" if normalize else f"{count:,}"
+            cells.append(f"[bold green]{text}[/bold green]" if p == t else (text if count else "[dim]·[/dim]"))
+        table.add_row(name, *cells)
+    return table
+
+
+def confused_pairs_table(report: Any, n: int = 5) -> Table:
+    table = Table(title="Most confused", title_justify="left")
+    table.add_column("True label")
+    table.add_column("Predicted as")
+    table.add_column("Count", justify="right")
+    table.add_column("Of the true label", justify="right")
+    for pair in report.confused_pairs(n):
+        table.add_row(pair["true"], pair["predicted"], f"{pair['count']:,}", f"{pair['fraction_of_true']:.1%}")
     return table
 
 
