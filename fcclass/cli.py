@@ -10,6 +10,7 @@ from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from fcclass.errors import FcclassError
 
@@ -21,7 +22,7 @@ app = typer.Typer(
 )
 err_console = Console(stderr=True)
 
-ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file [default: configs/fashion_mnist.yaml].")
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (default: configs/fashion_mnist.yaml).")
 SetOpt = typer.Option(None, "--set", help="Override a config key: dotted.key=value (value parsed as YAML). Repeatable.")
 JsonOpt = typer.Option(None, "--json", help="Write the result as JSON to FILE, or '-' for stdout (then nothing else goes to stdout).")
 RunsDirOpt = typer.Option(Path("runs"), "--runs-dir", help="Where runs are looked up.")
@@ -34,7 +35,7 @@ def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except FcclassError as e:
-            err_console.print(f"[bold red]Error:[/bold red] [red]{e}[/red]", highlight=False, markup=True, soft_wrap=True)
+            err_console.print(f"[bold red]Error:[/bold red] [red]{escape(str(e))}[/red]", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]Interrupted.[/yellow]")
@@ -46,6 +47,14 @@ def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _human_console(json_target: str | None) -> Console:
     """Human output goes to stdout unless JSON does."""
     return err_console if json_target == "-" else Console()
+
+
+def _check_json_target(target: str | None) -> None:
+    """Fail before the work, not after it, when --json FILE cannot be written."""
+    if target not in (None, "-"):
+        parent = Path(target).parent
+        if not parent.is_dir() or Path(target).is_dir():
+            raise FcclassError(f"Cannot write JSON to '{target}': {'it is a folder' if Path(target).is_dir() else f'the folder {parent} does not exist'}.")
 
 
 def _emit_json(target: str | None, data: Any) -> None:
@@ -71,6 +80,7 @@ def train(
     json_out: Optional[str] = JsonOpt,
 ) -> None:
     """Train a model from a YAML config (default: Fashion-MNIST CNN) into runs/<name>-<timestamp>/."""
+    _check_json_target(json_out)
     from fcclass.config import load_config
 
     cfg = None if resume is not None else load_config(config, set_)
@@ -84,7 +94,7 @@ def train(
     if best:
         console.print(
             f"[bold]Best epoch {result.best_epoch}[/bold]: val accuracy {best['val_accuracy']:.2%}, val loss {best['val_loss']:.4f}. "
-            f"Run saved in [bold]{result.run_dir}[/bold]\nNext: fcclass eval {result.run_dir}"
+            f"Run saved in [bold]{escape(str(result.run_dir))}[/bold]\nNext: fcclass eval {escape(str(result.run_dir))}"
         )
     _emit_json(json_out, {"run_dir": str(result.run_dir), "epochs": len(result.history), "best_epoch": result.best_epoch,
                           "best": best, "stopped_early": result.stopped_early, "interrupted": result.interrupted,
@@ -96,7 +106,7 @@ def train(
 @app.command("eval")
 @_handle_errors
 def eval_(
-    run_dir: Optional[Path] = typer.Argument(None, help="Run directory [default: the newest run in --runs-dir]."),
+    run_dir: Optional[Path] = typer.Argument(None, help="Run directory (default: the newest run in --runs-dir)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Evaluate this checkpoint file instead of a run."),
     split: str = typer.Option("test", "--split", help="test | val"),
     normalize: bool = typer.Option(False, "--normalize", help="Show the confusion matrix as fractions of each true label."),
@@ -108,6 +118,7 @@ def eval_(
     device: str = DeviceOpt,
 ) -> None:
     """Evaluate the best checkpoint: per-label accuracy, precision, F1, confusion matrix, most confused pairs."""
+    _check_json_target(json_out)
     from fcclass.evaluate import evaluate
 
     report = evaluate(run_dir, checkpoint, split=split, runs_dir=runs_dir, data_root=data_root, device=device,
@@ -116,21 +127,21 @@ def eval_(
         from fcclass.report import confused_pairs_table, confusion_table, eval_table
 
         console = Console()
-        console.print(f"Checkpoint: [bold]{report.checkpoint}[/bold]", highlight=False)
+        console.print(f"Checkpoint: [bold]{escape(report.checkpoint)}[/bold]", highlight=False)
         console.print(eval_table(report))
         if len(report.class_names) <= 20:
             console.print(confusion_table(report, normalize))
         console.print(confused_pairs_table(report))
         for what, path in report.files.items():
-            console.print(f"Wrote {what.replace('_', ' ')}: [bold]{path}[/bold]", highlight=False)
+            console.print(f"Wrote {what.replace('_', ' ')}: [bold]{escape(path)}[/bold]", highlight=False)
     _emit_json(json_out, report.to_dict())
 
 
 @app.command()
 @_handle_errors
 def predict(
-    images: list[str] = typer.Argument(..., help="Image files, folders (searched recursively) or glob patterns."),
-    run: Optional[Path] = typer.Option(None, "--run", help="Run directory [default: the newest run]."),
+    images: list[str] = typer.Argument(..., metavar="IMAGES...", help="Image files, folders (searched recursively) or glob patterns."),
+    run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: the newest run)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Use this checkpoint file."),
     top_k: int = typer.Option(3, "--top-k", "-k", help="How many labels to show per image."),
     json_out: Optional[str] = JsonOpt,
@@ -140,6 +151,7 @@ def predict(
     device: str = DeviceOpt,
 ) -> None:
     """Predict the label of images with the preprocessing used in training. Exit status 1 if any image failed."""
+    _check_json_target(json_out)
     from fcclass.predict import predict as run_predict
     from fcclass.predict import predictions_csv
 
@@ -169,6 +181,7 @@ def summary(
     json_out: Optional[str] = JsonOpt,
 ) -> None:
     """Print the model's layers, output shapes and parameter counts (Keras-style)."""
+    _check_json_target(json_out)
     from fcclass.config import load_config
 
     cfg = load_config(config, set_)
@@ -193,8 +206,8 @@ def summary(
 @app.command()
 @_handle_errors
 def plot(
-    run_dir: Optional[Path] = typer.Argument(None, help="Run directory [default: the newest run in --runs-dir]."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output PNG [default: RUN_DIR/curves.png]."),
+    run_dir: Optional[Path] = typer.Argument(None, help="Run directory (default: the newest run in --runs-dir)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output PNG (default: RUN_DIR/curves.png)."),
     runs_dir: Path = RunsDirOpt,
 ) -> None:
     """Redraw a run's training curves: loss and accuracy (train vs val) and the learning rate per epoch."""
@@ -202,23 +215,68 @@ def plot(
     from fcclass.runs import newest_run
 
     path = plot_curves(run_dir if run_dir is not None else newest_run(runs_dir), out)
-    Console().print(f"Wrote [bold]{path}[/bold]", highlight=False)
+    Console().print(f"Wrote [bold]{escape(str(path))}[/bold]", highlight=False)
 
 
 @app.command()
 @_handle_errors
 def export(
-    run_dir: Optional[Path] = typer.Argument(None, help="Run directory [default: the newest run in --runs-dir]."),
+    run_dir: Optional[Path] = typer.Argument(None, help="Run directory (default: the newest run in --runs-dir)."),
     fmt: str = typer.Option("onnx", "--format", "-f", help="onnx | torchscript"),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Export this checkpoint file instead of a run's best."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file [default: RUN_DIR/model.onnx or model.torchscript.pt]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default: RUN_DIR/model.onnx or model.torchscript.pt)."),
     runs_dir: Path = RunsDirOpt,
 ) -> None:
     """Export the best checkpoint as a deployable model (pixels in [0, 1] in, probabilities out) plus a JSON description."""
     from fcclass.export import export_model
 
     model_path, sidecar = export_model(run_dir, checkpoint, fmt=fmt, out=out, runs_dir=runs_dir)
-    Console().print(f"Wrote [bold]{model_path}[/bold] and [bold]{sidecar}[/bold] (class names, input shape, preprocessing)", highlight=False)
+    Console().print(f"Wrote [bold]{escape(str(model_path))}[/bold] and [bold]{escape(str(sidecar))}[/bold] (class names, input shape, preprocessing)", highlight=False)
+
+
+@app.command()
+@_handle_errors
+def bench(
+    mode: str = typer.Option("throughput", "--mode", help="throughput | tta (time to accuracy)"),
+    model: list[str] = typer.Option(["examples", "default"], "--model", help="examples (PyTorch-examples net) and/or default (configs/fashion_mnist.yaml)."),
+    images: int = typer.Option(12_800, "--images", min=64, help="Training images timed per loop (throughput mode)."),
+    target: list[float] = typer.Option([0.91, 0.92], "--target", help="Test accuracies to time (tta mode)."),
+    set_: Optional[list[str]] = SetOpt,
+    data_root: str = typer.Option("data", "--data-root", help="Where Fashion-MNIST is (or gets unpacked)."),
+    device: str = DeviceOpt,
+    json_out: Optional[str] = JsonOpt,
+) -> None:
+    """Benchmark: fcclass vs a plain PyTorch loop vs the matmul peak (throughput), or seconds to a test accuracy (tta)."""
+    _check_json_target(json_out)
+    from fcclass import bench as B
+    from fcclass.registries import DATASETS
+
+    console = _human_console(json_out)
+    B._use_fashion(data_root, DATASETS["fashion_mnist"])
+    unknown = [m for m in model if m not in B.MODELS]
+    if unknown or mode not in ("throughput", "tta"):
+        raise FcclassError(f"--model must be among {', '.join(B.MODELS)} and --mode throughput or tta (got {unknown or mode}).")
+    results: list[dict[str, Any]] = []
+    if mode == "throughput":
+        peak = B.matmul_peak_gflops()
+        for name in model:
+            console.print(f"[bold]{name}[/bold]: timing the PyTorch-examples loop and fcclass on {images:,} images...")
+            results.append(B.throughput(name, data_root, images, peak=peak).to_dict())
+        if json_out != "-":
+            console.print(B.throughput_table(results))
+    else:
+        for name in model:
+            console.print(f"[bold]{name}[/bold]: training until the end of its config, testing after each epoch...")
+            results.append(B.time_to_accuracy(name, target, data_root, set_, device))
+        if json_out != "-":
+            console.print(B.tta_table(results))
+    import platform
+
+    import torch
+
+    _emit_json(json_out, {"mode": mode, "machine": {"processor": platform.processor() or platform.machine(),
+                                                     "cpu_threads": torch.get_num_threads(), "torch": torch.__version__},
+                          "results": results})
 
 
 def _num_classes_without_data(cfg: Any) -> int | None:

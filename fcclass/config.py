@@ -285,6 +285,8 @@ class Config(Strict):
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (default ``configs/fashion_mnist.yaml``), apply ``key=value`` overrides, validate."""
     path = Path(path) if path is not None else DEFAULT_CONFIG
+    if path.is_dir():
+        raise ConfigError(f"'{path}' is a folder; pass a YAML config file with -c/--config, e.g. {DEFAULT_CONFIG}.")
     if not path.is_file():
         hint = (
             "run fcclass from the project folder, or pass -c/--config PATH"

@@ -85,6 +85,11 @@ class EvalReport:
         }
 
 
+def _r(x: Any) -> float:
+    """A metric as a Python float without float32 noise (0.9239, not 0.9239000082015991)."""
+    return round(float(x), 6)
+
+
 def compute_report(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> EvalReport:
     """Every figure of the report, computed with torchmetrics from the logits and the true labels."""
     from torchmetrics.functional.classification import (multiclass_accuracy, multiclass_confusion_matrix,
@@ -98,20 +103,20 @@ def compute_report(logits: torch.Tensor, labels: torch.Tensor, class_names: list
     f1 = multiclass_f1_score(preds, labels, average=None, **args)
     support = torch.bincount(labels, minlength=k)
     per_class = {
-        name: {"accuracy": float(recall[i]), "precision": float(precision[i]), "f1": float(f1[i]), "support": int(support[i])}
+        name: {"accuracy": _r(recall[i]), "precision": _r(precision[i]), "f1": _r(f1[i]), "support": int(support[i])}
         for i, name in enumerate(class_names)
     }
     averages = {}
     for average in ("macro", "weighted"):
         averages[average] = {
-            "precision": float(multiclass_precision(preds, labels, average=average, **args)),
-            "recall": float(multiclass_recall(preds, labels, average=average, **args)),
-            "f1": float(multiclass_f1_score(preds, labels, average=average, **args)),
+            "precision": _r(multiclass_precision(preds, labels, average=average, **args)),
+            "recall": _r(multiclass_recall(preds, labels, average=average, **args)),
+            "f1": _r(multiclass_f1_score(preds, labels, average=average, **args)),
         }
-    top5 = float(multiclass_accuracy(logits, labels, average="micro", top_k=5, **args)) if k > 5 else None
+    top5 = _r(multiclass_accuracy(logits, labels, average="micro", top_k=5, **args)) if k > 5 else None
     return EvalReport(
-        accuracy=float(multiclass_accuracy(preds, labels, average="micro", **args)),
-        loss=float(nn.functional.cross_entropy(logits, labels)),
+        accuracy=_r(multiclass_accuracy(preds, labels, average="micro", **args)),
+        loss=_r(nn.functional.cross_entropy(logits, labels)),
         per_class=per_class,
         num_samples=int(labels.numel()),
         class_names=class_names,

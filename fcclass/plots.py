@@ -29,13 +29,23 @@ def _pyplot() -> Any:
     return plt
 
 
+IMAGE_FORMATS = ("png", "jpg", "jpeg", "pdf", "svg")
+
+
 def _save(fig: Any, target: Path, dpi: int = 100) -> Path:
+    """Write the figure atomically, in the format the file name asks for."""
     import io
 
     from fcclass.runs import atomic_write_bytes
 
+    fmt = target.suffix.lower().lstrip(".") or "png"
+    if target.is_dir() or not target.parent.is_dir() or fmt not in IMAGE_FORMATS:
+        _pyplot().close(fig)
+        why = ("it is a folder" if target.is_dir() else f"the folder {target.parent} does not exist" if not target.parent.is_dir()
+               else f"use one of .{', .'.join(IMAGE_FORMATS)}")
+        raise CheckpointError(f"Cannot write the figure to '{target}': {why}.")
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
+    fig.savefig(buf, format=fmt, dpi=dpi)
     _pyplot().close(fig)
     atomic_write_bytes(target, buf.getvalue())
     return target

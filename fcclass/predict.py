@@ -58,7 +58,7 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path | tuple[Path, str]]
             for f in files:
                 add(f)
             if not files:
-                out.append((p, "no files match this pattern"))
+                out.append((p, "file not found (and no files match it as a pattern)"))
         else:
             out.append((p, "file not found"))
     return out
@@ -92,8 +92,8 @@ def predict(inputs: Sequence[str | Path], run: str | Path | None = None, checkpo
             probs = model.predict_proba(prep(batch)).cpu()
         top_p, top_i = probs.topk(k, dim=1)
         for (pred, _), ps, idx in zip(pending, top_p.tolist(), top_i.tolist()):
-            pred.top_k = [{"label": names[i], "probability": p} for p, i in zip(ps, idx)]
-            pred.label, pred.probability = names[idx[0]], ps[0]
+            pred.top_k = [{"label": names[i], "probability": round(p, 6)} for p, i in zip(ps, idx)]
+            pred.label, pred.probability = names[idx[0]], pred.top_k[0]["probability"]
         pending.clear()
 
     def decode(path: Path) -> torch.Tensor | str:

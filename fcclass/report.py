@@ -6,6 +6,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -16,7 +17,7 @@ def summary_table(summary: Any, title: str = "Model") -> Table:
     table.add_column("Param #", justify="right")
     table.add_row("input", "(None, " + ", ".join(str(s) for s in summary.input_shape) + ")", "0")
     for li in summary.layers:
-        table.add_row(f"{li.name} ({li.type})", "(None, " + ", ".join(str(s) for s in li.output_shape) + ")", f"{li.params:,}")
+        table.add_row(escape(f"{li.name} ({li.type})"), "(None, " + ", ".join(str(s) for s in li.output_shape) + ")", f"{li.params:,}")
     table.add_section()
     table.add_row("[bold]Total params[/bold]", "", f"[bold]{summary.total_params:,}[/bold]")
     table.add_row("Trainable params", "", f"{summary.trainable_params:,}")
@@ -28,7 +29,7 @@ def print_training_header(console: Console, cfg: Any, ds: Any, model: Any, devic
                           weights: Any, run_dir: Any, resumed: bool, start_epoch: int) -> None:
     console.print(summary_table(model.summary()))
     precision = {None: "fp32"}.get(amp_dtype, str(amp_dtype).removeprefix("torch."))
-    console.print(f"Device: [bold]{device}[/bold] ({precision})   Run: [bold]{run_dir}[/bold]"
+    console.print(f"Device: [bold]{device}[/bold] ({precision})   Run: [bold]{escape(str(run_dir))}[/bold]"
                   + (f"   [yellow]resuming after epoch {start_epoch}[/yellow]" if resumed else ""))
     table = Table(title=f"Data: {cfg.data.dataset}", title_justify="left")
     table.add_column("Label")
@@ -37,7 +38,7 @@ def print_training_header(console: Console, cfg: Any, ds: Any, model: Any, devic
     if weights is not None:
         table.add_column("Class weight", justify="right")
     for i, name in enumerate(ds.info.class_names):
-        row = [name, f"{ds.info.train_counts[i]:,}", f"{ds.info.val_counts[i]:,}"]
+        row = [escape(name), f"{ds.info.train_counts[i]:,}", f"{ds.info.val_counts[i]:,}"]
         if weights is not None:
             row.append(f"{float(weights[i]):.3f}")
         table.add_row(*row)
@@ -91,7 +92,7 @@ def eval_table(report: Any, highlight: int = 3) -> Table:
     ranked = sorted((m["f1"], name) for name, m in report.per_class.items() if m["support"])
     worst = {name for _, name in ranked[: min(highlight, max(len(ranked) - 1, 0))]}
     for name, m in report.per_class.items():
-        table.add_row(name, f"{m['accuracy']:.2%}", f"{m['precision']:.2%}", f"{m['f1']:.2%}", f"{m['support']:,}",
+        table.add_row(escape(name), f"{m['accuracy']:.2%}", f"{m['precision']:.2%}", f"{m['f1']:.2%}", f"{m['support']:,}",
                       style="red" if name in worst else None)
     table.add_section()
     for label, avg in (("Macro avg", report.macro), ("Weighted avg", report.weighted)):
@@ -110,7 +111,7 @@ def confusion_table(report: Any, normalize: bool = False) -> Table:
                   title_justify="left")
     table.add_column("true \\ pred")
     for name in names:
-        table.add_column(name, justify="right")
+        table.add_column(escape(name), justify="right")
     for t, name in enumerate(names):
         row = report.confusion[t]
         total = max(int(row.sum()), 1)
@@ -118,7 +119,7 @@ def confusion_table(report: Any, normalize: bool = False) -> Table:
         for p, count in enumerate(row.tolist()):
             text = f"{count / total:.1%}" if normalize else f"{count:,}"
             cells.append(f"[bold green]{text}[/bold green]" if p == t else (text if count else "[dim]·[/dim]"))
-        table.add_row(name, *cells)
+        table.add_row(escape(name), *cells)
     return table
 
 
@@ -129,19 +130,19 @@ def confused_pairs_table(report: Any, n: int = 5) -> Table:
     table.add_column("Count", justify="right")
     table.add_column("Of the true label", justify="right")
     for pair in report.confused_pairs(n):
-        table.add_row(pair["true"], pair["predicted"], f"{pair['count']:,}", f"{pair['fraction_of_true']:.1%}")
+        table.add_row(escape(pair["true"]), escape(pair["predicted"]), f"{pair['count']:,}", f"{pair['fraction_of_true']:.1%}")
     return table
 
 
 def predict_table(preds: list[Any], top_k: int) -> Table:
     table = Table(title_justify="left")
-    table.add_column("Image")
+    table.add_column("Image", overflow="fold")
     for i in range(top_k):
         table.add_column(f"Top {i + 1}" if top_k > 1 else "Label")
     for p in preds:
         if p.error is not None:
-            table.add_row(p.path, f"[red]error: {p.error}[/red]", *[""] * (top_k - 1))
+            table.add_row(escape(p.path), f"[red]error: {escape(p.error)}[/red]", *[""] * (top_k - 1))
         else:
-            cells = [f"{t['label']} ({t['probability']:.1%})" for t in p.top_k]
-            table.add_row(p.path, *cells, *[""] * (top_k - len(cells)))
+            cells = [escape(f"{t['label']} ({t['probability']:.1%})") for t in p.top_k]
+            table.add_row(escape(p.path), *cells, *[""] * (top_k - len(cells)))
     return table

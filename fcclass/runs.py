@@ -85,18 +85,27 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"Checkpoint '{path}' not found. Pass an existing .pt file written by `fcclass train`.")
+    if path.is_dir():
+        raise CheckpointError(f"'{path}' is a folder; pass a checkpoint file such as {path / BEST}, or the run directory without --checkpoint.")
+    with path.open("rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK") or head[:1] == b"\x80"):  # torch.save writes a zip archive; old files a pickle
+        raise CheckpointError(f"'{path}' is not a checkpoint (not a file written by torch.save). Use best.pt or last.pt from a run directory.")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's pickle-protocol notes are noise next to our own error
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
+        text = str(e)
+        if "weights only load failed" not in text.lower():
+            raise CheckpointError(f"Cannot read checkpoint '{path}': the file is truncated or corrupt. Use another checkpoint of the run (last.pt or best.pt).") from None
+        culprit = next((line.strip() for line in text.splitlines() if "GLOBAL" in line or "Unsupported" in line), "")
         raise CheckpointError(
-            f"Refused to load '{path}': it holds Python objects that safe (weights-only) loading does not allow "
-            f"({first[:200]}). Only checkpoints written by `fcclass train` can be loaded; nothing in the file was run."
+            f"Refused to load '{path}': it holds Python objects that safe (weights-only) loading does not allow"
+            f"{f' ({culprit[:160]})' if culprit else ''}. Only checkpoints written by `fcclass train` can be loaded; nothing in the file was run."
         ) from None
-    except Exception as e:  # noqa: BLE001 - truncated zip, wrong format, I/O error: all mean a bad file
-        raise CheckpointError(f"Cannot read checkpoint '{path}': {type(e).__name__}: {str(e)[:200]}. The file is corrupt or not a fcclass checkpoint.") from None
+    except Exception:  # noqa: BLE001 - truncated zip, bad records, I/O errors: all mean a damaged file
+        raise CheckpointError(f"Cannot read checkpoint '{path}': the file is truncated or corrupt. Use another checkpoint of the run (last.pt or best.pt).") from None
     if not isinstance(ckpt, dict) or ckpt.get("fcclass_checkpoint") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"'{path}' is not a fcclass checkpoint (format {CHECKPOINT_FORMAT}). Use best.pt or last.pt from a run directory.")
     missing = [k for k in ("model_state", "config", "class_names", "input_shape", "mean", "std") if k not in ckpt]
@@ -122,11 +131,15 @@ def resolve_checkpoint(run: str | Path | None = None, checkpoint: str | Path | N
     if checkpoint is not None:
         return Path(checkpoint)
     run_dir = Path(run) if run is not None else newest_run(runs_dir)
+    if run_dir.is_file():
+        raise CheckpointError(f"'{run_dir}' is a file, not a run directory; to use a checkpoint file pass --checkpoint {run_dir}.")
     if not run_dir.is_dir():
         raise CheckpointError(f"Run directory '{run_dir}' not found. List your runs with `ls {runs_dir}`.")
     for name in (BEST, LAST):
         if (run_dir / name).is_file():
             return run_dir / name
+    if not (run_dir / "config.yaml").is_file():
+        raise CheckpointError(f"'{run_dir}' is not a run directory (no {BEST}, {LAST} or config.yaml). Pass a folder made by `fcclass train`, e.g. one in {runs_dir}/.")
     raise CheckpointError(f"'{run_dir}' has no checkpoint ({BEST} or {LAST}); its training did not finish an epoch.")
 
 

@@ -12,7 +12,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ from fcclass.config import Config, SchedulerConfig, config_from_dict, load_confi
 from fcclass.device import autocast, select_device, select_precision
 from fcclass.data import BatchPreprocess, Dataset, channel_stats, load_dataset, make_loader
 from fcclass.errors import CheckpointError, FcclassError
-from fcclass.model import build_model
+from fcclass.model import Network, build_model
 from fcclass.plots import plot_curves
 from fcclass.registries import OPTIMIZERS, SCHEDULERS
 from fcclass.runs import BEST, LAST, atomic_write_text, create_run_dir, load_checkpoint, save_checkpoint
@@ -183,11 +183,15 @@ def fit(
     resume: str | Path | None = None,
     overrides: list[str] | None = None,
     console: Any = None,
+    on_epoch: Callable[[Network, dict[str, float], BatchPreprocess], None] | None = None,
 ) -> TrainResult:
     """Train ``cfg`` (or resume the run directory ``resume``) and return the run's result.
 
     ``console`` (a rich Console) receives progress and per-epoch lines; None trains silently.
+    ``on_epoch(model, row, preprocess)`` is called after each epoch (the benchmark measures test accuracy there).
     """
+    from rich.markup import escape
+
     from fcclass.report import EpochProgress, print_epoch, print_training_header
 
     run_dir: Path | None = None
@@ -332,12 +336,13 @@ def fit(
                 if stop["signal"]:
                     result.interrupted = True
                     if console is not None and state["epoch"] > 0:
-                        console.print(f"[yellow]{stop['signal']}: stopped in epoch {epoch}; the last completed epoch ({state['epoch']}) is saved in {run_dir / LAST}. "
-                                      f"Continue with: fcclass train --resume {run_dir}[/yellow]")
+                        console.print(f"[yellow]{stop['signal']}: stopped in epoch {epoch}; the last completed epoch ({state['epoch']}) is saved in {escape(str(run_dir / LAST))}. "
+                                      f"Continue with: fcclass train --resume {escape(str(run_dir))}[/yellow]")
                     elif console is not None:
                         console.print(f"[yellow]{stop['signal']}: stopped in epoch 1 before any epoch completed; nothing was saved.[/yellow]")
                     break
 
+                train_seconds = time.perf_counter() - started
                 from fcclass.evaluate import predict_loader
 
                 logits_v, labels_v = predict_loader(model, val_loader, val_prep, device, amp_dtype)
@@ -345,7 +350,7 @@ def fit(
                 val_acc = float((logits_v.argmax(1) == labels_v).float().mean()) if labels_v.numel() else float("nan")
                 row = {"epoch": epoch, "train_loss": float(loss_sum) / max(seen, 1), "train_accuracy": float(correct) / max(seen, 1),
                        "val_loss": val_loss, "val_accuracy": val_acc, "lr": lr_sum / max(len(train_loader), 1),
-                       "seconds": time.perf_counter() - started}
+                       "seconds": time.perf_counter() - started, "train_seconds": train_seconds, "train_images": seen}
                 schedule.after_epoch(row)
                 state["history"].append(row)
                 state["epoch"] = epoch
@@ -364,6 +369,8 @@ def fit(
                 write_metrics_csv(run_dir / "metrics.csv", state["history"])
                 if console is not None:
                     print_epoch(console, row, cfg.train.epochs, is_best)
+                if on_epoch is not None:
+                    on_epoch(model, row, val_prep)
                 if es.patience is not None and state["es_wait"] >= es.patience:
                     result.stopped_early = True
                     if console is not None:

@@ -130,6 +130,10 @@ def test_summary_needs_no_dataset_when_input_shape_is_set(tmp_path: Path) -> Non
         (["summary", "--set", "model.layers.0.type=Conv3D"], "unknown layer type 'Conv3D'"),
         (["eval", "--runs-dir", "/nonexistent-runs"], "No training runs found"),
         (["predict", "x.png", "--checkpoint", "/nonexistent.pt"], "not found"),
+        (["eval", "--checkpoint", "README.md"], "is not a checkpoint"),
+        (["train", "-c", "configs"], "is a folder"),
+        (["summary", "--set", "model.input_shape=[3, 32]"], "must be [channels, height, width] or [features]"),
+        (["eval", "--json", "/nonexistent-dir/x.json"], "the folder /nonexistent-dir does not exist"),
     ],
 )
 def test_user_mistakes_exit_1_with_a_message_and_no_traceback(args: list[str], message: str) -> None:

@@ -103,6 +103,7 @@ def test_predict_inputs_outputs_and_bad_files(trained_run: Path, tmp_path: Path)
     Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)).convert("P").save(base / "palette.png")
     Image.fromarray(rng.integers(0, 255, (50, 50, 3), dtype=np.uint8)).convert("CMYK").save(base / "cmyk.jpg")
     Image.fromarray(rng.integers(0, 255, (20, 20, 4), dtype=np.uint8), "RGBA").save(base / "rgba.png")
+    Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(base / "shoe[red].png")  # not Rich markup
     (base / "empty.png").write_bytes(b"")
     (base / "notes.png").write_text("just text")
     good = base / "deep" / "er" / "gray.png"
@@ -112,15 +113,17 @@ def test_predict_inputs_outputs_and_bad_files(trained_run: Path, tmp_path: Path)
     res = runner.invoke(app, ["predict", str(base), str(base / "*.png"), "--run", str(trained_run), "--json", "-", "--csv", str(out_csv)])
     assert res.exit_code == 1
     preds = {Path(p["path"]).name: p for p in json.loads(res.stdout)}
-    assert set(preds) == {"gray.png", "palette.png", "cmyk.jpg", "rgba.png", "empty.png", "notes.png", "truncated.png", "bomb.png"}
-    assert len(json.loads(res.stdout)) == 8  # the glob repeats files of the folder: each is predicted once
-    for name in ("gray.png", "palette.png", "cmyk.jpg", "rgba.png"):
+    assert set(preds) == {"gray.png", "palette.png", "cmyk.jpg", "rgba.png", "shoe[red].png", "empty.png", "notes.png", "truncated.png", "bomb.png"}
+    assert len(json.loads(res.stdout)) == 9  # the glob repeats files of the folder: each is predicted once
+    for name in ("gray.png", "palette.png", "cmyk.jpg", "rgba.png", "shoe[red].png"):
         assert "label" in preds[name], preds[name]
     for name in ("empty.png", "notes.png", "truncated.png"):
         assert "error" in preds[name]
     assert "decompression bomb" in preds["bomb.png"]["error"]
     rows = list(csv.DictReader(out_csv.open()))
-    assert len(rows) == 8 and {"path", "label", "probability", "error", "top3_label"} <= set(rows[0])
+    assert len(rows) == 9 and {"path", "label", "probability", "error", "top3_label"} <= set(rows[0])
+    table = runner.invoke(app, ["predict", str(base / "shoe[red].png"), "--run", str(trained_run)])
+    assert table.exit_code == 0 and "shoe[red].png" in table.output
     by_name = {Path(r["path"]).name: r for r in rows}
     assert by_name["gray.png"]["label"] == preds["gray.png"]["label"]
     assert by_name["notes.png"]["error"]

@@ -32,7 +32,7 @@ def metrics(run_dir: Path) -> list[dict[str, float]]:
 
 
 def no_time(history: list[dict[str, float]]) -> list[dict[str, float]]:
-    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+    return [{k: v for k, v in row.items() if "seconds" not in k} for row in history]
 
 
 # ----------------------------------------------------------------------------- optimizers

@@ -1,0 +1,231 @@
+"""`fcclass bench`: fcclass's training loop against a plain PyTorch loop and the machine's matmul peak.
+
+Throughput mode trains the same model on the same Fashion-MNIST images three ways in one process:
+(a) fcclass from a YAML config, (b) the loop of the PyTorch examples (torchvision dataset with
+ToTensor + Normalize, DataLoader, batch 64), (c) the GFLOP/s (a) achieves against a measured fp32 matmul
+peak. Time-to-accuracy mode trains a config and reports when test accuracy first reaches each target.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from fcclass.config import Config, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = {"default": "configs/fashion_mnist.yaml", "examples": "configs/pytorch_examples_mnist.yaml"}
+
+
+# ----------------------------------------------------------------------------- the reference, written as the examples do
+class ExamplesNet(nn.Module):
+    """pytorch/examples mnist/main.py's Net."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, 3, 1)
+        self.conv2 = nn.Conv2d(32, 64, 3, 1)
+        self.dropout1 = nn.Dropout(0.25)
+        self.dropout2 = nn.Dropout(0.5)
+        self.fc1 = nn.Linear(9216, 128)
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        x = self.dropout1(torch.max_pool2d(x, 2))
+        x = self.dropout2(torch.relu(self.fc1(torch.flatten(x, 1))))
+        return torch.log_softmax(self.fc2(x), dim=1)
+
+
+class DefaultNet(nn.Module):
+    """configs/fashion_mnist.yaml's model, written by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(32, eps=1e-3, momentum=0.01), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(64, eps=1e-3, momentum=0.01), nn.MaxPool2d(2),
+        )
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(3136, 128), nn.ReLU(), nn.Dropout(0.3), nn.Linear(128, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(self.head(self.features(x)), dim=1)
+
+
+REFERENCE_NETS: dict[str, Callable[[], nn.Module]] = {"examples": ExamplesNet, "default": DefaultNet}
+
+
+def reference_loop(model_name: str, data_root: str, images: int) -> dict[str, float]:
+    """Train ``images`` images the way the PyTorch examples do; images/s over the timed part."""
+    from torch.utils.data import DataLoader, Subset
+    from torchvision import datasets, transforms
+
+    torch.manual_seed(0)
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.2860,), (0.3530,))])
+    dataset = datasets.FashionMNIST(data_root, train=True, download=False, transform=transform)
+    loader = DataLoader(Subset(dataset, range(min(images, len(dataset)))), batch_size=64, shuffle=True)
+    model = REFERENCE_NETS[model_name]()
+    optimizer = torch.optim.Adadelta(model.parameters(), lr=1.0) if model_name == "examples" else torch.optim.Adam(model.parameters(), 2e-3)
+    model.train()
+    seen, started = 0, time.perf_counter()
+    for data, target in loader:
+        optimizer.zero_grad()
+        loss = nn.functional.nll_loss(model(data), target)
+        loss.backward()
+        optimizer.step()
+        seen += len(target)
+    seconds = time.perf_counter() - started
+    return {"images": seen, "seconds": seconds, "images_per_s": seen / seconds}
+
+
+# ----------------------------------------------------------------------------- fcclass's own loop
+def _config(model_name: str, data_root: str, overrides: list[str]) -> Config:
+    return load_config(ROOT / MODELS[model_name], [f"data.root={data_root}", "train.runs_dir=" + str(_scratch()), *overrides])
+
+
+def _scratch() -> Path:
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix="fcclass-bench-"))
+
+
+def fcclass_loop(model_name: str, data_root: str, images: int, batch_size: int | None) -> dict[str, float]:
+    """One epoch over ``images`` training images with fcclass's loop; images/s over its training part."""
+    from fcclass.train import fit
+
+    sets = [f"data.limit_train={images + max(1, images // 9)}", "data.val_split=0.1", "train.epochs=1"]
+    if batch_size:
+        sets.append(f"data.batch_size={batch_size}")
+    result = fit(_config(model_name, data_root, sets))
+    row = result.history[0]
+    return {"images": row["train_images"], "seconds": row["train_seconds"], "images_per_s": row["train_images"] / row["train_seconds"]}
+
+
+# ----------------------------------------------------------------------------- hardware limit
+def train_flops_per_image(model_name: str, data_root: str) -> float:
+    """FLOPs of one training step (forward + backward) per image, counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fcclass.model import build_model
+
+    cfg = _config(model_name, data_root, [])
+    model = build_model(cfg.model, [1, 28, 28], 10)
+    x = torch.randn(16, 1, 28, 28)
+    with FlopCounterMode(display=False) as counter:
+        nn.functional.cross_entropy(model(x), torch.zeros(16, dtype=torch.long)).backward()
+    return counter.get_total_flops() / 16
+
+
+def matmul_peak_gflops(size: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * size**3 / best / 1e9
+
+
+@dataclass
+class ThroughputResult:
+    model: str
+    fcclass: dict[str, float]
+    reference: dict[str, float]
+    flops_per_image: float
+    peak_gflops: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def speedup(self) -> float:
+        return self.fcclass["images_per_s"] / self.reference["images_per_s"]
+
+    @property
+    def achieved_gflops(self) -> float:
+        return self.fcclass["images_per_s"] * self.flops_per_image / 1e9
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "fcclass": self.fcclass, "reference": self.reference, "speedup": self.speedup,
+                "train_gflop_per_image": self.flops_per_image / 1e9, "achieved_gflops": self.achieved_gflops,
+                "matmul_peak_gflops": self.peak_gflops, "fraction_of_peak": self.achieved_gflops / self.peak_gflops}
+
+
+def throughput(model_name: str, data_root: str = "data", images: int = 12_800, same_batch: bool = False,
+               peak: float | None = None) -> ThroughputResult:
+    reference = reference_loop(model_name, data_root, images)
+    ours = fcclass_loop(model_name, data_root, images, 64 if same_batch else None)
+    return ThroughputResult(model_name, ours, reference, train_flops_per_image(model_name, data_root),
+                            peak if peak is not None else matmul_peak_gflops())
+
+
+def time_to_accuracy(model_name: str, targets: list[float], data_root: str = "data", overrides: list[str] | None = None,
+                     device: str = "auto") -> dict[str, Any]:
+    """Train the config; after each epoch measure test accuracy; report cumulative training seconds per target."""
+    from fcclass.data import BatchPreprocess, load_dataset, make_loader
+    from fcclass.device import select_device
+    from fcclass.evaluate import predict_loader
+    from fcclass.train import fit
+
+    cfg = _config(model_name, data_root, [f"train.device={device}", *(overrides or [])])
+    dev = select_device(device)
+    test = load_dataset(cfg.data, cfg.seed, splits=("test",))
+    loader = make_loader(test.test, 256, False, 0, test.channels, test.size, device=dev)
+    epochs: list[dict[str, float]] = []
+    clock = {"train": 0.0}
+    reached: dict[str, float | None] = {f"{t:.4g}": None for t in targets}
+
+    def on_epoch(model: nn.Module, row: dict[str, float], prep: BatchPreprocess) -> None:
+        clock["train"] += row["train_seconds"]
+        logits, labels = predict_loader(model, loader, prep, dev)
+        acc = float((logits.argmax(1) == labels).float().mean())
+        epochs.append({"epoch": row["epoch"], "test_accuracy": acc, "train_seconds_cumulative": clock["train"]})
+        for t in targets:
+            if acc >= t and reached[f"{t:.4g}"] is None:
+                reached[f"{t:.4g}"] = clock["train"]
+
+    result = fit(cfg, on_epoch=on_epoch)
+    return {"model": model_name, "device": result.device, "epochs": epochs, "seconds_to_target": reached,
+            "final_test_accuracy": epochs[-1]["test_accuracy"] if epochs else None,
+            "train_seconds_total": clock["train"]}
+
+
+def _use_fashion(data_root: str, source: Any) -> None:
+    """Make sure torchvision finds Fashion-MNIST under data_root (the reference loop reads it directly)."""
+    from fcclass.data import _use_debian_copy
+
+    _use_debian_copy(source, Path(data_root))
+
+
+def throughput_table(results: list[dict[str, Any]]) -> Any:
+    from rich.table import Table
+
+    table = Table(title="Training throughput (same model, same Fashion-MNIST images, one process)", title_justify="left")
+    for col in ("Model", "PyTorch examples loop", "fcclass", "Speed-up", "fcclass GFLOP/s", "Matmul peak", "Of peak"):
+        table.add_column(col, justify="left" if col == "Model" else "right")
+    for r in results:
+        table.add_row(r["model"], f"{r['reference']['images_per_s']:,.0f} img/s", f"{r['fcclass']['images_per_s']:,.0f} img/s",
+                      f"{r['speedup']:.2f}x", f"{r['achieved_gflops']:.1f}", f"{r['matmul_peak_gflops']:.0f}", f"{r['fraction_of_peak']:.0%}")
+    return table
+
+
+def tta_table(results: list[dict[str, Any]]) -> Any:
+    from rich.table import Table
+
+    targets = list(results[0]["seconds_to_target"]) if results else []
+    table = Table(title="Time to test accuracy (training seconds, test measured after each epoch)", title_justify="left")
+    table.add_column("Model")
+    table.add_column("Device")
+    for t in targets:
+        table.add_column(f"to {float(t):.1%}", justify="right")
+    table.add_column("Final accuracy", justify="right")
+    table.add_column("Total", justify="right")
+    for r in results:
+        cells = [("not reached" if r["seconds_to_target"][t] is None else f"{r['seconds_to_target'][t]:.1f} s") for t in targets]
+        table.add_row(r["model"], r["device"], *cells, f"{r['final_test_accuracy']:.2%}", f"{r['train_seconds_total']:.1f} s")
+    return table
