@@ -1,19 +1,20 @@
 """fcclass: conv-pool-flatten-dense image classifiers from Keras-style YAML configs, on PyTorch.
 
 Library use: ``from fcclass import load_config, build_model, fit, evaluate, predict``.
-Torch is imported on first use of a function that needs it, so ``import fcclass`` stays instant.
+Everything is imported on first use (torch, pydantic), so ``import fcclass`` and ``fcclass --help`` stay instant.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from fcclass.config import Config, load_config
 from fcclass.errors import FcclassError
 
 __version__ = "0.1.0"
 
 _LAZY = {
+    "Config": ("fcclass.config", "Config"),
+    "load_config": ("fcclass.config", "load_config"),
     "build_model": ("fcclass.model", "build_model"),
     "fit": ("fcclass.train", "fit"),
     "evaluate": ("fcclass.evaluate", "evaluate"),
@@ -31,4 +32,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'fcclass' has no attribute {name!r}")
 
 
-__all__ = ["Config", "FcclassError", "load_config", *_LAZY]
+__all__ = ["FcclassError", *_LAZY]

@@ -240,6 +240,7 @@ def bench(
     mode: str = typer.Option("throughput", "--mode", help="throughput | tta (time to accuracy)"),
     model: list[str] = typer.Option(["examples", "default"], "--model", help="examples (PyTorch-examples net) and/or default (configs/fashion_mnist.yaml)."),
     images: int = typer.Option(12_800, "--images", min=64, help="Training images timed per loop (throughput mode)."),
+    repeats: int = typer.Option(1, "--repeats", min=1, help="Alternate the loops this often and keep each one's best (throughput mode)."),
     target: list[float] = typer.Option([0.91, 0.92], "--target", help="Test accuracies to time (tta mode)."),
     set_: Optional[list[str]] = SetOpt,
     data_root: str = typer.Option("data", "--data-root", help="Where Fashion-MNIST is (or gets unpacked)."),
@@ -251,17 +252,17 @@ def bench(
     from fcclass import bench as B
     from fcclass.registries import DATASETS
 
-    console = _human_console(json_out)
-    B._use_fashion(data_root, DATASETS["fashion_mnist"])
     unknown = [m for m in model if m not in B.MODELS]
     if unknown or mode not in ("throughput", "tta"):
         raise FcclassError(f"--model must be among {', '.join(B.MODELS)} and --mode throughput or tta (got {unknown or mode}).")
+    console = _human_console(json_out)
+    B._use_fashion(data_root, DATASETS["fashion_mnist"])
     results: list[dict[str, Any]] = []
     if mode == "throughput":
         peak = B.matmul_peak_gflops()
         for name in model:
             console.print(f"[bold]{name}[/bold]: timing the PyTorch-examples loop and fcclass on {images:,} images...")
-            results.append(B.throughput(name, data_root, images, peak=peak).to_dict())
+            results.append(B.throughput(name, data_root, images, peak=peak, repeats=repeats).to_dict())
         if json_out != "-":
             console.print(B.throughput_table(results))
     else:

@@ -29,13 +29,13 @@ def test_train_cli_writes_a_complete_run_directory(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     res = run("train", "-c", str(ROOT / "configs" / "fashion_mnist.yaml"), "--set", "train.epochs=2",
               "--set", "data.limit_train=1000", "--set", f"train.runs_dir={runs}", "--set", f"data.root={DATA_ROOT}",
-              "--set", "optimizer.lr=0.003")
+              "--set", "optimizer.lr=0.004")
     assert res.exit_code == 0, res.output
     (run_dir,) = runs.iterdir()
     assert run_dir.name.startswith("fashion-cnn-")
     assert {p.name for p in run_dir.iterdir()} >= {"config.yaml", "metrics.csv", "best.pt", "last.pt", "classes.json"}
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert resolved["train"]["epochs"] == 2 and resolved["optimizer"]["lr"] == 0.003  # --set reached the run
+    assert resolved["train"]["epochs"] == 2 and resolved["optimizer"]["lr"] == 0.004  # --set reached the run
     rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"} <= set(rows[0])

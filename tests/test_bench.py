@@ -1,0 +1,47 @@
+"""The benchmark runs end to end on a tiny subset (figures are printed, never asserted against a clock)."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from conftest import DATA_ROOT, needs_fashion
+from fcclass.cli import app
+
+runner = CliRunner(env={"COLUMNS": "200"})
+
+
+@needs_fashion
+def test_throughput_mode_compares_three_ways() -> None:
+    res = runner.invoke(app, ["bench", "--images", "128", "--data-root", str(DATA_ROOT), "--json", "-"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert [r["model"] for r in out["results"]] == ["examples", "default"]
+    for r in out["results"]:
+        assert r["reference"]["images"] == 128 and r["fcclass"]["images"] >= 128
+        assert r["speedup"] == r["fcclass"]["images_per_s"] / r["reference"]["images_per_s"]
+        assert r["matmul_peak_gflops"] > 0 and 0 < r["fraction_of_peak"]
+    # FLOPs of one training step per image, from torch's counter: forward + backward ~ 3x the forward convs/matmuls.
+    examples = out["results"][0]["train_gflop_per_image"]
+    forward = 2 * (26 * 26 * 32 * 9 + 24 * 24 * 64 * 32 * 9 + 9216 * 128 + 128 * 10) / 1e9
+    assert 2.5 * forward < examples < 3.1 * forward
+
+
+@needs_fashion
+def test_time_to_accuracy_mode_reports_per_epoch_test_accuracy() -> None:
+    res = runner.invoke(app, ["bench", "--mode", "tta", "--model", "default", "--data-root", str(DATA_ROOT), "--target", "0.3",
+                              "--target", "0.999", "--set", "data.limit_train=2000", "--set", "train.epochs=2", "--json", "-"])
+    assert res.exit_code == 0, res.output
+    (r,) = json.loads(res.stdout)["results"]
+    assert [e["epoch"] for e in r["epochs"]] == [1, 2]
+    assert r["seconds_to_target"]["0.999"] is None  # not reached: reported as such, not faked
+    reached = r["seconds_to_target"]["0.3"]
+    assert reached is not None and reached <= r["train_seconds_total"]
+    first = next(e for e in r["epochs"] if e["test_accuracy"] >= 0.3)
+    assert reached == first["train_seconds_cumulative"]
+
+
+def test_bench_rejects_unknown_models() -> None:
+    res = runner.invoke(app, ["bench", "--model", "resnet"])
+    assert res.exit_code == 1 and "--model must be among" in res.output
