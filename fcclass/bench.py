@@ -85,24 +85,26 @@ def reference_loop(model_name: str, data_root: str, images: int) -> dict[str, fl
 
 
 # ----------------------------------------------------------------------------- fcclass's own loop
-def _config(model_name: str, data_root: str, overrides: list[str]) -> Config:
-    return load_config(ROOT / MODELS[model_name], [f"data.root={data_root}", "train.runs_dir=" + str(_scratch()), *overrides])
+def _config(model_name: str, data_root: str, overrides: list[str], runs_dir: str = "runs") -> Config:
+    return load_config(ROOT / MODELS[model_name], [f"data.root={data_root}", f"train.runs_dir={runs_dir}", *overrides])
 
 
-def _scratch() -> Path:
+def _fit_in_scratch(cfg_args: tuple[str, str, list[str]], **kwargs: Any) -> Any:
+    """fit() with the run written to a temporary folder that is removed afterwards: benchmarks keep no runs."""
     import tempfile
 
-    return Path(tempfile.mkdtemp(prefix="fcclass-bench-"))
+    from fcclass.train import fit
+
+    with tempfile.TemporaryDirectory(prefix="fcclass-bench-") as scratch:
+        return fit(_config(*cfg_args, runs_dir=scratch), **kwargs)
 
 
 def fcclass_loop(model_name: str, data_root: str, images: int, batch_size: int | None) -> dict[str, float]:
     """One epoch over ``images`` training images with fcclass's loop; images/s over its training part."""
-    from fcclass.train import fit
-
     sets = [f"data.limit_train={images + max(1, images // 9)}", "data.val_split=0.1", "train.epochs=1"]
     if batch_size:
         sets.append(f"data.batch_size={batch_size}")
-    result = fit(_config(model_name, data_root, sets))
+    result = _fit_in_scratch((model_name, data_root, sets))
     row = result.history[0]
     return {"images": row["train_images"], "seconds": row["train_seconds"], "images_per_s": row["train_images"] / row["train_seconds"]}
 
@@ -176,9 +178,8 @@ def time_to_accuracy(model_name: str, targets: list[float], data_root: str = "da
     from fcclass.data import BatchPreprocess, load_dataset, make_loader
     from fcclass.device import select_device
     from fcclass.evaluate import predict_loader
-    from fcclass.train import fit
-
-    cfg = _config(model_name, data_root, [f"train.device={device}", *(overrides or [])])
+    sets = [f"train.device={device}", *(overrides or [])]
+    cfg = _config(model_name, data_root, sets)
     dev = select_device(device)
     test = load_dataset(cfg.data, cfg.seed, splits=("test",))
     loader = make_loader(test.test, 256, False, 0, test.channels, test.size, device=dev)
@@ -195,7 +196,7 @@ def time_to_accuracy(model_name: str, targets: list[float], data_root: str = "da
             if acc >= t and reached[f"{t:.4g}"] is None:
                 reached[f"{t:.4g}"] = clock["train"]
 
-    result = fit(cfg, on_epoch=on_epoch)
+    result = _fit_in_scratch((model_name, data_root, sets), on_epoch=on_epoch)
     return {"model": model_name, "device": result.device, "epochs": epochs, "seconds_to_target": reached,
             "final_test_accuracy": epochs[-1]["test_accuracy"] if epochs else None,
             "train_seconds_total": clock["train"]}

@@ -431,6 +431,11 @@ class FileLoader:
     def __init__(self, split: Split, loader: Any) -> None:
         self.split, self.loader = split, loader
 
+    @property
+    def generator(self) -> torch.Generator:
+        """The shuffling/sampling generator, whose state a resumed run restores."""
+        return self.loader.generator
+
     def __len__(self) -> int:
         return len(self.loader)
 

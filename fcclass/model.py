@@ -130,6 +130,11 @@ def _init(module: nn.Module, kernel: str, bias: str) -> None:
         INITIALIZERS[bias](module.bias.data)
 
 
+def _add_regularizer(regularized: list[tuple[nn.Module, float, float]], module: nn.Module, spec: C.Regularizer | None) -> None:
+    if spec is not None and (spec.l1 or spec.l2):
+        regularized.append((module, spec.l1, spec.l2))
+
+
 def _activation(name: str) -> nn.Module | None:
     factory = ACTIVATIONS[name]
     return factory() if factory is not None else None
@@ -200,8 +205,7 @@ def build_model(model_cfg: C.ModelConfig, input_shape: Shape | list[int], num_cl
                 conv = nn.Conv2d(cin, layer.filters, (kh, kw), (sh, sw), bias=layer.use_bias)
             _init(conv, layer.kernel_initializer, layer.bias_initializer)
             parts.append(conv)
-            if layer.kernel_regularizer and (layer.kernel_regularizer.l1 or layer.kernel_regularizer.l2):
-                regularized.append((conv, layer.kernel_regularizer.l1, layer.kernel_regularizer.l2))
+            _add_regularizer(regularized, conv, layer.kernel_regularizer)
             act = _activation(layer.activation)
             if act is not None:
                 parts.append(act)
@@ -243,8 +247,7 @@ def build_model(model_cfg: C.ModelConfig, input_shape: Shape | list[int], num_cl
             linear = nn.Linear(shape[0], units, bias=layer.use_bias)
             _init(linear, layer.kernel_initializer, layer.bias_initializer)
             parts.append(linear)
-            if layer.kernel_regularizer and (layer.kernel_regularizer.l1 or layer.kernel_regularizer.l2):
-                regularized.append((linear, layer.kernel_regularizer.l1, layer.kernel_regularizer.l2))
+            _add_regularizer(regularized, linear, layer.kernel_regularizer)
             is_output = i == last_dense and (is_last_layer or i + 1 == final_softmax_skip)
             if not (is_output and layer.activation == "softmax"):
                 act = _activation(layer.activation)

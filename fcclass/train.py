@@ -252,8 +252,7 @@ def fit(
         state = resume_ckpt["train_state"]
         rng = resume_ckpt["rng"]
         torch.set_rng_state(rng["torch"])
-        train_loader_gen = getattr(train_loader, "generator", None) or getattr(train_loader.loader, "generator", None)
-        train_loader_gen.set_state(rng["loader"])
+        train_loader.generator.set_state(rng["loader"])
         aug_gen.set_state(rng["augment"])
         if device.type == "cuda" and rng.get("cuda") is not None:
             torch.cuda.set_rng_state(rng["cuda"], device)
@@ -267,8 +266,7 @@ def fit(
     meta = {"config": cfg.to_dict(), "class_names": ds.info.class_names, "input_shape": input_shape, "mean": mean, "std": std}
 
     def snapshot() -> dict[str, Any]:
-        loader_gen = getattr(train_loader, "generator", None) or getattr(train_loader.loader, "generator", None)
-        rng = {"torch": torch.get_rng_state(), "loader": loader_gen.get_state(), "augment": aug_gen.get_state(),
+        rng = {"torch": torch.get_rng_state(), "loader": train_loader.generator.get_state(), "augment": aug_gen.get_state(),
                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
         return {**meta, "model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),
                 "schedule_state": schedule.state_dict(), "scaler_state": scaler.state_dict() if scaler else None,
