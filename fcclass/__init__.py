@@ -17,8 +17,8 @@ _LAZY = {
     "load_config": ("fcclass.config", "load_config"),
     "build_model": ("fcclass.model", "build_model"),
     "fit": ("fcclass.train", "fit"),
-    "evaluate": ("fcclass.evaluate", "evaluate"),
-    "predict": ("fcclass.predict", "predict"),
+    "evaluate": ("fcclass.evaluation", "evaluate"),
+    "predict": ("fcclass.prediction", "predict"),
     "load_dataset": ("fcclass.data", "load_dataset"),
 }
 
@@ -28,7 +28,9 @@ def __getattr__(name: str) -> Any:
         import importlib
 
         module, attr = _LAZY[name]
-        return getattr(importlib.import_module(module), attr)
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value  # later lookups skip __getattr__
+        return value
     raise AttributeError(f"module 'fcclass' has no attribute {name!r}")
 
 

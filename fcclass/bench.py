@@ -177,7 +177,7 @@ def time_to_accuracy(model_name: str, targets: list[float], data_root: str = "da
     """Train the config; after each epoch measure test accuracy; report cumulative training seconds per target."""
     from fcclass.data import BatchPreprocess, load_dataset, make_loader
     from fcclass.device import select_device
-    from fcclass.evaluate import predict_loader
+    from fcclass.evaluation import predict_loader
     sets = [f"train.device={device}", *(overrides or [])]
     cfg = _config(model_name, data_root, sets)
     dev = select_device(device)

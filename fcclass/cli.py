@@ -119,7 +119,7 @@ def eval_(
 ) -> None:
     """Evaluate the best checkpoint: per-label accuracy, precision, F1, confusion matrix, most confused pairs."""
     _check_json_target(json_out)
-    from fcclass.evaluate import evaluate
+    from fcclass.evaluation import evaluate
 
     report = evaluate(run_dir, checkpoint, split=split, runs_dir=runs_dir, data_root=data_root, device=device,
                       save=save, misclassified=misclassified)
@@ -152,8 +152,8 @@ def predict(
 ) -> None:
     """Predict the label of images with the preprocessing used in training. Exit status 1 if any image failed."""
     _check_json_target(json_out)
-    from fcclass.predict import predict as run_predict
-    from fcclass.predict import predictions_csv
+    from fcclass.prediction import predict as run_predict
+    from fcclass.prediction import predictions_csv
 
     preds = run_predict(images, run, checkpoint, top_k=top_k, runs_dir=runs_dir, device=device, batch_size=batch_size)
     shown = max((len(p.top_k) for p in preds), default=1) or 1

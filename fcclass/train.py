@@ -341,7 +341,7 @@ def fit(
                     break
 
                 train_seconds = time.perf_counter() - started
-                from fcclass.evaluate import predict_loader
+                from fcclass.evaluation import predict_loader
 
                 logits_v, labels_v = predict_loader(model, val_loader, val_prep, device, amp_dtype)
                 val_loss = float(nn.functional.cross_entropy(logits_v, labels_v)) if labels_v.numel() else float("nan")

@@ -69,7 +69,7 @@ def test_eval_table_names_labels_and_newest_run_is_default(trained_run: Path) ->
 @needs_fashion
 def test_predict_agrees_with_eval_on_the_same_images(trained_run: Path, tmp_path: Path) -> None:
     from fcclass.data import load_dataset
-    from fcclass.evaluate import evaluate
+    from fcclass.evaluation import evaluate
     from fcclass.runs import load_trained
 
     report = evaluate(trained_run)
@@ -157,3 +157,13 @@ def test_help_does_not_import_torch() -> None:
            "assert r.exit_code == 0; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
+
+
+@needs_fashion
+def test_python_api_from_the_readme(trained_run: Path) -> None:
+    from fcclass import build_model, evaluate, fit, load_config, predict
+
+    assert all(callable(f) for f in (build_model, evaluate, fit, load_config, predict))
+    report = evaluate(trained_run)
+    assert report.per_class["Shirt"]["support"] == 50
+    assert predict([ROOT / "samples" / "test_0.png"], trained_run)[0].label in report.class_names

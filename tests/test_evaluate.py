@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from conftest import needs_fashion
 from fcclass.cli import app
-from fcclass.evaluate import compute_report
+from fcclass.evaluation import compute_report
 
 runner = CliRunner(env={"COLUMNS": "200"})
 
@@ -134,7 +134,7 @@ def test_predict_inputs_outputs_and_bad_files(trained_run: Path, tmp_path: Path)
 def test_exported_model_predicts_like_predict(trained_run: Path, tmp_path: Path, fmt: str) -> None:
     from fcclass.config import DataConfig
     from fcclass.data import load_dataset
-    from fcclass.predict import predict
+    from fcclass.prediction import predict
 
     out = tmp_path / ("m.onnx" if fmt == "onnx" else "m.pt")
     res = runner.invoke(app, ["export", str(trained_run), "--format", fmt, "--out", str(out)])

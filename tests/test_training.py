@@ -141,7 +141,7 @@ def test_early_stopping_and_best_checkpoint(tmp_path: Path) -> None:
     assert result.stopped_early and len(result.history) == 3  # epoch 1 sets the mark; 2 and 3 can't beat it by 1.0
     best_epoch = max(result.history, key=lambda r: r["val_accuracy"])["epoch"]
     assert load_checkpoint(result.run_dir / "best.pt")["epoch"] == best_epoch
-    from fcclass.evaluate import evaluate
+    from fcclass.evaluation import evaluate
 
     assert evaluate(result.run_dir).checkpoint.endswith("best.pt")
 
@@ -198,7 +198,7 @@ def imbalanced(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _shirt_recall(tmp_path: Path, folder: Path, **extra: object) -> float:
     from fcclass.config import config_from_dict
-    from fcclass.evaluate import evaluate
+    from fcclass.evaluation import evaluate
 
     raw = {
         "name": "imb", "seed": 0,
