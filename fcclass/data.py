@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from fcclass.config import AugmentConfig, DataConfig
 from fcclass.errors import DataError
-from fcclass.registries import DATASETS, ImageFolderSet, TorchvisionSet
+from fcclass.registries import DATASETS, TorchvisionSet
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 MAX_IMAGE_PIXELS = 89_478_485  # Pillow's default bomb limit (~0.25 GB of RGBA), enforced as an error

@@ -14,7 +14,7 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import DATA_ROOT, ROOT, needs_fashion, small_config
+from conftest import DATA_ROOT, ROOT, needs_fashion
 from fcclass.cli import app
 
 runner = CliRunner(env={"COLUMNS": "200"})  # wide enough that Rich does not wrap paths
