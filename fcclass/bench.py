@@ -66,6 +66,10 @@ def reference_loop(model_name: str, data_root: str, images: int) -> dict[str, fl
     from torch.utils.data import DataLoader, Subset
     from torchvision import datasets, transforms
 
+    from fcclass.data import unpack_debian_copy
+    from fcclass.registries import DATASETS
+
+    unpack_debian_copy(DATASETS["fashion_mnist"], Path(data_root))  # torchvision reads the raw files directly
     torch.manual_seed(0)
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.2860,), (0.3530,))])
     dataset = datasets.FashionMNIST(data_root, train=True, download=False, transform=transform)
@@ -99,11 +103,9 @@ def _fit_in_scratch(cfg_args: tuple[str, str, list[str]], **kwargs: Any) -> Any:
         return fit(_config(*cfg_args, runs_dir=scratch), **kwargs)
 
 
-def fcclass_loop(model_name: str, data_root: str, images: int, batch_size: int | None) -> dict[str, float]:
-    """One epoch over ``images`` training images with fcclass's loop; images/s over its training part."""
+def fcclass_loop(model_name: str, data_root: str, images: int) -> dict[str, float]:
+    """One epoch over ``images`` training images with fcclass's loop (the config's batch size); images/s over its training part."""
     sets = [f"data.limit_train={images + max(1, images // 9)}", "data.val_split=0.1", "train.epochs=1"]
-    if batch_size:
-        sets.append(f"data.batch_size={batch_size}")
     result = _fit_in_scratch((model_name, data_root, sets))
     row = result.history[0]
     return {"images": row["train_images"], "seconds": row["train_seconds"], "images_per_s": row["train_images"] / row["train_seconds"]}
@@ -158,13 +160,13 @@ class ThroughputResult:
                 "matmul_peak_gflops": self.peak_gflops, "fraction_of_peak": self.achieved_gflops / self.peak_gflops}
 
 
-def throughput(model_name: str, data_root: str = "data", images: int = 12_800, same_batch: bool = False,
-               peak: float | None = None, repeats: int = 1) -> ThroughputResult:
+def throughput(model_name: str, data_root: str = "data", images: int = 12_800, peak: float | None = None,
+               repeats: int = 1) -> ThroughputResult:
     """Alternate the reference and fcclass ``repeats`` times; keep each one's best run (machines are noisy)."""
     best: dict[str, dict[str, float]] = {}
     for _ in range(repeats):
         for name, run in (("reference", lambda: reference_loop(model_name, data_root, images)),
-                          ("fcclass", lambda: fcclass_loop(model_name, data_root, images, 64 if same_batch else None))):
+                          ("fcclass", lambda: fcclass_loop(model_name, data_root, images))):
             result = run()
             if name not in best or result["images_per_s"] > best[name]["images_per_s"]:
                 best[name] = result
@@ -201,38 +203,3 @@ def time_to_accuracy(model_name: str, targets: list[float], data_root: str = "da
             "final_test_accuracy": epochs[-1]["test_accuracy"] if epochs else None,
             "train_seconds_total": clock["train"]}
 
-
-def _use_fashion(data_root: str, source: Any) -> None:
-    """Make sure torchvision finds Fashion-MNIST under data_root (the reference loop reads it directly)."""
-    from fcclass.data import _use_debian_copy
-
-    _use_debian_copy(source, Path(data_root))
-
-
-def throughput_table(results: list[dict[str, Any]]) -> Any:
-    from rich.table import Table
-
-    table = Table(title="Training throughput (same model, same Fashion-MNIST images, one process)", title_justify="left")
-    for col in ("Model", "PyTorch examples loop", "fcclass", "Speed-up", "fcclass GFLOP/s", "Matmul peak", "Of peak"):
-        table.add_column(col, justify="left" if col == "Model" else "right")
-    for r in results:
-        table.add_row(r["model"], f"{r['reference']['images_per_s']:,.0f} img/s", f"{r['fcclass']['images_per_s']:,.0f} img/s",
-                      f"{r['speedup']:.2f}x", f"{r['achieved_gflops']:.1f}", f"{r['matmul_peak_gflops']:.0f}", f"{r['fraction_of_peak']:.0%}")
-    return table
-
-
-def tta_table(results: list[dict[str, Any]]) -> Any:
-    from rich.table import Table
-
-    targets = list(results[0]["seconds_to_target"]) if results else []
-    table = Table(title="Time to test accuracy (training seconds, test measured after each epoch)", title_justify="left")
-    table.add_column("Model")
-    table.add_column("Device")
-    for t in targets:
-        table.add_column(f"to {float(t):.1%}", justify="right")
-    table.add_column("Final accuracy", justify="right")
-    table.add_column("Total", justify="right")
-    for r in results:
-        cells = [("not reached" if r["seconds_to_target"][t] is None else f"{r['seconds_to_target'][t]:.1f} s") for t in targets]
-        table.add_row(r["model"], r["device"], *cells, f"{r['final_test_accuracy']:.2%}", f"{r['train_seconds_total']:.1f} s")
-    return table

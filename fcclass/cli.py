@@ -60,15 +60,19 @@ def _check_json_target(target: str | None) -> None:
 def _emit_json(target: str | None, data: Any) -> None:
     if target is None:
         return
-    text = json.dumps(data, indent=2)
+    text = json.dumps(data, indent=2) + "\n"
     if target == "-":
-        sys.stdout.write(text + "\n")
+        sys.stdout.write(text)
         sys.stdout.flush()
     else:
-        try:
-            Path(target).write_text(text + "\n", encoding="utf-8")
-        except OSError as e:
-            raise FcclassError(f"Cannot write JSON to '{target}': {e.strerror}. Check that the folder exists and is writable.") from None
+        _write_file(Path(target), text, "JSON")
+
+
+def _write_file(path: Path, text: str, what: str) -> None:
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise FcclassError(f"Cannot write {what} to '{path}': {e.strerror}. Check that the folder exists and is writable.") from None
 
 
 @app.command()
@@ -162,10 +166,7 @@ def predict(
 
         Console().print(predict_table(preds, shown))
     if csv_out is not None:
-        try:
-            csv_out.write_text(predictions_csv(preds, shown), encoding="utf-8")
-        except OSError as e:
-            raise FcclassError(f"Cannot write CSV to '{csv_out}': {e.strerror}. Check that the folder exists and is writable.") from None
+        _write_file(csv_out, predictions_csv(preds, shown), "CSV")
     _emit_json(json_out, [p.to_dict() for p in preds])
     failed = [p for p in preds if p.error is not None]
     if failed:
@@ -250,13 +251,12 @@ def bench(
     """Benchmark: fcclass vs a plain PyTorch loop vs the matmul peak (throughput), or seconds to a test accuracy (tta)."""
     _check_json_target(json_out)
     from fcclass import bench as B
-    from fcclass.registries import DATASETS
+    from fcclass.report import throughput_table, tta_table
 
     unknown = [m for m in model if m not in B.MODELS]
     if unknown or mode not in ("throughput", "tta"):
         raise FcclassError(f"--model must be among {', '.join(B.MODELS)} and --mode throughput or tta (got {unknown or mode}).")
     console = _human_console(json_out)
-    B._use_fashion(data_root, DATASETS["fashion_mnist"])
     results: list[dict[str, Any]] = []
     if mode == "throughput":
         peak = B.matmul_peak_gflops()
@@ -264,13 +264,13 @@ def bench(
             console.print(f"[bold]{name}[/bold]: timing the PyTorch-examples loop and fcclass on {images:,} images...")
             results.append(B.throughput(name, data_root, images, peak=peak, repeats=repeats).to_dict())
         if json_out != "-":
-            console.print(B.throughput_table(results))
+            console.print(throughput_table(results))
     else:
         for name in model:
             console.print(f"[bold]{name}[/bold]: training until the end of its config, testing after each epoch...")
             results.append(B.time_to_accuracy(name, target, data_root, set_, device))
         if json_out != "-":
-            console.print(B.tta_table(results))
+            console.print(tta_table(results))
     import platform
 
     import torch

@@ -127,6 +127,11 @@ def load_image(path: str | Path, channels: int) -> torch.Tensor:
     return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
 
 
+def load_resized(path: str | Path, channels: int, size: Sequence[int]) -> torch.Tensor:
+    """One image file as the model sees it before normalisation: uint8 (channels, *size). Shared by every path."""
+    return resize_uint8(load_image(path, channels).unsqueeze(0), size)[0]
+
+
 def _to_mode(img: Any, mode: str) -> Any:
     """Convert any Pillow mode (RGBA, P, CMYK, 16-bit, float) to L or RGB."""
     from PIL import Image
@@ -241,7 +246,7 @@ def _load_torchvision(source: TorchvisionSet, cfg: DataConfig, splits: Sequence[
 
     root = Path(cfg.root)
     if source.debian_dir:
-        _use_debian_copy(source, root)
+        unpack_debian_copy(source, root)
     cls = getattr(torchvision.datasets, source.class_name)
     parts = []
     class_names: list[str] = []
@@ -297,7 +302,7 @@ class _quiet:
         self._ctx.close()
 
 
-def _use_debian_copy(source: TorchvisionSet, root: Path) -> None:
+def unpack_debian_copy(source: TorchvisionSet, root: Path) -> None:
     """Decompress the Debian package's raw files into root/<Class>/raw/, where torchvision reads them."""
     src = Path(source.debian_dir)
     raw = root / source.class_name / "raw"
@@ -421,8 +426,7 @@ class _FileDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         try:
-            img = resize_uint8(load_image(self.files[i], self.channels).unsqueeze(0), self.size)[0]
-            return img, self.labels[i]
+            return load_resized(self.files[i], self.channels, self.size), self.labels[i]
         except DataError:
             return torch.zeros(self.channels, *self.size, dtype=torch.uint8), torch.tensor(-1 - i)
 

@@ -186,10 +186,10 @@ def _save_artifacts(report: EvalReport, part: Any, ds: Any, out_dir: Path, save:
 
 def _split_images(part: Any, idx: torch.Tensor, ds: Any) -> torch.Tensor:
     """uint8 (N, C, H, W) images of a split, as the model saw them before normalisation."""
-    from fcclass.data import load_image, resize_uint8
+    from fcclass.data import load_resized
 
     if part.images is not None:
         return part.images[idx]
     if not len(idx):
         return torch.zeros(0, ds.channels, *ds.size, dtype=torch.uint8)
-    return torch.stack([resize_uint8(load_image(part.files[i], ds.channels).unsqueeze(0), ds.size)[0] for i in idx.tolist()])
+    return torch.stack([load_resized(part.files[i], ds.channels, ds.size) for i in idx.tolist()])

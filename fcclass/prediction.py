@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import torch
 
-from fcclass.data import BatchPreprocess, list_images, load_image, resize_uint8
+from fcclass.data import BatchPreprocess, list_images, load_resized
 from fcclass.device import select_device
 from fcclass.errors import DataError, FcclassError
 from fcclass.runs import load_trained, resolve_checkpoint
@@ -98,7 +98,7 @@ def predict(inputs: Sequence[str | Path], run: str | Path | None = None, checkpo
 
     def decode(path: Path) -> torch.Tensor | str:
         try:
-            return resize_uint8(load_image(path, channels).unsqueeze(0), (height, width))[0]
+            return load_resized(path, channels, (height, width))
         except DataError as e:
             return str(e).removeprefix(f"{path}: ")
 

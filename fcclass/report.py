@@ -146,3 +146,28 @@ def predict_table(preds: list[Any], top_k: int) -> Table:
             cells = [escape(f"{t['label']} ({t['probability']:.1%})") for t in p.top_k]
             table.add_row(escape(p.path), *cells, *[""] * (top_k - len(cells)))
     return table
+
+
+def throughput_table(results: list[dict[str, Any]]) -> Table:
+    table = Table(title="Training throughput (same model, same Fashion-MNIST images, one process)", title_justify="left")
+    for col in ("Model", "PyTorch examples loop", "fcclass", "Speed-up", "fcclass GFLOP/s", "Matmul peak", "Of peak"):
+        table.add_column(col, justify="left" if col == "Model" else "right")
+    for r in results:
+        table.add_row(r["model"], f"{r['reference']['images_per_s']:,.0f} img/s", f"{r['fcclass']['images_per_s']:,.0f} img/s",
+                      f"{r['speedup']:.2f}x", f"{r['achieved_gflops']:.1f}", f"{r['matmul_peak_gflops']:.0f}", f"{r['fraction_of_peak']:.0%}")
+    return table
+
+
+def tta_table(results: list[dict[str, Any]]) -> Table:
+    targets = list(results[0]["seconds_to_target"]) if results else []
+    table = Table(title="Time to test accuracy (training seconds, test measured after each epoch)", title_justify="left")
+    table.add_column("Model")
+    table.add_column("Device")
+    for t in targets:
+        table.add_column(f"to {float(t):.1%}", justify="right")
+    table.add_column("Final accuracy", justify="right")
+    table.add_column("Total", justify="right")
+    for r in results:
+        cells = [("not reached" if r["seconds_to_target"][t] is None else f"{r['seconds_to_target'][t]:.1f} s") for t in targets]
+        table.add_row(r["model"], r["device"], *cells, f"{r['final_test_accuracy']:.2%}", f"{r['train_seconds_total']:.1f} s")
+    return table

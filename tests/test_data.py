@@ -52,13 +52,13 @@ def test_missing_dataset_says_how_to_get_it(tmp_path: Path) -> None:
 
 
 def test_debian_copy_is_unpacked_for_torchvision(tmp_path: Path) -> None:
-    from fcclass.data import _use_debian_copy
+    from fcclass.data import unpack_debian_copy
     from fcclass.registries import DATASETS
 
     source = DATASETS["fashion_mnist"]
     if not Path(source.debian_dir).is_dir():
         pytest.skip("dataset-fashion-mnist not installed")
-    _use_debian_copy(source, tmp_path)
+    unpack_debian_copy(source, tmp_path)
     raw = tmp_path / "FashionMNIST" / "raw"
     assert (raw / "t10k-labels-idx1-ubyte").stat().st_size == 10008  # 8-byte header + 10,000 labels
 
