@@ -13,7 +13,7 @@ from torch import nn
 
 from fcclass import config as C
 from fcclass.errors import ModelError
-from fcclass.registries import ACTIVATIONS, INITIALIZERS
+from fcclass.registries import ACTIVATIONS, INITIALIZERS, MONOTONIC_ACTIVATIONS
 
 Shape = tuple[int, ...]
 SPATIAL = (C.Conv2D, C.MaxPooling2D, C.AveragePooling2D, C.GlobalAveragePooling2D)
@@ -103,6 +103,19 @@ class Network(nn.Module):
         total = sum(li.params for li in self.infos)
         trainable = sum(li.trainable_params for li in self.infos)
         return Summary(self.input_shape, self.infos, total, trainable, total - trainable)
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout with a cheaper mask on the CPU: 16-bit random integers compared with a threshold instead of
+    ``bernoulli_`` on floats, about twice as fast forward + backward. The drop probability is ``p`` rounded to
+    1/32768; values kept are scaled by 1 / (1 - p) as usual. Other devices use torch's fused dropout."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0 or x.device.type != "cpu":
+            return super().forward(x)
+        threshold = round(self.p * 32768)
+        keep = torch.empty_like(x, dtype=torch.int16).random_() >= threshold
+        return x * keep.to(x.dtype).mul_(32768 / (32768 - threshold))
 
 
 def _pair(v: int | list[int]) -> tuple[int, int]:
@@ -221,6 +234,10 @@ def build_model(model_cfg: C.ModelConfig, input_shape: Shape | list[int], num_cl
                 raise ModelError(f"{where}: pool_size {ph}x{pw} is larger than its input {h}x{w} (input shape {_fmt(shape)}); remove a pooling layer or use a larger image_size.")
             pool_cls = nn.MaxPool2d if isinstance(layer, C.MaxPooling2D) else nn.AvgPool2d
             parts.append(pool_cls((ph, pw), (sh, sw)))
+            if isinstance(layer, C.MaxPooling2D):
+                moved = _activation_after_pool(layers[i - 1] if i else None, blocks)
+                if moved is not None:
+                    parts.append(moved)
             shape = (cin, (h - ph) // sh + 1, (w - pw) // sw + 1)
 
         elif isinstance(layer, C.GlobalAveragePooling2D):
@@ -256,7 +273,7 @@ def build_model(model_cfg: C.ModelConfig, input_shape: Shape | list[int], num_cl
             shape = (units,)
 
         elif isinstance(layer, C.Dropout):
-            parts.append(nn.Dropout(layer.rate))
+            parts.append(Dropout(layer.rate))
 
         elif isinstance(layer, C.BatchNormalization):
             norm_cls = nn.BatchNorm2d if len(shape) == 3 else nn.BatchNorm1d
@@ -286,6 +303,18 @@ def build_model(model_cfg: C.ModelConfig, input_shape: Shape | list[int], num_cl
             "End the layer list with a Dense layer (units left out) after Flatten."
         )
     return Network(blocks, infos, tuple(int(s) for s in input_shape), flatten_input, regularized, frozen_norms)
+
+
+def _activation_after_pool(previous: C.LayerBase | None, blocks: "OrderedDict[str, nn.Module]") -> nn.Module | None:
+    """Conv2D(activation=f) then MaxPooling2D computes max(f(x)) = f(max(x)) for a non-decreasing f, so f moves after
+    the pool and runs on a quarter of the values (forward and backward). Outputs and gradients are unchanged; the conv
+    block stays a Sequential, so parameter names (and saved checkpoints) are the same either way."""
+    if not (isinstance(previous, C.Conv2D) and previous.activation in MONOTONIC_ACTIVATIONS):
+        return None
+    conv_block = next(reversed(blocks.values()))
+    act = conv_block[-1]
+    del conv_block[-1]
+    return act
 
 
 def _layer_info(name: str, type_name: str, shape: Shape, block: nn.Module, trainable: bool) -> LayerInfo:

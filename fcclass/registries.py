@@ -32,6 +32,8 @@ ACTIVATIONS: dict[str, Callable[[], Any] | None] = {
     "softmax": _nn_module("Softmax", dim=1),
     "linear": None,  # identity: no module
 }
+# Elementwise and non-decreasing: they commute with max pooling (the model applies them after the pool).
+MONOTONIC_ACTIVATIONS = frozenset({"relu", "leaky_relu", "elu", "selu", "sigmoid", "tanh"})
 
 
 # ----------------------------------------------------------------------------- initializers

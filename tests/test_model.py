@@ -146,3 +146,50 @@ def test_shape_errors_name_the_layer_and_the_fix() -> None:
         model([{"type": "Flatten"}, {"type": "Dense"}, {"type": "Dense"}])
     with pytest.raises(ModelError, match="used twice"):
         model([{"type": "Flatten", "name": "x"}, {"type": "Dense", "name": "x"}])
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "elu", "tanh", "gelu"])
+def test_activation_before_max_pooling_gives_the_same_outputs_and_gradients(activation: str) -> None:
+    # The builder runs a non-decreasing activation after the pool (cheaper); the maths must be conv -> f -> pool.
+    torch.manual_seed(0)
+    net = model([
+        {"type": "Conv2D", "filters": 8, "kernel_size": 3, "activation": activation},
+        {"type": "MaxPooling2D", "pool_size": 2},
+        {"type": "Flatten"},
+        {"type": "Dense"},
+    ], shape=(3, 12, 12))
+    conv, dense = net.body.conv2d[0], net.body.dense
+    x = torch.randn(4, 3, 12, 12)
+    f = {"relu": torch.relu, "leaky_relu": lambda t: torch.nn.functional.leaky_relu(t, 0.2), "elu": torch.nn.functional.elu,
+         "tanh": torch.tanh, "gelu": torch.nn.functional.gelu}[activation]
+    expected = dense(torch.max_pool2d(f(torch.nn.functional.conv2d(x, conv.weight, conv.bias)), 2).flatten(1))
+    (g_expected,) = torch.autograd.grad(expected.square().sum(), conv.weight)
+    got = net(x)
+    (g_got,) = torch.autograd.grad(got.square().sum(), conv.weight)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(g_got, g_expected)
+    moved = activation != "gelu"  # gelu is not monotonic: it stays before the pool
+    assert (len(net.body.conv2d) == 1) == moved
+    # parameter names do not depend on where the activation runs: old checkpoints still load
+    assert "body.conv2d.0.weight" in net.state_dict()
+
+
+def test_dropout_drops_the_configured_fraction_and_rescales() -> None:
+    torch.manual_seed(0)
+    net = model([{"type": "Flatten"}, {"type": "Dropout", "rate": 0.3}, {"type": "Dense"}])
+    drop = net.body.dropout
+    x = torch.ones(200, 1000, requires_grad=True)
+    y = drop(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.7) < 0.005
+    # kept values are scaled by 1 / (1 - p), p as the mask draws it (rounded to 1/32768): the mean is unchanged
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.7), rtol=1e-4, atol=0)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, y.detach())  # d(x * mask * scale)/dx = mask * scale
+    assert not torch.equal(drop(x), drop(x))  # a new mask each call
+    net.eval()
+    assert torch.equal(drop(x), x)
+    torch.manual_seed(1)
+    a = drop.train()(x)
+    torch.manual_seed(1)
+    assert torch.equal(a, drop(x))  # the mask comes from torch's seeded generator: runs are reproducible
