@@ -38,7 +38,7 @@ Size2 = Union[PositiveInt, Annotated[list[PositiveInt], Field(min_length=2, max_
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, defer_build=True)
 
 
 # ----------------------------------------------------------------------------- model / layers
@@ -188,7 +188,7 @@ class DataConfig(Strict):
     image_size: Annotated[list[PositiveInt], Field(min_length=2, max_length=2)] | None = None
     channels: Literal[1, 3] | None = None
     normalize: Literal["auto", "none"] | NormalizeStats = "auto"
-    augment: AugmentConfig = AugmentConfig()
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
     batch_size: PositiveInt = 128
     sampler: Literal["shuffle", "balanced"] = "shuffle"
     num_workers: NonNegativeInt | None = None  # imagefolder loader workers; None: min(4, cores)
@@ -252,8 +252,8 @@ class TrainConfig(Strict):
     class_weight: Literal["balanced"] | dict[str, PositiveFloat] | None = None
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     grad_clip: PositiveFloat | None = None
-    early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
-    checkpoint: CheckpointConfig = CheckpointConfig()
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     runs_dir: str = "runs"
     threads: PositiveInt | None = None  # CPU threads; None: all cores
 
@@ -268,11 +268,11 @@ class TrainConfig(Strict):
 class Config(Strict):
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")] = "run"
     seed: int = 0
-    data: DataConfig = DataConfig()
+    data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig
-    optimizer: OptimizerConfig = OptimizerConfig()
-    scheduler: SchedulerConfig = SchedulerConfig()
-    train: TrainConfig = TrainConfig()
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
