@@ -49,10 +49,10 @@ class DefaultNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(32, eps=1e-3, momentum=0.01), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(64, eps=1e-3, momentum=0.01), nn.MaxPool2d(2),
+            nn.Conv2d(1, 24, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.BatchNorm2d(24, eps=1e-3, momentum=0.01),
+            nn.Conv2d(24, 48, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.BatchNorm2d(48, eps=1e-3, momentum=0.01),
         )
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(3136, 128), nn.ReLU(), nn.Dropout(0.3), nn.Linear(128, 10))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(2352, 128), nn.ReLU(), nn.Dropout(0.3), nn.Linear(128, 10))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(self.head(self.features(x)), dim=1)
@@ -61,18 +61,25 @@ class DefaultNet(nn.Module):
 REFERENCE_NETS: dict[str, Callable[[], nn.Module]] = {"examples": ExamplesNet, "default": DefaultNet}
 
 
-def reference_loop(model_name: str, data_root: str, images: int) -> dict[str, float]:
-    """Train ``images`` images the way the PyTorch examples do; images/s over the timed part."""
-    from torch.utils.data import DataLoader, Subset
-    from torchvision import datasets, transforms
+def _fashion_mnist(data_root: str, transform: Any = None) -> Any:
+    """torchvision's FashionMNIST training set, from the raw files fcclass unpacks (Debian's copy or a download)."""
+    from torchvision import datasets
 
     from fcclass.data import unpack_debian_copy
     from fcclass.registries import DATASETS
 
-    unpack_debian_copy(DATASETS["fashion_mnist"], Path(data_root))  # torchvision reads the raw files directly
+    unpack_debian_copy(DATASETS["fashion_mnist"], Path(data_root))
+    return datasets.FashionMNIST(data_root, train=True, download=False, transform=transform)
+
+
+def reference_loop(model_name: str, data_root: str, images: int) -> dict[str, float]:
+    """Train ``images`` images the way the PyTorch examples do; images/s over the timed part."""
+    from torch.utils.data import DataLoader, Subset
+    from torchvision import transforms
+
     torch.manual_seed(0)
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.2860,), (0.3530,))])
-    dataset = datasets.FashionMNIST(data_root, train=True, download=False, transform=transform)
+    dataset = _fashion_mnist(data_root, transform)
     loader = DataLoader(Subset(dataset, range(min(images, len(dataset)))), batch_size=64, shuffle=True)
     model = REFERENCE_NETS[model_name]()
     optimizer = torch.optim.Adadelta(model.parameters(), lr=1.0) if model_name == "examples" else torch.optim.Adam(model.parameters(), 2e-3)
@@ -111,6 +118,61 @@ def fcclass_loop(model_name: str, data_root: str, images: int) -> dict[str, floa
     return {"images": row["train_images"], "seconds": row["train_seconds"], "images_per_s": row["train_images"] / row["train_seconds"]}
 
 
+# ----------------------------------------------------------------------------- Keras, on the same config
+def keras_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("keras") is not None
+
+
+def _import_keras() -> Any:
+    """Keras 3 on the backend named by KERAS_BACKEND; the benchmark picks torch (the same kernels) unless the user chose."""
+    import os
+
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    import keras
+
+    return keras
+
+
+def keras_model(cfg: Config, num_classes: int) -> Any:
+    """The config's layers as a keras.Sequential: fcclass's layer keys are Keras's constructor arguments."""
+    keras = _import_keras()
+
+    layers: list[Any] = [keras.Input((28, 28, 1))]
+    for spec in cfg.model.layers:
+        kwargs = spec.model_dump(exclude={"type"}, exclude_none=True)
+        if "kernel_regularizer" in kwargs:
+            kwargs["kernel_regularizer"] = keras.regularizers.L1L2(**kwargs["kernel_regularizer"])
+        if spec.type == "Dense" and "units" not in kwargs:
+            kwargs["units"] = num_classes
+        layers.append(getattr(keras.layers, spec.type)(**kwargs))
+    return keras.Sequential(layers)
+
+
+KERAS_OPTIMIZERS = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop", "adadelta": "Adadelta"}
+
+
+def keras_loop(model_name: str, data_root: str, images: int) -> dict[str, Any]:
+    """One epoch of ``model.fit`` on the same images, normalised in numpy, with the config's batch size and optimizer."""
+    import numpy as np
+
+    raw = _fashion_mnist(data_root)
+    x = ((raw.data[:images].numpy().astype(np.float32) / 255.0 - 0.2860) / 0.3530)[..., None]
+    y = raw.targets[:images].numpy()
+    cfg = _config(model_name, data_root, [])
+    keras = _import_keras()
+    keras.utils.set_random_seed(0)
+    model = keras_model(cfg, 10)
+    optimizer = getattr(keras.optimizers, KERAS_OPTIMIZERS[cfg.optimizer.name])(learning_rate=cfg.optimizer.lr)
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    started = time.perf_counter()
+    model.fit(x, y, batch_size=cfg.data.batch_size, epochs=1, shuffle=True, verbose=0)
+    seconds = time.perf_counter() - started
+    return {"images": len(y), "seconds": seconds, "images_per_s": len(y) / seconds,
+            "backend": keras.backend.backend(), "version": keras.__version__}
+
+
 # ----------------------------------------------------------------------------- hardware limit
 def train_flops_per_image(model_name: str, data_root: str) -> float:
     """FLOPs of one training step (forward + backward) per image, counted by torch's FlopCounterMode."""
@@ -144,6 +206,7 @@ class ThroughputResult:
     reference: dict[str, float]
     flops_per_image: float
     peak_gflops: float
+    keras: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -155,23 +218,31 @@ class ThroughputResult:
         return self.fcclass["images_per_s"] * self.flops_per_image / 1e9
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, **self.extra, "fcclass": self.fcclass, "reference": self.reference, "speedup": self.speedup,
-                "train_gflop_per_image": self.flops_per_image / 1e9, "achieved_gflops": self.achieved_gflops,
-                "matmul_peak_gflops": self.peak_gflops, "fraction_of_peak": self.achieved_gflops / self.peak_gflops}
+        out = {"model": self.model, **self.extra, "fcclass": self.fcclass, "reference": self.reference, "speedup": self.speedup}
+        if self.keras is not None:
+            out |= {"keras": self.keras, "speedup_vs_keras": self.fcclass["images_per_s"] / self.keras["images_per_s"]}
+        return out | {"train_gflop_per_image": self.flops_per_image / 1e9, "achieved_gflops": self.achieved_gflops,
+                      "matmul_peak_gflops": self.peak_gflops, "fraction_of_peak": self.achieved_gflops / self.peak_gflops}
 
 
 def throughput(model_name: str, data_root: str = "data", images: int = 12_800, peak: float | None = None,
-               repeats: int = 1) -> ThroughputResult:
-    """Alternate the reference and fcclass ``repeats`` times; keep each one's best run (machines are noisy)."""
-    best: dict[str, dict[str, float]] = {}
+               repeats: int = 1, keras: bool = True) -> ThroughputResult:
+    """Alternate the reference, Keras (when installed and ``keras``) and fcclass ``repeats`` times; keep each one's best
+    run (machines are noisy)."""
+    loops: dict[str, Callable[[], dict[str, Any]]] = {
+        "reference": lambda: reference_loop(model_name, data_root, images),
+        "fcclass": lambda: fcclass_loop(model_name, data_root, images),
+    }
+    if keras and keras_available():
+        loops["keras"] = lambda: keras_loop(model_name, data_root, images)
+    best: dict[str, dict[str, Any]] = {}
     for _ in range(repeats):
-        for name, run in (("reference", lambda: reference_loop(model_name, data_root, images)),
-                          ("fcclass", lambda: fcclass_loop(model_name, data_root, images))):
+        for name, run in loops.items():
             result = run()
             if name not in best or result["images_per_s"] > best[name]["images_per_s"]:
                 best[name] = result
     return ThroughputResult(model_name, best["fcclass"], best["reference"], train_flops_per_image(model_name, data_root),
-                            peak if peak is not None else matmul_peak_gflops(), {"repeats": repeats})
+                            peak if peak is not None else matmul_peak_gflops(), best.get("keras"), {"repeats": repeats})
 
 
 def time_to_accuracy(model_name: str, targets: list[float], data_root: str = "data", overrides: list[str] | None = None,

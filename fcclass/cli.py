@@ -242,6 +242,7 @@ def bench(
     model: list[str] = typer.Option(["examples", "default"], "--model", help="examples (PyTorch-examples net) and/or default (configs/fashion_mnist.yaml)."),
     images: int = typer.Option(12_800, "--images", min=64, help="Training images timed per loop (throughput mode)."),
     repeats: int = typer.Option(1, "--repeats", min=1, help="Alternate the loops this often and keep each one's best (throughput mode)."),
+    keras: bool = typer.Option(True, "--keras/--no-keras", help="Also time Keras's model.fit on the same model, when Keras is installed (throughput mode)."),
     target: list[float] = typer.Option([0.91, 0.92], "--target", help="Test accuracies to time (tta mode)."),
     set_: Optional[list[str]] = SetOpt,
     data_root: str = typer.Option("data", "--data-root", help="Where Fashion-MNIST is (or gets unpacked)."),
@@ -261,8 +262,9 @@ def bench(
     if mode == "throughput":
         peak = B.matmul_peak_gflops()
         for name in model:
-            console.print(f"[bold]{name}[/bold]: timing the PyTorch-examples loop and fcclass on {images:,} images...")
-            results.append(B.throughput(name, data_root, images, peak=peak, repeats=repeats).to_dict())
+            loops = "the PyTorch-examples loop, Keras and fcclass" if keras and B.keras_available() else "the PyTorch-examples loop and fcclass"
+            console.print(f"[bold]{name}[/bold]: timing {loops} on {images:,} images...")
+            results.append(B.throughput(name, data_root, images, peak=peak, repeats=repeats, keras=keras).to_dict())
         if json_out != "-":
             console.print(throughput_table(results))
     else:

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from typer.testing import CliRunner
 
 from conftest import DATA_ROOT, needs_fashion
+from fcclass.bench import MODELS, ROOT, keras_available, keras_model
 from fcclass.cli import app
+from fcclass.config import load_config
+from fcclass.model import build_model
 
 runner = CliRunner(env={"COLUMNS": "200"})
 
@@ -22,6 +27,9 @@ def test_throughput_mode_compares_three_ways() -> None:
         assert r["reference"]["images"] == 128 and r["fcclass"]["images"] >= 128
         assert r["speedup"] == r["fcclass"]["images_per_s"] / r["reference"]["images_per_s"]
         assert r["matmul_peak_gflops"] > 0 and 0 < r["fraction_of_peak"]
+        if keras_available():  # the dev extra installs Keras, so CI times it too
+            assert r["keras"]["images"] == 128 and r["keras"]["backend"] == "torch"
+            assert r["speedup_vs_keras"] == r["fcclass"]["images_per_s"] / r["keras"]["images_per_s"]
     # FLOPs of one training step per image, from torch's counter: forward + backward ~ 3x the forward convs/matmuls.
     examples = out["results"][0]["train_gflop_per_image"]
     forward = 2 * (26 * 26 * 32 * 9 + 24 * 24 * 64 * 32 * 9 + 9216 * 128 + 128 * 10) / 1e9
@@ -45,3 +53,14 @@ def test_time_to_accuracy_mode_reports_per_epoch_test_accuracy() -> None:
 def test_bench_rejects_unknown_models() -> None:
     res = runner.invoke(app, ["bench", "--model", "resnet"])
     assert res.exit_code == 1 and "--model must be among" in res.output
+
+
+@pytest.mark.skipif(not keras_available(), reason="Keras is not installed (pip install -e '.[bench]')")
+@pytest.mark.parametrize("name", list(MODELS))
+def test_keras_leg_builds_the_same_model_as_fcclass(name: str) -> None:
+    cfg = load_config(ROOT / MODELS[name])
+    ours = build_model(cfg.model, [1, 28, 28], 10).summary()
+    theirs = keras_model(cfg, 10)
+    assert [type(layer).__name__ for layer in theirs.layers] == [spec.type for spec in cfg.model.layers]
+    assert theirs.count_params() == ours.total_params  # fcclass counts parameters the way Keras does
+    assert [tuple(layer.output.shape[1:]) for layer in theirs.layers][-1] == ours.layers[-1].output_shape
