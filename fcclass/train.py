@@ -344,7 +344,9 @@ def fit(
                 from fcclass.evaluation import predict_loader
 
                 logits_v, labels_v = predict_loader(model, val_loader, val_prep, device, amp_dtype)
-                val_loss = float(nn.functional.cross_entropy(logits_v, labels_v)) if labels_v.numel() else float("nan")
+                # Keras: val_loss is the training loss function (label smoothing included, class weights not) on val data
+                val_loss = (float(nn.functional.cross_entropy(logits_v, labels_v, label_smoothing=cfg.train.label_smoothing))
+                            if labels_v.numel() else float("nan"))
                 val_acc = float((logits_v.argmax(1) == labels_v).float().mean()) if labels_v.numel() else float("nan")
                 row = {"epoch": epoch, "train_loss": float(loss_sum) / max(seen, 1), "train_accuracy": float(correct) / max(seen, 1),
                        "val_loss": val_loss, "val_accuracy": val_acc, "lr": lr_sum / max(len(train_loader), 1),
