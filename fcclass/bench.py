@@ -72,25 +72,36 @@ def _fashion_mnist(data_root: str, transform: Any = None) -> Any:
     return datasets.FashionMNIST(data_root, train=True, download=False, transform=transform)
 
 
-def reference_loop(model_name: str, data_root: str, images: int) -> dict[str, float]:
-    """Train ``images`` images the way the PyTorch examples do; images/s over the timed part."""
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so the clock measures it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def reference_loop(model_name: str, data_root: str, images: int, device: torch.device | None = None) -> dict[str, float]:
+    """Train ``images`` images the way the PyTorch examples do (fp32, batches moved to the device one by one)."""
     from torch.utils.data import DataLoader, Subset
     from torchvision import transforms
 
+    device = device or torch.device("cpu")
     torch.manual_seed(0)
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.2860,), (0.3530,))])
     dataset = _fashion_mnist(data_root, transform)
     loader = DataLoader(Subset(dataset, range(min(images, len(dataset)))), batch_size=64, shuffle=True)
-    model = REFERENCE_NETS[model_name]()
+    model = REFERENCE_NETS[model_name]().to(device)
     optimizer = torch.optim.Adadelta(model.parameters(), lr=1.0) if model_name == "examples" else torch.optim.Adam(model.parameters(), 2e-3)
     model.train()
     seen, started = 0, time.perf_counter()
     for data, target in loader:
+        data, target = data.to(device), target.to(device)
         optimizer.zero_grad()
         loss = nn.functional.nll_loss(model(data), target)
         loss.backward()
         optimizer.step()
         seen += len(target)
+    _sync(device)
     seconds = time.perf_counter() - started
     return {"images": seen, "seconds": seconds, "images_per_s": seen / seconds}
 
@@ -110,9 +121,9 @@ def _fit_in_scratch(cfg_args: tuple[str, str, list[str]], **kwargs: Any) -> Any:
         return fit(_config(*cfg_args, runs_dir=scratch), **kwargs)
 
 
-def fcclass_loop(model_name: str, data_root: str, images: int) -> dict[str, float]:
+def fcclass_loop(model_name: str, data_root: str, images: int, device: str = "auto") -> dict[str, float]:
     """One epoch over ``images`` training images with fcclass's loop (the config's batch size); images/s over its training part."""
-    sets = [f"data.limit_train={images + max(1, images // 9)}", "data.val_split=0.1", "train.epochs=1"]
+    sets = [f"data.limit_train={images + max(1, images // 9)}", "data.val_split=0.1", "train.epochs=1", f"train.device={device}"]
     result = _fit_in_scratch((model_name, data_root, sets))
     row = result.history[0]
     return {"images": row["train_images"], "seconds": row["train_seconds"], "images_per_s": row["train_images"] / row["train_seconds"]}
@@ -153,6 +164,11 @@ def keras_model(cfg: Config, num_classes: int) -> Any:
 KERAS_OPTIMIZERS = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop", "adadelta": "Adadelta"}
 
 
+def keras_device() -> str:
+    """Where Keras's torch backend trains: it takes CUDA whenever torch sees a GPU and has no switch of its own."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def keras_loop(model_name: str, data_root: str, images: int) -> dict[str, Any]:
     """One epoch of ``model.fit`` on the same images, normalised in numpy, with the config's batch size and optimizer."""
     import numpy as np
@@ -170,7 +186,7 @@ def keras_loop(model_name: str, data_root: str, images: int) -> dict[str, Any]:
     model.fit(x, y, batch_size=cfg.data.batch_size, epochs=1, shuffle=True, verbose=0)
     seconds = time.perf_counter() - started
     return {"images": len(y), "seconds": seconds, "images_per_s": len(y) / seconds,
-            "backend": keras.backend.backend(), "version": keras.__version__}
+            "backend": keras.backend.backend(), "version": keras.__version__, "device": keras_device()}
 
 
 # ----------------------------------------------------------------------------- hardware limit
@@ -188,13 +204,18 @@ def train_flops_per_image(model_name: str, data_root: str) -> float:
     return counter.get_total_flops() / 16
 
 
-def matmul_peak_gflops(size: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_peak_gflops(device: torch.device | None = None, dtype: torch.dtype = torch.float32, repeats: int = 10) -> float:
+    """Best GFLOP/s of a square matmul in ``dtype`` on ``device`` (2048 on the CPU, 8192 on a GPU)."""
+    device = device or torch.device("cpu")
+    size = 2048 if device.type == "cpu" else 8192
+    a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
     a @ b
+    _sync(device)
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
         a @ b
+        _sync(device)
         best = min(best, time.perf_counter() - t)
     return 2 * size**3 / best / 1e9
 
@@ -226,14 +247,17 @@ class ThroughputResult:
 
 
 def throughput(model_name: str, data_root: str = "data", images: int = 12_800, peak: float | None = None,
-               repeats: int = 1, keras: bool = True) -> ThroughputResult:
-    """Alternate the reference, Keras (when installed and ``keras``) and fcclass ``repeats`` times; keep each one's best
-    run (machines are noisy)."""
+               repeats: int = 1, keras: bool = True, device: str = "auto") -> ThroughputResult:
+    """Alternate the reference, Keras (when installed, ``keras`` and it trains on the same device) and fcclass
+    ``repeats`` times on ``device``; keep each one's best run (machines are noisy)."""
+    from fcclass.device import select_device
+
+    dev = select_device(device)
     loops: dict[str, Callable[[], dict[str, Any]]] = {
-        "reference": lambda: reference_loop(model_name, data_root, images),
-        "fcclass": lambda: fcclass_loop(model_name, data_root, images),
+        "reference": lambda: reference_loop(model_name, data_root, images, dev),
+        "fcclass": lambda: fcclass_loop(model_name, data_root, images, str(dev)),
     }
-    if keras and keras_available():
+    if keras and keras_available() and keras_device() == dev.type:
         loops["keras"] = lambda: keras_loop(model_name, data_root, images)
     best: dict[str, dict[str, Any]] = {}
     for _ in range(repeats):
@@ -242,7 +266,8 @@ def throughput(model_name: str, data_root: str = "data", images: int = 12_800, p
             if name not in best or result["images_per_s"] > best[name]["images_per_s"]:
                 best[name] = result
     return ThroughputResult(model_name, best["fcclass"], best["reference"], train_flops_per_image(model_name, data_root),
-                            peak if peak is not None else matmul_peak_gflops(), best.get("keras"), {"repeats": repeats})
+                            peak if peak is not None else matmul_peak_gflops(dev), best.get("keras"),
+                            {"repeats": repeats, "device": str(dev)})
 
 
 def time_to_accuracy(model_name: str, targets: list[float], data_root: str = "data", overrides: list[str] | None = None,

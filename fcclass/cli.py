@@ -251,6 +251,8 @@ def bench(
 ) -> None:
     """Benchmark: fcclass vs a plain PyTorch loop vs the matmul peak (throughput), or seconds to a test accuracy (tta)."""
     _check_json_target(json_out)
+    import torch
+
     from fcclass import bench as B
     from fcclass.report import throughput_table, tta_table
 
@@ -260,11 +262,19 @@ def bench(
     console = _human_console(json_out)
     results: list[dict[str, Any]] = []
     if mode == "throughput":
-        peak = B.matmul_peak_gflops()
+        from fcclass.device import select_device, select_precision
+
+        dev = select_device(device)
+        peak_dtype = select_precision("auto", dev) or torch.float32  # the precision fcclass trains in there
+        peak = B.matmul_peak_gflops(dev, peak_dtype)
+        with_keras = keras and B.keras_available() and B.keras_device() == dev.type
+        if keras and B.keras_available() and not with_keras:
+            console.print(f"[yellow]Keras skipped: its torch backend trains on {B.keras_device()}, not {dev.type}.[/yellow]")
         for name in model:
-            loops = "the PyTorch-examples loop, Keras and fcclass" if keras and B.keras_available() else "the PyTorch-examples loop and fcclass"
-            console.print(f"[bold]{name}[/bold]: timing {loops} on {images:,} images...")
-            results.append(B.throughput(name, data_root, images, peak=peak, repeats=repeats, keras=keras).to_dict())
+            loops = "the PyTorch-examples loop, Keras and fcclass" if with_keras else "the PyTorch-examples loop and fcclass"
+            console.print(f"[bold]{name}[/bold]: timing {loops} on {images:,} images ({dev})...")
+            result = B.throughput(name, data_root, images, peak=peak, repeats=repeats, keras=with_keras, device=device).to_dict()
+            results.append(result | {"matmul_peak_dtype": str(peak_dtype).removeprefix("torch.")})
         if json_out != "-":
             console.print(throughput_table(results))
     else:
@@ -274,8 +284,6 @@ def bench(
         if json_out != "-":
             console.print(tta_table(results))
     import platform
-
-    import torch
 
     _emit_json(json_out, {"mode": mode, "machine": {"processor": platform.processor() or platform.machine(),
                                                      "cpu_threads": torch.get_num_threads(), "torch": torch.__version__},

@@ -19,12 +19,12 @@ def select_device(name: str) -> torch.device:
         return torch.device("cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise FcclassError(f"train.device is '{name}' but CUDA is not available on this machine; use train.device: auto or cpu.")
+            raise FcclassError(f"The device is '{name}' (train.device or --device) but CUDA is not available on this machine; use auto or cpu.")
         index = int(name.split(":")[1]) if ":" in name else 0
         if index >= torch.cuda.device_count():
-            raise FcclassError(f"train.device is '{name}' but this machine has {torch.cuda.device_count()} CUDA device(s); use cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
+            raise FcclassError(f"The device is '{name}' (train.device or --device) but this machine has {torch.cuda.device_count()} CUDA device(s); use cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise FcclassError("train.device is 'mps' but MPS is not available on this machine; use train.device: auto or cpu.")
+        raise FcclassError("The device is 'mps' (train.device or --device) but MPS is not available on this machine; use auto or cpu.")
     return torch.device(name)
 
 

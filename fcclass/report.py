@@ -168,11 +168,12 @@ def throughput_table(results: list[dict[str, Any]]) -> Table:
             row.append(f"{r['speedup_vs_keras']:.2f}x" if "keras" in r else "-")
         row += [f"{r['achieved_gflops']:.1f}", f"{r['matmul_peak_gflops']:.0f}", f"{r['fraction_of_peak']:.0%}"]
         table.add_row(*row)
+    where = f"Device: {results[0].get('device', 'cpu')}; matmul peak in {results[0].get('matmul_peak_dtype', 'float32')}." if results else ""
     if keras:
         k = next(r["keras"] for r in results if "keras" in r)
-        table.caption = f"Keras {k['version']} on its {k['backend']} backend. An epoch = 60,000 images."
+        table.caption = f"{where} Keras {k['version']} on its {k['backend']} backend. An epoch = 60,000 images."
     else:
-        table.caption = "An epoch = 60,000 images. Keras is not installed: pip install -e '.[bench]' adds it."
+        table.caption = f"{where} An epoch = 60,000 images. No Keras column: not installed (pip install -e '.[bench]') or skipped."
     return table
 
 

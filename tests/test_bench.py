@@ -64,3 +64,12 @@ def test_keras_leg_builds_the_same_model_as_fcclass(name: str) -> None:
     assert [type(layer).__name__ for layer in theirs.layers] == [spec.type for spec in cfg.model.layers]
     assert theirs.count_params() == ours.total_params  # fcclass counts parameters the way Keras does
     assert [tuple(layer.output.shape[1:]) for layer in theirs.layers][-1] == ours.layers[-1].output_shape
+
+
+@needs_fashion
+def test_throughput_on_a_named_device_without_keras() -> None:
+    res = runner.invoke(app, ["bench", "--images", "64", "--model", "default", "--device", "cpu", "--no-keras",
+                              "--data-root", str(DATA_ROOT), "--json", "-"])
+    assert res.exit_code == 0, res.output
+    (r,) = json.loads(res.stdout)["results"]
+    assert "keras" not in r and r["device"] == "cpu" and r["matmul_peak_dtype"] == "float32"
