@@ -108,7 +108,8 @@ class Network(nn.Module):
 class Dropout(nn.Dropout):
     """nn.Dropout with a cheaper mask on the CPU: 16-bit random integers compared with a threshold instead of
     ``bernoulli_`` on floats, about twice as fast forward + backward. The drop probability is ``p`` rounded to
-    1/32768; values kept are scaled by 1 / (1 - p) as usual. Other devices use torch's fused dropout."""
+    1/32768, and kept values are scaled by 1 / (1 - that probability), so the expected output equals the input.
+    Other devices use torch's fused dropout."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0 or x.device.type != "cpu":
