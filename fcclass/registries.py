@@ -157,7 +157,11 @@ def _onecycle(opt: Any, cfg: Any, epochs: int, steps: int) -> tuple[Any, str]:
 
     max_lr = cfg.max_lr if cfg.max_lr is not None else opt.param_groups[0]["lr"]
     total = max(2, epochs * steps)
-    return lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=total, pct_start=cfg.pct_start), "batch"
+    pct_start = cfg.pct_start
+    if math.isclose(pct_start * total, 1.0):
+        # torch's warm-up phase would last 0 steps and divide by zero (e.g. 0.2 x 5 steps): make it 2 steps
+        pct_start = min(2.0 / total, 0.9)
+    return lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=total, pct_start=pct_start), "batch"
 
 
 def _plateau(opt: Any, cfg: Any, epochs: int, steps: int) -> tuple[Any, str]:

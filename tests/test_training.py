@@ -86,6 +86,13 @@ def test_cosine_and_onecycle_step_per_batch() -> None:
     assert 0 < peak < 4 and one[0] < one[peak] and one[-1] < one[0] and max(one) <= 2.0
 
 
+@pytest.mark.parametrize(("epochs", "steps", "pct_start"), [(1, 5, 0.2), (1, 4, 0.25), (2, 1, 0.5), (1, 10, 0.1), (1, 3, 0.3)])
+def test_onecycle_survives_a_warm_up_of_one_step(epochs: int, steps: int, pct_start: float) -> None:
+    # pct_start x total steps == 1 made torch's OneCycleLR divide by zero (a 640-image `fcclass bench` hit it)
+    lrs = lr_per_epoch("onecycle", epochs=epochs, steps=steps, max_lr=2.0, pct_start=pct_start)
+    assert all(0 < lr <= 2.0 for lr in lrs)
+
+
 def test_plateau_reduces_when_the_monitored_metric_stalls() -> None:
     assert lr_per_epoch("plateau", epochs=4, factor=0.5, patience=0, metric=lambda e: 1.0) == pytest.approx([1, 1, 0.5, 0.25])
     assert lr_per_epoch("plateau", epochs=4, factor=0.5, patience=0, metric=lambda e: 1.0 - e) == pytest.approx([1, 1, 1, 1])
