@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -20,7 +21,18 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,
 )
-err_console = Console(stderr=True)
+
+
+def _console(stderr: bool = False) -> Console:
+    """A Rich console. Writing to a file or pipe there is no terminal width to follow, and Rich would wrap at 80
+    columns (epoch lines broken in two, labels cut short in tables): lay such output out 160 wide instead, unless
+    COLUMNS says otherwise."""
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() or os.environ.get("COLUMNS") else 160
+    return Console(stderr=stderr, width=width)
+
+
+err_console = _console(stderr=True)
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (default: configs/fashion_mnist.yaml).")
 SetOpt = typer.Option(None, "--set", help="Override a config key: dotted.key=value (value parsed as YAML). Repeatable.")
@@ -46,7 +58,7 @@ def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _human_console(json_target: str | None) -> Console:
     """Human output goes to stdout unless JSON does."""
-    return err_console if json_target == "-" else Console()
+    return err_console if json_target == "-" else _console()
 
 
 def _check_json_target(target: str | None) -> None:
@@ -130,7 +142,7 @@ def eval_(
     if json_out != "-":
         from fcclass.report import confused_pairs_table, confusion_table, eval_table
 
-        console = Console()
+        console = _console()
         console.print(f"Checkpoint: [bold]{escape(report.checkpoint)}[/bold]", highlight=False)
         console.print(eval_table(report))
         if len(report.class_names) <= 20:
@@ -164,7 +176,7 @@ def predict(
     if json_out != "-":
         from fcclass.report import predict_table
 
-        Console().print(predict_table(preds, shown))
+        _console().print(predict_table(preds, shown))
     if csv_out is not None:
         _write_file(csv_out, predictions_csv(preds, shown), "CSV")
     _emit_json(json_out, [p.to_dict() for p in preds])
@@ -200,7 +212,7 @@ def summary(
     if json_out != "-":
         from fcclass.report import summary_table
 
-        Console().print(summary_table(result, title=f"Model: {cfg.name}"))
+        _console().print(summary_table(result, title=f"Model: {cfg.name}"))
     _emit_json(json_out, result.to_dict())
 
 
@@ -216,7 +228,7 @@ def plot(
     from fcclass.runs import newest_run
 
     path = plot_curves(run_dir if run_dir is not None else newest_run(runs_dir), out)
-    Console().print(f"Wrote [bold]{escape(str(path))}[/bold]", highlight=False)
+    _console().print(f"Wrote [bold]{escape(str(path))}[/bold]", highlight=False)
 
 
 @app.command()
@@ -232,7 +244,7 @@ def export(
     from fcclass.export import export_model
 
     model_path, sidecar = export_model(run_dir, checkpoint, fmt=fmt, out=out, runs_dir=runs_dir)
-    Console().print(f"Wrote [bold]{escape(str(model_path))}[/bold] and [bold]{escape(str(sidecar))}[/bold] (class names, input shape, preprocessing)", highlight=False)
+    _console().print(f"Wrote [bold]{escape(str(model_path))}[/bold] and [bold]{escape(str(sidecar))}[/bold] (class names, input shape, preprocessing)", highlight=False)
 
 
 @app.command()
@@ -257,8 +269,11 @@ def bench(
     from fcclass.report import throughput_table, tta_table
 
     unknown = [m for m in model if m not in B.MODELS]
-    if unknown or mode not in ("throughput", "tta"):
-        raise FcclassError(f"--model must be among {', '.join(B.MODELS)} and --mode throughput or tta (got {unknown or mode}).")
+    if unknown:
+        raise FcclassError(f"Unknown --model {', '.join(unknown)}: the benchmark models are {' and '.join(B.MODELS)} "
+                           f"(configs/fashion_mnist.yaml's model and the PyTorch-examples net).")
+    if mode not in ("throughput", "tta"):
+        raise FcclassError(f"Unknown --mode {mode}: use throughput (images/s against PyTorch and Keras) or tta (time to accuracy).")
     console = _human_console(json_out)
     results: list[dict[str, Any]] = []
     if mode == "throughput":

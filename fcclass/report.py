@@ -173,7 +173,7 @@ def throughput_table(results: list[dict[str, Any]]) -> Table:
         k = next(r["keras"] for r in results if "keras" in r)
         table.caption = f"{where} Keras {k['version']} on its {k['backend']} backend. An epoch = 60,000 images."
     else:
-        table.caption = f"{where} An epoch = 60,000 images. No Keras column: not installed (pip install -e '.[bench]') or skipped."
+        table.caption = f"{where} An epoch = 60,000 images. No Keras column: not installed (pip install -e '.\\[bench]') or skipped."
     return table
 
 

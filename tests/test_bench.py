@@ -52,7 +52,9 @@ def test_time_to_accuracy_mode_reports_per_epoch_test_accuracy() -> None:
 
 def test_bench_rejects_unknown_models() -> None:
     res = runner.invoke(app, ["bench", "--model", "resnet"])
-    assert res.exit_code == 1 and "--model must be among" in res.output
+    assert res.exit_code == 1 and "Unknown --model resnet: the benchmark models are default and examples" in res.output
+    res = runner.invoke(app, ["bench", "--mode", "fast"])
+    assert res.exit_code == 1 and "Unknown --mode fast" in res.output
 
 
 @pytest.mark.skipif(not keras_available(), reason="Keras is not installed (pip install -e '.[bench]')")
@@ -73,3 +75,7 @@ def test_throughput_on_a_named_device_without_keras() -> None:
     assert res.exit_code == 0, res.output
     (r,) = json.loads(res.stdout)["results"]
     assert "keras" not in r and r["device"] == "cpu" and r["matmul_peak_dtype"] == "float32"
+    res = runner.invoke(app, ["bench", "--images", "64", "--model", "default", "--no-keras", "--data-root", str(DATA_ROOT)])
+    assert res.exit_code == 0, res.output
+    caption = " ".join(res.output.split())  # the table's caption wraps at the table's width
+    assert "Device: cpu" in caption and "pip install -e '.[bench]'" in caption  # Rich markup escaped
