@@ -170,6 +170,11 @@ def keras_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def keras_runs_on(device: torch.device) -> bool:
+    """Keras is installed and would train on ``device``, so its figures compare with the other loops'."""
+    return keras_available() and keras_device() == device.type
+
+
 def keras_loop(model_name: str, data_root: str, images: int) -> dict[str, Any]:
     """One epoch of ``model.fit`` on the same images, normalised in numpy, with the config's batch size and optimizer."""
     import numpy as np
@@ -258,7 +263,7 @@ def throughput(model_name: str, data_root: str = "data", images: int = 12_800, p
         "reference": lambda: reference_loop(model_name, data_root, images, dev),
         "fcclass": lambda: fcclass_loop(model_name, data_root, images, str(dev)),
     }
-    if keras and keras_available() and keras_device() == dev.type:
+    if keras and keras_runs_on(dev):
         loops["keras"] = lambda: keras_loop(model_name, data_root, images)
     best: dict[str, dict[str, Any]] = {}
     for _ in range(repeats):

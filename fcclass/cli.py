@@ -282,7 +282,7 @@ def bench(
         dev = select_device(device)
         peak_dtype = select_precision("auto", dev) or torch.float32  # the precision fcclass trains in there
         peak = B.matmul_peak_gflops(dev, peak_dtype)
-        with_keras = keras and B.keras_available() and B.keras_device() == dev.type
+        with_keras = keras and B.keras_runs_on(dev)
         if keras and B.keras_available() and not with_keras:
             console.print(f"[yellow]Keras skipped: its torch backend trains on {B.keras_device()}, not {dev.type}.[/yellow]")
         for name in model:
