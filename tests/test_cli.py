@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -167,3 +168,15 @@ def test_python_api_from_the_readme(trained_run: Path) -> None:
     report = evaluate(trained_run)
     assert report.per_class["Shirt"]["support"] == 50
     assert predict([ROOT / "samples" / "test_0.png"], trained_run)[0].label in report.class_names
+
+
+@needs_fashion
+def test_output_to_a_pipe_is_not_wrapped_at_80_columns(tmp_path: Path) -> None:
+    # `fcclass train > log` must keep each epoch line whole; Rich alone wraps at 80 columns without a terminal
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    out = subprocess.run([sys.executable, "-m", "fcclass.cli", "train", "--set", "data.limit_train=300", "--set", "train.epochs=1",
+                          "--set", f"data.root={DATA_ROOT}", "--set", "data.download=false", "--set", f"train.runs_dir={tmp_path}"],
+                         capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    (line,) = [line for line in out.stdout.splitlines() if line.startswith("epoch 1/1")]
+    assert len(line) > 80 and line.rstrip().endswith("* best")  # train loss ... val ... lr ... seconds, on one line
