@@ -1,10 +1,9 @@
-"""`fcclass bench`: fcclass's training loop against a plain PyTorch loop and the machine's matmul peak.
+"""`fcclass bench`: fcclass's training loop against a plain PyTorch loop, Keras and the machine's matmul peak.
 
-Throughput mode trains the same model on the same Fashion-MNIST images three ways in one process:
-(a) fcclass from a YAML config, (b) the loop of the PyTorch examples (torchvision dataset with
-ToTensor + Normalize, DataLoader, batch 64), (c) the GFLOP/s (a) achieves against a measured fp32 matmul
-peak. Time-to-accuracy mode trains a config and reports when test accuracy first reaches each target.
-"""
+Throughput mode trains the same model on the same Fashion-MNIST images in one process: (a) fcclass from a YAML
+config, (b) the loop of the PyTorch examples (torchvision dataset with ToTensor + Normalize, DataLoader, batch 64),
+(c) Keras's model.fit on the config's layers (when Keras is installed), and reports the GFLOP/s (a) achieves against
+a measured matmul peak. Time-to-accuracy mode trains a config and reports when test accuracy first reaches each target."""
 
 from __future__ import annotations
 
@@ -59,6 +58,7 @@ class DefaultNet(nn.Module):
 
 
 REFERENCE_NETS: dict[str, Callable[[], nn.Module]] = {"examples": ExamplesNet, "default": DefaultNet}
+FASHION_MEAN, FASHION_STD = 0.2860, 0.3530  # the training set's pixel statistics, as the examples hard-code them
 
 
 def _fashion_mnist(data_root: str, transform: Any = None) -> Any:
@@ -87,7 +87,7 @@ def reference_loop(model_name: str, data_root: str, images: int, device: torch.d
 
     device = device or torch.device("cpu")
     torch.manual_seed(0)
-    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.2860,), (0.3530,))])
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((FASHION_MEAN,), (FASHION_STD,))])
     dataset = _fashion_mnist(data_root, transform)
     loader = DataLoader(Subset(dataset, range(min(images, len(dataset)))), batch_size=64, shuffle=True)
     model = REFERENCE_NETS[model_name]().to(device)
@@ -180,7 +180,7 @@ def keras_loop(model_name: str, data_root: str, images: int) -> dict[str, Any]:
     import numpy as np
 
     raw = _fashion_mnist(data_root)
-    x = ((raw.data[:images].numpy().astype(np.float32) / 255.0 - 0.2860) / 0.3530)[..., None]
+    x = ((raw.data[:images].numpy().astype(np.float32) / 255.0 - FASHION_MEAN) / FASHION_STD)[..., None]
     y = raw.targets[:images].numpy()
     cfg = _config(model_name, data_root, [])
     keras = _import_keras()
@@ -226,6 +226,14 @@ def matmul_peak_gflops(device: torch.device | None = None, dtype: torch.dtype = 
     return 2 * size**3 / best / 1e9
 
 
+def training_peak(device: torch.device) -> tuple[float, str]:
+    """The matmul peak in the precision fcclass trains in on ``device`` (bf16 autocast on CUDA, else fp32), and its name."""
+    from fcclass.device import select_precision
+
+    dtype = select_precision("auto", device) or torch.float32
+    return matmul_peak_gflops(device, dtype), str(dtype).removeprefix("torch.")
+
+
 @dataclass
 class ThroughputResult:
     model: str
@@ -252,10 +260,11 @@ class ThroughputResult:
                       "matmul_peak_gflops": self.peak_gflops, "fraction_of_peak": self.achieved_gflops / self.peak_gflops}
 
 
-def throughput(model_name: str, data_root: str = "data", images: int = 12_800, peak: float | None = None,
+def throughput(model_name: str, data_root: str = "data", images: int = 12_800, peak: tuple[float, str] | None = None,
                repeats: int = 1, keras: bool = True, device: str = "auto") -> ThroughputResult:
     """Alternate the reference, Keras (when installed, ``keras`` and it trains on the same device) and fcclass
-    ``repeats`` times on ``device``; keep each one's best run (machines are noisy)."""
+    ``repeats`` times on ``device``; keep each one's best run (machines are noisy). ``peak``: a training_peak() to
+    reuse across models."""
     from fcclass.device import select_device
 
     dev = select_device(device)
@@ -271,9 +280,9 @@ def throughput(model_name: str, data_root: str = "data", images: int = 12_800, p
             result = run()
             if name not in best or result["images_per_s"] > best[name]["images_per_s"]:
                 best[name] = result
+    peak_gflops, peak_dtype = peak if peak is not None else training_peak(dev)
     return ThroughputResult(model_name, best["fcclass"], best["reference"], train_flops_per_image(model_name, data_root),
-                            peak if peak is not None else matmul_peak_gflops(dev), best.get("keras"),
-                            {"repeats": repeats, "device": str(dev)})
+                            peak_gflops, best.get("keras"), {"repeats": repeats, "device": str(dev), "matmul_peak_dtype": peak_dtype})
 
 
 def time_to_accuracy(model_name: str, targets: list[float], data_root: str = "data", overrides: list[str] | None = None,

@@ -277,19 +277,17 @@ def bench(
     console = _human_console(json_out)
     results: list[dict[str, Any]] = []
     if mode == "throughput":
-        from fcclass.device import select_device, select_precision
+        from fcclass.device import select_device
 
         dev = select_device(device)
-        peak_dtype = select_precision("auto", dev) or torch.float32  # the precision fcclass trains in there
-        peak = B.matmul_peak_gflops(dev, peak_dtype)
+        peak = B.training_peak(dev)
         with_keras = keras and B.keras_runs_on(dev)
         if keras and B.keras_available() and not with_keras:
             console.print(f"[yellow]Keras skipped: its torch backend trains on {B.keras_device()}, not {dev.type}.[/yellow]")
         for name in model:
             loops = "the PyTorch-examples loop, Keras and fcclass" if with_keras else "the PyTorch-examples loop and fcclass"
             console.print(f"[bold]{name}[/bold]: timing {loops} on {images:,} images ({dev})...")
-            result = B.throughput(name, data_root, images, peak=peak, repeats=repeats, keras=with_keras, device=device).to_dict()
-            results.append(result | {"matmul_peak_dtype": str(peak_dtype).removeprefix("torch.")})
+            results.append(B.throughput(name, data_root, images, peak=peak, repeats=repeats, keras=with_keras, device=device).to_dict())
         if json_out != "-":
             console.print(throughput_table(results))
     else:
