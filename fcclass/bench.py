@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from fcclass.callbacks import Callback
 from fcclass.config import Config, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,22 +112,35 @@ def _config(model_name: str, data_root: str, overrides: list[str], runs_dir: str
     return load_config(ROOT / MODELS[model_name], [f"data.root={data_root}", f"train.runs_dir={runs_dir}", *overrides])
 
 
-def _fit_in_scratch(cfg_args: tuple[str, str, list[str]], **kwargs: Any) -> Any:
+def _fit_in_scratch(cfg_args: tuple[str, str, list[str]], callbacks: list[Any]) -> Any:
     """fit() with the run written to a temporary folder that is removed afterwards: benchmarks keep no runs."""
     import tempfile
 
     from fcclass.train import fit
 
     with tempfile.TemporaryDirectory(prefix="fcclass-bench-") as scratch:
-        return fit(_config(*cfg_args, runs_dir=scratch), **kwargs)
+        return fit(_config(*cfg_args, runs_dir=scratch), callbacks=callbacks)
+
+
+class EpochClock(Callback):
+    """The seconds and images of each epoch's training part (validation excluded), read when its last batch ends
+    (the trainer has synchronised with the device there)."""
+
+    def __init__(self) -> None:
+        self.epochs: list[dict[str, float]] = []
+
+    def on_batch_end(self, trainer: Any, info: Any) -> None:
+        if info.batch == info.batches:
+            self.epochs.append({"epoch": info.epoch, "seconds": info.seconds, "images": info.images})
 
 
 def fcclass_loop(model_name: str, data_root: str, images: int, device: str = "auto") -> dict[str, float]:
     """One epoch over ``images`` training images with fcclass's loop (the config's batch size); images/s over its training part."""
     sets = [f"data.limit_train={images + max(1, images // 9)}", "data.val_split=0.1", "train.epochs=1", f"train.device={device}"]
-    result = _fit_in_scratch((model_name, data_root, sets))
-    row = result.history[0]
-    return {"images": row["train_images"], "seconds": row["train_seconds"], "images_per_s": row["train_images"] / row["train_seconds"]}
+    clock = EpochClock()
+    _fit_in_scratch((model_name, data_root, sets), [clock])
+    (epoch,) = clock.epochs
+    return {"images": epoch["images"], "seconds": epoch["seconds"], "images_per_s": epoch["images"] / epoch["seconds"]}
 
 
 # ----------------------------------------------------------------------------- Keras, on the same config
@@ -288,29 +302,29 @@ def throughput(model_name: str, data_root: str = "data", images: int = 12_800, p
 def time_to_accuracy(model_name: str, targets: list[float], data_root: str = "data", overrides: list[str] | None = None,
                      device: str = "auto") -> dict[str, Any]:
     """Train the config; after each epoch measure test accuracy; report cumulative training seconds per target."""
-    from fcclass.data import BatchPreprocess, load_dataset, make_loader
+    from fcclass.data import load_dataset, make_loader
     from fcclass.device import select_device
-    from fcclass.evaluation import predict_loader
+    from fcclass.inference import run_model
+
     sets = [f"train.device={device}", *(overrides or [])]
     cfg = _config(model_name, data_root, sets)
-    dev = select_device(device)
     test = load_dataset(cfg.data, cfg.seed, splits=("test",))
-    loader = make_loader(test.test, 256, False, 0, test.channels, test.size, device=dev)
+    loader = make_loader(test.test, 256, False, 0, test.channels, test.size, device=select_device(device))
+    clock = EpochClock()
     epochs: list[dict[str, float]] = []
-    clock = {"train": 0.0}
     reached: dict[str, float | None] = {f"{t:.4g}": None for t in targets}
 
-    def on_epoch(model: nn.Module, row: dict[str, float], prep: BatchPreprocess) -> None:
-        clock["train"] += row["train_seconds"]
-        logits, labels = predict_loader(model, loader, prep, dev)
-        acc = float((logits.argmax(1) == labels).float().mean())
-        epochs.append({"epoch": row["epoch"], "test_accuracy": acc, "train_seconds_cumulative": clock["train"]})
-        for t in targets:
-            if acc >= t and reached[f"{t:.4g}"] is None:
-                reached[f"{t:.4g}"] = clock["train"]
+    class TestAfterEpoch(Callback):
+        def on_epoch_end(self, trainer: Any, row: dict[str, Any], is_best: bool) -> None:
+            logits, labels = run_model(trainer.model, loader, trainer.eval_prep, trainer.device, trainer.amp_dtype)
+            acc = float((logits.argmax(1) == labels).float().mean())
+            seconds = sum(e["seconds"] for e in clock.epochs)
+            epochs.append({"epoch": row["epoch"], "test_accuracy": acc, "train_seconds_cumulative": seconds})
+            for t in targets:
+                if acc >= t and reached[f"{t:.4g}"] is None:
+                    reached[f"{t:.4g}"] = seconds
 
-    result = _fit_in_scratch((model_name, data_root, sets), on_epoch=on_epoch)
+    result = _fit_in_scratch((model_name, data_root, sets), [clock, TestAfterEpoch()])
     return {"model": model_name, "device": result.device, "epochs": epochs, "seconds_to_target": reached,
             "final_test_accuracy": epochs[-1]["test_accuracy"] if epochs else None,
-            "train_seconds_total": clock["train"]}
-
+            "train_seconds_total": sum(e["seconds"] for e in clock.epochs)}

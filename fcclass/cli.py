@@ -39,6 +39,10 @@ SetOpt = typer.Option(None, "--set", help="Override a config key: dotted.key=val
 JsonOpt = typer.Option(None, "--json", help="Write the result as JSON to FILE, or '-' for stdout (then nothing else goes to stdout).")
 RunsDirOpt = typer.Option(Path("runs"), "--runs-dir", help="Where runs are looked up.")
 DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N | mps")
+DataRootOpt = typer.Option(None, "--data-root", help="Where the run's data is now, if it moved: the dataset root (data.root) for "
+                           "torchvision sets, the image folder (data.path) for imagefolder runs.")
+AllowChangedOpt = typer.Option(False, "--allow-changed-data", help="Use the run's recorded files as they are now even if some "
+                               "changed or vanished since training (vanished ones are skipped), instead of refusing.")
 
 
 def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -92,45 +96,131 @@ def _write_file(path: Path, text: str, what: str) -> None:
 def train(
     config: Optional[Path] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run directory from its last completed epoch."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue a run directory from its last completed epoch, with its own config "
+                                          "(--set may change only train.epochs, early stopping, device, precision, threads and data locations)."),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the fully resolved config (YAML) and exit without training."),
+    log_interval: float = typer.Option(10.0, "--log-interval", min=0, help="Written to a file or pipe: a progress line every N seconds during an epoch (0: none)."),
     json_out: Optional[str] = JsonOpt,
 ) -> None:
-    """Train a model from a YAML config (default: Fashion-MNIST CNN) into runs/<name>-<timestamp>/."""
+    """Train a model from a YAML config (default: the Fashion-MNIST CNN) into runs/<name>-<timestamp>/."""
     _check_json_target(json_out)
+    if resume is not None and config is not None:
+        raise FcclassError(f"--resume continues '{resume}' with the config it was trained with ({resume / 'config.yaml'}), so -c/--config "
+                           f"cannot be combined with it. To train {config}, leave out --resume; to change a setting of the run on "
+                           "resume, use --set (see `fcclass train --help`).")
+    if print_config:
+        _print_config(_resolved_config(config, set_, resume), json_out)
+        return
     from fcclass.config import load_config
 
     cfg = None if resume is not None else load_config(config, set_)
-    from fcclass.train import fit
+    from fcclass.train import RunFinished, fit
 
     console = _human_console(json_out)
-    result = fit(cfg, resume=resume, overrides=set_ if resume is not None else None, console=console)
-    if result.extra.get("removed"):
+    try:
+        result = fit(cfg, resume=resume, overrides=set_ if resume is not None else None, console=console, log_interval=log_interval)
+    except RunFinished as e:
+        console.print(f"[yellow]{escape(str(e))}[/yellow]", highlight=False)
+        _emit_json(json_out, {"run_dir": str(resume), "finished": True, "message": str(e)})
+        return
+    for warning in result.warnings:
+        err_console.print(f"[yellow]Warning: {escape(warning)}[/yellow]", highlight=False)
+    if result.removed:
         raise typer.Exit(130)
     best = result.best or {}
     if best:
-        console.print(
-            f"[bold]Best epoch {result.best_epoch}[/bold]: val accuracy {best['val_accuracy']:.2%}, val loss {best['val_loss']:.4f}. "
-            f"Run saved in [bold]{escape(str(result.run_dir))}[/bold]\nNext: fcclass eval {escape(str(result.run_dir))}"
-        )
+        from fcclass.report import best_line
+
+        console.print(best_line(result), highlight=False)
+    from fcclass.report import rounded_row
+
     _emit_json(json_out, {"run_dir": str(result.run_dir), "epochs": len(result.history), "best_epoch": result.best_epoch,
-                          "best": best, "stopped_early": result.stopped_early, "interrupted": result.interrupted,
-                          "device": result.device, "history": result.history})
+                          "best": rounded_row(best) if best else {}, "stopped_early": result.stopped_early,
+                          "interrupted": result.interrupted is not None, "device": result.device, "precision": result.precision,
+                          "history": [rounded_row(r) for r in result.history]})
     if result.interrupted:
         raise typer.Exit(130)
+
+
+def _resolved_config(config: Optional[Path], set_: Optional[list[str]], run: Optional[Path]) -> Any:
+    """The config a command would use: a run's (with resume's --set), or -c/--set (default: the shipped default)."""
+    if run is not None:
+        from fcclass.train import resume_config
+
+        return resume_config(run, set_ or [])
+    from fcclass.config import load_config
+
+    return load_config(config, set_)
+
+
+def _print_config(cfg: Any, json_out: Optional[str]) -> None:
+    if json_out is not None:
+        _emit_json(json_out, cfg.to_dict())
+    if json_out != "-":
+        sys.stdout.write(cfg.to_yaml())
+
+
+@app.command("config")
+@_handle_errors
+def config_(
+    run_dir: Optional[Path] = typer.Argument(None, help="A run directory: print the config it was trained with."),
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    json_out: Optional[str] = JsonOpt,
+) -> None:
+    """Print a fully resolved config (every key, defaults filled in): of -c/--set, or of a run directory."""
+    _check_json_target(json_out)
+    if run_dir is not None and config is not None:
+        raise FcclassError("Give either a run directory or -c/--config, not both.")
+    if run_dir is not None and set_:
+        raise FcclassError("--set does not apply to a run's config; to see what a resume would use: fcclass train --resume RUN --set ... --print-config.")
+    if run_dir is not None:
+        from fcclass.runs import run_config
+
+        _print_config(run_config(run_dir), json_out)
+    else:
+        _print_config(_resolved_config(config, set_, None), json_out)
+
+
+@app.command()
+@_handle_errors
+def init(
+    directory: Path = typer.Argument(Path("."), help="Folder to write the config into (created if needed)."),
+    template: str = typer.Option("fashion_mnist", "--template", "-t", help="Which shipped config to start from (see the list in the error for an unknown name)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+) -> None:
+    """Write an editable starter config (a commented copy of a shipped config) and say how to train it."""
+    from fcclass.config import shipped_configs
+
+    configs = shipped_configs()
+    if template not in configs:
+        raise FcclassError(f"Unknown --template '{template}': the shipped configs are {', '.join(sorted(configs))}.")
+    target = directory / f"{template}.yaml"
+    if target.exists() and not force:
+        raise FcclassError(f"'{target}' already exists; pass --force to overwrite it, or choose another folder.")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FcclassError(f"Cannot create '{directory}': {e.strerror}.") from None
+    _write_file(target, configs[template].read_text(encoding="utf-8"), "the config")
+    console = _console()
+    console.print(f"Wrote [bold]{escape(str(target))}[/bold]. Edit it, then:", highlight=False)
+    console.print(f"  fcclass summary -c {escape(str(target))}\n  fcclass train -c {escape(str(target))}", highlight=False)
 
 
 @app.command("eval")
 @_handle_errors
 def eval_(
-    run_dir: Optional[Path] = typer.Argument(None, help="Run directory (default: the newest run in --runs-dir)."),
+    run_dir: Optional[Path] = typer.Argument(None, help="Run directory (default: the newest trained run in --runs-dir)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Evaluate this checkpoint file instead of a run."),
-    split: str = typer.Option("test", "--split", help="test | val"),
+    split: str = typer.Option("test", "--split", help="test | val (the split recorded when the run was trained)"),
     normalize: bool = typer.Option(False, "--normalize", help="Show the confusion matrix as fractions of each true label."),
     misclassified: int = typer.Option(0, "--misclassified", min=0, help="Save a PNG grid of N misclassified images."),
     save: bool = typer.Option(True, "--save/--no-save", help="Write eval.json and confusion_matrix.png beside the checkpoint."),
     json_out: Optional[str] = JsonOpt,
     runs_dir: Path = RunsDirOpt,
-    data_root: Optional[str] = typer.Option(None, "--data-root", help="Dataset root, if not where training found it."),
+    data_root: Optional[Path] = DataRootOpt,
+    allow_changed_data: bool = AllowChangedOpt,
     device: str = DeviceOpt,
 ) -> None:
     """Evaluate the best checkpoint: per-label accuracy, precision, F1, confusion matrix, most confused pairs."""
@@ -138,11 +228,12 @@ def eval_(
     from fcclass.evaluation import evaluate
 
     report = evaluate(run_dir, checkpoint, split=split, runs_dir=runs_dir, data_root=data_root, device=device,
-                      save=save, misclassified=misclassified)
+                      save=save, misclassified=misclassified, allow_changed_data=allow_changed_data)
+    console = _human_console(json_out)
+    _print_notes(console, report.notes)
     if json_out != "-":
         from fcclass.report import confused_pairs_table, confusion_table, eval_table
 
-        console = _console()
         console.print(f"Checkpoint: [bold]{escape(report.checkpoint)}[/bold]", highlight=False)
         console.print(eval_table(report))
         if len(report.class_names) <= 20:
@@ -153,30 +244,48 @@ def eval_(
     _emit_json(json_out, report.to_dict())
 
 
+def _print_notes(console: Console, notes: list[str]) -> None:
+    for note in notes:
+        console.print(f"[yellow]{escape(note)}[/yellow]" if not note.startswith("Run: ") else escape(note), highlight=False)
+
+
 @app.command()
 @_handle_errors
 def predict(
-    images: list[str] = typer.Argument(..., metavar="IMAGES...", help="Image files, folders (searched recursively) or glob patterns."),
-    run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: the newest run)."),
+    images: Optional[list[str]] = typer.Argument(None, metavar="[IMAGES]...", help="Image files, folders (searched recursively) or glob patterns."),
+    run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: the newest trained run)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Use this checkpoint file."),
+    split: Optional[str] = typer.Option(None, "--split", help="Instead of IMAGES: every image of the run's recorded train, val or test split, with its true label."),
     top_k: int = typer.Option(3, "--top-k", "-k", help="How many labels to show per image."),
     json_out: Optional[str] = JsonOpt,
     csv_out: Optional[Path] = typer.Option(None, "--csv", help="Also write the predictions as CSV to FILE."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per forward pass."),
     runs_dir: Path = RunsDirOpt,
+    data_root: Optional[Path] = DataRootOpt,
+    allow_changed_data: bool = AllowChangedOpt,
     device: str = DeviceOpt,
 ) -> None:
     """Predict the label of images with the preprocessing used in training. Exit status 1 if any image failed."""
     _check_json_target(json_out)
+    if bool(images) == (split is not None):
+        raise FcclassError("Give image files, folders or patterns to predict, or --split train|val|test for a split the run "
+                           "recorded (not both).")
+    from fcclass.inference import load_for_inference
     from fcclass.prediction import predict as run_predict
-    from fcclass.prediction import predictions_csv
+    from fcclass.prediction import predict_split, predictions_csv
 
-    preds = run_predict(images, run, checkpoint, top_k=top_k, runs_dir=runs_dir, device=device, batch_size=batch_size)
+    model = load_for_inference(run, checkpoint, runs_dir=runs_dir, device=device)
+    console = _human_console(json_out)
+    _print_notes(console, [model.note] if model.note else [])
+    if split is not None:
+        preds = predict_split(split, top_k=top_k, batch_size=batch_size, data_root=data_root, allow_changed_data=allow_changed_data, model=model)
+    else:
+        preds = run_predict(images or [], top_k=top_k, batch_size=batch_size, model=model)
     shown = max((len(p.top_k) for p in preds), default=1) or 1
     if json_out != "-":
         from fcclass.report import predict_table
 
-        _console().print(predict_table(preds, shown))
+        console.print(predict_table(preds, shown))
     if csv_out is not None:
         _write_file(csv_out, predictions_csv(preds, shown), "CSV")
     _emit_json(json_out, [p.to_dict() for p in preds])
@@ -219,22 +328,22 @@ def summary(
 @app.command()
 @_handle_errors
 def plot(
-    run_dir: Optional[Path] = typer.Argument(None, help="Run directory (default: the newest run in --runs-dir)."),
+    run_dir: Optional[Path] = typer.Argument(None, help="Run directory (default: the newest trained run in --runs-dir)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output PNG (default: RUN_DIR/curves.png)."),
     runs_dir: Path = RunsDirOpt,
 ) -> None:
     """Redraw a run's training curves: loss and accuracy (train vs val) and the learning rate per epoch."""
     from fcclass.plots import plot_curves
-    from fcclass.runs import newest_run
+    from fcclass.runs import newest_trained_run
 
-    path = plot_curves(run_dir if run_dir is not None else newest_run(runs_dir), out)
+    path = plot_curves(run_dir if run_dir is not None else newest_trained_run(runs_dir)[0], out)
     _console().print(f"Wrote [bold]{escape(str(path))}[/bold]", highlight=False)
 
 
 @app.command()
 @_handle_errors
 def export(
-    run_dir: Optional[Path] = typer.Argument(None, help="Run directory (default: the newest run in --runs-dir)."),
+    run_dir: Optional[Path] = typer.Argument(None, help="Run directory (default: the newest trained run in --runs-dir)."),
     fmt: str = typer.Option("onnx", "--format", "-f", help="onnx | torchscript"),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Export this checkpoint file instead of a run's best."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default: RUN_DIR/model.onnx or model.torchscript.pt)."),
@@ -243,7 +352,8 @@ def export(
     """Export the best checkpoint as a deployable model (pixels in [0, 1] in, probabilities out) plus a JSON description."""
     from fcclass.export import export_model
 
-    model_path, sidecar = export_model(run_dir, checkpoint, fmt=fmt, out=out, runs_dir=runs_dir)
+    model_path, sidecar, note = export_model(run_dir, checkpoint, fmt=fmt, out=out, runs_dir=runs_dir)
+    _print_notes(_console(), [note] if note else [])
     _console().print(f"Wrote [bold]{escape(str(model_path))}[/bold] and [bold]{escape(str(sidecar))}[/bold] (class names, input shape, preprocessing)", highlight=False)
 
 
@@ -274,12 +384,12 @@ def bench(
                            f"(configs/fashion_mnist.yaml's model and the PyTorch-examples net).")
     if mode not in ("throughput", "tta"):
         raise FcclassError(f"Unknown --mode {mode}: use throughput (images/s against PyTorch and Keras) or tta (time to accuracy).")
+    from fcclass.device import select_device
+
+    dev = select_device(device)
     console = _human_console(json_out)
     results: list[dict[str, Any]] = []
     if mode == "throughput":
-        from fcclass.device import select_device
-
-        dev = select_device(device)
         peak = B.training_peak(dev)
         with_keras = keras and B.keras_runs_on(dev)
         if keras and B.keras_available() and not with_keras:

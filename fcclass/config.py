@@ -328,7 +328,7 @@ def _mark(e: yaml.YAMLError) -> str:
     return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
 
 
-def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+def config_from_dict(raw: dict[str, Any], source: str = "config", stored: bool = False) -> Config:  # stored: placeholder until the config branch lands
     try:
         return Config.model_validate(raw)
     except ValidationError as e:

@@ -4,33 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
-from fcclass.data import BatchPreprocess, load_dataset, make_loader
-from fcclass.device import autocast, select_device, select_precision
+from fcclass.data import make_loader
 from fcclass.errors import FcclassError
-from fcclass.runs import load_trained, resolve_checkpoint
-
-
-def predict_loader(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], prep: BatchPreprocess,
-                   device: torch.device, amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (float32, CPU) and labels for every batch of ``loader``, in order."""
-    was_training = model.training
-    model.eval()
-    outs, labels = [], []
-    with torch.inference_mode():
-        for x, y in loader:
-            with autocast(device, amp_dtype):
-                logits = model(prep(x.to(device, non_blocking=True)))
-            outs.append(logits.float().cpu())
-            labels.append(y.cpu())
-    model.train(was_training)
-    if not outs:
-        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
-    return torch.cat(outs), torch.cat(labels)
+from fcclass.inference import load_for_inference
 
 
 @dataclass
@@ -49,6 +30,7 @@ class EvalReport:
     checkpoint: str = ""
     split: str = "test"
     files: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # how the run was chosen, data that changed since training
 
     def confused_pairs(self, n: int = 5) -> list[dict[str, Any]]:
         """The ``n`` largest off-diagonal cells: which label is most often taken for which."""
@@ -82,6 +64,7 @@ class EvalReport:
             "labels": self.class_names,
             "confusion_matrix": self.confusion.tolist(),
             "most_confused": self.confused_pairs(10),
+            "notes": self.notes,
         }
 
 
@@ -130,34 +113,31 @@ def compute_report(logits: torch.Tensor, labels: torch.Tensor, class_names: list
 
 
 def evaluate(run: str | Path | None = None, checkpoint: str | Path | None = None, *, split: str = "test",
-             runs_dir: str | Path = "runs", data_root: str | None = None, device: str = "auto",
-             batch_size: int = 256, save: bool = False, misclassified: int = 0) -> EvalReport:
-    """Evaluate the best checkpoint of ``run`` (default: the newest run) or ``checkpoint`` on a split of its dataset.
+             runs_dir: str | Path = "runs", data_root: str | Path | None = None, device: str = "auto",
+             batch_size: int = 256, save: bool = False, misclassified: int = 0, allow_changed_data: bool = False) -> EvalReport:
+    """Evaluate the best checkpoint of ``run`` (default: the newest trained run) or ``checkpoint`` on the split the run
+    recorded (``data_root``: where the run's data is now, if it moved; ``allow_changed_data``: use the recorded files
+    as they are now, skipping vanished ones, instead of refusing).
 
     ``save`` writes ``eval.json`` and ``confusion_matrix.png`` beside the checkpoint (``eval-val.json``... for the
     validation split); ``misclassified`` > 0 also draws that many misclassified images to ``misclassified.png``.
     """
     if split not in ("test", "val"):
         raise FcclassError(f"--split must be test or val, not '{split}'.")
-    path = resolve_checkpoint(run, checkpoint, runs_dir)
-    model, ckpt = load_trained(path)
-    cfg = ckpt["config_obj"]
-    data_cfg = cfg.data.model_copy(update={"root": data_root}) if data_root else cfg.data
-    ds = load_dataset(data_cfg, cfg.seed, splits=(split,) if split == "test" else ("val",))
-    part = ds.test if split == "test" else ds.val
-    if part is None or len(part) == 0:
-        raise FcclassError(f"The {split} split of '{cfg.data.dataset}' is empty.")
-    if list(ds.info.class_names) != list(ckpt["class_names"]):
-        raise FcclassError(f"The data's labels {ds.info.class_names} differ from the checkpoint's {ckpt['class_names']}; evaluate on the dataset the model was trained on.")
-    dev = select_device(device)
-    model.to(dev)
-    loader = make_loader(part, batch_size, False, cfg.seed, ds.channels, ds.size, device=dev, num_workers=cfg.data.num_workers)
-    logits, labels = predict_loader(model, loader, BatchPreprocess(ckpt["mean"], ckpt["std"]), dev,
-                                    select_precision("auto", dev))
-    report = compute_report(logits, labels, list(ckpt["class_names"]))
-    report.checkpoint, report.split = str(path), split
+    inf = load_for_inference(run, checkpoint, runs_dir=runs_dir, device=device)
+    ds = inf.dataset((split,), data_root, allow_changed_data)
+    part = ds.splits[split]
+    if len(part) == 0:
+        why = " (data.val_split was 0)" if split == "val" else ""
+        raise FcclassError(f"The {split} split of this run is empty{why}; evaluate another split.")
+    cfg = inf.config
+    loader = make_loader(part, batch_size, False, cfg.seed, ds.channels, ds.size, device=inf.device, num_workers=cfg.data.num_workers)
+    logits, labels = inf.run_loader(loader)
+    report = compute_report(logits, labels, inf.class_names)
+    report.checkpoint, report.split = str(inf.path), split
+    report.notes = [n for n in (inf.note, *ds.notes) if n]
     if save or misclassified:
-        _save_artifacts(report, part, ds, path.parent, save, misclassified)
+        _save_artifacts(report, part, ds, inf.path.parent, save, misclassified)
     return report
 
 

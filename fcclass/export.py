@@ -14,7 +14,8 @@ from torch import nn
 
 from fcclass.data import LUMA
 from fcclass.errors import FcclassError
-from fcclass.runs import atomic_write_text, load_trained, resolve_checkpoint
+from fcclass.inference import Inference, load_for_inference
+from fcclass.runs import atomic_write_text
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
 
@@ -34,17 +35,15 @@ class Deployable(nn.Module):
 
 
 def export_model(run: str | Path | None = None, checkpoint: str | Path | None = None, *, fmt: str = "onnx",
-                 out: str | Path | None = None, runs_dir: str | Path = "runs") -> tuple[Path, Path]:
-    """Write the model (default ``RUN_DIR/model.onnx``) and ``<file>.json`` describing its input and output."""
+                 out: str | Path | None = None, runs_dir: str | Path = "runs") -> tuple[Path, Path, str | None]:
+    """Write the model (default ``RUN_DIR/model.onnx``) and ``<file>.json`` describing its input and output.
+    Returns both paths and, when the newest run was picked, which one."""
     if fmt not in FORMATS:
         raise FcclassError(f"--format must be one of {', '.join(FORMATS)}, not '{fmt}'.")
-    path = resolve_checkpoint(run, checkpoint, runs_dir)
-    net, ckpt = load_trained(path)
-    shape = [int(s) for s in ckpt["input_shape"]]
-    if len(shape) != 3:
-        raise FcclassError(f"'{path}' was trained on feature vectors {shape}; export supports image models.")
-    model = Deployable(net.float().cpu(), list(ckpt["mean"]), list(ckpt["std"])).eval()
-    target = Path(out) if out is not None else path.parent / FORMATS[fmt]
+    inf = load_for_inference(run, checkpoint, runs_dir=runs_dir, device="cpu")
+    shape = list(inf.image_shape)
+    model = Deployable(inf.model.float(), list(inf.checkpoint.mean), list(inf.checkpoint.std)).eval()
+    target = Path(out) if out is not None else inf.path.parent / FORMATS[fmt]
     target.parent.mkdir(parents=True, exist_ok=True)
     example = torch.rand(2, *shape)
     tmp = target.with_name(f".{target.name}.tmp")
@@ -59,8 +58,8 @@ def export_model(run: str | Path | None = None, checkpoint: str | Path | None = 
     finally:
         tmp.unlink(missing_ok=True)
     sidecar = target.with_name(target.name + ".json")
-    atomic_write_text(sidecar, json.dumps(describe(ckpt, fmt, target.name, str(path)), indent=2) + "\n")
-    return target, sidecar
+    atomic_write_text(sidecar, json.dumps(describe(inf, fmt, target.name), indent=2) + "\n")
+    return target, sidecar, inf.note
 
 
 def _export_onnx(model: nn.Module, example: torch.Tensor, target: Path) -> None:
@@ -78,13 +77,13 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, target: Path) -> None:
         program.save(str(target))
 
 
-def describe(ckpt: dict[str, Any], fmt: str, filename: str, checkpoint: str) -> dict[str, Any]:
-    c, h, w = (int(s) for s in ckpt["input_shape"])
+def describe(inf: Inference, fmt: str, filename: str) -> dict[str, Any]:
+    c, h, w = inf.image_shape
     return {
         "format": fmt,
         "file": filename,
-        "checkpoint": checkpoint,
-        "class_names": list(ckpt["class_names"]),
+        "checkpoint": str(inf.path),
+        "class_names": inf.class_names,
         "input": {
             "name": "image",
             "shape": ["batch", c, h, w],
@@ -96,9 +95,9 @@ def describe(ckpt: dict[str, Any], fmt: str, filename: str, checkpoint: str) -> 
                 "divide the uint8 pixel values by 255",
                 "layout: channels first (N, C, H, W)",
             ],
-            "normalization_inside_model": {"mean": list(ckpt["mean"]), "std": list(ckpt["std"])},
+            "normalization_inside_model": {"mean": list(inf.checkpoint.mean), "std": list(inf.checkpoint.std)},
             "luma_weights": list(LUMA),
         },
-        "output": {"name": "probabilities", "shape": ["batch", len(ckpt["class_names"])],
+        "output": {"name": "probabilities", "shape": ["batch", len(inf.class_names)],
                    "meaning": "softmax probabilities, in the order of class_names"},
     }

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.markup import escape
 from rich.table import Table
 
@@ -25,62 +24,73 @@ def summary_table(summary: Any, title: str = "Model") -> Table:
     return table
 
 
-def print_training_header(console: Console, cfg: Any, ds: Any, model: Any, device: Any, amp_dtype: Any,
-                          weights: Any, run_dir: Any, resumed: bool, start_epoch: int) -> None:
-    console.print(summary_table(model.summary()))
-    precision = {None: "fp32"}.get(amp_dtype, str(amp_dtype).removeprefix("torch."))
-    console.print(f"Device: [bold]{device}[/bold] ({precision})   Run: [bold]{escape(str(run_dir))}[/bold]"
-                  + (f"   [yellow]resuming after epoch {start_epoch}[/yellow]" if resumed else ""))
-    table = Table(title=f"Data: {cfg.data.dataset}", title_justify="left")
+def print_training_header(console: Console, trainer: Any) -> None:
+    """The model table, device and run, and the data table (counts per label, class weights) before training."""
+    from fcclass.device import precision_name
+
+    console.print(summary_table(trainer.model.summary()))
+    resumed = ""
+    if trainer.resumed:
+        resumed = f"   [yellow]resuming after epoch {trainer.state.epoch}[/yellow]"
+        if trainer.replanned:
+            resumed += f" [yellow](train.epochs is now {trainer.cfg.train.epochs}: the LR schedule is re-planned)[/yellow]"
+    console.print(f"Device: [bold]{trainer.device}[/bold] ({precision_name(trainer.amp_dtype)})   "
+                  f"Run: [bold]{escape(str(trainer.run_dir))}[/bold]{resumed}", highlight=False)
+    info, weights = trainer.data.info, trainer.class_weights
+    table = Table(title=f"Data: {escape(trainer.cfg.data.dataset)}", title_justify="left")
     table.add_column("Label")
     table.add_column("Train", justify="right")
     table.add_column("Val", justify="right")
     if weights is not None:
         table.add_column("Class weight", justify="right")
-    for i, name in enumerate(ds.info.class_names):
-        row = [escape(name), f"{ds.info.train_counts[i]:,}", f"{ds.info.val_counts[i]:,}"]
+    for i, name in enumerate(info.class_names):
+        row = [escape(name), f"{info.train_counts[i]:,}", f"{info.val_counts[i]:,}"]
         if weights is not None:
             row.append(f"{float(weights[i]):.3f}")
         table.add_row(*row)
     table.add_section()
-    table.add_row("[bold]Total[/bold]", f"{sum(ds.info.train_counts):,}", f"{sum(ds.info.val_counts):,}", *([""] if weights is not None else []))
+    table.add_row("[bold]Total[/bold]", f"{sum(info.train_counts):,}", f"{sum(info.val_counts):,}", *([""] if weights is not None else []))
     console.print(table)
+    if trainer.val_loader is None:
+        t = trainer.cfg.train
+        console.print(f"[yellow]No validation split (data.val_split is 0): best.pt keeps the epoch with the best "
+                      f"{trainer.monitor_name(t.checkpoint.monitor)} and early stopping follows "
+                      f"{trainer.monitor_name(t.early_stopping.monitor)} instead.[/yellow]")
+    for note in trainer.data.notes:
+        console.print(f"[yellow]{escape(note)}[/yellow]")
 
 
-class EpochProgress:
-    """A per-epoch Rich progress bar with the running loss and accuracy; silent without a console."""
-
-    def __init__(self, console: Console | None, epoch: int, epochs: int, batches: int) -> None:
-        self.progress = None
-        if console is not None and console.is_terminal:  # a live bar only where someone watches it
-            self.progress = Progress(
-                TextColumn(f"epoch {epoch}/{epochs}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.2%}"),
-                TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
-            )
-            self.task = self.progress.add_task("train", total=batches, loss=float("nan"), acc=0.0)
-
-    def __enter__(self) -> "EpochProgress":
-        if self.progress is not None:
-            self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.progress is not None:
-            self.progress.__exit__(*exc)
-
-    def update(self, batch: int, loss: float, acc: float) -> None:
-        if self.progress is not None:
-            self.progress.update(self.task, completed=batch, loss=loss, acc=acc)
-
-
-def print_epoch(console: Console, row: dict[str, float], epochs: int, is_best: bool) -> None:
+def print_epoch(console: Console, row: dict[str, Any], epochs: int, is_best: bool) -> None:
+    val = (f"val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.2%}  " if row.get("val_loss") is not None else "")
     console.print(
         f"epoch {row['epoch']:>{len(str(epochs))}}/{epochs}  "
-        f"train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.2%}  "
-        f"val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.2%}  "
-        f"lr {row['lr']:.2e}  {row['seconds']:.1f}s" + ("  [green]* best[/green]" if is_best else "")
+        f"train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.2%}  {val}"
+        f"lr {row['lr']:.2e}  {row['seconds']:.1f}s" + ("  [green]* best[/green]" if is_best else ""),
+        highlight=False,
     )
+
+
+def best_line(result: Any) -> str:
+    """The closing line of `fcclass train`: the best epoch, where the run is, what to do next."""
+    best = result.best
+    val = (f"val accuracy {best['val_accuracy']:.2%}, val loss {best['val_loss']:.4f}" if best.get("val_loss") is not None
+           else f"train accuracy {best['train_accuracy']:.2%}, train loss {best['train_loss']:.4f} (no validation split)")
+    return (f"[bold]Best epoch {result.best_epoch}[/bold]: {val}. Run saved in [bold]{escape(str(result.run_dir))}[/bold]\n"
+            f"Next: fcclass eval {escape(str(result.run_dir))}")
+
+
+def rounded_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A metrics row for JSON, rounded as the human output shows it: losses and accuracies to 4 decimals
+    (accuracy 0.9293 = 92.93%), the learning rate to 3 significant digits, seconds to 0.1."""
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        if not isinstance(value, float):
+            out[key] = value
+        elif key == "lr":
+            out[key] = float(f"{value:.3g}")
+        else:
+            out[key] = round(value, 1 if key == "seconds" else 4)
+    return out
 
 
 def eval_table(report: Any, highlight: int = 3) -> Table:
@@ -135,16 +145,23 @@ def confused_pairs_table(report: Any, n: int = 5) -> Table:
 
 
 def predict_table(preds: list[Any], top_k: int) -> Table:
+    """One row per image: its top-k labels (and, on a recorded split, the true label; wrong top-1 in red)."""
+    truth = any(p.true_label is not None for p in preds)
     table = Table(title_justify="left")
     table.add_column("Image", overflow="fold")
+    if truth:
+        table.add_column("True label")
     for i in range(top_k):
         table.add_column(f"Top {i + 1}" if top_k > 1 else "Label")
     for p in preds:
+        lead = [escape(p.path), *([escape(p.true_label or "")] if truth else [])]
         if p.error is not None:
-            table.add_row(escape(p.path), f"[red]error: {escape(p.error)}[/red]", *[""] * (top_k - 1))
+            table.add_row(*lead, f"[red]error: {escape(p.error)}[/red]", *[""] * (top_k - 1))
         else:
             cells = [escape(f"{t['label']} ({t['probability']:.1%})") for t in p.top_k]
-            table.add_row(escape(p.path), *cells, *[""] * (top_k - len(cells)))
+            if truth and p.label != p.true_label:
+                cells[0] = f"[red]{cells[0]}[/red]"
+            table.add_row(*lead, *cells, *[""] * (top_k - len(cells)))
     return table
 
 

@@ -1,4 +1,5 @@
-"""The training loop: device and precision, optimizer and LR schedule, checkpoints, resume, early stopping."""
+"""The trainer: setup, one epoch, validation, checkpoints. Training state is a typed dataclass; side effects other
+than the run directory (console output, curves, trackers) are callbacks. No Rich and no plotting here."""
 
 from __future__ import annotations
 
@@ -10,21 +11,27 @@ import shutil
 import signal
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from fcclass.config import Config, SchedulerConfig, config_from_dict, load_config
-from fcclass.device import autocast, select_device, select_precision
-from fcclass.data import BatchPreprocess, Dataset, channel_stats, load_dataset, make_loader
+from fcclass.callbacks import BatchEnd, Callback, ConsoleProgress, Curves
+from fcclass.config import Config, load_config
+from fcclass.data import (BatchPreprocess, Dataset, SplitRecord, class_weights, data_root, dataset_from_record, epoch_seed,
+                          load_dataset, make_loader, normalization)
+from fcclass.device import autocast, precision_name, select_device, select_precision
 from fcclass.errors import CheckpointError, FcclassError
+from fcclass.inference import run_model
 from fcclass.model import Network, build_model
-from fcclass.plots import plot_curves
-from fcclass.registries import OPTIMIZERS, SCHEDULERS
-from fcclass.runs import BEST, LAST, atomic_write_text, create_run_dir, load_checkpoint, save_checkpoint
+from fcclass.registries import OPTIMIZERS
+from fcclass.resume import RESUMABLE_KEYS, RunFinished, check_more_to_train, config_for_resume, resumable_checkpoint
+from fcclass.runs import BEST, LAST, Checkpoint, RunWriteError, atomic_write_text, create_run_dir, os_error_reason
+from fcclass.schedule import LRSchedule
+
+__all__ = ["RESUMABLE_KEYS", "RunFinished", "TrainResult", "TrainState", "Trainer", "TrainingDiverged", "fit", "resume_config"]
 
 METRIC_FIELDS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds"]
 
@@ -34,97 +41,40 @@ class TrainingDiverged(FcclassError):
 
 
 @dataclass
+class TrainState:
+    """Everything about the progress of a run that resume needs, beyond the weights and optimizer."""
+
+    epoch: int = 0  # completed epochs
+    history: list[dict[str, Any]] = field(default_factory=list)  # one metrics row per completed epoch
+    best_epoch: int | None = None
+    best: dict[str, Any] | None = None  # the best epoch's row (train.checkpoint.monitor)
+    es_best: float | None = None  # early stopping: best value of its monitor so far
+    es_wait: int = 0  # early stopping: epochs since it improved
+    stopped_early: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "TrainState":
+        return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
+
+
+@dataclass
 class TrainResult:
     run_dir: Path
-    history: list[dict[str, float]]
+    history: list[dict[str, Any]]
     best_epoch: int | None
-    best: dict[str, float] | None
+    best: dict[str, Any] | None
     stopped_early: bool = False
-    interrupted: bool = False
+    interrupted: str | None = None  # the signal that stopped training (SIGINT, SIGTERM), if one did
+    removed: bool = False  # interrupted before any epoch completed: the run directory was removed
     device: str = "cpu"
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-# ----------------------------------------------------------------------------- LR schedule with warm-up
-class LRSchedule:
-    """The configured scheduler, preceded by a linear warm-up over ``warmup_epochs``; steps per batch or epoch."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int) -> None:
-        self.optimizer = optimizer
-        self.cfg = cfg
-        self.warmup_steps = min(cfg.warmup_epochs, max(epochs - 1, 0)) * steps_per_epoch
-        main_epochs = max(1, epochs - cfg.warmup_epochs)
-        self.scheduler, self.interval = SCHEDULERS[cfg.name](optimizer, cfg, main_epochs, steps_per_epoch)
-        self.base_lrs = [g["lr"] for g in optimizer.param_groups]  # the main schedule's starting LRs
-        self.step_count = 0
-        if self.warmup_steps:
-            self._set_scale(1 / self.warmup_steps)
-
-    def _set_scale(self, scale: float) -> None:
-        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = base * scale
-
-    @property
-    def lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
-
-    def after_batch(self) -> None:
-        self.step_count += 1
-        if self.step_count < self.warmup_steps:
-            self._set_scale((self.step_count + 1) / self.warmup_steps)
-        elif self.step_count == self.warmup_steps:
-            self._set_scale(1.0)
-        elif self.interval == "batch" and self.scheduler is not None:
-            if not (self.cfg.name == "onecycle" and self.scheduler.last_epoch + 1 >= self.scheduler.total_steps):
-                self.scheduler.step()
-
-    def after_epoch(self, metrics: dict[str, float]) -> None:
-        if self.step_count <= self.warmup_steps or self.scheduler is None:
-            return
-        if self.interval == "epoch":
-            self.scheduler.step()
-        elif self.interval == "plateau":
-            self.scheduler.step(metrics[self.cfg.monitor])
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step_count": self.step_count, "base_lrs": self.base_lrs,
-                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step_count = state["step_count"]
-        self.base_lrs = state["base_lrs"]
-        if self.scheduler is not None and state["scheduler"] is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
+    precision: str = "fp32"
+    warnings: list[str] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- helpers
-def class_weights(cfg: Config, ds: Dataset) -> torch.Tensor | None:
-    spec = cfg.train.class_weight
-    if spec is None:
-        return None
-    names = ds.info.class_names
-    if spec == "balanced":
-        counts = torch.tensor(ds.info.train_counts, dtype=torch.float64)
-        weights = counts.sum() / (len(names) * counts.clamp_min(1))
-        return weights.float()
-    unknown = [k for k in spec if k not in names]
-    if unknown:
-        raise FcclassError(f"train.class_weight names unknown label(s) {unknown}; the labels are: {', '.join(names)}.")
-    return torch.tensor([float(spec.get(n, 1.0)) for n in names])
-
-
-def normalization(cfg: Config, ds: Dataset) -> tuple[list[float], list[float]]:
-    norm = cfg.data.normalize
-    channels = ds.info.input_shape[0]
-    if norm == "none":
-        return [], []
-    if norm == "auto":
-        return channel_stats(ds.train, channels, ds.size)
-    if len(norm.mean) != channels:
-        raise FcclassError(f"data.normalize has {len(norm.mean)} mean/std values but the images have {channels} channel(s); give one per channel.")
-    return list(norm.mean), list(norm.std)
-
-
 def model_input_shape(cfg: Config, ds: Dataset) -> list[int]:
     data_shape = list(ds.info.input_shape)
     want = cfg.model.input_shape
@@ -139,8 +89,8 @@ def model_input_shape(cfg: Config, ds: Dataset) -> list[int]:
 
 
 @contextmanager
-def _stop_on_signals() -> Iterator[dict[str, Any]]:
-    """SIGINT/SIGTERM set a flag: the loop stops at the next batch with the last checkpoint saved."""
+def stop_on_signals() -> Iterator[dict[str, Any]]:
+    """SIGINT/SIGTERM set a flag: the loop stops at the next batch with the last completed epoch saved."""
     flag: dict[str, Any] = {"signal": None}
 
     def handler(signum: int, frame: Any) -> None:
@@ -161,230 +111,313 @@ def _stop_on_signals() -> Iterator[dict[str, Any]]:
             signal.signal(sig, h)
 
 
-def write_metrics_csv(path: Path, history: list[dict[str, float]]) -> None:
+def metrics_csv(history: Sequence[dict[str, Any]]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in history:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    atomic_write_text(path, buf.getvalue())
+        writer.writerow({k: ("" if v is None else f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    return buf.getvalue()
 
 
 def _improved(value: float, best: float | None, monitor: str, min_delta: float = 0.0) -> bool:
     if best is None:
         return True
-    return value < best - min_delta if monitor == "val_loss" else value > best + min_delta
+    return value < best - min_delta if monitor.endswith("loss") else value > best + min_delta
 
 
-# ----------------------------------------------------------------------------- the loop
-def fit(
-    cfg: Config | None = None,
-    *,
-    resume: str | Path | None = None,
-    overrides: list[str] | None = None,
-    console: Any = None,
-    on_epoch: Callable[[Network, dict[str, float], BatchPreprocess], None] | None = None,
-) -> TrainResult:
+# ----------------------------------------------------------------------------- the trainer
+class Trainer:
+    """One run's training. Build it with ``Trainer.start(cfg)`` (a new run directory) or ``Trainer.resume(run_dir)``,
+    then ``fit()``. Callbacks observe every step; the trainer itself writes only the run directory."""
+
+    def __init__(self, cfg: Config, run_dir: Path | None, data: Dataset, mean: list[float], std: list[float],
+                 state: TrainState, callbacks: Sequence[Callback] = (), resumed: bool = False) -> None:
+        assert data.train is not None and data.val is not None
+        self.cfg, self.run_dir, self.data, self.mean, self.std, self.state = cfg, run_dir, data, mean, std, state
+        self.callbacks, self.resumed = list(callbacks), resumed
+        self.replanned = False  # resumed with another train.epochs: the LR schedule was re-planned
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.device = select_device(cfg.train.device)
+        self.amp_dtype = select_precision(cfg.train.precision, self.device)
+        torch.manual_seed(cfg.seed)  # the initial weights
+        self.input_shape = model_input_shape(cfg, data)
+        self.model: Network = build_model(cfg.model, self.input_shape, data.info.num_classes).to(self.device)
+        self.class_weights = class_weights(cfg.train.class_weight, data.info)
+        d = cfg.data
+        self.train_loader = make_loader(data.train, d.batch_size, True, cfg.seed, data.channels, data.size,
+                                        balanced=d.sampler == "balanced", device=self.device, num_workers=d.num_workers)
+        self.val_loader = (make_loader(data.val, 256, False, cfg.seed, data.channels, data.size, device=self.device,
+                                       num_workers=d.num_workers) if len(data.val) else None)
+        self.train_prep = BatchPreprocess(mean, std, d.augment, cfg.seed)
+        self.eval_prep = BatchPreprocess(mean, std)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise FcclassError("Every layer is frozen (trainable: false), so there is nothing to train; unfreeze at least one layer.")
+        self.params = params
+        self.optimizer = OPTIMIZERS[cfg.optimizer.name](params, cfg.optimizer)
+        self.schedule = LRSchedule(self.optimizer, cfg.scheduler, cfg.train.epochs, len(self.train_loader))
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
+        weight = self.class_weights.to(self.device) if self.class_weights is not None else None
+        self.loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.train.label_smoothing)
+        self.sync_every = 1 if self.device.type == "cpu" else 25  # reading the loss waits for the GPU
+        self._stop: dict[str, Any] = {"signal": None}
+
+    # ------------------------------------------------------------------------- building
+    @classmethod
+    def start(cls, cfg: Config, callbacks: Sequence[Callback] = ()) -> "Trainer":
+        """A new run: draw and record the splits, build everything, then create the run directory."""
+        cfg = with_absolute_paths(cfg)
+        data = load_dataset(cfg.data, cfg.seed)
+        mean, std = normalization(cfg.data, data)
+        trainer = cls(cfg, None, data, mean, std, TrainState(), callbacks)
+        record = data.record()
+        run_dir = trainer.run_dir = create_run_dir(cfg.train.runs_dir, cfg.name)
+        try:
+            for name, text in (("config.yaml", cfg.to_yaml()), ("classes.json", json.dumps(data.info.class_names, indent=2) + "\n"),
+                               ("splits.json", record.to_json())):
+                atomic_write_text(run_dir / name, text)
+            trainer.checkpoint(None, training=True).save(run_dir / LAST)  # epoch 0: a run killed in epoch 1 can resume
+        except OSError as e:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise RunWriteError(f"Cannot write the new run directory '{run_dir}': {os_error_reason(e)}. "
+                                "Set train.runs_dir to a writable folder with free space.") from None
+        return trainer
+
+    @classmethod
+    def resume(cls, run_dir: str | Path, overrides: Sequence[str] = (), callbacks: Sequence[Callback] = ()) -> "Trainer":
+        """Continue a run from its last completed epoch, with the config it was trained with (and the ``--set``
+        changes RESUMABLE_KEYS allows); the recorded splits, so the data is the same."""
+        run_dir = Path(run_dir)
+        ckpt = resumable_checkpoint(run_dir)
+        cfg = config_for_resume(run_dir, ckpt, overrides)
+        state = TrainState.from_dict(ckpt.train_state or {})
+        es = cfg.train.early_stopping
+        state.stopped_early = es.patience is not None and state.es_wait >= es.patience
+        check_more_to_train(run_dir, cfg, state)
+        record = SplitRecord.read(run_dir)
+        if record is None:
+            raise CheckpointError(f"Cannot resume '{run_dir}': its splits.json is missing, so the data it trained on is unknown.")
+        data = dataset_from_record(cfg.data, record, ("train", "val"), root=data_root(cfg.data))
+        trainer = cls(cfg, run_dir, data, list(ckpt.mean), list(ckpt.std), state, callbacks, resumed=True)
+        trainer.restore(ckpt)
+        try:
+            if cfg.to_dict() != ckpt.config:
+                atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+            if state.best is not None and state.best_epoch == state.epoch:  # best.pt may have failed to save last time
+                trainer.checkpoint(state.best, training=False).save(run_dir / BEST)
+        except OSError as e:
+            raise RunWriteError(f"Cannot write to '{run_dir}': {os_error_reason(e)}. Free some space or make it writable, then resume again.") from None
+        return trainer
+
+    def restore(self, ckpt: Checkpoint) -> None:
+        """Weights, optimizer, schedule and grad scaler from ``ckpt``. A schedule planned for another number of
+        epochs (``--set train.epochs=N`` on resume) is re-planned for the new one and stepped to where the run is."""
+        self.model.load_state_dict(ckpt.model_state)
+        planned = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(ckpt.optimizer_state)
+        if self.schedule.same_plan(ckpt.schedule_state or {}):
+            self.schedule.load_state_dict(ckpt.schedule_state or {})
+        else:
+            for group, values in zip(self.optimizer.param_groups, planned):
+                group.update(values)
+            self.replanned = True
+            monitor = self.monitor_name(self.cfg.scheduler.monitor)
+            self.schedule.fast_forward(self.state.epoch, lambda e: self.state.history[e - 1].get(monitor))
+        if self.scaler is not None and ckpt.scaler_state:
+            self.scaler.load_state_dict(ckpt.scaler_state)
+
+    def checkpoint(self, row: dict[str, Any] | None, training: bool) -> Checkpoint:
+        """The checkpoint of the current state: best.pt's (inference) or last.pt's (``training``: resumable)."""
+        ckpt = Checkpoint(self.model.state_dict(), self.cfg.to_dict(), list(self.data.info.class_names), list(self.input_shape),
+                          list(self.mean), list(self.std), self.state.epoch, row)
+        if training:
+            ckpt.optimizer_state, ckpt.schedule_state = self.optimizer.state_dict(), self.schedule.state_dict()
+            ckpt.scaler_state = self.scaler.state_dict() if self.scaler is not None else None
+            ckpt.train_state = self.state.to_dict()
+        return ckpt
+
+    def monitor_name(self, name: str) -> str:
+        """The metric actually monitored: without a validation split, train_* stands in for val_*."""
+        return name if self.val_loader is not None else name.replace("val_", "train_")
+
+    # ------------------------------------------------------------------------- the loop
+    def fit(self) -> TrainResult:
+        assert self.run_dir is not None
+        self._emit("on_fit_start")
+        result = TrainResult(self.run_dir, self.state.history, None, None, device=str(self.device),
+                             precision=precision_name(self.amp_dtype))
+        try:
+            with stop_on_signals() as stop:
+                self._stop = stop
+                for epoch in range(self.state.epoch + 1, self.cfg.train.epochs + 1):
+                    self._emit("on_epoch_start", epoch)
+                    started = time.perf_counter()
+                    row = self.train_epoch(epoch)
+                    if row is None:
+                        result.interrupted = stop["signal"]
+                        self._emit("on_interrupt", stop["signal"], epoch)
+                        break
+                    row.update(self.validate())
+                    row["seconds"] = time.perf_counter() - started
+                    is_best = self.end_epoch(row)
+                    self._emit("on_epoch_end", row, is_best)
+                    if self.state.stopped_early:
+                        break
+        except BaseException:
+            if self.state.epoch == 0 and not self.resumed:
+                shutil.rmtree(self.run_dir, ignore_errors=True)  # nothing was learned: leave no half-made run behind
+            raise
+        if result.interrupted and self.state.epoch == 0 and not self.resumed:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            result.removed = True
+        result.history, result.best_epoch, result.best = self.state.history, self.state.best_epoch, self.state.best
+        result.stopped_early = self.state.stopped_early
+        self._emit("on_fit_end", result)
+        return result
+
+    def _set_epoch(self, epoch: int) -> None:
+        """Every random stream of an epoch (order, augmentation, dropout) is seeded from (seed, epoch): a resumed run
+        repeats an uninterrupted one exactly, with no generator state to carry over."""
+        self.train_loader.set_epoch(epoch)
+        self.train_prep.set_epoch(epoch)
+        torch.manual_seed(epoch_seed(self.cfg.seed, epoch, "model"))
+
+    def train_epoch(self, epoch: int) -> dict[str, Any] | None:
+        """One pass over the training split; None if a signal stopped it."""
+        self._set_epoch(epoch)
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.device)  # float32: MPS has no float64
+        correct = torch.zeros((), device=self.device, dtype=torch.int64)
+        seen, lr_sum, batches = 0, 0.0, len(self.train_loader)
+        loss_mean = accuracy = float("nan")
+        started = time.perf_counter()
+        for batch, (x, y) in enumerate(self.train_loader, 1):
+            lr_sum += self.schedule.lr
+            loss, logits, y = self.step(x, y)
+            loss_sum += loss * y.numel()
+            correct += (logits.argmax(1) == y).sum()
+            seen += y.numel()
+            if batch % self.sync_every == 0 or batch == batches:
+                loss_mean, accuracy = float(loss_sum) / seen, float(correct) / seen
+                if not math.isfinite(loss_mean):
+                    raise self._diverged(epoch, batch, loss_mean)
+            self._emit("on_batch_end", BatchEnd(epoch, batch, batches, seen, loss_mean, accuracy, time.perf_counter() - started))
+            if self._stop["signal"]:
+                return None
+        return {"epoch": epoch, "train_loss": loss_mean, "train_accuracy": accuracy, "lr": lr_sum / max(batches, 1)}
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One optimisation step on a uint8 batch; returns the (detached) loss, logits and labels on the device."""
+        x = self.train_prep(x.to(self.device, non_blocking=True), train=True)
+        y = y.to(self.device, non_blocking=True)
+        with autocast(self.device, self.amp_dtype):
+            logits = self.model(x)
+            loss = self.loss_fn(logits.float(), y)
+        reg = self.model.regularization_loss()
+        total = loss + reg if reg is not None else loss
+        self.optimizer.zero_grad(set_to_none=True)
+        clip = self.cfg.train.grad_clip
+        if self.scaler is not None:
+            self.scaler.scale(total).backward()
+            if clip:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.params, clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            total.backward()
+            if clip:
+                nn.utils.clip_grad_norm_(self.params, clip)
+            self.optimizer.step()
+        self.schedule.after_batch()
+        return loss.detach(), logits.detach(), y
+
+    def validate(self) -> dict[str, float | None]:
+        """Keras's val_loss: the training loss function (label smoothing included, class weights not) on val data."""
+        if self.val_loader is None:
+            return {"val_loss": None, "val_accuracy": None}
+        logits, labels = run_model(self.model, self.val_loader, self.eval_prep, self.device, self.amp_dtype)
+        loss = nn.functional.cross_entropy(logits, labels, label_smoothing=self.cfg.train.label_smoothing)
+        return {"val_loss": float(loss), "val_accuracy": float((logits.argmax(1) == labels).float().mean())}
+
+    def end_epoch(self, row: dict[str, Any]) -> bool:
+        """Record the epoch: schedule, best checkpoint, early stopping, then the files. Returns whether it is the best."""
+        st = self.state
+        st.history.append(row)
+        st.epoch = row["epoch"]
+        self.schedule.after_epoch(row[self.monitor_name(self.cfg.scheduler.monitor)])
+        monitor = self.monitor_name(self.cfg.train.checkpoint.monitor)
+        is_best = _improved(row[monitor], st.best[monitor] if st.best else None, monitor)
+        if is_best:
+            st.best, st.best_epoch = dict(row), st.epoch
+        es = self.cfg.train.early_stopping
+        es_monitor = self.monitor_name(es.monitor)
+        if _improved(row[es_monitor], st.es_best, es_monitor, es.min_delta):
+            st.es_best, st.es_wait = row[es_monitor], 0
+        else:
+            st.es_wait += 1
+        st.stopped_early = es.patience is not None and st.es_wait >= es.patience
+        self.save(row, is_best)
+        return is_best
+
+    def save(self, row: dict[str, Any], is_best: bool) -> None:
+        """last.pt, then best.pt, then metrics.csv, each written atomically. On a full disk or a read-only folder,
+        stop with the last good checkpoint intact and say how to go on."""
+        assert self.run_dir is not None
+        what = LAST
+        try:
+            self.checkpoint(row, training=True).save(self.run_dir / LAST)
+            what = BEST
+            if is_best:
+                self.checkpoint(row, training=False).save(self.run_dir / BEST)
+            what = "metrics.csv"
+            atomic_write_text(self.run_dir / "metrics.csv", metrics_csv(self.state.history))
+        except OSError as e:
+            kept = self.state.epoch - (1 if what == LAST else 0)
+            raise RunWriteError(
+                f"Cannot write {what} in '{self.run_dir}': {os_error_reason(e)}. Training stopped in epoch {self.state.epoch}; "
+                f"the last good checkpoint (epoch {kept}) is kept in {self.run_dir / LAST}. Free some space (or make the folder "
+                f"writable), then continue with: fcclass train --resume {self.run_dir}") from None
+
+    def _diverged(self, epoch: int, batch: int, value: float) -> TrainingDiverged:
+        kept = (f" The best checkpoint so far (epoch {self.state.best_epoch}) is kept in {self.run_dir}." if self.state.epoch
+                else " No epoch had completed, so the run directory was removed.")
+        return TrainingDiverged(f"The training loss became {value} in epoch {epoch}, batch {batch} (learning rate {self.schedule.lr:.3g}). "
+                                f"Lower optimizer.lr, set train.grad_clip (e.g. 1.0), or check the data normalisation.{kept}")
+
+    def _emit(self, hook: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            getattr(callback, hook)(self, *args)
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """The config with its folders made absolute, so the run can be evaluated from anywhere."""
+    def absolute(p: str | None) -> str | None:
+        return None if p is None else str(Path(p).expanduser().absolute())
+
+    data = cfg.data.model_copy(update={"root": absolute(cfg.data.root), "path": absolute(cfg.data.path)})
+    train = cfg.train.model_copy(update={"runs_dir": absolute(cfg.train.runs_dir)})
+    return cfg.model_copy(update={"data": data, "train": train})
+
+
+def fit(cfg: Config | None = None, *, resume: str | Path | None = None, overrides: Sequence[str] | None = None,
+        console: Any = None, callbacks: Sequence[Callback] = (), log_interval: float = 10.0) -> TrainResult:
     """Train ``cfg`` (or resume the run directory ``resume``) and return the run's result.
 
-    ``console`` (a rich Console) receives progress and per-epoch lines; None trains silently.
-    ``on_epoch(model, row, preprocess)`` is called after each epoch (the benchmark measures test accuracy there).
+    ``console`` (a Rich Console) receives the header, progress and per-epoch lines; None trains silently.
+    ``callbacks`` observe the loop (see fcclass.callbacks). ``overrides``: ``--set`` items (for resume: RESUMABLE_KEYS).
     """
-    from rich.markup import escape
-
-    from fcclass.report import EpochProgress, print_epoch, print_training_header
-
-    run_dir: Path | None = None
-    resume_ckpt: dict[str, Any] | None = None
+    observers: list[Callback] = [ConsoleProgress(console, log_interval)] if console is not None else []
+    observers += [Curves(), *callbacks]
     if resume is not None:
-        run_dir = Path(resume)
-        if not (run_dir / LAST).is_file():
-            raise CheckpointError(f"Cannot resume '{run_dir}': it has no {LAST}. Give a run directory made by `fcclass train`.")
-        resume_ckpt = load_checkpoint(run_dir / LAST)
-        raw = resume_ckpt["config"]
-        if overrides:
-            from fcclass.config import apply_override
-
-            for item in overrides:
-                apply_override(raw, item)
-        cfg = config_from_dict(raw, source=f"{run_dir}/config.yaml")
-    elif cfg is None:
-        cfg = load_config(overrides=overrides)
-
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    torch.manual_seed(cfg.seed)
-    device = select_device(cfg.train.device)
-    amp_dtype = select_precision(cfg.train.precision, device)
-
-    ds = load_dataset(cfg.data, cfg.seed)
-    assert ds.train is not None and ds.val is not None
-    mean, std = (resume_ckpt["mean"], resume_ckpt["std"]) if resume_ckpt else normalization(cfg, ds)
-    input_shape = model_input_shape(cfg, ds)
-    model = build_model(cfg.model, input_shape, ds.info.num_classes).to(device)
-    weights = class_weights(cfg, ds)
-
-    train_loader = make_loader(ds.train, cfg.data.batch_size, True, cfg.seed, ds.channels, ds.size,
-                               balanced=cfg.data.sampler == "balanced", device=device, num_workers=cfg.data.num_workers)
-    val_loader = make_loader(ds.val, 256, False, cfg.seed, ds.channels, ds.size,
-                             device=device, num_workers=cfg.data.num_workers)
-    aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
-    prep = BatchPreprocess(mean, std, cfg.data.augment, aug_gen)
-    val_prep = BatchPreprocess(mean, std)
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise FcclassError("Every layer is frozen (trainable: false), so there is nothing to train; unfreeze at least one layer.")
-    optimizer = OPTIMIZERS[cfg.optimizer.name](params, cfg.optimizer)
-    schedule = LRSchedule(optimizer, cfg.scheduler, cfg.train.epochs, len(train_loader))
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    loss_fn = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None,
-                                  label_smoothing=cfg.train.label_smoothing)
-
-    state: dict[str, Any] = {"epoch": 0, "best": None, "best_epoch": None, "es_best": None, "es_wait": 0, "history": []}
-    created = False
-    if resume_ckpt is not None:
-        model.load_state_dict(resume_ckpt["model_state"])
-        optimizer.load_state_dict(resume_ckpt["optimizer_state"])
-        schedule.load_state_dict(resume_ckpt["schedule_state"])
-        if scaler is not None and resume_ckpt.get("scaler_state"):
-            scaler.load_state_dict(resume_ckpt["scaler_state"])
-        state = resume_ckpt["train_state"]
-        rng = resume_ckpt["rng"]
-        torch.set_rng_state(rng["torch"])
-        train_loader.generator.set_state(rng["loader"])
-        aug_gen.set_state(rng["augment"])
-        if device.type == "cuda" and rng.get("cuda") is not None:
-            torch.cuda.set_rng_state(rng["cuda"], device)
+        trainer = Trainer.resume(resume, overrides or (), observers)
     else:
-        run_dir = create_run_dir(cfg.train.runs_dir, cfg.name)
-        created = True
-        atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
-        atomic_write_text(run_dir / "classes.json", json.dumps(ds.info.class_names, indent=2) + "\n")
-    assert run_dir is not None
+        trainer = Trainer.start(cfg if cfg is not None else load_config(overrides=list(overrides or [])), observers)
+    return trainer.fit()
 
-    meta = {"config": cfg.to_dict(), "class_names": ds.info.class_names, "input_shape": input_shape, "mean": mean, "std": std}
 
-    def snapshot() -> dict[str, Any]:
-        rng = {"torch": torch.get_rng_state(), "loader": train_loader.generator.get_state(), "augment": aug_gen.get_state(),
-               "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-        return {**meta, "model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),
-                "schedule_state": schedule.state_dict(), "scaler_state": scaler.state_dict() if scaler else None,
-                "train_state": state, "rng": rng, "epoch": state["epoch"]}
-
-    if console is not None:
-        print_training_header(console, cfg, ds, model, device, amp_dtype, weights, run_dir, resumed=resume_ckpt is not None,
-                              start_epoch=state["epoch"])
-    if created:
-        save_checkpoint(run_dir / LAST, snapshot())  # epoch 0: a run killed in its first epoch can resume
-
-    result = TrainResult(run_dir, state["history"], state["best_epoch"], state["best"], device=str(device))
-    sync_every = 1 if device.type == "cpu" else 25
-    es = cfg.train.early_stopping
-    monitor = cfg.train.checkpoint.monitor
-    try:
-        with _stop_on_signals() as stop:
-            for epoch in range(state["epoch"] + 1, cfg.train.epochs + 1):
-                started = time.perf_counter()
-                model.train()
-                loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-                correct = torch.zeros((), device=device, dtype=torch.long)
-                seen = 0
-                lr_sum = 0.0
-                checked_loss = 0.0
-                progress = EpochProgress(console, epoch, cfg.train.epochs, len(train_loader))
-                with progress:
-                    for batch, (x, y) in enumerate(train_loader, 1):
-                        x = prep(x.to(device, non_blocking=True), train=True)
-                        y = y.to(device, non_blocking=True)
-                        lr_sum += schedule.lr
-                        with autocast(device, amp_dtype):
-                            logits = model(x)
-                            loss = loss_fn(logits.float(), y)
-                        reg = model.regularization_loss()
-                        total = loss + reg if reg is not None else loss
-                        optimizer.zero_grad(set_to_none=True)
-                        if scaler is not None:
-                            scaler.scale(total).backward()
-                            if cfg.train.grad_clip:
-                                scaler.unscale_(optimizer)
-                                nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
-                            scaler.step(optimizer)
-                            scaler.update()
-                        else:
-                            total.backward()
-                            if cfg.train.grad_clip:
-                                nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
-                            optimizer.step()
-                        schedule.after_batch()
-                        loss_sum += loss.detach().double() * y.numel()
-                        correct += (logits.detach().argmax(1) == y).sum()
-                        seen += y.numel()
-                        if batch % sync_every == 0 or batch == len(train_loader):
-                            checked_loss = float(loss_sum) / seen
-                            if not math.isfinite(checked_loss):
-                                raise TrainingDiverged(
-                                    f"The training loss became {checked_loss} in epoch {epoch}, batch {batch} "
-                                    f"(learning rate {schedule.lr:.3g}). Lower optimizer.lr, set train.grad_clip (e.g. 1.0), "
-                                    f"or check the data normalisation. The best checkpoint so far is kept in {run_dir}."
-                                )
-                            progress.update(batch, checked_loss, float(correct) / seen)
-                        if stop["signal"]:
-                            break
-                if stop["signal"]:
-                    result.interrupted = True
-                    if console is not None and state["epoch"] > 0:
-                        console.print(f"[yellow]{stop['signal']}: stopped in epoch {epoch}; the last completed epoch ({state['epoch']}) is saved in {escape(str(run_dir / LAST))}. "
-                                      f"Continue with: fcclass train --resume {escape(str(run_dir))}[/yellow]")
-                    elif console is not None:
-                        console.print(f"[yellow]{stop['signal']}: stopped in epoch 1 before any epoch completed; nothing was saved.[/yellow]")
-                    break
-
-                train_seconds = time.perf_counter() - started
-                from fcclass.evaluation import predict_loader
-
-                logits_v, labels_v = predict_loader(model, val_loader, val_prep, device, amp_dtype)
-                # Keras: val_loss is the training loss function (label smoothing included, class weights not) on val data
-                val_loss = (float(nn.functional.cross_entropy(logits_v, labels_v, label_smoothing=cfg.train.label_smoothing))
-                            if labels_v.numel() else float("nan"))
-                val_acc = float((logits_v.argmax(1) == labels_v).float().mean()) if labels_v.numel() else float("nan")
-                row = {"epoch": epoch, "train_loss": float(loss_sum) / max(seen, 1), "train_accuracy": float(correct) / max(seen, 1),
-                       "val_loss": val_loss, "val_accuracy": val_acc, "lr": lr_sum / max(len(train_loader), 1),
-                       "seconds": time.perf_counter() - started, "train_seconds": train_seconds, "train_images": seen}
-                schedule.after_epoch(row)
-                state["history"].append(row)
-                state["epoch"] = epoch
-                # Without a validation split every epoch is the newest best (Keras: no val metric to monitor).
-                is_best = not labels_v.numel() or _improved(row[monitor], state["best"][monitor] if state["best"] else None, monitor)
-                if is_best:
-                    state["best"], state["best_epoch"] = dict(row), epoch
-                if not labels_v.numel() or _improved(row[es.monitor], state["es_best"], es.monitor, es.min_delta):
-                    state["es_best"], state["es_wait"] = row[es.monitor], 0
-                else:
-                    state["es_wait"] += 1
-                snap = snapshot()
-                if is_best:
-                    save_checkpoint(run_dir / BEST, {k: v for k, v in snap.items() if k in meta or k in ("model_state", "epoch")} | {"metrics": row})
-                save_checkpoint(run_dir / LAST, snap)
-                write_metrics_csv(run_dir / "metrics.csv", state["history"])
-                if console is not None:
-                    print_epoch(console, row, cfg.train.epochs, is_best)
-                if on_epoch is not None:
-                    on_epoch(model, row, val_prep)
-                if es.patience is not None and state["es_wait"] >= es.patience:
-                    result.stopped_early = True
-                    if console is not None:
-                        console.print(f"Early stopping: {es.monitor} has not improved for {es.patience} epoch(s).")
-                    break
-    except BaseException:
-        if created and state["epoch"] == 0:
-            shutil.rmtree(run_dir, ignore_errors=True)  # nothing was learned: leave no half-made run behind
-        raise
-    if created and state["epoch"] == 0 and result.interrupted:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        result.extra["removed"] = True
-    result.history, result.best_epoch, result.best = state["history"], state["best_epoch"], state["best"]
-    if state["history"]:
-        plot_curves(run_dir)
-    return result
-
+def resume_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """The config ``fcclass train --resume RUN_DIR --set ...`` would continue with."""
+    return config_for_resume(Path(run_dir), resumable_checkpoint(Path(run_dir)), overrides)

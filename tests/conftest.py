@@ -54,3 +54,38 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("trained")
     result = fit(small_config(tmp))
     return result.run_dir
+
+
+CLOTHES = {0: "tshirt", 1: "trouser", 7: "sneaker"}
+
+
+@pytest.fixture(scope="session")
+def clothes_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real Fashion-MNIST test images as PNG files in an image folder: 3 labels x 60, RGB (to exercise conversion)."""
+    if not fashion_available():
+        pytest.skip("Fashion-MNIST not installed")
+    from PIL import Image
+
+    from fcclass.config import DataConfig
+    from fcclass.data import load_dataset
+
+    test = load_dataset(DataConfig(root=str(DATA_ROOT), download=False), 0, splits=("test",)).test
+    root = tmp_path_factory.mktemp("folder") / "clothes"
+    for label, name in CLOTHES.items():
+        (root / name).mkdir(parents=True)
+        for i in (test.labels == label).nonzero().flatten()[:60].tolist():
+            Image.fromarray(test.images[i, 0].numpy(), "L").convert("RGB").save(root / name / f"{i}.png")
+    return root
+
+
+def folder_config(tmp_path: Path, folder: Path | str, epochs: int = 2, workers: int = 0, runs: Path | str | None = None) -> Path:
+    """A small CNN on an image folder (20x20 grayscale), written as a YAML file."""
+    cfg = tmp_path / "folder.yaml"
+    cfg.write_text(
+        f"name: clothes\ndata: {{dataset: imagefolder, path: '{folder}', image_size: [20, 20], channels: 1, batch_size: 32, "
+        f"num_workers: {workers}, augment: {{horizontal_flip: true}}}}\n"
+        "model:\n  layers:\n    - {type: Conv2D, filters: 8, kernel_size: 3, activation: relu}\n    - {type: MaxPooling2D}\n"
+        "    - {type: Dropout, rate: 0.2}\n    - {type: Flatten}\n    - {type: Dense, activation: softmax}\n"
+        f"optimizer: {{lr: 0.01}}\ntrain: {{epochs: {epochs}, runs_dir: '{runs if runs is not None else tmp_path / 'runs'}'}}\n"
+    )
+    return cfg

@@ -69,14 +69,12 @@ def test_eval_table_names_labels_and_newest_run_is_default(trained_run: Path) ->
 
 @needs_fashion
 def test_predict_agrees_with_eval_on_the_same_images(trained_run: Path, tmp_path: Path) -> None:
-    from fcclass.data import load_dataset
     from fcclass.evaluation import evaluate
-    from fcclass.runs import load_trained
+    from fcclass.inference import load_for_inference
 
     report = evaluate(trained_run)
-    _, ckpt = load_trained(trained_run / "best.pt")
-    cfg = ckpt["config_obj"]
-    test = load_dataset(cfg.data, cfg.seed, splits=("test",)).test
+    model = load_for_inference(trained_run)
+    test = model.dataset(("test",)).test
     folder = tmp_path / "imgs"
     folder.mkdir()
     n = 40
@@ -85,7 +83,7 @@ def test_predict_agrees_with_eval_on_the_same_images(trained_run: Path, tmp_path
     res = run("predict", str(folder), "--run", str(trained_run), "--json", "-", "--top-k", "2")
     assert res.exit_code == 0, res.output
     preds = json.loads(res.stdout)
-    names = ckpt["class_names"]
+    names = model.class_names
     assert [p["label"] for p in preds] == [names[i] for i in report.predictions[:n].tolist()]
     assert all(len(p["top_k"]) == 2 and p["top_k"][0]["probability"] >= p["top_k"][1]["probability"] for p in preds)
     assert all(p["probability"] == p["top_k"][0]["probability"] for p in preds)
@@ -129,7 +127,7 @@ def test_summary_needs_no_dataset_when_input_shape_is_set(tmp_path: Path) -> Non
         (["train", "--set", "train.epohcs=2"], "Did you mean 'epochs'"),
         (["train", "-c", "nope.yaml"], "not found"),
         (["summary", "--set", "model.layers.0.type=Conv3D"], "unknown layer type 'Conv3D'"),
-        (["eval", "--runs-dir", "/nonexistent-runs"], "No training runs found"),
+        (["eval", "--runs-dir", "/nonexistent-runs"], "No trained runs found"),
         (["predict", "x.png", "--checkpoint", "/nonexistent.pt"], "not found"),
         (["eval", "--checkpoint", "README.md"], "is not a checkpoint"),
         (["train", "-c", "configs"], "is a folder"),
@@ -180,3 +178,29 @@ def test_output_to_a_pipe_is_not_wrapped_at_80_columns(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     (line,) = [line for line in out.stdout.splitlines() if line.startswith("epoch 1/1")]
     assert len(line) > 80 and line.rstrip().endswith("* best")  # train loss ... val ... lr ... seconds, on one line
+
+
+@needs_fashion
+def test_a_pipe_or_log_file_gets_progress_lines_during_an_epoch_and_json_is_rounded(tmp_path: Path) -> None:
+    args = [sys.executable, "-m", "fcclass.cli", "train", "--set", "data.limit_train=3000", "--set", "train.epochs=1",
+            "--set", f"data.root={DATA_ROOT}", "--set", f"train.runs_dir={tmp_path}", "--log-interval", "0.05"]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    progress = [line for line in out.stdout.splitlines() if line.startswith("epoch 1/1  batch ")]
+    assert progress, out.stdout  # not minutes of silence in CI logs
+    assert all(" loss " in line and " acc " in line for line in progress)
+    js = subprocess.run([*args, "--json", "-"], capture_output=True, text=True, timeout=300)
+    row = json.loads(js.stdout)["history"][0]
+    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
+        assert row[key] == round(row[key], 4)
+    assert row["seconds"] == round(row["seconds"], 1) and row["lr"] == float(f"{row['lr']:.3g}")
+    assert "train_seconds" not in row and "train_images" not in row  # no benchmark-only fields in training rows
+
+
+@pytest.mark.parametrize("args", [["eval", "--device", "gpu"], ["predict", "x.png", "--device", "cuda:x"],
+                                  ["bench", "--device", "gpu"], ["train", "--set", "train.device=gpu"]])
+def test_a_device_that_is_not_one_names_the_valid_forms(args: list[str]) -> None:
+    res = run(*args)
+    assert res.exit_code == 1, res.output
+    text = " ".join(res.output.split())
+    assert "Traceback" not in text and ("cuda:N" in text) and "mps" in text

@@ -129,3 +129,111 @@ def test_truncated_png_is_reported(tmp_path: Path) -> None:
     bad.write_bytes(good.read_bytes()[:300])
     with pytest.raises(DataError, match="truncated.png"):
         load_image(bad, 1)
+
+
+# ----------------------------------------------------------------------------- rotation keeps the picture's shape
+def test_rotation_of_a_non_square_image_does_not_stretch_it() -> None:
+    """A 90-degree turn of a wide image with a centred square must give the same square, as torchvision rotates it
+    (the old affine grid, in per-axis normalised coordinates, turned the square into a 2:1 bar)."""
+    import math
+
+    from torchvision.transforms.v2 import functional as TF
+
+    from fcclass.data import rotate
+
+    x = torch.zeros(1, 1, 20, 40)
+    x[:, :, 6:14, 16:24] = 1.0  # an 8x8 square in the middle
+    ours = rotate(x, torch.tensor([math.pi / 2]))
+    theirs = TF.rotate(x, 90.0, interpolation=TF.InterpolationMode.BILINEAR)
+    flipped = TF.rotate(x, -90.0, interpolation=TF.InterpolationMode.BILINEAR)
+    assert min((ours - theirs).abs().max(), (ours - flipped).abs().max()) < 1e-4
+    rows, cols = (ours[0, 0] > 0.5).nonzero().unbind(1)
+    assert (rows.max() - rows.min() + 1, cols.max() - cols.min() + 1) == (8, 8)
+
+
+# ----------------------------------------------------------------------------- hostile files
+def _bomb_png(path: Path, side: int = 10_000) -> None:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)  # 100 million pixels: over the limit, under Pillow's 2x error
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 10)) + chunk(b"IEND", b""))
+
+
+def test_the_decompression_bomb_guard_holds_on_many_threads(tmp_path: Path) -> None:
+    """predict decodes on threads. The guard used to switch warnings to errors with warnings.catch_warnings(), whose
+    process-wide save and restore races between threads: some bombs then slipped through to the decoder."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image as PILImage
+
+    bomb, fine = tmp_path / "bomb.png", tmp_path / "fine.png"
+    _bomb_png(bomb)
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(fine)
+    before = PILImage.MAX_IMAGE_PIXELS
+
+    def load(i: int) -> str:
+        try:
+            load_image(bomb if i % 2 else fine, 1)
+            return "ok"
+        except DataError as e:
+            return "bomb" if "decompression bomb" in str(e) else str(e)
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(load, range(400)))
+    assert results == ["ok", "bomb"] * 200
+    assert PILImage.MAX_IMAGE_PIXELS == before  # no process-wide setting was touched
+
+
+def test_special_files_are_refused_without_blocking(tmp_path: Path) -> None:
+    import os
+
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    with pytest.raises(DataError, match="not a regular file"):
+        load_image(fifo, 1)  # opening a FIFO would block forever
+
+
+def test_hidden_and_apple_double_files_are_not_images(tmp_path: Path) -> None:
+    from fcclass.data import list_images
+
+    Image.fromarray(np.zeros((4, 4), dtype=np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "._a.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble metadata")
+    (tmp_path / ".hidden").mkdir()
+    Image.fromarray(np.zeros((4, 4), dtype=np.uint8)).save(tmp_path / ".hidden" / "b.png")
+    assert [p.name for p in list_images(tmp_path)] == ["a.png"]
+
+
+def test_pixel_data_that_fails_mid_epoch_names_every_bad_file(tmp_path: Path) -> None:
+    """Truncated pixel data passes the header check made before training; the loader then lists all such files."""
+    from fcclass.data import Split
+
+    files = []
+    for i in range(12):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (32, 32), dtype=np.uint8)).save(path)
+        if i in (3, 7, 11):
+            path.write_bytes(path.read_bytes()[:200])
+        files.append(path)
+    loader = make_loader(Split(torch.zeros(12, dtype=torch.long), files=files), 4, False, 0, 1, (32, 32), num_workers=0)
+    with pytest.raises(DataError, match=r"Cannot read 3 image\(s\): .*3\.png.*7\.png.*11\.png"):
+        list(loader)
+
+
+def test_each_epoch_order_depends_only_on_seed_and_epoch() -> None:
+    from fcclass.data import Split
+
+    split = Split(torch.arange(50), torch.arange(50, dtype=torch.uint8).view(50, 1, 1, 1))
+    a, b = make_loader(split, 8, True, 3, 1, (1, 1)), make_loader(split, 8, True, 3, 1, (1, 1))
+    a.set_epoch(2)
+    list(a)  # iterating another epoch first changes nothing
+    b.set_epoch(5)
+    list(b)
+    b.set_epoch(2)
+    order = lambda loader: torch.cat([y for _, y in loader]).tolist()  # noqa: E731
+    assert order(a) == order(b) and sorted(order(a)) == list(range(50))
+    a.set_epoch(3)
+    assert order(a) != order(b)

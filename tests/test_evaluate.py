@@ -164,4 +164,4 @@ def test_exported_model_predicts_like_predict(trained_run: Path, tmp_path: Path,
 
 def test_export_errors(tmp_path: Path) -> None:
     res = runner.invoke(app, ["export", "--runs-dir", str(tmp_path)])
-    assert res.exit_code == 1 and "No training runs found" in res.output
+    assert res.exit_code == 1 and "No trained runs found" in res.output

@@ -1,15 +1,24 @@
-"""Checkpoints: atomic writes and safe loading of untrusted files."""
+"""Run directories and checkpoints: safe loading of untrusted files, atomic writes, and runs that cannot pass for
+something they are not (untrained weights, a folder given as a checkpoint, "the newest run")."""
 
 from __future__ import annotations
 
+import os
 import pickle
+import shutil
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from conftest import needs_fashion
+from fcclass.cli import app
 from fcclass.errors import CheckpointError
-from fcclass.runs import atomic_write_bytes, load_checkpoint, resolve_checkpoint, save_checkpoint
+from fcclass.runs import Checkpoint, atomic_write_bytes, newest_trained_run, resolve_checkpoint
+
+runner = CliRunner(env={"COLUMNS": "200"})
 
 
 class _Boom:
@@ -24,13 +33,13 @@ def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path: Path) -> None:
     boom = _Boom()
     boom.marker = marker
     evil = tmp_path / "evil.pt"
-    torch.save({"fcclass_checkpoint": 1, "payload": boom}, evil)
+    torch.save({"fcclass_checkpoint": 2, "payload": boom}, evil)
     with pytest.raises(CheckpointError, match="Refused to load"):
-        load_checkpoint(evil)
+        Checkpoint.load(evil)
     plain = tmp_path / "evil.pkl"
     plain.write_bytes(pickle.dumps(boom))
     with pytest.raises(CheckpointError):
-        load_checkpoint(plain)
+        Checkpoint.load(plain)
     assert not marker.exists()
 
 
@@ -38,19 +47,24 @@ def test_corrupt_and_foreign_files_are_clear_errors(tmp_path: Path) -> None:
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"garbage" * 10)
     with pytest.raises(CheckpointError, match="corrupt"):
-        load_checkpoint(bad)
+        Checkpoint.load(bad)
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(2)}, foreign)
     with pytest.raises(CheckpointError, match="not a fcclass checkpoint"):
-        load_checkpoint(foreign)
+        Checkpoint.load(foreign)
     with pytest.raises(CheckpointError, match="not found"):
-        load_checkpoint(tmp_path / "missing.pt")
+        Checkpoint.load(tmp_path / "missing.pt")
 
 
-def test_save_is_atomic_and_leaves_no_temp_files(tmp_path: Path) -> None:
+def _ckpt(epoch: int = 1) -> Checkpoint:
+    return Checkpoint({"w": torch.ones(3)}, {"name": "x"}, ["a", "b"], [1, 2, 2], [0.5], [0.25], epoch)
+
+
+def test_checkpoint_round_trips_and_saving_is_atomic(tmp_path: Path) -> None:
     path = tmp_path / "ck.pt"
-    save_checkpoint(path, {"model_state": {"w": torch.ones(3)}})
-    assert torch.load(path, weights_only=True)["model_state"]["w"].sum() == 3
+    _ckpt().save(path)
+    back = Checkpoint.load(path)
+    assert back.model_state["w"].sum() == 3 and back.class_names == ["a", "b"] and back.epoch == 1 and not back.resumable
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]
 
     class Failing:
@@ -59,12 +73,78 @@ def test_save_is_atomic_and_leaves_no_temp_files(tmp_path: Path) -> None:
 
     with pytest.raises(TypeError):
         atomic_write_bytes(path, Failing())  # type: ignore[arg-type]
-    assert torch.load(path, weights_only=True)["model_state"]["w"].sum() == 3  # the old file survives
+    assert Checkpoint.load(path).model_state["w"].sum() == 3  # the old file survives
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]
 
 
+def test_checkpoints_of_fcclass_0_1_still_load_for_inference(tmp_path: Path) -> None:
+    old = tmp_path / "old.pt"
+    torch.save({"fcclass_checkpoint": 1, "model_state": {}, "config": {}, "class_names": ["a"], "input_shape": [1, 2, 2],
+                "mean": [], "std": [], "epoch": 3, "rng": {"torch": torch.zeros(2)}, "optimizer_state": {}}, old)
+    ckpt = Checkpoint.load(old)
+    assert ckpt.format == 1 and ckpt.epoch == 3 and not ckpt.resumable
+
+
 def test_missing_runs_are_clear_errors(tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match="No training runs found"):
+    with pytest.raises(CheckpointError, match="No trained runs found"):
         resolve_checkpoint(runs_dir=tmp_path / "runs")
     with pytest.raises(CheckpointError, match="not found"):
         resolve_checkpoint(tmp_path / "nope")
+
+
+# ----------------------------------------------------------------------------- untrained runs are never models
+def _untrained_copy(trained_run: Path, runs: Path) -> Path:
+    """What a run killed during its first epoch leaves: config, splits and an epoch-0 last.pt, no best.pt."""
+    run = runs / "killed-in-epoch-1"
+    run.mkdir(parents=True)
+    for name in ("config.yaml", "classes.json", "splits.json"):
+        shutil.copy(trained_run / name, run / name)
+    ckpt = Checkpoint.load(trained_run / "last.pt")
+    ckpt.epoch = 0
+    ckpt.save(run / "last.pt")
+    return run
+
+
+@needs_fashion
+def test_a_run_with_no_completed_epoch_is_refused_and_skipped(trained_run: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    shutil.copytree(trained_run, runs / trained_run.name)
+    time.sleep(0.01)
+    killed = _untrained_copy(trained_run, runs)  # the newest run, but with random weights
+    for args in (["eval", str(killed)], ["predict", "x.png", "--run", str(killed)], ["export", str(killed)],
+                 ["eval", "--checkpoint", str(killed / "last.pt")]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 1, (args, res.output)
+        text = " ".join(res.output.split())
+        assert "no trained model" in text or "untrained" in text
+        assert f"fcclass train --resume {killed}" in text or "Resume that run" in text
+    # "the newest run" is the newest trained one, and the output says which was picked and what was passed over
+    res = runner.invoke(app, ["eval", "--runs-dir", str(runs), "--json", "-"])
+    assert res.exit_code == 0, res.output
+    assert str(runs / trained_run.name) in res.stdout and killed.name in res.stdout  # the notes field names both
+    picked, skipped = newest_trained_run(runs)
+    assert picked.name == trained_run.name and [p.name for p in skipped] == [killed.name]
+
+
+@needs_fashion
+def test_a_run_directory_given_as_checkpoint_says_to_pass_it_as_the_run(trained_run: Path) -> None:
+    for args in (["eval", "--checkpoint", str(trained_run)], ["predict", "x.png", "--checkpoint", str(trained_run)]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 1
+        text = " ".join(res.output.split())
+        assert "is a folder" in text and f"fcclass predict --run {trained_run}" in text and f"fcclass eval {trained_run}" in text
+
+
+@needs_fashion
+def test_the_newest_run_means_the_last_one_trained(trained_run: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    a, b = runs / "a", runs / "b"
+    shutil.copytree(trained_run, a)
+    shutil.copytree(trained_run, b)
+    old = time.time() - 100
+    for f in (a / "best.pt", a / "last.pt"):
+        os.utime(f, (old, old))
+    assert newest_trained_run(runs)[0] == b
+    for f in (b / "best.pt", b / "last.pt"):
+        os.utime(f, (old - 100, old - 100))
+    assert newest_trained_run(runs)[0] == a
