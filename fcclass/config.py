@@ -15,7 +15,6 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     NonNegativeFloat,
     NonNegativeInt,
@@ -27,110 +26,33 @@ from pydantic import (
 )
 
 from fcclass.errors import ConfigError
-from fcclass.registries import ACTIVATIONS, DATASETS, INITIALIZERS, LAYER_ALIASES, OPTIMIZERS, SCHEDULERS
+from fcclass.layers import (  # noqa: F401  (re-exported: fcclass.config.Dense etc. are the layer config classes)
+    LAYER_CLASSES,
+    Activation,
+    ActivationName,
+    AveragePooling2D,
+    BatchNormalization,
+    Conv2D,
+    Dense,
+    Dropout,
+    Flatten,
+    GlobalAveragePooling2D,
+    Initializer,
+    LayerBase,
+    LayerSpec,
+    MaxPooling2D,
+    Regularizer,
+)
+from fcclass.registries import DATASETS, LAYER_ALIASES, OPTIMIZERS, SCHEDULERS
+from fcclass.schema import Size2, Strict
 
 DEFAULT_CONFIG = Path("configs/fashion_mnist.yaml")
 
-Activation = Literal[tuple(ACTIVATIONS)]  # type: ignore[valid-type]
-Initializer = Literal[tuple(INITIALIZERS)]  # type: ignore[valid-type]
 Monitor = Literal["val_loss", "val_accuracy"]
-Size2 = Union[PositiveInt, Annotated[list[PositiveInt], Field(min_length=2, max_length=2)]]
+Activation_ = Activation  # the layer's former name here, kept for imports written against it
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, defer_build=True)
-
-
-# ----------------------------------------------------------------------------- model / layers
-class Regularizer(Strict):
-    l1: NonNegativeFloat = 0.0
-    l2: NonNegativeFloat = 0.0
-
-
-class LayerBase(Strict):
-    name: str | None = None
-    trainable: bool = True
-
-
-class Conv2D(LayerBase):
-    type: Literal["Conv2D"]
-    filters: PositiveInt
-    kernel_size: Size2
-    strides: Size2 = 1
-    padding: Literal["valid", "same"] = "valid"
-    activation: Activation = "linear"
-    use_bias: bool = True
-    kernel_initializer: Initializer = "glorot_uniform"
-    bias_initializer: Initializer = "zeros"
-    kernel_regularizer: Regularizer | None = None
-
-
-class _Pooling(LayerBase):
-    pool_size: Size2 = 2
-    strides: Size2 | None = None  # Keras: defaults to pool_size
-    padding: Literal["valid"] = "valid"
-
-
-class MaxPooling2D(_Pooling):
-    type: Literal["MaxPooling2D"]
-
-
-class AveragePooling2D(_Pooling):
-    type: Literal["AveragePooling2D"]
-
-
-class GlobalAveragePooling2D(LayerBase):
-    type: Literal["GlobalAveragePooling2D"]
-
-
-class Flatten(LayerBase):
-    type: Literal["Flatten"]
-
-
-class Dense(LayerBase):
-    type: Literal["Dense"]
-    units: PositiveInt | None = None  # None on the last Dense: the number of classes
-    activation: Activation = "linear"
-    use_bias: bool = True
-    kernel_initializer: Initializer = "glorot_uniform"
-    bias_initializer: Initializer = "zeros"
-    kernel_regularizer: Regularizer | None = None
-
-
-class Dropout(LayerBase):
-    type: Literal["Dropout"]
-    rate: float = Field(ge=0.0, lt=1.0)
-
-
-class BatchNormalization(LayerBase):
-    type: Literal["BatchNormalization"]
-    momentum: float = Field(0.99, gt=0.0, lt=1.0)  # Keras meaning: weight of the old running value
-    epsilon: PositiveFloat = 1e-3
-
-
-class Activation_(LayerBase):
-    type: Literal["Activation"]
-    activation: Activation
-
-
-LAYER_CLASSES: dict[str, type[LayerBase]] = {
-    "Conv2D": Conv2D,
-    "MaxPooling2D": MaxPooling2D,
-    "AveragePooling2D": AveragePooling2D,
-    "GlobalAveragePooling2D": GlobalAveragePooling2D,
-    "Flatten": Flatten,
-    "Dense": Dense,
-    "Dropout": Dropout,
-    "BatchNormalization": BatchNormalization,
-    "Activation": Activation_,
-}
-
-LayerSpec = Annotated[
-    Union[tuple(LAYER_CLASSES.values())],  # type: ignore[valid-type]
-    Field(discriminator="type"),
-]
-
-
+# ----------------------------------------------------------------------------- model
 class ModelConfig(Strict):
     input_shape: Annotated[list[PositiveInt], Field(min_length=1, max_length=3)] | None = None
     layers: Annotated[list[LayerSpec], Field(min_length=1)]
@@ -185,7 +107,7 @@ class DataConfig(Strict):
     test_split: float = Field(0.1, gt=0.0, lt=1.0)  # imagefolder without a test/ folder
     limit_train: PositiveInt | None = None
     limit_test: PositiveInt | None = None
-    image_size: Annotated[list[PositiveInt], Field(min_length=2, max_length=2)] | None = None
+    image_size: Size2 | None = None  # [height, width]; 28 means [28, 28]
     channels: Literal[1, 3] | None = None
     normalize: Literal["auto", "none"] | NormalizeStats = "auto"
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
@@ -399,7 +321,7 @@ def _dotted(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in LAYER_CLASSES or str(part).startswith(("function-", "literal[", "list[", "dict[", "str", "int", "float")):
+        elif part in LAYER_CLASSES or part in ("str", "int", "float") or str(part).startswith(("function-", "literal[", "list[", "dict[")):
             continue  # union branch labels pydantic adds to locations
         else:
             out += f".{part}" if out else str(part)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,13 @@ def test_every_shipped_config_validates() -> None:
     assert configs, "configs/ must ship example configs"
     for path in configs:
         assert isinstance(load_config(path), Config), path
+
+
+def test_config_and_layer_types_load_without_torch() -> None:
+    # config errors must be instant: the layer classes import torch only when they build
+    code = "import sys; from fcclass import layers; from fcclass.config import load_config; load_config(sys.argv[1]); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "configs" / "fashion_mnist.yaml")], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "False", out.stderr
 
 
 def test_defaults_follow_the_contract(tmp_path: Path) -> None:
@@ -117,6 +126,32 @@ def test_bad_set_override_is_a_clear_error(tmp_path: Path) -> None:
         load_config(path, ["train.epoch=3"])
     with pytest.raises(ConfigError, match="index from 0 to 1"):
         load_config(path, ["model.layers.7.units=3"])
+
+
+def errors(path: Path, overrides: list[str] | None = None) -> list[str]:
+    """The error lines of a config that must fail, without their '  - ' bullets."""
+    with pytest.raises(ConfigError) as e:
+        load_config(path, overrides)
+    return [line.removeprefix("  - ") for line in str(e.value).splitlines()[1:]]
+
+
+CONV = MINIMAL.replace("- {type: Flatten}", "- {type: Conv2D, filters: 4, kernel_size: 3}\n    - {type: MaxPooling2D}\n    - {type: Flatten}")
+
+
+def test_sizes_are_one_int_or_a_pair_and_their_errors_name_the_key(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, CONV + "data: {image_size: 8}\n"))
+    assert cfg.data.image_size == [8, 8]  # like kernel_size: 8 means 8x8
+    conv, pool = cfg.model.layers[:2]
+    assert (conv.kernel_size, conv.strides, pool.pool_size, pool.strides) == ([3, 3], [1, 1], [2, 2], None)
+    bad = {
+        "strides: 0": "model.layers[0].strides: Input should be greater than 0 (got 0).",
+        "strides: [1, 0]": "model.layers[0].strides: Input should be greater than 0 (got [1, 0]).",
+        "strides: [1, 2, 3]": "model.layers[0].strides: must be one positive integer or a list of two, e.g. 3 or [3, 2] (got [1, 2, 3]).",
+        "strides: two": "model.layers[0].strides: Input should be a valid integer, unable to parse string as an integer (got 'two').",
+    }
+    for text, line in bad.items():
+        assert errors(write(tmp_path, CONV.replace("kernel_size: 3", f"kernel_size: 3, {text}"))) == [line]
+    assert errors(write(tmp_path, CONV + "data: {image_size: [0, 8]}\n")) == ["data.image_size: Input should be greater than 0 (got [0, 8])."]
 
 
 def test_missing_config_file(tmp_path: Path) -> None:
