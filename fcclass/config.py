@@ -7,6 +7,7 @@ did-you-mean, and every problem in a file is reported at once with its full dott
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import typing
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     Field,
     NonNegativeFloat,
     NonNegativeInt,
@@ -24,6 +26,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from fcclass.errors import ConfigError
 from fcclass.layers import (  # noqa: F401  (re-exported: fcclass.config.Dense etc. are the layer config classes)
@@ -92,6 +95,17 @@ class NormalizeStats(Strict):
         return self
 
 
+def _normalize(value: Any) -> str | NormalizeStats:
+    """auto, none or {mean, std}, told apart by the value's shape, so that an error speaks of the form the user
+    meant under data.normalize. The union in the annotation then only sees valid values: on its own, it would report
+    one error per alternative, under pydantic's branch labels."""
+    if isinstance(value, (dict, NormalizeStats)):
+        return NormalizeStats.model_validate(value)  # its errors keep their paths: data.normalize.std[0]
+    if isinstance(value, str) and value in ("auto", "none"):
+        return value
+    raise PydanticCustomError("normalize", "must be auto, none or a mapping {mean: [...], std: [...]} with one value per channel")
+
+
 class AugmentConfig(Strict):
     random_crop_padding: NonNegativeInt = 0
     horizontal_flip: bool = False
@@ -109,7 +123,7 @@ class DataConfig(Strict):
     limit_test: PositiveInt | None = None
     image_size: Size2 | None = None  # [height, width]; 28 means [28, 28]
     channels: Literal[1, 3] | None = None
-    normalize: Literal["auto", "none"] | NormalizeStats = "auto"
+    normalize: Annotated[Literal["auto", "none"] | NormalizeStats, BeforeValidator(_normalize)] = "auto"
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     batch_size: PositiveInt = 128
     sampler: Literal["shuffle", "balanced"] = "shuffle"
@@ -167,11 +181,27 @@ class CheckpointConfig(Strict):
     monitor: Monitor = "val_accuracy"
 
 
+def _class_weight(value: Any) -> str | dict[str, float] | None:
+    """balanced or {label: weight}. Labels are folder names, hence strings, but YAML reads {3: 5.0} with a number
+    for key: the keys become strings. Checked here, before the annotation's union, to give one line per mistake."""
+    if value is None or (isinstance(value, str) and value == "balanced"):
+        return value
+    if not isinstance(value, dict):
+        raise PydanticCustomError("class_weight", "must be balanced or a mapping from label to weight, e.g. {Shirt: 2.0}")
+    weights = {}
+    for label, weight in value.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < math.inf:
+            raise PydanticCustomError("class_weight", "the weight of label {label} must be a number greater than 0 (got {weight})",
+                                      {"label": repr(str(label)), "weight": repr(weight)})
+        weights[str(label)] = float(weight)
+    return weights
+
+
 class TrainConfig(Strict):
     epochs: PositiveInt = 10
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    class_weight: Literal["balanced"] | dict[str, PositiveFloat] | None = None
+    class_weight: Annotated[Literal["balanced"] | dict[str, PositiveFloat] | None, BeforeValidator(_class_weight)] = None
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     grad_clip: PositiveFloat | None = None
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
@@ -318,11 +348,11 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
 
 def _dotted(loc: tuple[Any, ...]) -> str:
     out = ""
-    for part in loc:
+    for i, part in enumerate(loc):
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in LAYER_CLASSES or part in ("str", "int", "float") or str(part).startswith(("function-", "literal[", "list[", "dict[")):
-            continue  # union branch labels pydantic adds to locations
+        elif i >= 2 and loc[i - 2] == "layers" and isinstance(loc[i - 1], int) and part in LAYER_CLASSES:
+            continue  # the layer class pydantic chose by 'type'. The config has no other unions, which would add labels.
         else:
             out += f".{part}" if out else str(part)
     return out or "config"

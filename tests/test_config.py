@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -152,6 +153,47 @@ def test_sizes_are_one_int_or_a_pair_and_their_errors_name_the_key(tmp_path: Pat
     for text, line in bad.items():
         assert errors(write(tmp_path, CONV.replace("kernel_size: 3", f"kernel_size: 3, {text}"))) == [line]
     assert errors(write(tmp_path, CONV + "data: {image_size: [0, 8]}\n")) == ["data.image_size: Input should be greater than 0 (got [0, 8])."]
+
+
+def leaf_keys(node: object, prefix: str = "") -> list[str]:
+    """Dotted --set keys of every value in a dumped config (layers by index), except the layers' 'type'."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if node and isinstance(node, list) and isinstance(node[0], dict) else None
+    if not items:
+        return [prefix]
+    return [key for k, v in items if k != "type" for key in leaf_keys(v, f"{prefix}.{k}" if prefix else str(k))]
+
+
+def test_every_key_reports_its_errors_under_its_own_path() -> None:
+    # pydantic labels union branches in error locations (".constrained-int", ".literal[...]"): no key may leak them
+    path = ROOT / "configs" / "fashion_mnist.yaml"
+    dumped = load_config(path, ["data.image_size=28", "train.class_weight=balanced"]).model_dump(mode="json")
+    keys = leaf_keys(dumped)
+    assert {"data.normalize", "data.image_size", "train.class_weight", "model.input_shape", "model.layers.0.strides"} <= set(keys)
+    for key in keys:
+        expected = re.sub(r"\.(\d+)", r"[\1]", key)
+        for bad in ("{bad: [[]]}", "[-1]"):
+            for line in errors(path, [f"{key}={bad}"]):
+                assert re.match(re.escape(expected) + r"(\.[a-z][a-z0-9_]*|\[\d+\])*: ", line), (key, bad, line)
+
+
+def test_normalize_errors_speak_of_the_form_the_user_wrote(tmp_path: Path) -> None:
+    base = MINIMAL + "data:\n  normalize: "
+    assert errors(write(tmp_path, base + "standard\n")) == [
+        "data.normalize: must be auto, none or a mapping {mean: [...], std: [...]} with one value per channel (got 'standard')."]
+    assert errors(write(tmp_path, base + "{mean: [0.5], std: [0]}\n")) == ["data.normalize.std[0]: Input should be greater than 0 (got 0)."]
+    assert errors(write(tmp_path, base + "{mean: [0.5]}\n")) == ["data.normalize.std: required key is missing."]
+    assert load_config(write(tmp_path, base + "{mean: [0.5], std: [0.25]}\n")).data.normalize.std == [0.25]
+
+
+def test_class_weight_accepts_digit_labels_and_reports_one_line_per_mistake(tmp_path: Path) -> None:
+    # class folders named 3 and 8: YAML reads the keys as numbers, the labels are the folder names
+    cfg = load_config(write(tmp_path, MINIMAL + "train:\n  class_weight: {3: 5.0, 8: 2}\n"))
+    assert cfg.train.class_weight == {"3": 5.0, "8": 2.0}
+    assert Config.model_validate(cfg.to_dict()) == cfg
+    assert errors(write(tmp_path, MINIMAL + "train:\n  class_weight: {3: -1}\n")) == [
+        "train.class_weight: the weight of label '3' must be a number greater than 0 (got -1)."]
+    assert errors(write(tmp_path, MINIMAL + "train:\n  class_weight: inverse\n")) == [
+        "train.class_weight: must be balanced or a mapping from label to weight, e.g. {Shirt: 2.0} (got 'inverse')."]
 
 
 def test_missing_config_file(tmp_path: Path) -> None:
