@@ -6,12 +6,13 @@ did-you-mean, and every problem in a file is reported at once with its full dott
 
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 import re
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Iterable, Literal
 
 import yaml
 from pydantic import (
@@ -22,8 +23,10 @@ from pydantic import (
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
+    SerializerFunctionWrapHandler,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -46,7 +49,15 @@ from fcclass.layers import (  # noqa: F401  (re-exported: fcclass.config.Dense e
     MaxPooling2D,
     Regularizer,
 )
-from fcclass.registries import DATASETS, LAYER_ALIASES, OPTIMIZERS, SCHEDULERS
+from fcclass.registries import (
+    DATASETS,
+    LAYER_ALIASES,
+    OPTIMIZER_SHARED_KEYS,
+    OPTIMIZERS,
+    SCHEDULER_SHARED_KEYS,
+    SCHEDULERS,
+    Choice,
+)
 from fcclass.schema import Size2, Strict
 
 DEFAULT_CONFIG = Path("configs/fashion_mnist.yaml")
@@ -139,35 +150,88 @@ class DataConfig(Strict):
 
 
 # ----------------------------------------------------------------------------- optimisation
-class OptimizerConfig(Strict):
+class _NamedChoice(Strict):
+    """A section whose ``name`` picks an entry of a registry. Which keys each entry reads is declared there
+    (registries.Choice.keys); a key the chosen entry does not read is an error rather than silently ignored, and
+    to_dict() leaves such keys out, so a resolved config validates again."""
+
+    section: ClassVar[str]
+    registry: ClassVar[dict[str, Choice]]
+    shared_keys: ClassVar[tuple[str, ...]]  # read by every entry
+
+    @classmethod
+    def keys_not_read(cls, name: Any, keys: Iterable[str]) -> list[str]:
+        """Those of ``keys`` that entry ``name`` does not read; none for an unknown name (that is the name's error)."""
+        choice = cls.registry.get(name) if isinstance(name, str) else None
+        if choice is None:
+            return []
+        return [k for k in cls.model_fields if k in keys and k != "name" and k not in cls.shared_keys + choice.keys]
+
+    @classmethod
+    def drop_keys_not_read(cls, raw: dict[str, Any]) -> dict[str, Any]:
+        unused = cls.keys_not_read(raw.get("name", cls.model_fields["name"].default), raw)
+        return {k: v for k, v in raw.items() if k not in unused}
+
+    @model_validator(mode="after")
+    def _keys_apply(self) -> "_NamedChoice":
+        unused = self.keys_not_read(self.name, self.model_fields_set)  # the keys the user wrote, not the defaults
+        if unused:
+            # a ValidationError raised here nests under the section, so each message sits at its own key
+            raise ValidationError.from_exception_data(type(self).__name__, [
+                {"type": PydanticCustomError("not_applicable", self._not_read_message(key)), "loc": (key,), "input": None}
+                for key in unused
+            ])
+        return self
+
+    def _not_read_message(self, key: str) -> str:
+        users = [name for name, choice in self.registry.items() if key in choice.keys]
+        names = users[0] if len(users) == 1 else f"{', '.join(users[:-1])} and {users[-1]}"
+        return f"does not apply to {self.name}; it is used by {names}. Remove it, or change {self.section}.name"
+
+    @model_serializer(mode="wrap")
+    def _dump_keys_that_apply(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        unused = self.keys_not_read(self.name, data)
+        return {k: v for k, v in data.items() if k not in unused}
+
+
+class OptimizerConfig(_NamedChoice):
+    section: ClassVar[str] = "optimizer"
+    registry: ClassVar[dict[str, Choice]] = OPTIMIZERS
+    shared_keys: ClassVar[tuple[str, ...]] = OPTIMIZER_SHARED_KEYS
+
     name: Literal[tuple(OPTIMIZERS)] = "adam"  # type: ignore[valid-type]
     lr: PositiveFloat = 1e-3
     weight_decay: NonNegativeFloat = 0.0
-    momentum: NonNegativeFloat = 0.0  # sgd, rmsprop
-    nesterov: bool = False  # sgd
+    momentum: NonNegativeFloat = 0.0
+    nesterov: bool = False
     betas: Annotated[list[Annotated[float, Field(ge=0, lt=1)]], Field(min_length=2, max_length=2)] = [0.9, 0.999]
-    eps: PositiveFloat | None = None
-    rho: float = Field(0.9, gt=0, lt=1)  # adadelta, rmsprop (alpha)
+    eps: PositiveFloat | None = None  # None: torch's default for the optimizer
+    rho: float = Field(0.9, gt=0, lt=1)  # RMSprop's alpha
 
     @model_validator(mode="after")
     def _nesterov_needs_momentum(self) -> "OptimizerConfig":
-        if self.nesterov and (self.name != "sgd" or self.momentum <= 0):
-            raise ValueError("nesterov: true needs name: sgd and momentum > 0 (e.g. momentum: 0.9)")
+        if self.name == "sgd" and self.nesterov and self.momentum <= 0:
+            raise ValueError("nesterov: true needs momentum > 0 (e.g. momentum: 0.9)")
         return self
 
 
-class SchedulerConfig(Strict):
+class SchedulerConfig(_NamedChoice):
+    section: ClassVar[str] = "scheduler"
+    registry: ClassVar[dict[str, Choice]] = SCHEDULERS
+    shared_keys: ClassVar[tuple[str, ...]] = SCHEDULER_SHARED_KEYS
+
     name: Literal[tuple(SCHEDULERS)] = "none"  # type: ignore[valid-type]
     warmup_epochs: NonNegativeInt = 0
-    step_size: PositiveInt = 10  # step: epochs between decays
-    milestones: list[PositiveInt] = [30, 60]  # multistep
-    gamma: PositiveFloat = 0.1  # step, multistep, exponential
-    min_lr: NonNegativeFloat = 0.0  # cosine, plateau
-    max_lr: PositiveFloat | None = None  # onecycle (default: optimizer.lr)
-    pct_start: float = Field(0.3, gt=0, lt=1)  # onecycle
-    factor: float = Field(0.1, gt=0, lt=1)  # plateau
-    patience: NonNegativeInt = 2  # plateau
-    monitor: Monitor = "val_loss"  # plateau
+    step_size: PositiveInt = 10  # epochs between decays
+    milestones: list[PositiveInt] = [30, 60]
+    gamma: PositiveFloat = 0.1
+    min_lr: NonNegativeFloat = 0.0
+    max_lr: PositiveFloat | None = None  # None: optimizer.lr
+    pct_start: float = Field(0.3, gt=0, lt=1)
+    factor: float = Field(0.1, gt=0, lt=1)
+    patience: NonNegativeInt = 2
+    monitor: Monitor = "val_loss"
 
 
 # ----------------------------------------------------------------------------- training
@@ -255,9 +319,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"Config file '{path}' must hold a mapping of sections (name, data, model, ...), not a {type(raw).__name__}.")
-    for item in overrides or []:
-        apply_override(raw, item)
-    return config_from_dict(raw, source=str(path))
+    return config_from_dict(raw, source=str(path), overrides=overrides)
 
 
 def parse_yaml(text: str, source: str) -> Any:
@@ -280,7 +342,23 @@ def _mark(e: yaml.YAMLError) -> str:
     return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
 
 
-def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+def config_from_dict(
+    raw: dict[str, Any], source: str = "config", *, stored: bool = False, overrides: list[str] | None = None
+) -> Config:
+    """Validate a config mapping (left unchanged), after applying ``overrides`` (``--set`` items).
+
+    ``stored``: the mapping was written by fcclass into a run directory or checkpoint, perhaps by an earlier version,
+    which recorded every optimizer and scheduler key whatever the name (momentum: 0.0 under adam). Keys that the
+    chosen name does not read are then dropped instead of refused; the overrides apply after that, so a key the user
+    sets is never dropped.
+    """
+    raw = copy.deepcopy(raw)
+    if stored:
+        for section in (OptimizerConfig, SchedulerConfig):
+            if isinstance(raw.get(section.section), dict):
+                raw[section.section] = section.drop_keys_not_read(raw[section.section])
+    for item in overrides or []:
+        apply_override(raw, item)
     try:
         return Config.model_validate(raw)
     except ValidationError as e:

@@ -151,7 +151,7 @@ def load_trained(checkpoint: Path) -> tuple[Any, dict[str, Any]]:
 
     ckpt = load_checkpoint(checkpoint)
     try:
-        cfg = config_from_dict(ckpt["config"], source=f"config in {checkpoint}")
+        cfg = config_from_dict(ckpt["config"], source=f"config in {checkpoint}", stored=True)
         model = build_model(cfg.model, ckpt["input_shape"], len(ckpt["class_names"]))
         model.load_state_dict(ckpt["model_state"])
     except FcclassError as e:

@@ -201,13 +201,7 @@ def fit(
         if not (run_dir / LAST).is_file():
             raise CheckpointError(f"Cannot resume '{run_dir}': it has no {LAST}. Give a run directory made by `fcclass train`.")
         resume_ckpt = load_checkpoint(run_dir / LAST)
-        raw = resume_ckpt["config"]
-        if overrides:
-            from fcclass.config import apply_override
-
-            for item in overrides:
-                apply_override(raw, item)
-        cfg = config_from_dict(raw, source=f"{run_dir}/config.yaml")
+        cfg = config_from_dict(resume_ckpt["config"], source=f"{run_dir}/config.yaml", stored=True, overrides=overrides)
     elif cfg is None:
         cfg = load_config(overrides=overrides)
 

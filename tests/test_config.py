@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fcclass.config import Config, load_config
+from fcclass.config import Config, OptimizerConfig, SchedulerConfig, config_from_dict, load_config
 from fcclass.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -194,6 +194,41 @@ def test_class_weight_accepts_digit_labels_and_reports_one_line_per_mistake(tmp_
         "train.class_weight: the weight of label '3' must be a number greater than 0 (got -1)."]
     assert errors(write(tmp_path, MINIMAL + "train:\n  class_weight: inverse\n")) == [
         "train.class_weight: must be balanced or a mapping from label to weight, e.g. {Shirt: 2.0} (got 'inverse')."]
+
+
+def test_keys_the_chosen_optimizer_or_scheduler_does_not_read_are_errors(tmp_path: Path) -> None:
+    text = MINIMAL + "optimizer: {name: adam, momentum: 0.9}\nscheduler: {name: cosine, milestones: [3], min_lr: 0.0001}\n"
+    assert errors(write(tmp_path, text)) == [
+        "optimizer.momentum: does not apply to adam; it is used by sgd and rmsprop. Remove it, or change optimizer.name.",
+        "scheduler.milestones: does not apply to cosine; it is used by multistep. Remove it, or change scheduler.name.",
+    ]
+    cfg = load_config(write(tmp_path, MINIMAL + "optimizer: {name: sgd, momentum: 0.9, nesterov: true}\nscheduler: {name: plateau, min_lr: 0.0001}\n"))
+    assert (cfg.optimizer.momentum, cfg.scheduler.min_lr) == (0.9, 0.0001)
+
+
+@pytest.mark.parametrize("section", [OptimizerConfig, SchedulerConfig])
+def test_a_resolved_config_keeps_only_the_keys_its_choice_reads_and_validates_again(tmp_path: Path, section: type) -> None:
+    for name, choice in section.registry.items():
+        cfg = load_config(write(tmp_path, MINIMAL), [f"{section.section}.name={name}"])
+        written = cfg.to_dict()[section.section]
+        assert set(written) == {"name", *section.shared_keys, *choice.keys}, name
+        assert load_config(write(tmp_path, cfg.to_yaml())) == cfg
+
+
+def test_a_config_stored_by_an_earlier_version_with_every_key_still_loads() -> None:
+    # earlier versions wrote every optimizer and scheduler key into a run's config.yaml and checkpoints
+    cfg = load_config(ROOT / "configs" / "fashion_mnist.yaml")
+    old = cfg.to_dict()
+    old["optimizer"] = {key: getattr(cfg.optimizer, key) for key in OptimizerConfig.model_fields}
+    old["scheduler"] = {key: getattr(cfg.scheduler, key) for key in SchedulerConfig.model_fields}
+    assert old["optimizer"]["momentum"] == 0.0 and cfg.optimizer.name == "adam"
+    assert config_from_dict(old, "run/config.yaml", stored=True) == cfg
+    with pytest.raises(ConfigError, match="optimizer.momentum: does not apply to adam"):
+        config_from_dict(old, "run/config.yaml")
+    # what the user sets on top (fcclass train --resume RUN --set ...) is still checked
+    with pytest.raises(ConfigError, match="optimizer.rho: does not apply to adam"):
+        config_from_dict(old, "run/config.yaml", stored=True, overrides=["optimizer.rho=0.5"])
+    assert old["optimizer"]["momentum"] == 0.0  # the caller's mapping is left as it was
 
 
 def test_missing_config_file(tmp_path: Path) -> None:

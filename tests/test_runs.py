@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import ROOT
 from fcclass.errors import CheckpointError
-from fcclass.runs import atomic_write_bytes, load_checkpoint, resolve_checkpoint, save_checkpoint
+from fcclass.runs import atomic_write_bytes, load_checkpoint, load_trained, resolve_checkpoint, save_checkpoint
 
 
 class _Boom:
@@ -68,3 +69,19 @@ def test_missing_runs_are_clear_errors(tmp_path: Path) -> None:
         resolve_checkpoint(runs_dir=tmp_path / "runs")
     with pytest.raises(CheckpointError, match="not found"):
         resolve_checkpoint(tmp_path / "nope")
+
+
+def test_a_checkpoint_whose_config_stores_every_optimizer_key_still_loads(tmp_path: Path) -> None:
+    # fcclass versions before the optimizer/scheduler key checks stored every key, e.g. momentum: 0.0 under adam
+    from fcclass.config import OptimizerConfig, SchedulerConfig, load_config
+    from fcclass.model import build_model
+
+    cfg = load_config(ROOT / "configs" / "mlp.yaml")
+    stored = {**cfg.to_dict(), "optimizer": {key: getattr(cfg.optimizer, key) for key in OptimizerConfig.model_fields},
+              "scheduler": {key: getattr(cfg.scheduler, key) for key in SchedulerConfig.model_fields}}
+    net = build_model(cfg.model, [1, 28, 28], 10)
+    save_checkpoint(tmp_path / "best.pt", {"model_state": net.state_dict(), "config": stored, "input_shape": [1, 28, 28],
+                                           "class_names": [str(i) for i in range(10)], "mean": [0.5], "std": [0.25]})
+    model, ckpt = load_trained(tmp_path / "best.pt")
+    assert ckpt["config_obj"] == cfg
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), net.state_dict().values()))
