@@ -357,16 +357,17 @@ def config_from_dict(
         for section in (OptimizerConfig, SchedulerConfig):
             if isinstance(raw.get(section.section), dict):
                 raw[section.section] = section.drop_keys_not_read(raw[section.section])
-    for item in overrides or []:
-        apply_override(raw, item)
+    set_at = {apply_override(raw, item): item for item in overrides or []}  # a key set twice: the last --set counts
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, source)) from None
+        raise ConfigError(format_validation_error(e, source, set_at)) from None
 
 
-def apply_override(raw: dict[str, Any], item: str) -> None:
-    """Apply one ``dotted.key=value`` override in place; the value is parsed as YAML (``3``, ``0.01``, ``[1, 28, 28]``)."""
+def apply_override(raw: dict[str, Any], item: str) -> tuple[str | int, ...]:
+    """Apply one ``dotted.key=value`` override in place; the value is parsed as YAML (``3``, ``0.01``, ``[1, 28, 28]``).
+
+    Returns where it wrote, list indexes as ints (``('model', 'layers', 0, 'units')``), for error messages."""
     key, sep, value_text = item.partition("=")
     key = key.strip()
     if not sep or not key:
@@ -374,16 +375,19 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     value = parse_yaml(value_text, f"--set {item}")
     parts = key.split(".")
     node: Any = raw
+    loc: list[str | int] = []
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
         where = ".".join(parts[: i + 1])
+        loc.append(part)
         if isinstance(node, list):
             if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
                 raise ConfigError(f"--set {key}: '{where}' indexes a list of {len(node)} items; use an index from 0 to {len(node) - 1}.")
+            loc[-1] = int(part) % len(node)
             if last:
-                node[int(part)] = value
+                node[loc[-1]] = value
             else:
-                node = node[int(part)]
+                node = node[loc[-1]]
         elif isinstance(node, dict):
             if last:
                 node[part] = value
@@ -393,46 +397,65 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
                 node = node[part]
         else:
             raise ConfigError(f"--set {key}: '{'.'.join(parts[:i])}' is a value, not a section, so it has no key '{part}'.")
+    return tuple(loc)
 
 
 # ----------------------------------------------------------------------------- error messages
-def format_validation_error(exc: ValidationError, source: str) -> str:
+def format_validation_error(exc: ValidationError, source: str, set_at: dict[tuple[str | int, ...], str] | None = None) -> str:
+    """'<source> has N errors:' then one '  - path: problem' line each. ``set_at`` maps where each --set override
+    wrote to its item: a problem at, under or above such a key says so, since the file is not the place to fix it.
+    So does a key that does not apply to the optimizer/scheduler name a --set chose."""
     lines = []
     for err in exc.errors(include_url=False):
         loc = tuple(err["loc"])
-        path = _dotted(loc)
-        kind = err["type"]
-        if kind == "extra_forbidden":
-            lines.append(f"{path}: unknown key. {_did_you_mean(loc)}")
-        elif kind == "union_tag_invalid":
-            tag = err.get("ctx", {}).get("tag", "?")
-            lines.append(f"{path}.type: unknown layer type '{tag}'. Valid layer types: {', '.join(LAYER_CLASSES)}.")
-        elif kind == "union_tag_not_found":
-            lines.append(f"{path}: a layer needs 'type', one of: {', '.join(LAYER_CLASSES)}.")
-        elif kind == "missing":
-            lines.append(f"{path}: required key is missing.")
-        elif kind in ("literal_error", "enum"):
-            got = err.get("input")
-            lines.append(f"{path}: got {got!r}; valid values are {err['msg'].removeprefix('Input should be ')}.")
-        else:
-            msg = err["msg"].removeprefix("Value error, ")
-            got = err.get("input")
-            shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
-            lines.append(f"{path}: {msg}{shown}.")
+        sets = _set_by(err, set_at or {})
+        lines.append(_problem(err, loc) + (f" (from {', '.join(f'--set {item}' for item in sets)})" if sets else ""))
+    lines = list(dict.fromkeys(lines))
     n = len(lines)
-    head = f"{source} has {n} error{'s' if n != 1 else ''}:"
-    return head + "\n" + "\n".join(f"  - {line}" for line in dict.fromkeys(lines))
+    where = f"{source} with --set overrides" if any(" (from --set " in line for line in lines) else source
+    return f"{where} has {n} error{'s' if n != 1 else ''}:\n" + "\n".join(f"  - {line}" for line in lines)
+
+
+def _set_by(err: Any, set_at: dict[tuple[str | int, ...], str]) -> list[str]:
+    """The --set items an error comes from: they wrote its key, a section around it or a value inside it, or, for a
+    key that does not apply, chose its section's name."""
+    key = _key_path(tuple(err["loc"]))
+    keys = [key, key[:-1] + ("name",)] if err["type"] == "not_applicable" else [key]
+    return [item for at, item in set_at.items() if any(k[: len(at)] == at or (k and at[: len(k)] == k) for k in keys)]
+
+
+def _problem(err: Any, loc: tuple[Any, ...]) -> str:
+    path = _dotted(loc)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return f"{path}: unknown key. {_did_you_mean(loc)}"
+    if kind == "union_tag_invalid":
+        tag = err.get("ctx", {}).get("tag", "?")
+        return f"{path}.type: unknown layer type '{tag}'. Valid layer types: {', '.join(LAYER_CLASSES)}."
+    if kind == "union_tag_not_found":
+        return f"{path}: a layer needs 'type', one of: {', '.join(LAYER_CLASSES)}."
+    if kind == "missing":
+        return f"{path}: required key is missing."
+    got = err.get("input")
+    if kind in ("literal_error", "enum"):
+        return f"{path}: got {got!r}; valid values are {err['msg'].removeprefix('Input should be ')}."
+    shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+    return f"{path}: {err['msg'].removeprefix('Value error, ')}{shown}."
+
+
+def _key_path(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The location as config keys and list indexes, without the layer class pydantic chose by 'type' (the config
+    has no other unions, which would add such labels)."""
+    return tuple(
+        part for i, part in enumerate(loc)
+        if not (i >= 2 and loc[i - 2] == "layers" and isinstance(loc[i - 1], int) and part in LAYER_CLASSES)
+    )
 
 
 def _dotted(loc: tuple[Any, ...]) -> str:
     out = ""
-    for i, part in enumerate(loc):
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif i >= 2 and loc[i - 2] == "layers" and isinstance(loc[i - 1], int) and part in LAYER_CLASSES:
-            continue  # the layer class pydantic chose by 'type'. The config has no other unions, which would add labels.
-        else:
-            out += f".{part}" if out else str(part)
+    for part in _key_path(loc):
+        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
     return out or "config"
 
 

@@ -127,6 +127,7 @@ def test_summary_needs_no_dataset_when_input_shape_is_set(tmp_path: Path) -> Non
     ("args", "message"),
     [
         (["train", "--set", "train.epohcs=2"], "Did you mean 'epochs'"),
+        (["train", "--set", "data.batch_size=-1"], "data.batch_size: Input should be greater than 0 (got -1). (from --set data.batch_size=-1)"),
         (["train", "-c", "nope.yaml"], "not found"),
         (["summary", "--set", "model.layers.0.type=Conv3D"], "unknown layer type 'Conv3D'"),
         (["eval", "--runs-dir", "/nonexistent-runs"], "No training runs found"),

@@ -231,6 +231,22 @@ def test_a_config_stored_by_an_earlier_version_with_every_key_still_loads() -> N
     assert old["optimizer"]["momentum"] == 0.0  # the caller's mapping is left as it was
 
 
+def test_errors_that_come_from_a_set_override_say_so(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL + "data: {batch_size: 0}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path, ["train.epochs=0", "data.root=elsewhere"])
+    assert str(e.value).splitlines() == [
+        f"{path} with --set overrides has 2 errors:",
+        "  - data.batch_size: Input should be greater than 0 (got 0).",  # this one is in the file
+        "  - train.epochs: Input should be greater than 0 (got 0). (from --set train.epochs=0)",
+    ]
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))} has 1 error:\n  - data.batch_size: [^\n]*\(got 0\)\.$"):
+        load_config(path, ["data.root=elsewhere"])
+    # a key in the file that no longer applies once --set changed the name
+    assert errors(write(tmp_path, MINIMAL + "scheduler: {name: onecycle, pct_start: 0.2}\n"), ["scheduler.name=none"]) == [
+        "scheduler.pct_start: does not apply to none; it is used by onecycle. Remove it, or change scheduler.name. (from --set scheduler.name=none)"]
+
+
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
