@@ -60,7 +60,8 @@ from fcclass.registries import (
 )
 from fcclass.schema import Size2, Strict
 
-DEFAULT_CONFIG = Path("configs/fashion_mnist.yaml")
+SHIPPED_CONFIGS = Path(__file__).parent / "configs"  # package data: found wherever fcclass is installed
+DEFAULT_CONFIG = SHIPPED_CONFIGS / "fashion_mnist.yaml"
 
 Monitor = Literal["val_loss", "val_accuracy"]
 Activation_ = Activation  # the layer's former name here, kept for imports written against it
@@ -298,18 +299,37 @@ class Config(Strict):
 
 
 # ----------------------------------------------------------------------------- loading
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (default ``configs/fashion_mnist.yaml``), apply ``key=value`` overrides, validate."""
-    path = Path(path) if path is not None else DEFAULT_CONFIG
+def shipped_configs() -> dict[str, Path]:
+    """The example configs inside the package, by name without .yaml: {'fashion_mnist': Path(...), 'mlp': ...}."""
+    return {p.stem: p for p in sorted(SHIPPED_CONFIGS.glob("*.yaml"))}
+
+
+def resolve_config_path(path: str | Path | None) -> Path:
+    """The config file to read. None: the shipped fashion_mnist.yaml. An existing file: itself. Otherwise a shipped
+    config that ``path`` names (``mlp``, ``mlp.yaml``, ``configs/mlp.yaml``), so that the names the docs use work
+    from any folder once fcclass is installed; a file of that name in the current folder still comes first."""
+    if path is None:
+        return DEFAULT_CONFIG
+    path = Path(path)
+    shipped = shipped_configs()
+    names = f"{', '.join(shipped)} (e.g. -c {DEFAULT_CONFIG.stem})"
     if path.is_dir():
-        raise ConfigError(f"'{path}' is a folder; pass a YAML config file with -c/--config, e.g. {DEFAULT_CONFIG}.")
-    if not path.is_file():
-        hint = (
-            "run fcclass from the project folder, or pass -c/--config PATH"
-            if path == DEFAULT_CONFIG
-            else "check the path, or pass -c/--config with an existing YAML file"
-        )
-        raise ConfigError(f"Config file '{path}' not found: {hint}.")
+        raise ConfigError(f"'{path}' is a folder; pass a YAML config file with -c/--config, or a shipped config by name: {names}.")
+    if path.is_file():
+        return path
+    name = path.name.removesuffix(".yaml")
+    if path.parent in (Path("."), Path("configs")) and name in shipped:
+        return shipped[name]
+    raise ConfigError(
+        f"Config file '{path}' not found. Check the path, or pass a shipped config by name: {names}; "
+        "`fcclass init` writes an editable copy of one."
+    )
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (a file or a shipped config's name, see resolve_config_path; None: the shipped
+    fashion_mnist.yaml), apply ``key=value`` overrides, validate."""
+    path = resolve_config_path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:

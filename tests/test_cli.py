@@ -123,6 +123,13 @@ def test_summary_needs_no_dataset_when_input_shape_is_set(tmp_path: Path) -> Non
     assert "Total params" in table.output and "262,144" in table.output
 
 
+def test_summary_of_a_shipped_config_works_from_any_folder(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "fcclass.cli", "summary", "-c", "mlp", "--json", "-"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["layers"][0]["params"] == 784 * 256 + 256
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

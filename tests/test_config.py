@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from fcclass.config import Config, OptimizerConfig, SchedulerConfig, config_from_dict, load_config
+from fcclass.config import (
+    SHIPPED_CONFIGS,
+    Config,
+    OptimizerConfig,
+    SchedulerConfig,
+    config_from_dict,
+    load_config,
+    resolve_config_path,
+    shipped_configs,
+)
 from fcclass.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,10 +37,34 @@ model:
 
 
 def test_every_shipped_config_validates() -> None:
-    configs = sorted((ROOT / "configs").glob("*.yaml"))
-    assert configs, "configs/ must ship example configs"
-    for path in configs:
-        assert isinstance(load_config(path), Config), path
+    configs = shipped_configs()
+    assert {"fashion_mnist", "mlp", "cifar10"} <= set(configs), "fcclass/configs/ must ship example configs"
+    for path in configs.values():
+        assert path.parent == SHIPPED_CONFIGS and isinstance(load_config(path), Config), path
+    assert (ROOT / "configs").resolve() == SHIPPED_CONFIGS.resolve()  # the repo's configs/ is the packaged folder
+
+
+def test_configs_are_package_data() -> None:
+    import tomllib
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "configs/*.yaml" in pyproject["tool"]["setuptools"]["package-data"]["fcclass"]
+
+
+def test_shipped_configs_are_found_by_name_from_any_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # as after `pip install fcclass`: no configs/ folder here
+    shipped = shipped_configs()
+    assert resolve_config_path(None) == shipped["fashion_mnist"]
+    for name in ("fashion_mnist", "fashion_mnist.yaml", "configs/fashion_mnist.yaml"):
+        assert resolve_config_path(name) == shipped["fashion_mnist"], name
+    assert load_config("configs/mlp.yaml").name == "fashion-mlp"
+    mine = write(tmp_path, MINIMAL)
+    (tmp_path / "mlp.yaml").write_text(mine.read_text())
+    assert resolve_config_path("mlp.yaml") == Path("mlp.yaml")  # a file of that name here comes first
+    with pytest.raises(ConfigError) as e:
+        resolve_config_path("elsewhere/mlp.yaml")
+    msg = str(e.value)
+    assert "'elsewhere/mlp.yaml' not found" in msg and ", ".join(shipped) in msg and "fcclass init" in msg
 
 
 def test_config_and_layer_types_load_without_torch() -> None:
@@ -253,6 +286,6 @@ def test_missing_config_file(tmp_path: Path) -> None:
 
 
 def test_resolved_config_round_trips(tmp_path: Path) -> None:
-    cfg = load_config(ROOT / "configs" / "fashion_mnist.yaml")
+    cfg = load_config("fashion_mnist")
     again = load_config(write(tmp_path, cfg.to_yaml()))
     assert again == cfg
