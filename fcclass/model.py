@@ -107,12 +107,13 @@ class Dropout(nn.Dropout):
     """nn.Dropout with a cheaper mask on the CPU: 16-bit random integers compared with a threshold instead of
     ``bernoulli_`` on floats, about twice as fast forward + backward. The drop probability is ``p`` rounded to
     1/32768, and kept values are scaled by 1 / (1 - that probability), so the expected output equals the input.
-    Other devices use torch's fused dropout."""
+    Other devices use torch's fused dropout, and so does a rate within 1/65536 of 1, which rounds to dropping all
+    (and scaling by 1/0). fcclass.layers.Dropout.build makes it: swapping in nn.Dropout there is a one-line change."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0 or x.device.type != "cpu":
-            return super().forward(x)
         threshold = round(self.p * 32768)
+        if not self.training or self.p == 0.0 or x.device.type != "cpu" or threshold == 32768:
+            return super().forward(x)
         keep = torch.empty_like(x, dtype=torch.int16).random_() >= threshold
         return x * keep.to(x.dtype).mul_(32768 / (32768 - threshold))
 

@@ -217,3 +217,15 @@ def test_dropout_drops_the_configured_fraction_and_rescales() -> None:
     a = drop.train()(x)
     torch.manual_seed(1)
     assert torch.equal(a, drop(x))  # the mask comes from torch's seeded generator: runs are reproducible
+
+
+def test_a_dropout_rate_just_below_one_trains() -> None:
+    # the config allows any rate < 1; the CPU mask rounds the rate to 1/32768, and 0.99999 rounds to 1
+    torch.manual_seed(0)
+    net = model([{"type": "Flatten"}, {"type": "Dropout", "rate": 0.99999}, {"type": "Dense"}])
+    x = torch.ones(2000, 1, 28, 28)  # about 16 of these 1.6 million values are kept
+    y = net.body.dropout(x)
+    kept = y[y != 0]
+    assert torch.isfinite(y).all() and 0 < len(kept) < 100
+    torch.testing.assert_close(kept, torch.full_like(kept, 1 / (1 - 0.99999)))  # the expected output is still the input
+    assert torch.isfinite(net(x)).all()
