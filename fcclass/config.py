@@ -1,22 +1,20 @@
 """The typed, validated config: pydantic v2 models, safe YAML loading and ``--set`` overrides.
 
 Everything downstream takes these objects, never raw dicts. Unknown keys are errors with a
-did-you-mean, and every problem in a file is reported at once with its full dotted path.
+did-you-mean, and every problem in a file is reported at once with its full dotted path (worded by
+config_errors.py). The layer config classes live in layers.py and are re-exported here.
 """
 
 from __future__ import annotations
 
 import copy
-import difflib
 import math
 import re
-import typing
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Iterable, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
     BeforeValidator,
     Field,
     NonNegativeFloat,
@@ -31,6 +29,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from fcclass.config_errors import format_validation_error
 from fcclass.errors import ConfigError
 from fcclass.layers import (  # noqa: F401  (re-exported: fcclass.config.Dense etc. are the layer config classes)
     LAYER_CLASSES,
@@ -381,7 +380,7 @@ def config_from_dict(
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, source, set_at)) from None
+        raise ConfigError(format_validation_error(e, source, Config, set_at)) from None
 
 
 def apply_override(raw: dict[str, Any], item: str) -> tuple[str | int, ...]:
@@ -418,96 +417,3 @@ def apply_override(raw: dict[str, Any], item: str) -> tuple[str | int, ...]:
         else:
             raise ConfigError(f"--set {key}: '{'.'.join(parts[:i])}' is a value, not a section, so it has no key '{part}'.")
     return tuple(loc)
-
-
-# ----------------------------------------------------------------------------- error messages
-def format_validation_error(exc: ValidationError, source: str, set_at: dict[tuple[str | int, ...], str] | None = None) -> str:
-    """'<source> has N errors:' then one '  - path: problem' line each. ``set_at`` maps where each --set override
-    wrote to its item: a problem at, under or above such a key says so, since the file is not the place to fix it.
-    So does a key that does not apply to the optimizer/scheduler name a --set chose."""
-    lines = []
-    for err in exc.errors(include_url=False):
-        loc = tuple(err["loc"])
-        sets = _set_by(err, set_at or {})
-        lines.append(_problem(err, loc) + (f" (from {', '.join(f'--set {item}' for item in sets)})" if sets else ""))
-    lines = list(dict.fromkeys(lines))
-    n = len(lines)
-    where = f"{source} with --set overrides" if any(" (from --set " in line for line in lines) else source
-    return f"{where} has {n} error{'s' if n != 1 else ''}:\n" + "\n".join(f"  - {line}" for line in lines)
-
-
-def _set_by(err: Any, set_at: dict[tuple[str | int, ...], str]) -> list[str]:
-    """The --set items an error comes from: they wrote its key, a section around it or a value inside it, or, for a
-    key that does not apply, chose its section's name."""
-    key = _key_path(tuple(err["loc"]))
-    keys = [key, key[:-1] + ("name",)] if err["type"] == "not_applicable" else [key]
-    return [item for at, item in set_at.items() if any(k[: len(at)] == at or (k and at[: len(k)] == k) for k in keys)]
-
-
-def _problem(err: Any, loc: tuple[Any, ...]) -> str:
-    path = _dotted(loc)
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        return f"{path}: unknown key. {_did_you_mean(loc)}"
-    if kind == "union_tag_invalid":
-        tag = err.get("ctx", {}).get("tag", "?")
-        return f"{path}.type: unknown layer type '{tag}'. Valid layer types: {', '.join(LAYER_CLASSES)}."
-    if kind == "union_tag_not_found":
-        return f"{path}: a layer needs 'type', one of: {', '.join(LAYER_CLASSES)}."
-    if kind == "missing":
-        return f"{path}: required key is missing."
-    got = err.get("input")
-    if kind in ("literal_error", "enum"):
-        return f"{path}: got {got!r}; valid values are {err['msg'].removeprefix('Input should be ')}."
-    shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
-    return f"{path}: {err['msg'].removeprefix('Value error, ')}{shown}."
-
-
-def _key_path(loc: tuple[Any, ...]) -> tuple[Any, ...]:
-    """The location as config keys and list indexes, without the layer class pydantic chose by 'type' (the config
-    has no other unions, which would add such labels)."""
-    return tuple(
-        part for i, part in enumerate(loc)
-        if not (i >= 2 and loc[i - 2] == "layers" and isinstance(loc[i - 1], int) and part in LAYER_CLASSES)
-    )
-
-
-def _dotted(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in _key_path(loc):
-        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
-    return out or "config"
-
-
-def _did_you_mean(loc: tuple[Any, ...]) -> str:
-    model = _model_at(loc[:-1])
-    if model is None:
-        return "Remove it."
-    valid = list(model.model_fields)
-    bad = str(loc[-1])
-    close = difflib.get_close_matches(bad, valid, n=1, cutoff=0.6)
-    hint = f"Did you mean '{close[0]}'? " if close else ""
-    return f"{hint}Valid keys here: {', '.join(valid)}."
-
-
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    current: Any = Config
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        if isinstance(part, str) and part in LAYER_CLASSES:
-            current = LAYER_CLASSES[part]
-            continue
-        if isinstance(current, type) and issubclass(current, BaseModel) and part in current.model_fields:
-            current = _inner_model(current.model_fields[part].annotation)
-        else:
-            continue
-    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
-
-
-def _inner_model(annotation: Any) -> Any:
-    """The pydantic model inside Optional[...], list[...], Annotated[...] and unions, if exactly one."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    found = [m for m in (_inner_model(a) for a in typing.get_args(annotation)) if m is not None]
-    return found[0] if len(found) == 1 else None
