@@ -16,10 +16,9 @@ import torch
 from torch import nn
 
 from fcclass.callbacks import Callback
-from fcclass.config import Config, load_config
+from fcclass.config import SHIPPED_CONFIGS, Config, load_config
 
-ROOT = Path(__file__).resolve().parent.parent
-MODELS = {"default": "configs/fashion_mnist.yaml", "examples": "configs/pytorch_examples_mnist.yaml"}
+MODELS = {"default": SHIPPED_CONFIGS / "fashion_mnist.yaml", "examples": SHIPPED_CONFIGS / "pytorch_examples_mnist.yaml"}
 
 
 # ----------------------------------------------------------------------------- the reference, written as the examples do
@@ -109,7 +108,7 @@ def reference_loop(model_name: str, data_root: str, images: int, device: torch.d
 
 # ----------------------------------------------------------------------------- fcclass's own loop
 def _config(model_name: str, data_root: str, overrides: list[str], runs_dir: str = "runs") -> Config:
-    return load_config(ROOT / MODELS[model_name], [f"data.root={data_root}", f"train.runs_dir={runs_dir}", *overrides])
+    return load_config(MODELS[model_name], [f"data.root={data_root}", f"train.runs_dir={runs_dir}", *overrides])
 
 
 def _fit_in_scratch(cfg_args: tuple[str, str, list[str]], callbacks: list[Any]) -> Any:

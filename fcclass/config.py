@@ -1,136 +1,72 @@
 """The typed, validated config: pydantic v2 models, safe YAML loading and ``--set`` overrides.
 
 Everything downstream takes these objects, never raw dicts. Unknown keys are errors with a
-did-you-mean, and every problem in a file is reported at once with its full dotted path.
+did-you-mean, and every problem in a file is reported at once with its full dotted path (worded by
+config_errors.py). The layer config classes live in layers.py and are re-exported here.
 """
 
 from __future__ import annotations
 
-import difflib
+import copy
+import math
 import re
-import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Iterable, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
+    BeforeValidator,
     Field,
     NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
+    SerializerFunctionWrapHandler,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
+from fcclass.config_errors import format_validation_error
 from fcclass.errors import ConfigError
-from fcclass.registries import ACTIVATIONS, DATASETS, INITIALIZERS, LAYER_ALIASES, OPTIMIZERS, SCHEDULERS
+from fcclass.layers import (  # noqa: F401  (re-exported: fcclass.config.Dense etc. are the layer config classes)
+    LAYER_CLASSES,
+    Activation,
+    ActivationName,
+    AveragePooling2D,
+    BatchNormalization,
+    Conv2D,
+    Dense,
+    Dropout,
+    Flatten,
+    GlobalAveragePooling2D,
+    Initializer,
+    LayerBase,
+    LayerSpec,
+    MaxPooling2D,
+    Regularizer,
+)
+from fcclass.registries import (
+    DATASETS,
+    LAYER_ALIASES,
+    OPTIMIZER_SHARED_KEYS,
+    OPTIMIZERS,
+    SCHEDULER_SHARED_KEYS,
+    SCHEDULERS,
+    Choice,
+)
+from fcclass.schema import Size2, Strict
 
-DEFAULT_CONFIG = Path("configs/fashion_mnist.yaml")
+SHIPPED_CONFIGS = Path(__file__).parent / "configs"  # package data: found wherever fcclass is installed
+DEFAULT_CONFIG = SHIPPED_CONFIGS / "fashion_mnist.yaml"
 
-Activation = Literal[tuple(ACTIVATIONS)]  # type: ignore[valid-type]
-Initializer = Literal[tuple(INITIALIZERS)]  # type: ignore[valid-type]
 Monitor = Literal["val_loss", "val_accuracy"]
-Size2 = Union[PositiveInt, Annotated[list[PositiveInt], Field(min_length=2, max_length=2)]]
+Activation_ = Activation  # the layer's former name here, kept for imports written against it
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, defer_build=True)
-
-
-# ----------------------------------------------------------------------------- model / layers
-class Regularizer(Strict):
-    l1: NonNegativeFloat = 0.0
-    l2: NonNegativeFloat = 0.0
-
-
-class LayerBase(Strict):
-    name: str | None = None
-    trainable: bool = True
-
-
-class Conv2D(LayerBase):
-    type: Literal["Conv2D"]
-    filters: PositiveInt
-    kernel_size: Size2
-    strides: Size2 = 1
-    padding: Literal["valid", "same"] = "valid"
-    activation: Activation = "linear"
-    use_bias: bool = True
-    kernel_initializer: Initializer = "glorot_uniform"
-    bias_initializer: Initializer = "zeros"
-    kernel_regularizer: Regularizer | None = None
-
-
-class _Pooling(LayerBase):
-    pool_size: Size2 = 2
-    strides: Size2 | None = None  # Keras: defaults to pool_size
-    padding: Literal["valid"] = "valid"
-
-
-class MaxPooling2D(_Pooling):
-    type: Literal["MaxPooling2D"]
-
-
-class AveragePooling2D(_Pooling):
-    type: Literal["AveragePooling2D"]
-
-
-class GlobalAveragePooling2D(LayerBase):
-    type: Literal["GlobalAveragePooling2D"]
-
-
-class Flatten(LayerBase):
-    type: Literal["Flatten"]
-
-
-class Dense(LayerBase):
-    type: Literal["Dense"]
-    units: PositiveInt | None = None  # None on the last Dense: the number of classes
-    activation: Activation = "linear"
-    use_bias: bool = True
-    kernel_initializer: Initializer = "glorot_uniform"
-    bias_initializer: Initializer = "zeros"
-    kernel_regularizer: Regularizer | None = None
-
-
-class Dropout(LayerBase):
-    type: Literal["Dropout"]
-    rate: float = Field(ge=0.0, lt=1.0)
-
-
-class BatchNormalization(LayerBase):
-    type: Literal["BatchNormalization"]
-    momentum: float = Field(0.99, gt=0.0, lt=1.0)  # Keras meaning: weight of the old running value
-    epsilon: PositiveFloat = 1e-3
-
-
-class Activation_(LayerBase):
-    type: Literal["Activation"]
-    activation: Activation
-
-
-LAYER_CLASSES: dict[str, type[LayerBase]] = {
-    "Conv2D": Conv2D,
-    "MaxPooling2D": MaxPooling2D,
-    "AveragePooling2D": AveragePooling2D,
-    "GlobalAveragePooling2D": GlobalAveragePooling2D,
-    "Flatten": Flatten,
-    "Dense": Dense,
-    "Dropout": Dropout,
-    "BatchNormalization": BatchNormalization,
-    "Activation": Activation_,
-}
-
-LayerSpec = Annotated[
-    Union[tuple(LAYER_CLASSES.values())],  # type: ignore[valid-type]
-    Field(discriminator="type"),
-]
-
-
+# ----------------------------------------------------------------------------- model
 class ModelConfig(Strict):
     input_shape: Annotated[list[PositiveInt], Field(min_length=1, max_length=3)] | None = None
     layers: Annotated[list[LayerSpec], Field(min_length=1)]
@@ -170,6 +106,17 @@ class NormalizeStats(Strict):
         return self
 
 
+def _normalize(value: Any) -> str | NormalizeStats:
+    """auto, none or {mean, std}, told apart by the value's shape, so that an error speaks of the form the user
+    meant under data.normalize. The union in the annotation then only sees valid values: on its own, it would report
+    one error per alternative, under pydantic's branch labels."""
+    if isinstance(value, (dict, NormalizeStats)):
+        return NormalizeStats.model_validate(value)  # its errors keep their paths: data.normalize.std[0]
+    if isinstance(value, str) and value in ("auto", "none"):
+        return value
+    raise PydanticCustomError("normalize", "must be auto, none or a mapping {mean: [...], std: [...]} with one value per channel")
+
+
 class AugmentConfig(Strict):
     random_crop_padding: NonNegativeInt = 0
     horizontal_flip: bool = False
@@ -185,9 +132,9 @@ class DataConfig(Strict):
     test_split: float = Field(0.1, gt=0.0, lt=1.0)  # imagefolder without a test/ folder
     limit_train: PositiveInt | None = None
     limit_test: PositiveInt | None = None
-    image_size: Annotated[list[PositiveInt], Field(min_length=2, max_length=2)] | None = None
+    image_size: Size2 | None = None  # [height, width]; 28 means [28, 28]
     channels: Literal[1, 3] | None = None
-    normalize: Literal["auto", "none"] | NormalizeStats = "auto"
+    normalize: Annotated[Literal["auto", "none"] | NormalizeStats, BeforeValidator(_normalize)] = "auto"
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     batch_size: PositiveInt = 128
     sampler: Literal["shuffle", "balanced"] = "shuffle"
@@ -203,35 +150,88 @@ class DataConfig(Strict):
 
 
 # ----------------------------------------------------------------------------- optimisation
-class OptimizerConfig(Strict):
+class _NamedChoice(Strict):
+    """A section whose ``name`` picks an entry of a registry. Which keys each entry reads is declared there
+    (registries.Choice.keys); a key the chosen entry does not read is an error rather than silently ignored, and
+    to_dict() leaves such keys out, so a resolved config validates again."""
+
+    section: ClassVar[str]
+    registry: ClassVar[dict[str, Choice]]
+    shared_keys: ClassVar[tuple[str, ...]]  # read by every entry
+
+    @classmethod
+    def keys_not_read(cls, name: Any, keys: Iterable[str]) -> list[str]:
+        """Those of ``keys`` that entry ``name`` does not read; none for an unknown name (that is the name's error)."""
+        choice = cls.registry.get(name) if isinstance(name, str) else None
+        if choice is None:
+            return []
+        return [k for k in cls.model_fields if k in keys and k != "name" and k not in cls.shared_keys + choice.keys]
+
+    @classmethod
+    def drop_keys_not_read(cls, raw: dict[str, Any]) -> dict[str, Any]:
+        unused = cls.keys_not_read(raw.get("name", cls.model_fields["name"].default), raw)
+        return {k: v for k, v in raw.items() if k not in unused}
+
+    @model_validator(mode="after")
+    def _keys_apply(self) -> "_NamedChoice":
+        unused = self.keys_not_read(self.name, self.model_fields_set)  # the keys the user wrote, not the defaults
+        if unused:
+            # a ValidationError raised here nests under the section, so each message sits at its own key
+            raise ValidationError.from_exception_data(type(self).__name__, [
+                {"type": PydanticCustomError("not_applicable", self._not_read_message(key)), "loc": (key,), "input": None}
+                for key in unused
+            ])
+        return self
+
+    def _not_read_message(self, key: str) -> str:
+        users = [name for name, choice in self.registry.items() if key in choice.keys]
+        names = users[0] if len(users) == 1 else f"{', '.join(users[:-1])} and {users[-1]}"
+        return f"does not apply to {self.name}; it is used by {names}. Remove it, or change {self.section}.name"
+
+    @model_serializer(mode="wrap")
+    def _dump_keys_that_apply(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        unused = self.keys_not_read(self.name, data)
+        return {k: v for k, v in data.items() if k not in unused}
+
+
+class OptimizerConfig(_NamedChoice):
+    section: ClassVar[str] = "optimizer"
+    registry: ClassVar[dict[str, Choice]] = OPTIMIZERS
+    shared_keys: ClassVar[tuple[str, ...]] = OPTIMIZER_SHARED_KEYS
+
     name: Literal[tuple(OPTIMIZERS)] = "adam"  # type: ignore[valid-type]
     lr: PositiveFloat = 1e-3
     weight_decay: NonNegativeFloat = 0.0
-    momentum: NonNegativeFloat = 0.0  # sgd, rmsprop
-    nesterov: bool = False  # sgd
+    momentum: NonNegativeFloat = 0.0
+    nesterov: bool = False
     betas: Annotated[list[Annotated[float, Field(ge=0, lt=1)]], Field(min_length=2, max_length=2)] = [0.9, 0.999]
-    eps: PositiveFloat | None = None
-    rho: float = Field(0.9, gt=0, lt=1)  # adadelta, rmsprop (alpha)
+    eps: PositiveFloat | None = None  # None: torch's default for the optimizer
+    rho: float = Field(0.9, gt=0, lt=1)  # RMSprop's alpha
 
     @model_validator(mode="after")
     def _nesterov_needs_momentum(self) -> "OptimizerConfig":
-        if self.nesterov and (self.name != "sgd" or self.momentum <= 0):
-            raise ValueError("nesterov: true needs name: sgd and momentum > 0 (e.g. momentum: 0.9)")
+        if self.name == "sgd" and self.nesterov and self.momentum <= 0:
+            raise ValueError("nesterov: true needs momentum > 0 (e.g. momentum: 0.9)")
         return self
 
 
-class SchedulerConfig(Strict):
+class SchedulerConfig(_NamedChoice):
+    section: ClassVar[str] = "scheduler"
+    registry: ClassVar[dict[str, Choice]] = SCHEDULERS
+    shared_keys: ClassVar[tuple[str, ...]] = SCHEDULER_SHARED_KEYS
+
     name: Literal[tuple(SCHEDULERS)] = "none"  # type: ignore[valid-type]
     warmup_epochs: NonNegativeInt = 0
-    step_size: PositiveInt = 10  # step: epochs between decays
-    milestones: list[PositiveInt] = [30, 60]  # multistep
-    gamma: PositiveFloat = 0.1  # step, multistep, exponential
-    min_lr: NonNegativeFloat = 0.0  # cosine, plateau
-    max_lr: PositiveFloat | None = None  # onecycle (default: optimizer.lr)
-    pct_start: float = Field(0.3, gt=0, lt=1)  # onecycle
-    factor: float = Field(0.1, gt=0, lt=1)  # plateau
-    patience: NonNegativeInt = 2  # plateau
-    monitor: Monitor = "val_loss"  # plateau
+    step_size: PositiveInt = 10  # epochs between decays
+    milestones: list[PositiveInt] = [30, 60]
+    gamma: PositiveFloat = 0.1
+    min_lr: NonNegativeFloat = 0.0
+    max_lr: PositiveFloat | None = None  # None: optimizer.lr
+    pct_start: float = Field(0.3, gt=0, lt=1)
+    factor: float = Field(0.1, gt=0, lt=1)
+    patience: NonNegativeInt = 2
+    monitor: Monitor = "val_loss"
 
 
 # ----------------------------------------------------------------------------- training
@@ -245,11 +245,27 @@ class CheckpointConfig(Strict):
     monitor: Monitor = "val_accuracy"
 
 
+def _class_weight(value: Any) -> str | dict[str, float] | None:
+    """balanced or {label: weight}. Labels are folder names, hence strings, but YAML reads {3: 5.0} with a number
+    for key: the keys become strings. Checked here, before the annotation's union, to give one line per mistake."""
+    if value is None or (isinstance(value, str) and value == "balanced"):
+        return value
+    if not isinstance(value, dict):
+        raise PydanticCustomError("class_weight", "must be balanced or a mapping from label to weight, e.g. {Shirt: 2.0}")
+    weights = {}
+    for label, weight in value.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < math.inf:
+            raise PydanticCustomError("class_weight", "the weight of label {label} must be a number greater than 0 (got {weight})",
+                                      {"label": repr(str(label)), "weight": repr(weight)})
+        weights[str(label)] = float(weight)
+    return weights
+
+
 class TrainConfig(Strict):
     epochs: PositiveInt = 10
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    class_weight: Literal["balanced"] | dict[str, PositiveFloat] | None = None
+    class_weight: Annotated[Literal["balanced"] | dict[str, PositiveFloat] | None, BeforeValidator(_class_weight)] = None
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     grad_clip: PositiveFloat | None = None
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
@@ -282,18 +298,37 @@ class Config(Strict):
 
 
 # ----------------------------------------------------------------------------- loading
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (default ``configs/fashion_mnist.yaml``), apply ``key=value`` overrides, validate."""
-    path = Path(path) if path is not None else DEFAULT_CONFIG
+def shipped_configs() -> dict[str, Path]:
+    """The example configs inside the package, by name without .yaml: {'fashion_mnist': Path(...), 'mlp': ...}."""
+    return {p.stem: p for p in sorted(SHIPPED_CONFIGS.glob("*.yaml"))}
+
+
+def resolve_config_path(path: str | Path | None) -> Path:
+    """The config file to read. None: the shipped fashion_mnist.yaml. An existing file: itself. Otherwise a shipped
+    config that ``path`` names (``mlp``, ``mlp.yaml``, ``configs/mlp.yaml``), so that the names the docs use work
+    from any folder once fcclass is installed; a file of that name in the current folder still comes first."""
+    if path is None:
+        return DEFAULT_CONFIG
+    path = Path(path)
+    shipped = shipped_configs()
+    names = f"{', '.join(shipped)} (e.g. -c {DEFAULT_CONFIG.stem})"
     if path.is_dir():
-        raise ConfigError(f"'{path}' is a folder; pass a YAML config file with -c/--config, e.g. {DEFAULT_CONFIG}.")
-    if not path.is_file():
-        hint = (
-            "run fcclass from the project folder, or pass -c/--config PATH"
-            if path == DEFAULT_CONFIG
-            else "check the path, or pass -c/--config with an existing YAML file"
-        )
-        raise ConfigError(f"Config file '{path}' not found: {hint}.")
+        raise ConfigError(f"'{path}' is a folder; pass a YAML config file with -c/--config, or a shipped config by name: {names}.")
+    if path.is_file():
+        return path
+    name = path.name.removesuffix(".yaml")
+    if path.parent in (Path("."), Path("configs")) and name in shipped:
+        return shipped[name]
+    raise ConfigError(
+        f"Config file '{path}' not found. Check the path, or pass a shipped config by name: {names}; "
+        "`fcclass init` writes an editable copy of one."
+    )
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (a file or a shipped config's name, see resolve_config_path; None: the shipped
+    fashion_mnist.yaml), apply ``key=value`` overrides, validate."""
+    path = resolve_config_path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -303,9 +338,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"Config file '{path}' must hold a mapping of sections (name, data, model, ...), not a {type(raw).__name__}.")
-    for item in overrides or []:
-        apply_override(raw, item)
-    return config_from_dict(raw, source=str(path))
+    return config_from_dict(raw, source=str(path), overrides=overrides)
 
 
 def parse_yaml(text: str, source: str) -> Any:
@@ -328,15 +361,32 @@ def _mark(e: yaml.YAMLError) -> str:
     return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
 
 
-def config_from_dict(raw: dict[str, Any], source: str = "config", stored: bool = False) -> Config:  # stored: placeholder until the config branch lands
+def config_from_dict(
+    raw: dict[str, Any], source: str = "config", *, stored: bool = False, overrides: list[str] | None = None
+) -> Config:
+    """Validate a config mapping (left unchanged), after applying ``overrides`` (``--set`` items).
+
+    ``stored``: the mapping was written by fcclass into a run directory or checkpoint, perhaps by an earlier version,
+    which recorded every optimizer and scheduler key whatever the name (momentum: 0.0 under adam). Keys that the
+    chosen name does not read are then dropped instead of refused; the overrides apply after that, so a key the user
+    sets is never dropped.
+    """
+    raw = copy.deepcopy(raw)
+    if stored:
+        for section in (OptimizerConfig, SchedulerConfig):
+            if isinstance(raw.get(section.section), dict):
+                raw[section.section] = section.drop_keys_not_read(raw[section.section])
+    set_at = {apply_override(raw, item): item for item in overrides or []}  # a key set twice: the last --set counts
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, source)) from None
+        raise ConfigError(format_validation_error(e, source, Config, set_at)) from None
 
 
-def apply_override(raw: dict[str, Any], item: str) -> None:
-    """Apply one ``dotted.key=value`` override in place; the value is parsed as YAML (``3``, ``0.01``, ``[1, 28, 28]``)."""
+def apply_override(raw: dict[str, Any], item: str) -> tuple[str | int, ...]:
+    """Apply one ``dotted.key=value`` override in place; the value is parsed as YAML (``3``, ``0.01``, ``[1, 28, 28]``).
+
+    Returns where it wrote, list indexes as ints (``('model', 'layers', 0, 'units')``), for error messages."""
     key, sep, value_text = item.partition("=")
     key = key.strip()
     if not sep or not key:
@@ -344,16 +394,19 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     value = parse_yaml(value_text, f"--set {item}")
     parts = key.split(".")
     node: Any = raw
+    loc: list[str | int] = []
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
         where = ".".join(parts[: i + 1])
+        loc.append(part)
         if isinstance(node, list):
             if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
                 raise ConfigError(f"--set {key}: '{where}' indexes a list of {len(node)} items; use an index from 0 to {len(node) - 1}.")
+            loc[-1] = int(part) % len(node)
             if last:
-                node[int(part)] = value
+                node[loc[-1]] = value
             else:
-                node = node[int(part)]
+                node = node[loc[-1]]
         elif isinstance(node, dict):
             if last:
                 node[part] = value
@@ -363,78 +416,4 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
                 node = node[part]
         else:
             raise ConfigError(f"--set {key}: '{'.'.join(parts[:i])}' is a value, not a section, so it has no key '{part}'.")
-
-
-# ----------------------------------------------------------------------------- error messages
-def format_validation_error(exc: ValidationError, source: str) -> str:
-    lines = []
-    for err in exc.errors(include_url=False):
-        loc = tuple(err["loc"])
-        path = _dotted(loc)
-        kind = err["type"]
-        if kind == "extra_forbidden":
-            lines.append(f"{path}: unknown key. {_did_you_mean(loc)}")
-        elif kind == "union_tag_invalid":
-            tag = err.get("ctx", {}).get("tag", "?")
-            lines.append(f"{path}.type: unknown layer type '{tag}'. Valid layer types: {', '.join(LAYER_CLASSES)}.")
-        elif kind == "union_tag_not_found":
-            lines.append(f"{path}: a layer needs 'type', one of: {', '.join(LAYER_CLASSES)}.")
-        elif kind == "missing":
-            lines.append(f"{path}: required key is missing.")
-        elif kind in ("literal_error", "enum"):
-            got = err.get("input")
-            lines.append(f"{path}: got {got!r}; valid values are {err['msg'].removeprefix('Input should be ')}.")
-        else:
-            msg = err["msg"].removeprefix("Value error, ")
-            got = err.get("input")
-            shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
-            lines.append(f"{path}: {msg}{shown}.")
-    n = len(lines)
-    head = f"{source} has {n} error{'s' if n != 1 else ''}:"
-    return head + "\n" + "\n".join(f"  - {line}" for line in dict.fromkeys(lines))
-
-
-def _dotted(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part in LAYER_CLASSES or str(part).startswith(("function-", "literal[", "list[", "dict[", "str", "int", "float")):
-            continue  # union branch labels pydantic adds to locations
-        else:
-            out += f".{part}" if out else str(part)
-    return out or "config"
-
-
-def _did_you_mean(loc: tuple[Any, ...]) -> str:
-    model = _model_at(loc[:-1])
-    if model is None:
-        return "Remove it."
-    valid = list(model.model_fields)
-    bad = str(loc[-1])
-    close = difflib.get_close_matches(bad, valid, n=1, cutoff=0.6)
-    hint = f"Did you mean '{close[0]}'? " if close else ""
-    return f"{hint}Valid keys here: {', '.join(valid)}."
-
-
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    current: Any = Config
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        if isinstance(part, str) and part in LAYER_CLASSES:
-            current = LAYER_CLASSES[part]
-            continue
-        if isinstance(current, type) and issubclass(current, BaseModel) and part in current.model_fields:
-            current = _inner_model(current.model_fields[part].annotation)
-        else:
-            continue
-    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
-
-
-def _inner_model(annotation: Any) -> Any:
-    """The pydantic model inside Optional[...], list[...], Annotated[...] and unions, if exactly one."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    found = [m for m in (_inner_model(a) for a in typing.get_args(annotation)) if m is not None]
-    return found[0] if len(found) == 1 else None
+    return tuple(loc)

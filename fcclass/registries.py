@@ -97,32 +97,50 @@ LAYER_ALIASES: dict[str, str] = {
 }
 
 
-# ----------------------------------------------------------------------------- optimizers
-def _optimizer(cls_name: str, build_kwargs: Callable[[Any], dict[str, Any]]) -> Callable[[Any, Any], Any]:
+# ----------------------------------------------------------------------------- optimizers and schedulers
+@dataclass(frozen=True)
+class Choice:
+    """A factory and the config keys it reads besides those every entry of its registry reads. The config refuses a
+    key that the chosen entry does not read (optimizer.momentum with adam), so no key is silently ignored."""
+
+    build: Callable[..., Any]
+    keys: tuple[str, ...] = ()
+
+    def __call__(self, *args: Any) -> Any:
+        return self.build(*args)
+
+
+OPTIMIZER_SHARED_KEYS = ("lr", "weight_decay")
+
+
+def _optimizer(cls_name: str, **keys: str) -> Choice:
+    """A torch.optim class; ``keys`` maps its config keys to torch's argument names (rho is RMSprop's alpha)."""
+
     def make(params: Any, cfg: Any) -> Any:
         import torch
 
-        kwargs = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, **build_kwargs(cfg)}
-        if cfg.eps is not None:
-            kwargs["eps"] = cfg.eps
+        kwargs = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
+        for key, arg in keys.items():
+            value = getattr(cfg, key)
+            if value is not None:  # eps: None keeps torch's default
+                kwargs[arg] = tuple(value) if isinstance(value, list) else value
         if torch.cuda.is_available():
             kwargs.setdefault("foreach", True)
         return getattr(torch.optim, cls_name)(params, **kwargs)
 
-    return make
+    return Choice(make, tuple(keys))
 
 
-OPTIMIZERS: dict[str, Callable[[Any, Any], Any]] = {
-    "sgd": _optimizer("SGD", lambda c: {"momentum": c.momentum, "nesterov": c.nesterov}),
-    "adam": _optimizer("Adam", lambda c: {"betas": tuple(c.betas)}),
-    "adamw": _optimizer("AdamW", lambda c: {"betas": tuple(c.betas)}),
-    "rmsprop": _optimizer("RMSprop", lambda c: {"momentum": c.momentum, "alpha": c.rho}),
-    "adadelta": _optimizer("Adadelta", lambda c: {"rho": c.rho}),
+OPTIMIZERS: dict[str, Choice] = {
+    "sgd": _optimizer("SGD", momentum="momentum", nesterov="nesterov"),
+    "adam": _optimizer("Adam", betas="betas", eps="eps"),
+    "adamw": _optimizer("AdamW", betas="betas", eps="eps"),
+    "rmsprop": _optimizer("RMSprop", momentum="momentum", rho="alpha", eps="eps"),
+    "adadelta": _optimizer("Adadelta", rho="rho", eps="eps"),
 }
 
 
-# ----------------------------------------------------------------------------- schedulers
-# Each factory returns (scheduler or None, when it steps: "batch" | "epoch" | "plateau").
+# Each scheduler factory returns (scheduler or None, when it steps: "batch" | "epoch" | "plateau").
 # `epochs` and `steps` count what is left after warm-up.
 def _no_schedule(opt: Any, cfg: Any, epochs: int, steps: int) -> tuple[Any, str]:
     return None, "epoch"
@@ -172,14 +190,15 @@ def _plateau(opt: Any, cfg: Any, epochs: int, steps: int) -> tuple[Any, str]:
     return sched, "plateau"
 
 
-SCHEDULERS: dict[str, Callable[[Any, Any, int, int], tuple[Any, str]]] = {
-    "none": _no_schedule,
-    "step": _step,
-    "multistep": _multistep,
-    "exponential": _exponential,
-    "cosine": _cosine,
-    "onecycle": _onecycle,
-    "plateau": _plateau,
+SCHEDULER_SHARED_KEYS = ("warmup_epochs",)
+SCHEDULERS: dict[str, Choice] = {
+    "none": Choice(_no_schedule),
+    "step": Choice(_step, ("step_size", "gamma")),
+    "multistep": Choice(_multistep, ("milestones", "gamma")),
+    "exponential": Choice(_exponential, ("gamma",)),
+    "cosine": Choice(_cosine, ("min_lr",)),
+    "onecycle": Choice(_onecycle, ("max_lr", "pct_start")),
+    "plateau": Choice(_plateau, ("factor", "patience", "min_lr", "monitor")),
 }
 
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any, Sequence
 
-from fcclass.config import Config, apply_override, config_from_dict
+from fcclass.config import Config, config_from_dict
 from fcclass.errors import CheckpointError, ConfigError, FcclassError
 from fcclass.runs import LAST, Checkpoint, is_run_dir
 
@@ -34,15 +33,13 @@ def resumable_checkpoint(run_dir: Path) -> Checkpoint:
 
 
 def config_for_resume(run_dir: Path, ckpt: Checkpoint, overrides: Sequence[str]) -> Config:
-    raw = copy.deepcopy(ckpt.config)
     for item in overrides:
         key = item.partition("=")[0].strip()
         if key not in RESUMABLE_KEYS:
             raise ConfigError(f"--set {key} cannot change when resuming a run: only {', '.join(RESUMABLE_KEYS)} can "
                               f"(the rest would change the data, the model or the optimisation already done). "
                               f"To train with other settings, start a new run: fcclass train -c {run_dir / 'config.yaml'} --set {item}")
-        apply_override(raw, item)
-    return config_from_dict(raw, source=f"the config of {run_dir} with --set", stored=True)
+    return config_from_dict(ckpt.config, source=f"the config of {run_dir}", stored=True, overrides=list(overrides))
 
 
 def check_more_to_train(run_dir: Path, cfg: Config, state: Any) -> None:

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import DATA_ROOT, needs_fashion
-from fcclass.bench import MODELS, ROOT, keras_available, keras_model
+from fcclass.bench import MODELS, keras_available, keras_model
 from fcclass.cli import app
 from fcclass.config import load_config
 from fcclass.model import build_model
@@ -60,7 +60,7 @@ def test_bench_rejects_unknown_models() -> None:
 @pytest.mark.skipif(not keras_available(), reason="Keras is not installed (pip install -e '.[bench]')")
 @pytest.mark.parametrize("name", list(MODELS))
 def test_keras_leg_builds_the_same_model_as_fcclass(name: str) -> None:
-    cfg = load_config(ROOT / MODELS[name])
+    cfg = load_config(MODELS[name])
     ours = build_model(cfg.model, [1, 28, 28], 10).summary()
     theirs = keras_model(cfg, 10)
     assert [type(layer).__name__ for layer in theirs.layers] == [spec.type for spec in cfg.model.layers]

@@ -121,10 +121,18 @@ def test_summary_needs_no_dataset_when_input_shape_is_set(tmp_path: Path) -> Non
     assert "Total params" in table.output and "262,144" in table.output
 
 
+def test_summary_of_a_shipped_config_works_from_any_folder(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "fcclass.cli", "summary", "-c", "mlp", "--json", "-"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["layers"][0]["params"] == 784 * 256 + 256
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["train", "--set", "train.epohcs=2"], "Did you mean 'epochs'"),
+        (["train", "--set", "data.batch_size=-1"], "data.batch_size: Input should be greater than 0 (got -1). (from --set data.batch_size=-1)"),
         (["train", "-c", "nope.yaml"], "not found"),
         (["summary", "--set", "model.layers.0.type=Conv3D"], "unknown layer type 'Conv3D'"),
         (["eval", "--runs-dir", "/nonexistent-runs"], "No trained runs found"),

@@ -9,6 +9,7 @@ import torch
 
 from fcclass.config import LAYER_CLASSES, ModelConfig
 from fcclass.errors import ModelError
+from fcclass.layers import BuildContext, Conv2D, LayerBase
 from fcclass.model import build_model
 
 
@@ -98,6 +99,29 @@ def test_every_layer_type_builds() -> None:
     for type_name, args in examples.items():
         net = model([{"type": type_name, **args}, {"type": "Flatten"}, {"type": "Dense"}], shape=(3, 8, 8))
         assert net(torch.zeros(2, 3, 8, 8)).shape == (2, 10), type_name
+
+
+def test_a_layer_type_builds_itself_from_its_config_and_input_shape() -> None:
+    # each layer type owns its builder: adding one is one class, build_model only loops
+    assert all(cls.build is not LayerBase.build for cls in LAYER_CLASSES.values())
+    ctx = BuildContext(where="model.layers[0] (Conv2D 'c')", num_classes=10, last_dense=False, final_softmax=False,
+                       previous=None, previous_block=None, regularized=[], frozen_norms=[])
+    conv = Conv2D(type="Conv2D", filters=8, kernel_size=[3, 5], strides=2, activation="relu", kernel_regularizer={"l2": 0.1})
+    modules, shape = conv.build((3, 28, 28), ctx)
+    assert shape == (8, (28 - 3) // 2 + 1, (28 - 5) // 2 + 1)
+    assert [type(m) for m in modules] == [torch.nn.Conv2d, torch.nn.ReLU]
+    assert ctx.regularized == [(modules[0], 0.0, 0.1)]  # collected for Network.regularization_loss
+    with pytest.raises(ModelError, match=r"^model.layers\[0\] \(Conv2D 'c'\) needs image input .* gets \(784\)"):
+        conv.build((784,), ctx)
+
+
+def test_sizes_given_as_one_int_or_a_pair_build_the_same_layer() -> None:
+    square = model([{"type": "Conv2D", "filters": 2, "kernel_size": 3, "strides": 2}, {"type": "MaxPooling2D", "pool_size": 2},
+                    {"type": "Flatten"}, {"type": "Dense"}])
+    pairs = model([{"type": "Conv2D", "filters": 2, "kernel_size": [3, 3], "strides": [2, 2]}, {"type": "MaxPooling2D", "pool_size": [2, 2]},
+                   {"type": "Flatten"}, {"type": "Dense"}])
+    assert repr(square) == repr(pairs)
+    assert [li.output_shape for li in square.summary().layers] == [(2, 13, 13), (2, 6, 6), (72,), (10,)]
 
 
 def test_softmax_is_applied_at_inference_not_in_the_logits() -> None:
@@ -193,3 +217,15 @@ def test_dropout_drops_the_configured_fraction_and_rescales() -> None:
     a = drop.train()(x)
     torch.manual_seed(1)
     assert torch.equal(a, drop(x))  # the mask comes from torch's seeded generator: runs are reproducible
+
+
+def test_a_dropout_rate_just_below_one_trains() -> None:
+    # the config allows any rate < 1; the CPU mask rounds the rate to 1/32768, and 0.99999 rounds to 1
+    torch.manual_seed(0)
+    net = model([{"type": "Flatten"}, {"type": "Dropout", "rate": 0.99999}, {"type": "Dense"}])
+    x = torch.ones(2000, 1, 28, 28)  # about 16 of these 1.6 million values are kept
+    y = net.body.dropout(x)
+    kept = y[y != 0]
+    assert torch.isfinite(y).all() and 0 < len(kept) < 100
+    torch.testing.assert_close(kept, torch.full_like(kept, 1 / (1 - 0.99999)))  # the expected output is still the input
+    assert torch.isfinite(net(x)).all()

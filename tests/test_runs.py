@@ -13,7 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import needs_fashion
+from conftest import ROOT, needs_fashion
 from fcclass.cli import app
 from fcclass.errors import CheckpointError
 from fcclass.runs import Checkpoint, atomic_write_bytes, newest_trained_run, resolve_checkpoint
@@ -148,3 +148,19 @@ def test_the_newest_run_means_the_last_one_trained(trained_run: Path, tmp_path: 
     for f in (b / "best.pt", b / "last.pt"):
         os.utime(f, (old - 100, old - 100))
     assert newest_trained_run(runs)[0] == a
+
+
+def test_a_checkpoint_whose_config_stores_every_optimizer_key_still_loads(tmp_path: Path) -> None:
+    # fcclass versions before the optimizer/scheduler key checks stored every key, e.g. momentum: 0.0 under adam
+    from fcclass.config import OptimizerConfig, SchedulerConfig, load_config
+    from fcclass.inference import load_for_inference
+    from fcclass.model import build_model
+
+    cfg = load_config(ROOT / "configs" / "mlp.yaml")
+    stored = {**cfg.to_dict(), "optimizer": {key: getattr(cfg.optimizer, key) for key in OptimizerConfig.model_fields},
+              "scheduler": {key: getattr(cfg.scheduler, key) for key in SchedulerConfig.model_fields}}
+    net = build_model(cfg.model, [1, 28, 28], 10)
+    Checkpoint(net.state_dict(), stored, [str(i) for i in range(10)], [1, 28, 28], [0.5], [0.25], 1).save(tmp_path / "best.pt")
+    model = load_for_inference(checkpoint=tmp_path / "best.pt", device="cpu")
+    assert model.config == cfg
+    assert all(torch.equal(a, b) for a, b in zip(model.model.state_dict().values(), net.state_dict().values()))

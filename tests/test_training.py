@@ -102,8 +102,8 @@ def test_linear_warmup_precedes_the_schedule() -> None:
 
 @needs_fashion
 def test_lr_used_each_epoch_is_logged(tmp_path: Path) -> None:
-    result = fit(small_config(tmp_path, **{"train.epochs": 3, "data.limit_train": 500, "scheduler.name": "step",
-                                           "scheduler.step_size": 1, "scheduler.gamma": 0.5, "optimizer.lr": 0.004}))
+    result = fit(small_config(tmp_path, **{"train.epochs": 3, "data.limit_train": 500, "optimizer.lr": 0.004,
+                                           "scheduler": {"name": "step", "step_size": 1, "gamma": 0.5}}))
     assert [r["lr"] for r in metrics(result.run_dir)] == pytest.approx([0.004, 0.002, 0.001])
 
 
@@ -121,7 +121,7 @@ def test_label_smoothing_raises_the_training_and_validation_loss(tmp_path: Path)
 @needs_fashion
 def test_grad_clip_limits_the_update(tmp_path: Path) -> None:
     base = {"train.epochs": 1, "data.limit_train": 2000, "data.batch_size": 64, "optimizer.name": "sgd",
-            "optimizer.lr": 0.05, "optimizer.momentum": 0.9, "scheduler.name": "none"}
+            "optimizer.lr": 0.05, "optimizer.momentum": 0.9, "scheduler": {"name": "none"}}
     free = fit(small_config(tmp_path / "a", **base)).history[0]["val_accuracy"]
     clipped = fit(small_config(tmp_path / "b", **base, **{"train.grad_clip": 1e-5})).history[0]["val_accuracy"]
     assert free > clipped + 0.2
@@ -130,7 +130,7 @@ def test_grad_clip_limits_the_update(tmp_path: Path) -> None:
 @needs_fashion
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_best(tmp_path: Path) -> None:
     cfg = small_config(tmp_path, **{"train.epochs": 4, "data.limit_train": 600, "optimizer.name": "sgd", "optimizer.lr": 0.01,
-                                    "scheduler.name": "exponential", "scheduler.gamma": 1.0e7})
+                                    "scheduler": {"name": "exponential", "gamma": 1.0e7}})
     with pytest.raises(TrainingDiverged, match=r"epoch 2, batch \d+ \(learning rate .*\)\. Lower optimizer.lr"):
         fit(cfg)
     (run_dir,) = (tmp_path / "runs").iterdir()
