@@ -1,0 +1,120 @@
+"""Observers of the trainer: the console (header, progress, epoch lines), the curves PNG, and whatever comes next
+(trackers, sweep pruning). The training loop calls these hooks and does not know who is watching."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fcclass.train import Trainer, TrainResult
+
+
+@dataclass
+class BatchEnd:
+    """Where the epoch stands after a batch. ``loss``/``accuracy`` are the epoch's running means as of the last
+    synchronised batch (every batch on the CPU; every few batches on a GPU, so the loop never waits for it)."""
+
+    epoch: int
+    batch: int
+    batches: int
+    images: int  # training images seen so far this epoch
+    loss: float
+    accuracy: float
+    seconds: float  # since the epoch started
+
+
+class Callback:
+    """Hooks the trainer calls, in this order; each does nothing unless overridden."""
+
+    def on_fit_start(self, trainer: "Trainer") -> None: ...
+
+    def on_epoch_start(self, trainer: "Trainer", epoch: int) -> None: ...
+
+    def on_batch_end(self, trainer: "Trainer", info: BatchEnd) -> None: ...
+
+    def on_epoch_end(self, trainer: "Trainer", row: dict[str, Any], is_best: bool) -> None: ...
+
+    def on_interrupt(self, trainer: "Trainer", signal_name: str, epoch: int) -> None: ...
+
+    def on_fit_end(self, trainer: "Trainer", result: "TrainResult") -> None: ...
+
+
+class ConsoleProgress(Callback):
+    """Human output through Rich: the model and data tables, a live bar in a terminal (a progress line every
+    ``log_interval`` seconds in a pipe or log file, where a bar would be invisible), one line per epoch."""
+
+    def __init__(self, console: Any, log_interval: float = 10.0) -> None:
+        self.console, self.log_interval = console, log_interval
+        self.bar: Any = None
+        self.last_line = 0.0
+
+    def on_fit_start(self, trainer: "Trainer") -> None:
+        from fcclass.report import print_training_header
+
+        print_training_header(self.console, trainer)
+
+    def on_epoch_start(self, trainer: "Trainer", epoch: int) -> None:
+        self.last_line = time.monotonic()
+        if self.console.is_terminal:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+
+            self.bar = Progress(
+                TextColumn(f"epoch {epoch}/{trainer.cfg.train.epochs}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.2%}"),
+                TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=True,
+            )
+            self.bar.__enter__()
+            self.task = self.bar.add_task("train", total=len(trainer.train_loader), loss=float("nan"), acc=0.0)
+
+    def on_batch_end(self, trainer: "Trainer", info: BatchEnd) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=info.batch, loss=info.loss, acc=info.accuracy)
+        elif self.log_interval > 0 and time.monotonic() - self.last_line >= self.log_interval and info.batch < info.batches:
+            self.last_line = time.monotonic()
+            self.console.print(f"epoch {info.epoch}/{trainer.cfg.train.epochs}  batch {info.batch}/{info.batches}  "
+                               f"loss {info.loss:.4f} acc {info.accuracy:.2%}  {info.seconds:.0f}s", highlight=False)
+
+    def _close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+    def on_epoch_end(self, trainer: "Trainer", row: dict[str, Any], is_best: bool) -> None:
+        from fcclass.report import print_epoch
+
+        self._close_bar()
+        print_epoch(self.console, row, trainer.cfg.train.epochs, is_best)
+        es = trainer.cfg.train.early_stopping
+        if trainer.state.stopped_early:
+            self.console.print(f"Early stopping: {trainer.monitor_name(es.monitor)} has not improved for {es.patience} epoch(s).")
+
+    def on_interrupt(self, trainer: "Trainer", signal_name: str, epoch: int) -> None:
+        from rich.markup import escape
+
+        self._close_bar()
+        done = trainer.state.epoch
+        if done:
+            self.console.print(f"[yellow]{signal_name}: stopped in epoch {epoch}; the last completed epoch ({done}) is saved in "
+                               f"{escape(str(trainer.run_dir / 'last.pt'))}. Continue with: fcclass train --resume "
+                               f"{escape(str(trainer.run_dir))}[/yellow]")
+        else:
+            self.console.print(f"[yellow]{signal_name}: stopped in epoch {epoch} before any epoch completed; nothing was "
+                               "saved.[/yellow]")
+
+
+class Curves(Callback):
+    """Draws ``curves.png`` in the run directory when training ends (``fcclass plot`` redraws it)."""
+
+    def on_fit_end(self, trainer: "Trainer", result: "TrainResult") -> None:
+        if not result.history or result.removed:
+            return
+        from fcclass.errors import FcclassError
+        from fcclass.plots import plot_curves
+
+        try:
+            plot_curves(result.run_dir)
+        except (OSError, FcclassError) as e:  # a missing figure must not fail a finished training run
+            result.warnings.append(f"curves.png was not written: {e}")

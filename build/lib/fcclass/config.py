@@ -1,0 +1,419 @@
+"""The typed, validated config: pydantic v2 models, safe YAML loading and ``--set`` overrides.
+
+Everything downstream takes these objects, never raw dicts. Unknown keys are errors with a
+did-you-mean, and every problem in a file is reported at once with its full dotted path (worded by
+config_errors.py). The layer config classes live in layers.py and are re-exported here.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Iterable, Literal
+
+import yaml
+from pydantic import (
+    BeforeValidator,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from fcclass.config_errors import format_validation_error
+from fcclass.errors import ConfigError
+from fcclass.layers import (  # noqa: F401  (re-exported: fcclass.config.Dense etc. are the layer config classes)
+    LAYER_CLASSES,
+    Activation,
+    ActivationName,
+    AveragePooling2D,
+    BatchNormalization,
+    Conv2D,
+    Dense,
+    Dropout,
+    Flatten,
+    GlobalAveragePooling2D,
+    Initializer,
+    LayerBase,
+    LayerSpec,
+    MaxPooling2D,
+    Regularizer,
+)
+from fcclass.registries import (
+    DATASETS,
+    LAYER_ALIASES,
+    OPTIMIZER_SHARED_KEYS,
+    OPTIMIZERS,
+    SCHEDULER_SHARED_KEYS,
+    SCHEDULERS,
+    Choice,
+)
+from fcclass.schema import Size2, Strict
+
+SHIPPED_CONFIGS = Path(__file__).parent / "configs"  # package data: found wherever fcclass is installed
+DEFAULT_CONFIG = SHIPPED_CONFIGS / "fashion_mnist.yaml"
+
+Monitor = Literal["val_loss", "val_accuracy"]
+Activation_ = Activation  # the layer's former name here, kept for imports written against it
+
+
+# ----------------------------------------------------------------------------- model
+class ModelConfig(Strict):
+    input_shape: Annotated[list[PositiveInt], Field(min_length=1, max_length=3)] | None = None
+    layers: Annotated[list[LayerSpec], Field(min_length=1)]
+
+    @field_validator("input_shape")
+    @classmethod
+    def _shape_rank(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and len(v) == 2:
+            raise ValueError("must be [channels, height, width] or [features], e.g. [1, 28, 28] or [784]")
+        return v
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _canonical_types(cls, layers: Any) -> Any:
+        # Accept Keras aliases and any capitalisation (conv2d, MaxPool2D, dense...).
+        if isinstance(layers, list):
+            out = []
+            for layer in layers:
+                if isinstance(layer, dict) and isinstance(layer.get("type"), str):
+                    canonical = LAYER_ALIASES.get(layer["type"].lower().replace("_", ""))
+                    if canonical:
+                        layer = {**layer, "type": canonical}
+                out.append(layer)
+            return out
+        return layers
+
+
+# ----------------------------------------------------------------------------- data
+class NormalizeStats(Strict):
+    mean: Annotated[list[float], Field(min_length=1, max_length=3)]
+    std: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=1, max_length=3)]
+
+    @model_validator(mode="after")
+    def _same_length(self) -> "NormalizeStats":
+        if len(self.mean) != len(self.std):
+            raise ValueError("mean and std need one value per channel each")
+        return self
+
+
+def _normalize(value: Any) -> str | NormalizeStats:
+    """auto, none or {mean, std}, told apart by the value's shape, so that an error speaks of the form the user
+    meant under data.normalize. The union in the annotation then only sees valid values: on its own, it would report
+    one error per alternative, under pydantic's branch labels."""
+    if isinstance(value, (dict, NormalizeStats)):
+        return NormalizeStats.model_validate(value)  # its errors keep their paths: data.normalize.std[0]
+    if isinstance(value, str) and value in ("auto", "none"):
+        return value
+    raise PydanticCustomError("normalize", "must be auto, none or a mapping {mean: [...], std: [...]} with one value per channel")
+
+
+class AugmentConfig(Strict):
+    random_crop_padding: NonNegativeInt = 0
+    horizontal_flip: bool = False
+    rotation: float = Field(0.0, ge=0.0, le=180.0)  # degrees, uniform in [-rotation, rotation]
+
+
+class DataConfig(Strict):
+    dataset: Literal[tuple(DATASETS)] = "fashion_mnist"  # type: ignore[valid-type]
+    root: str = "data"
+    download: bool = True  # torchvision sets: download when data.root lacks them and the network allows
+    path: str | None = None
+    val_split: float = Field(0.1, ge=0.0, lt=1.0)
+    test_split: float = Field(0.1, gt=0.0, lt=1.0)  # imagefolder without a test/ folder
+    limit_train: PositiveInt | None = None
+    limit_test: PositiveInt | None = None
+    image_size: Size2 | None = None  # [height, width]; 28 means [28, 28]
+    channels: Literal[1, 3] | None = None
+    normalize: Annotated[Literal["auto", "none"] | NormalizeStats, BeforeValidator(_normalize)] = "auto"
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    batch_size: PositiveInt = 128
+    sampler: Literal["shuffle", "balanced"] = "shuffle"
+    num_workers: NonNegativeInt | None = None  # imagefolder loader workers; None: min(4, cores)
+
+    @model_validator(mode="after")
+    def _imagefolder_needs_path(self) -> "DataConfig":
+        if self.dataset == "imagefolder" and not self.path:
+            raise ValueError(
+                "dataset 'imagefolder' needs data.path: a folder with one sub-folder of images per class"
+            )
+        return self
+
+
+# ----------------------------------------------------------------------------- optimisation
+class _NamedChoice(Strict):
+    """A section whose ``name`` picks an entry of a registry. Which keys each entry reads is declared there
+    (registries.Choice.keys); a key the chosen entry does not read is an error rather than silently ignored, and
+    to_dict() leaves such keys out, so a resolved config validates again."""
+
+    section: ClassVar[str]
+    registry: ClassVar[dict[str, Choice]]
+    shared_keys: ClassVar[tuple[str, ...]]  # read by every entry
+
+    @classmethod
+    def keys_not_read(cls, name: Any, keys: Iterable[str]) -> list[str]:
+        """Those of ``keys`` that entry ``name`` does not read; none for an unknown name (that is the name's error)."""
+        choice = cls.registry.get(name) if isinstance(name, str) else None
+        if choice is None:
+            return []
+        return [k for k in cls.model_fields if k in keys and k != "name" and k not in cls.shared_keys + choice.keys]
+
+    @classmethod
+    def drop_keys_not_read(cls, raw: dict[str, Any]) -> dict[str, Any]:
+        unused = cls.keys_not_read(raw.get("name", cls.model_fields["name"].default), raw)
+        return {k: v for k, v in raw.items() if k not in unused}
+
+    @model_validator(mode="after")
+    def _keys_apply(self) -> "_NamedChoice":
+        unused = self.keys_not_read(self.name, self.model_fields_set)  # the keys the user wrote, not the defaults
+        if unused:
+            # a ValidationError raised here nests under the section, so each message sits at its own key
+            raise ValidationError.from_exception_data(type(self).__name__, [
+                {"type": PydanticCustomError("not_applicable", self._not_read_message(key)), "loc": (key,), "input": None}
+                for key in unused
+            ])
+        return self
+
+    def _not_read_message(self, key: str) -> str:
+        users = [name for name, choice in self.registry.items() if key in choice.keys]
+        names = users[0] if len(users) == 1 else f"{', '.join(users[:-1])} and {users[-1]}"
+        return f"does not apply to {self.name}; it is used by {names}. Remove it, or change {self.section}.name"
+
+    @model_serializer(mode="wrap")
+    def _dump_keys_that_apply(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        unused = self.keys_not_read(self.name, data)
+        return {k: v for k, v in data.items() if k not in unused}
+
+
+class OptimizerConfig(_NamedChoice):
+    section: ClassVar[str] = "optimizer"
+    registry: ClassVar[dict[str, Choice]] = OPTIMIZERS
+    shared_keys: ClassVar[tuple[str, ...]] = OPTIMIZER_SHARED_KEYS
+
+    name: Literal[tuple(OPTIMIZERS)] = "adam"  # type: ignore[valid-type]
+    lr: PositiveFloat = 1e-3
+    weight_decay: NonNegativeFloat = 0.0
+    momentum: NonNegativeFloat = 0.0
+    nesterov: bool = False
+    betas: Annotated[list[Annotated[float, Field(ge=0, lt=1)]], Field(min_length=2, max_length=2)] = [0.9, 0.999]
+    eps: PositiveFloat | None = None  # None: torch's default for the optimizer
+    rho: float = Field(0.9, gt=0, lt=1)  # RMSprop's alpha
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> "OptimizerConfig":
+        if self.name == "sgd" and self.nesterov and self.momentum <= 0:
+            raise ValueError("nesterov: true needs momentum > 0 (e.g. momentum: 0.9)")
+        return self
+
+
+class SchedulerConfig(_NamedChoice):
+    section: ClassVar[str] = "scheduler"
+    registry: ClassVar[dict[str, Choice]] = SCHEDULERS
+    shared_keys: ClassVar[tuple[str, ...]] = SCHEDULER_SHARED_KEYS
+
+    name: Literal[tuple(SCHEDULERS)] = "none"  # type: ignore[valid-type]
+    warmup_epochs: NonNegativeInt = 0
+    step_size: PositiveInt = 10  # epochs between decays
+    milestones: list[PositiveInt] = [30, 60]
+    gamma: PositiveFloat = 0.1
+    min_lr: NonNegativeFloat = 0.0
+    max_lr: PositiveFloat | None = None  # None: optimizer.lr
+    pct_start: float = Field(0.3, gt=0, lt=1)
+    factor: float = Field(0.1, gt=0, lt=1)
+    patience: NonNegativeInt = 2
+    monitor: Monitor = "val_loss"
+
+
+# ----------------------------------------------------------------------------- training
+class EarlyStoppingConfig(Strict):
+    monitor: Monitor = "val_loss"
+    patience: PositiveInt | None = None
+    min_delta: NonNegativeFloat = 0.0
+
+
+class CheckpointConfig(Strict):
+    monitor: Monitor = "val_accuracy"
+
+
+def _class_weight(value: Any) -> str | dict[str, float] | None:
+    """balanced or {label: weight}. Labels are folder names, hence strings, but YAML reads {3: 5.0} with a number
+    for key: the keys become strings. Checked here, before the annotation's union, to give one line per mistake."""
+    if value is None or (isinstance(value, str) and value == "balanced"):
+        return value
+    if not isinstance(value, dict):
+        raise PydanticCustomError("class_weight", "must be balanced or a mapping from label to weight, e.g. {Shirt: 2.0}")
+    weights = {}
+    for label, weight in value.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < math.inf:
+            raise PydanticCustomError("class_weight", "the weight of label {label} must be a number greater than 0 (got {weight})",
+                                      {"label": repr(str(label)), "weight": repr(weight)})
+        weights[str(label)] = float(weight)
+    return weights
+
+
+class TrainConfig(Strict):
+    epochs: PositiveInt = 10
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    class_weight: Annotated[Literal["balanced"] | dict[str, PositiveFloat] | None, BeforeValidator(_class_weight)] = None
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    grad_clip: PositiveFloat | None = None
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    runs_dir: str = "runs"
+    threads: PositiveInt | None = None  # CPU threads; None: all cores
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v):
+            raise ValueError("must be one of auto, cpu, cuda, cuda:N (e.g. cuda:1), mps")
+        return v
+
+
+class Config(Strict):
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")] = "run"
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- loading
+def shipped_configs() -> dict[str, Path]:
+    """The example configs inside the package, by name without .yaml: {'fashion_mnist': Path(...), 'mlp': ...}."""
+    return {p.stem: p for p in sorted(SHIPPED_CONFIGS.glob("*.yaml"))}
+
+
+def resolve_config_path(path: str | Path | None) -> Path:
+    """The config file to read. None: the shipped fashion_mnist.yaml. An existing file: itself. Otherwise a shipped
+    config that ``path`` names (``mlp``, ``mlp.yaml``, ``configs/mlp.yaml``), so that the names the docs use work
+    from any folder once fcclass is installed; a file of that name in the current folder still comes first."""
+    if path is None:
+        return DEFAULT_CONFIG
+    path = Path(path)
+    shipped = shipped_configs()
+    names = f"{', '.join(shipped)} (e.g. -c {DEFAULT_CONFIG.stem})"
+    if path.is_dir():
+        raise ConfigError(f"'{path}' is a folder; pass a YAML config file with -c/--config, or a shipped config by name: {names}.")
+    if path.is_file():
+        return path
+    name = path.name.removesuffix(".yaml")
+    if path.parent in (Path("."), Path("configs")) and name in shipped:
+        return shipped[name]
+    raise ConfigError(
+        f"Config file '{path}' not found. Check the path, or pass a shipped config by name: {names}; "
+        "`fcclass init` writes an editable copy of one."
+    )
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (a file or a shipped config's name, see resolve_config_path; None: the shipped
+    fashion_mnist.yaml), apply ``key=value`` overrides, validate."""
+    path = resolve_config_path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"Cannot read config file '{path}': {e}.") from None
+    raw = parse_yaml(text, str(path))
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"Config file '{path}' must hold a mapping of sections (name, data, model, ...), not a {type(raw).__name__}.")
+    return config_from_dict(raw, source=str(path), overrides=overrides)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.constructor.ConstructorError as e:
+        where = _mark(e)
+        raise ConfigError(
+            f"{source}{where}: {e.problem or e}. Configs are read with YAML safe loading, so tags such as "
+            "'!!python/object' are refused and never executed; write plain values instead."
+        ) from None
+    except yaml.YAMLError as e:
+        where = _mark(e)
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"YAML syntax error in {source}{where}: {problem}. Fix the YAML at that position.") from None
+
+
+def _mark(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+
+def config_from_dict(
+    raw: dict[str, Any], source: str = "config", *, stored: bool = False, overrides: list[str] | None = None
+) -> Config:
+    """Validate a config mapping (left unchanged), after applying ``overrides`` (``--set`` items).
+
+    ``stored``: the mapping was written by fcclass into a run directory or checkpoint, perhaps by an earlier version,
+    which recorded every optimizer and scheduler key whatever the name (momentum: 0.0 under adam). Keys that the
+    chosen name does not read are then dropped instead of refused; the overrides apply after that, so a key the user
+    sets is never dropped.
+    """
+    raw = copy.deepcopy(raw)
+    if stored:
+        for section in (OptimizerConfig, SchedulerConfig):
+            if isinstance(raw.get(section.section), dict):
+                raw[section.section] = section.drop_keys_not_read(raw[section.section])
+    set_at = {apply_override(raw, item): item for item in overrides or []}  # a key set twice: the last --set counts
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source, Config, set_at)) from None
+
+
+def apply_override(raw: dict[str, Any], item: str) -> tuple[str | int, ...]:
+    """Apply one ``dotted.key=value`` override in place; the value is parsed as YAML (``3``, ``0.01``, ``[1, 28, 28]``).
+
+    Returns where it wrote, list indexes as ints (``('model', 'layers', 0, 'units')``), for error messages."""
+    key, sep, value_text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set '{item}' must look like dotted.key=value, e.g. --set train.epochs=3.")
+    value = parse_yaml(value_text, f"--set {item}")
+    parts = key.split(".")
+    node: Any = raw
+    loc: list[str | int] = []
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        where = ".".join(parts[: i + 1])
+        loc.append(part)
+        if isinstance(node, list):
+            if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
+                raise ConfigError(f"--set {key}: '{where}' indexes a list of {len(node)} items; use an index from 0 to {len(node) - 1}.")
+            loc[-1] = int(part) % len(node)
+            if last:
+                node[loc[-1]] = value
+            else:
+                node = node[loc[-1]]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+        else:
+            raise ConfigError(f"--set {key}: '{'.'.join(parts[:i])}' is a value, not a section, so it has no key '{part}'.")
+    return tuple(loc)

@@ -1,0 +1,106 @@
+"""How config errors read: one line per problem under its dotted key (model.layers[0].strides), a did-you-mean
+for unknown keys, and the --set override a problem comes from, if any."""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from fcclass.layers import LAYER_CLASSES
+
+SetAt = dict[tuple[str | int, ...], str]  # where a --set override wrote (list indexes as ints) -> the item
+
+
+def format_validation_error(exc: ValidationError, source: str, root: type[BaseModel], set_at: SetAt | None = None) -> str:
+    """'<source> has N errors:' then one '  - path: problem' line each. ``set_at`` maps where each --set override
+    wrote to its item: a problem at, under or above such a key says so, since the file is not the place to fix it.
+    So does a key that does not apply to the optimizer/scheduler name a --set chose. ``root``: the model validated."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        sets = _set_by(err, set_at or {})
+        lines.append(_problem(err, loc, root) + (f" (from {', '.join(f'--set {item}' for item in sets)})" if sets else ""))
+    lines = list(dict.fromkeys(lines))
+    n = len(lines)
+    where = f"{source} with --set overrides" if any(" (from --set " in line for line in lines) else source
+    return f"{where} has {n} error{'s' if n != 1 else ''}:\n" + "\n".join(f"  - {line}" for line in lines)
+
+
+def _set_by(err: Any, set_at: SetAt) -> list[str]:
+    """The --set items an error comes from: they wrote its key, a section around it or a value inside it, or, for a
+    key that does not apply, chose its section's name."""
+    key = _key_path(tuple(err["loc"]))
+    keys = [key, key[:-1] + ("name",)] if err["type"] == "not_applicable" else [key]
+    return [item for at, item in set_at.items() if any(k[: len(at)] == at or (k and at[: len(k)] == k) for k in keys)]
+
+
+def _problem(err: Any, loc: tuple[Any, ...], root: type[BaseModel]) -> str:
+    path = _dotted(loc)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return f"{path}: unknown key. {_did_you_mean(loc, root)}"
+    if kind == "union_tag_invalid":
+        tag = err.get("ctx", {}).get("tag", "?")
+        return f"{path}.type: unknown layer type '{tag}'. Valid layer types: {', '.join(LAYER_CLASSES)}."
+    if kind == "union_tag_not_found":
+        return f"{path}: a layer needs 'type', one of: {', '.join(LAYER_CLASSES)}."
+    if kind == "missing":
+        return f"{path}: required key is missing."
+    got = err.get("input")
+    if kind in ("literal_error", "enum"):
+        return f"{path}: got {got!r}; valid values are {err['msg'].removeprefix('Input should be ')}."
+    shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+    return f"{path}: {err['msg'].removeprefix('Value error, ')}{shown}."
+
+
+def _key_path(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The location as config keys and list indexes, without the layer class pydantic chose by 'type' (the config
+    has no other unions, which would add such labels)."""
+    return tuple(
+        part for i, part in enumerate(loc)
+        if not (i >= 2 and loc[i - 2] == "layers" and isinstance(loc[i - 1], int) and part in LAYER_CLASSES)
+    )
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in _key_path(loc):
+        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
+    return out or "config"
+
+
+def _did_you_mean(loc: tuple[Any, ...], root: type[BaseModel]) -> str:
+    model = _model_at(loc[:-1], root)
+    if model is None:
+        return "Remove it."
+    valid = list(model.model_fields)
+    bad = str(loc[-1])
+    close = difflib.get_close_matches(bad, valid, n=1, cutoff=0.6)
+    hint = f"Did you mean '{close[0]}'? " if close else ""
+    return f"{hint}Valid keys here: {', '.join(valid)}."
+
+
+def _model_at(loc: tuple[Any, ...], root: type[BaseModel]) -> type[BaseModel] | None:
+    current: Any = root
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if isinstance(part, str) and part in LAYER_CLASSES:
+            current = LAYER_CLASSES[part]
+            continue
+        if isinstance(current, type) and issubclass(current, BaseModel) and part in current.model_fields:
+            current = _inner_model(current.model_fields[part].annotation)
+        else:
+            continue
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _inner_model(annotation: Any) -> Any:
+    """The pydantic model inside Optional[...], list[...], Annotated[...] and unions, if exactly one."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    found = [m for m in (_inner_model(a) for a in typing.get_args(annotation)) if m is not None]
+    return found[0] if len(found) == 1 else None

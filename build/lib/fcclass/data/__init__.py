@@ -1,0 +1,218 @@
+"""Data: where images come from (``sources``), how they are decoded (``images``), the recorded train/val/test
+splits (``splits``), the batch loaders (``loaders``) and batch preprocessing on the device (``augment``).
+
+``load_dataset`` draws new splits (a new run); ``dataset_from_record`` rebuilds the splits a run recorded
+(evaluation, prediction on a split, resume)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from fcclass.config import DataConfig
+from fcclass.data.augment import BatchPreprocess, augment_batch, rotate
+from fcclass.data.images import (IMAGE_EXTENSIONS, LUMA, MAX_IMAGE_PIXELS, convert_channels, decode_threads, describe_bad_files,
+                                 image_size, is_image_name, list_images, load_image, load_resized, resize_uint8, unreadable)
+from fcclass.data.loaders import FileLoader, TensorLoader, channel_stats, epoch_seed, make_loader
+from fcclass.data.sources import Source, data_root, open_source, unpack_debian_copy
+from fcclass.data.splits import (SPLIT_NAMES, Split, SplitRecord, check_files, class_counts, draw_splits,
+                                 stratified_take, tensor_split)
+from fcclass.errors import DataError
+from fcclass.registries import DATASETS, TorchvisionSet
+
+__all__ = [
+    "BatchPreprocess", "DataInfo", "Dataset", "FileLoader", "IMAGE_EXTENSIONS", "LUMA", "MAX_IMAGE_PIXELS", "Split",
+    "SplitRecord", "TensorLoader", "augment_batch", "channel_stats", "class_counts", "convert_channels", "data_root",
+    "class_weights", "dataset_from_record", "decode_threads", "describe", "normalization", "epoch_seed", "is_image_name", "list_images", "load_dataset", "load_image", "load_resized",
+    "make_loader", "resize_uint8", "rotate", "stratified_take", "unpack_debian_copy",
+]
+
+
+@dataclass
+class DataInfo:
+    """What a model and a checkpoint need to know about the data."""
+
+    class_names: list[str]
+    input_shape: tuple[int, int, int]  # C, H, W after resize and channel conversion
+    train_counts: list[int] = field(default_factory=list)
+    val_counts: list[int] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+@dataclass
+class Dataset:
+    info: DataInfo
+    splits: dict[str, Split]
+    size: tuple[int, int]  # (H, W) every image is resized to
+    channels: int
+    name: str = ""  # the config's data.dataset
+    notes: list[str] = field(default_factory=list)  # what the user should know about the data (changed files...)
+    _record: SplitRecord | None = None
+    _source: Source | None = field(default=None, repr=False)
+    _chosen: dict[str, tuple[str, torch.Tensor]] | None = field(default=None, repr=False)
+
+    @property
+    def train(self) -> Split | None:
+        return self.splits.get("train")
+
+    @property
+    def val(self) -> Split | None:
+        return self.splits.get("val")
+
+    @property
+    def test(self) -> Split | None:
+        return self.splits.get("test")
+
+    def record(self) -> SplitRecord:
+        """The record of these splits for the run directory (computed once: image folders hash every file)."""
+        if self._record is None:
+            assert self._source is not None and self._chosen is not None
+            self._record = SplitRecord.of(self._source, self._chosen, self.name, self.channels, self.size)
+        return self._record
+
+
+def _shape(cfg: DataConfig, source: Source) -> tuple[int, tuple[int, int]]:
+    """(channels, (height, width)) the images are converted to: the config's, else the dataset's (an image folder:
+    RGB, and the size of its first training image)."""
+    if source.shape is not None:
+        channels, size = cfg.channels or source.shape[0], tuple(cfg.image_size or source.shape[1:])
+    else:
+        channels = cfg.channels or 3
+        size = tuple(cfg.image_size) if cfg.image_size else image_size(source.pools["train"].files[0])
+    return channels, size  # type: ignore[return-value]
+
+
+def _materialise(pool: Any, idx: torch.Tensor, channels: int, size: Sequence[int]) -> Split:
+    split = Split(pool.labels[idx], files=[pool.files[i] for i in idx.tolist()] if pool.files is not None else None)
+    if pool.images is not None:
+        split.images = resize_uint8(convert_channels(pool.images[idx], channels), size).contiguous()
+    return split
+
+
+def _check_readable(splits: dict[str, Split]) -> None:
+    """Every file of every split is opened (headers only, on threads) before training: all bad files at once."""
+    files = [f for split in splits.values() for f in (split.files or [])]
+    bad = unreadable(files)
+    if bad:
+        raise DataError(f"{len(bad)} of {len(files):,} image file(s) cannot be read: {describe_bad_files(bad)}. "
+                        "Remove or replace them and run again.")
+
+
+def load_dataset(cfg: DataConfig, seed: int, splits: Sequence[str] = SPLIT_NAMES) -> Dataset:
+    """Draw new train/val/test splits from the data (stratified, seeded) and load the ones asked for."""
+    only_test = set(splits) == {"test"} and isinstance(DATASETS[cfg.dataset], TorchvisionSet)
+    source = open_source(cfg, pools=("test",) if only_test else ("train", "test"))
+    chosen = draw_splits(source.pools, cfg, seed)
+    channels, size = _shape(cfg, source)
+    parts = {name: _materialise(source.pools[chosen[name][0]], chosen[name][1], channels, size) for name in splits}
+    _check_readable(parts)
+    return Dataset(_info(source.class_names, channels, size, parts), parts, size, channels, cfg.dataset,
+                   _source=source, _chosen=chosen)
+
+
+def _info(class_names: list[str], channels: int, size: Sequence[int], parts: dict[str, Split]) -> DataInfo:
+    info = DataInfo(list(class_names), (channels, int(size[0]), int(size[1])))
+    for name, counts in (("train", "train_counts"), ("val", "val_counts")):
+        if name in parts:
+            setattr(info, counts, class_counts(parts[name].labels, len(class_names)))
+    return info
+
+
+def dataset_from_record(cfg: DataConfig, record: SplitRecord, splits: Sequence[str], root: str | Path | None = None,
+                        allow_changed: bool = False) -> Dataset:
+    """The splits a run recorded, read from the data as it is now (``root``: where the data is now, if it moved).
+    Files that vanished or changed since training are an error unless ``allow_changed``."""
+    base = Path(root).expanduser().absolute() if root is not None else record.root
+    size = (int(record.size[0]), int(record.size[1]))
+    if record.kind == "tensors":
+        source = open_source(cfg.model_copy(update={"root": str(base)}), pools={record.splits[s]["pool"] for s in splits})
+        parts = {}
+        for name in splits:
+            split = tensor_split(record, name, source.pools[record.splits[name]["pool"]])
+            split.images = resize_uint8(convert_channels(split.images, record.channels), size).contiguous()
+            parts[name] = split
+        notes: list[str] = []
+    else:
+        parts, notes = _file_splits(record, splits, base, allow_changed)
+    return Dataset(_info(record.class_names, record.channels, size, parts), parts, size, record.channels, record.dataset,
+                   notes, _record=record)
+
+
+def _file_splits(record: SplitRecord, splits: Sequence[str], base: Path, allow_changed: bool) -> tuple[dict[str, Split], list[str]]:
+    if not base.is_dir():
+        raise DataError(f"The run's image folder '{base}' is not there any more (moved or deleted). "
+                        "Point the run at the folder's new place with --data-root DIR.")
+    parts, notes = {}, []
+    for name in splits:
+        rec = record.splits[name]
+        check = check_files(rec, base)
+        if (check.vanished or check.changed) and not allow_changed:
+            raise DataError(
+                f"The {name} split recorded for this run has changed under '{base}' since training: "
+                + "; ".join(f"{len(files)} file(s) {what} ({', '.join(files[:5])}{', ...' if len(files) > 5 else ''})"
+                            for what, files in (("vanished", check.vanished), ("changed", check.changed)) if files)
+                + ". Restore them, point --data-root at the copy the run was trained on, or pass --allow-changed-data to use "
+                "the files as they are now (vanished ones skipped).")
+        if check.vanished or check.changed:
+            notes.append(f"--allow-changed-data: of the {len(rec['files']):,} recorded {name} files, {len(check.vanished)} vanished "
+                         f"and were skipped, {len(check.changed)} changed and were used as they are now.")
+        keep = check.present
+        parts[name] = Split(torch.tensor([rec["labels"][i] for i in keep], dtype=torch.long),
+                            files=[base / rec["files"][i] for i in keep])
+    recorded = {f for rec in record.splits.values() for f in rec["files"]}
+    added = sum(1 for f in list_images(base) if f.relative_to(base).as_posix() not in recorded)
+    if added:
+        notes.append(f"{added:,} image(s) in '{base}' are not in any split recorded for this run (added after training); "
+                     "they are left out.")
+    return parts, notes
+
+
+def describe(cfg: DataConfig) -> tuple[tuple[int, int, int], int]:
+    """Input shape (C, H, W) and number of classes, without decoding the images (for `summary`)."""
+    spec = DATASETS[cfg.dataset]
+    if isinstance(spec, TorchvisionSet):
+        (c, h, w), num_classes = spec.shape, spec.num_classes
+    else:
+        from fcclass.data.sources import imagefolder_source
+
+        source = imagefolder_source(data_root(cfg))
+        c, num_classes = 3, len(source.class_names)
+        h, w = image_size(source.pools["train"].files[0])
+    if cfg.image_size:
+        h, w = cfg.image_size
+    return (cfg.channels or c, h, w), num_classes
+
+
+def normalization(cfg: DataConfig, ds: Dataset) -> tuple[list[float], list[float]]:
+    """data.normalize as (mean, std) per channel: measured on the training split (auto), none, or given."""
+    norm = cfg.normalize
+    channels = ds.info.input_shape[0]
+    if norm == "none":
+        return [], []
+    if norm == "auto":
+        assert ds.train is not None
+        return channel_stats(ds.train, channels, ds.size, num_workers=cfg.num_workers)
+    if len(norm.mean) != channels:
+        raise DataError(f"data.normalize has {len(norm.mean)} mean/std values but the images have {channels} channel(s); give one per channel.")
+    return list(norm.mean), list(norm.std)
+
+
+def class_weights(spec: Any, info: DataInfo) -> torch.Tensor | None:
+    """train.class_weight as one float32 weight per label: balanced (n / (labels x count), from the training split),
+    a {label: weight} mapping (1 for labels left out), or None."""
+    if spec is None:
+        return None
+    names = info.class_names
+    if spec == "balanced":
+        counts = torch.tensor(info.train_counts, dtype=torch.float32)
+        return counts.sum() / (len(names) * counts.clamp_min(1))
+    unknown = [k for k in spec if k not in names]
+    if unknown:
+        raise DataError(f"train.class_weight names unknown label(s) {unknown}; the labels are: {', '.join(names)}.")
+    return torch.tensor([float(spec.get(n, 1.0)) for n in names])

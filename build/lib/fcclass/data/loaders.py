@@ -1,0 +1,156 @@
+"""Batch loaders. In-memory sets are batched by indexing one uint8 tensor (on the training device); image folders
+are decoded by a DataLoader with worker processes. Both draw each epoch's order from (seed, epoch) alone, so a
+resumed run sees exactly the batches an uninterrupted one would, whatever the number of workers."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from fcclass.data.images import describe_bad_files, load_resized, unreadable
+from fcclass.data.splits import Split
+from fcclass.errors import DataError
+
+
+def epoch_seed(seed: int, epoch: int, stream: str) -> int:
+    """A 63-bit seed for one epoch of one random stream ("order", "augment", "model"), independent of the others."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{stream}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool, weights: torch.Tensor | None) -> torch.Tensor | None:
+    """The sample order of ``epoch``: a permutation, a weighted draw with replacement, or None (in order)."""
+    if weights is None and not shuffle:
+        return None
+    gen = torch.Generator().manual_seed(epoch_seed(seed, epoch, "order"))
+    if weights is not None:
+        return torch.multinomial(weights, n, replacement=True, generator=gen)
+    return torch.randperm(n, generator=gen)
+
+
+def balanced_weights(labels: torch.Tensor) -> torch.Tensor:
+    """Per-sample weights that make every class equally likely (the balanced sampler)."""
+    counts = torch.bincount(labels).double().clamp_min(1)
+    return (1.0 / counts)[labels].float()
+
+
+class TensorLoader:
+    """Batches of an in-memory uint8 tensor by indexing: no per-sample Python work."""
+
+    def __init__(self, split: Split, batch_size: int, shuffle: bool, seed: int, weights: torch.Tensor | None = None,
+                 device: Any = "cpu") -> None:
+        assert split.images is not None
+        self.images = split.images.to(device)
+        self.labels = split.labels.to(device)
+        self.batch_size, self.shuffle, self.seed, self.weights = batch_size, shuffle, seed, weights
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(self.labels.numel() / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = self.labels.numel()
+        order = epoch_order(n, self.seed, self.epoch, self.shuffle, self.weights)
+        for start in range(0, n, self.batch_size):
+            if order is None:
+                yield self.images[start : start + self.batch_size], self.labels[start : start + self.batch_size]
+            else:
+                idx = order[start : start + self.batch_size].to(self.labels.device)
+                yield self.images[idx], self.labels[idx]
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """The DataLoader's sampler: ``epoch_order`` of the epoch set with ``set_epoch``."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool, weights: torch.Tensor | None) -> None:
+        self.n, self.seed, self.shuffle, self.weights = n, seed, shuffle, weights
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        order = epoch_order(self.n, self.seed, self.epoch, self.shuffle, self.weights)
+        return iter(range(self.n) if order is None else order.tolist())
+
+
+class _FileDataset(torch.utils.data.Dataset):
+    """Decodes one file to uint8 (C, H, W); a file that fails gets label -1 - index, reported by the loader."""
+
+    def __init__(self, files: list[Any], labels: torch.Tensor, channels: int, size: Sequence[int]) -> None:
+        self.files, self.labels, self.channels, self.size = files, labels, channels, tuple(size)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            return load_resized(self.files[i], self.channels, self.size), self.labels[i]
+        except DataError:
+            return torch.zeros(self.channels, *self.size, dtype=torch.uint8), torch.tensor(-1 - i)
+
+
+class FileLoader:
+    """A DataLoader over image files. A file that cannot be decoded stops the epoch with every unreadable file of the
+    split listed (one sweep over the split), not just the first one found."""
+
+    def __init__(self, split: Split, batch_size: int, shuffle: bool, seed: int, channels: int, size: Sequence[int],
+                 weights: torch.Tensor | None = None, device: Any = "cpu", num_workers: int | None = None) -> None:
+        from torch.utils.data import DataLoader
+
+        self.split, self.channels = split, channels
+        self.sampler = EpochSampler(len(split), seed, shuffle, weights)
+        workers = min(4, os.cpu_count() or 1) if num_workers is None else num_workers
+        # A generator of its own: without one, DataLoader seeds its workers from torch's global generator when it
+        # starts them, which would shift the dropout masks of that epoch (and a resumed run starts them an epoch later).
+        self.loader = DataLoader(_FileDataset(split.files or [], split.labels, channels, size), batch_size=batch_size,
+                                 sampler=self.sampler, num_workers=workers, persistent_workers=workers > 0,
+                                 pin_memory=torch.device(device).type == "cuda", generator=torch.Generator().manual_seed(seed))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y in self.loader:
+            if bool((y < 0).any()):
+                bad = unreadable(self.split.files or [], full_decode=True, channels=self.channels)
+                raise DataError(f"Cannot read {len(bad)} image(s): {describe_bad_files(bad)}. "
+                                "Remove or replace these files and run again.")
+            yield x, y
+
+
+def make_loader(split: Split, batch_size: int, shuffle: bool, seed: int, channels: int, size: Sequence[int],
+                balanced: bool = False, device: Any = "cpu", num_workers: int | None = None) -> TensorLoader | FileLoader:
+    weights = balanced_weights(split.labels) if balanced else None
+    if split.images is not None:
+        return TensorLoader(split, batch_size, shuffle, seed, weights, device)
+    return FileLoader(split, batch_size, shuffle, seed, channels, size, weights, device, num_workers)
+
+
+def channel_stats(split: Split, channels: int, size: Sequence[int], num_workers: int | None = None,
+                  batch_size: int = 1024) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the split's pixels scaled to [0, 1] (accumulated in float64 on the CPU)."""
+    total = torch.zeros(channels, dtype=torch.float64)
+    total_sq = torch.zeros(channels, dtype=torch.float64)
+    count = 0
+    for x, _ in make_loader(split, batch_size, False, 0, channels, size, num_workers=num_workers):
+        x = x.double() / 255.0
+        total += x.sum((0, 2, 3))
+        total_sq += x.square().sum((0, 2, 3))
+        count += x.shape[0] * x.shape[2] * x.shape[3]
+    mean = total / max(count, 1)
+    std = (total_sq / max(count, 1) - mean.square()).clamp_min(1e-12).sqrt()
+    return mean.tolist(), std.tolist()

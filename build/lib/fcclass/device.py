@@ -1,0 +1,59 @@
+"""Device and precision selection, shared by training, evaluation, prediction and the benchmark."""
+
+from __future__ import annotations
+
+import re
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+
+from fcclass.errors import FcclassError
+
+DEVICE_FORMS = "auto, cpu, cuda, cuda:N (N a GPU index, e.g. cuda:0) or mps"
+
+
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+def select_device(name: str) -> torch.device:
+    """The torch device for ``name`` (auto: CUDA, then MPS, then the CPU), or a clear error for a name that is not a
+    device or a device this machine lacks."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", name or ""):
+        raise FcclassError(f"Unknown device '{name}' (train.device or --device): use {DEVICE_FORMS}.")
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if _mps_available() else torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise FcclassError(f"The device is '{name}' (train.device or --device) but CUDA is not available on this machine; use auto or cpu.")
+        index = int(name.split(":")[1]) if ":" in name else 0
+        count = torch.cuda.device_count()
+        if index >= count:
+            raise FcclassError(f"The device is '{name}' (train.device or --device) but this machine has {count} CUDA device(s); use cuda:0 to cuda:{count - 1}.")
+    if name == "mps" and not _mps_available():
+        raise FcclassError("The device is 'mps' (train.device or --device) but MPS is not available on this machine; use auto or cpu.")
+    return torch.device(name)
+
+
+def select_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return None
+    if name == "fp32":
+        return None
+    if name == "fp16" and device.type != "cuda":
+        raise FcclassError(f"train.precision fp16 needs a CUDA device (the device is {device.type}); use bf16 or fp32.")
+    return torch.bfloat16 if name == "bf16" else torch.float16
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()

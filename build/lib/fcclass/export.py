@@ -1,0 +1,103 @@
+"""Export a trained model to ONNX or TorchScript, with its preprocessing described in a JSON file beside it."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fcclass.data import LUMA
+from fcclass.errors import FcclassError
+from fcclass.inference import Inference, load_for_inference
+from fcclass.runs import atomic_write_text
+
+FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
+
+
+class Deployable(nn.Module):
+    """Pixels scaled to [0, 1] in, class probabilities out: normalisation and softmax are inside."""
+
+    def __init__(self, net: nn.Module, mean: list[float], std: list[float]) -> None:
+        super().__init__()
+        self.net = net
+        channels = len(mean) or 1
+        self.register_buffer("mean", torch.tensor(mean or [0.0] * channels).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std or [1.0] * channels).view(1, -1, 1, 1))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.net((image - self.mean) / self.std).float(), dim=1)
+
+
+def export_model(run: str | Path | None = None, checkpoint: str | Path | None = None, *, fmt: str = "onnx",
+                 out: str | Path | None = None, runs_dir: str | Path = "runs") -> tuple[Path, Path, str | None]:
+    """Write the model (default ``RUN_DIR/model.onnx``) and ``<file>.json`` describing its input and output.
+    Returns both paths and, when the newest run was picked, which one."""
+    if fmt not in FORMATS:
+        raise FcclassError(f"--format must be one of {', '.join(FORMATS)}, not '{fmt}'.")
+    inf = load_for_inference(run, checkpoint, runs_dir=runs_dir, device="cpu")
+    shape = list(inf.image_shape)
+    model = Deployable(inf.model.float(), list(inf.checkpoint.mean), list(inf.checkpoint.std)).eval()
+    target = Path(out) if out is not None else inf.path.parent / FORMATS[fmt]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    example = torch.rand(2, *shape)
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        if fmt == "onnx":
+            _export_onnx(model, example, tmp)
+        else:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                torch.jit.save(torch.jit.trace(model, example), str(tmp))
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    sidecar = target.with_name(target.name + ".json")
+    atomic_write_text(sidecar, json.dumps(describe(inf, fmt, target.name), indent=2) + "\n")
+    return target, sidecar, inf.note
+
+
+def _export_onnx(model: nn.Module, example: torch.Tensor, target: Path) -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise FcclassError("ONNX export needs the onnx and onnxscript packages: pip install 'fcclass[export]'.") from None
+    batch = torch.export.Dim("batch", min=1)
+    # The exporter reports its progress on stdout, which would corrupt --json output.
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(model, (example,), dynamo=True, input_names=["image"], output_names=["probabilities"],
+                                    dynamic_shapes=({0: batch},), verbose=False)
+        program.save(str(target))
+
+
+def describe(inf: Inference, fmt: str, filename: str) -> dict[str, Any]:
+    c, h, w = inf.image_shape
+    return {
+        "format": fmt,
+        "file": filename,
+        "checkpoint": str(inf.path),
+        "class_names": inf.class_names,
+        "input": {
+            "name": "image",
+            "shape": ["batch", c, h, w],
+            "dtype": "float32",
+            "range": [0.0, 1.0],
+            "preprocessing": [
+                f"decode the image; convert to {'grayscale (L = 0.299 R + 0.587 G + 0.114 B, transparency over white)' if c == 1 else 'RGB'}",
+                f"resize to {h}x{w} (height x width), bilinear with antialiasing, round to uint8",
+                "divide the uint8 pixel values by 255",
+                "layout: channels first (N, C, H, W)",
+            ],
+            "normalization_inside_model": {"mean": list(inf.checkpoint.mean), "std": list(inf.checkpoint.std)},
+            "luma_weights": list(LUMA),
+        },
+        "output": {"name": "probabilities", "shape": ["batch", len(inf.class_names)],
+                   "meaning": "softmax probabilities, in the order of class_names"},
+    }

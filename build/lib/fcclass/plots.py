@@ -1,0 +1,123 @@
+"""Training curves with matplotlib: loss and accuracy (train vs val) and the learning rate, per epoch."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+from fcclass.errors import CheckpointError
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, float]]:
+    path = Path(run_dir) / "metrics.csv"
+    if not path.is_file():
+        raise CheckpointError(f"'{run_dir}' has no metrics.csv; give a run directory made by `fcclass train` that finished an epoch.")
+    with path.open(newline="") as f:
+        rows = [{k: float(v) for k, v in row.items() if v not in (None, "")} for row in csv.DictReader(f)]
+    if not rows:
+        raise CheckpointError(f"{path} has no epochs yet; train at least one epoch first.")
+    return rows
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+IMAGE_FORMATS = ("png", "jpg", "jpeg", "pdf", "svg")
+
+
+def _save(fig: Any, target: Path, dpi: int = 100) -> Path:
+    """Write the figure atomically, in the format the file name asks for."""
+    import io
+
+    from fcclass.runs import atomic_write_bytes
+
+    fmt = target.suffix.lower().lstrip(".") or "png"
+    if target.is_dir() or not target.parent.is_dir() or fmt not in IMAGE_FORMATS:
+        _pyplot().close(fig)
+        why = ("it is a folder" if target.is_dir() else f"the folder {target.parent} does not exist" if not target.parent.is_dir()
+               else f"use one of .{', .'.join(IMAGE_FORMATS)}")
+        raise CheckpointError(f"Cannot write the figure to '{target}': {why}.")
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fmt, dpi=dpi)
+    _pyplot().close(fig)
+    atomic_write_bytes(target, buf.getvalue())
+    return target
+
+
+def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Draw ``curves.png`` (or ``out``) for a run directory and return its path."""
+    import matplotlib
+
+    plt = _pyplot()
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir)
+    epochs = [r["epoch"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, key, title in ((axes[0], "loss", "Loss"), (axes[1], "accuracy", "Accuracy")):
+        ax.plot(epochs, [r[f"train_{key}"] for r in rows], "o-", label="train")
+        ax.plot(epochs, [r.get(f"val_{key}", float("nan")) for r in rows], "o-", label="val")
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[1].yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    axes[2].plot(epochs, [r["lr"] for r in rows], "o-", color="tab:green")
+    axes[2].set_title("Learning rate (mean per epoch)")
+    axes[2].set_xlabel("epoch")
+    axes[2].ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    axes[2].grid(alpha=0.3)
+    fig.suptitle(run_dir.name)
+    fig.tight_layout()
+    return _save(fig, Path(out) if out is not None else run_dir / "curves.png")
+
+
+def plot_confusion(report: Any, target: Path) -> Path:
+    """Row-normalised confusion matrix with labelled axes; counts are written in the cells up to 20 labels."""
+    plt = _pyplot()
+    names = report.class_names
+    k = len(names)
+    counts = report.confusion.double()
+    rows = counts / counts.sum(1, keepdim=True).clamp_min(1)
+    side = max(6.0, 0.16 * k + 3)
+    fig, ax = plt.subplots(figsize=(side + 1.5, side))
+    im = ax.imshow(rows.numpy(), cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true label")
+    font = 9 if k <= 20 else max(4, int(9 - k / 20))
+    ax.set_xticks(range(k), names, rotation=90, fontsize=font)
+    ax.set_yticks(range(k), names, fontsize=font)
+    ax.set_xlabel("predicted label")
+    ax.set_ylabel("true label")
+    ax.set_title(f"Confusion matrix, {report.split} split (accuracy {report.accuracy:.2%})")
+    if k <= 20:
+        for t in range(k):
+            for p in range(k):
+                if counts[t, p]:
+                    ax.text(p, t, int(counts[t, p]), ha="center", va="center", fontsize=7,
+                            color="white" if rows[t, p] > 0.5 else "black")
+    fig.tight_layout()
+    return _save(fig, target, dpi=100 if k <= 20 else 150)
+
+
+def plot_image_grid(images: Any, captions: list[str], target: Path, title: str) -> Path:
+    """uint8 (N, C, H, W) images in a grid, one caption under each."""
+    plt = _pyplot()
+    n = max(1, len(captions))
+    cols = min(8, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 2.2 * rows + 0.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img, caption in zip(axes.flat, images, captions):
+        arr = img.permute(1, 2, 0).numpy()
+        ax.imshow(arr[:, :, 0] if arr.shape[2] == 1 else arr, cmap="gray" if arr.shape[2] == 1 else None, vmin=0, vmax=255)
+        ax.set_title(caption, fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, target)

@@ -1,0 +1,207 @@
+"""Rich rendering shared by the CLI and the training loop (human output only; --json bypasses it)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+
+def summary_table(summary: Any, title: str = "Model") -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column("Layer (type)")
+    table.add_column("Output Shape")
+    table.add_column("Param #", justify="right")
+    table.add_row("input", "(None, " + ", ".join(str(s) for s in summary.input_shape) + ")", "0")
+    for li in summary.layers:
+        table.add_row(escape(f"{li.name} ({li.type})"), "(None, " + ", ".join(str(s) for s in li.output_shape) + ")", f"{li.params:,}")
+    table.add_section()
+    table.add_row("[bold]Total params[/bold]", "", f"[bold]{summary.total_params:,}[/bold]")
+    table.add_row("Trainable params", "", f"{summary.trainable_params:,}")
+    table.add_row("Non-trainable params", "", f"{summary.non_trainable_params:,}")
+    return table
+
+
+def print_training_header(console: Console, trainer: Any) -> None:
+    """The model table, device and run, and the data table (counts per label, class weights) before training."""
+    from fcclass.device import precision_name
+
+    console.print(summary_table(trainer.model.summary()))
+    resumed = ""
+    if trainer.resumed:
+        resumed = f"   [yellow]resuming after epoch {trainer.state.epoch}[/yellow]"
+        if trainer.replanned:
+            resumed += f" [yellow](train.epochs is now {trainer.cfg.train.epochs}: the LR schedule is re-planned)[/yellow]"
+    console.print(f"Device: [bold]{trainer.device}[/bold] ({precision_name(trainer.amp_dtype)})   "
+                  f"Run: [bold]{escape(str(trainer.run_dir))}[/bold]{resumed}", highlight=False)
+    info, weights = trainer.data.info, trainer.class_weights
+    table = Table(title=f"Data: {escape(trainer.cfg.data.dataset)}", title_justify="left")
+    table.add_column("Label")
+    table.add_column("Train", justify="right")
+    table.add_column("Val", justify="right")
+    if weights is not None:
+        table.add_column("Class weight", justify="right")
+    for i, name in enumerate(info.class_names):
+        row = [escape(name), f"{info.train_counts[i]:,}", f"{info.val_counts[i]:,}"]
+        if weights is not None:
+            row.append(f"{float(weights[i]):.3f}")
+        table.add_row(*row)
+    table.add_section()
+    table.add_row("[bold]Total[/bold]", f"{sum(info.train_counts):,}", f"{sum(info.val_counts):,}", *([""] if weights is not None else []))
+    console.print(table)
+    if trainer.val_loader is None:
+        t = trainer.cfg.train
+        console.print(f"[yellow]No validation split (data.val_split is 0): best.pt keeps the epoch with the best "
+                      f"{trainer.monitor_name(t.checkpoint.monitor)} and early stopping follows "
+                      f"{trainer.monitor_name(t.early_stopping.monitor)} instead.[/yellow]")
+    for note in trainer.data.notes:
+        console.print(f"[yellow]{escape(note)}[/yellow]")
+
+
+def print_epoch(console: Console, row: dict[str, Any], epochs: int, is_best: bool) -> None:
+    val = (f"val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.2%}  " if row.get("val_loss") is not None else "")
+    console.print(
+        f"epoch {row['epoch']:>{len(str(epochs))}}/{epochs}  "
+        f"train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.2%}  {val}"
+        f"lr {row['lr']:.2e}  {row['seconds']:.1f}s" + ("  [green]* best[/green]" if is_best else ""),
+        highlight=False,
+    )
+
+
+def best_line(result: Any) -> str:
+    """The closing line of `fcclass train`: the best epoch, where the run is, what to do next."""
+    best = result.best
+    val = (f"val accuracy {best['val_accuracy']:.2%}, val loss {best['val_loss']:.4f}" if best.get("val_loss") is not None
+           else f"train accuracy {best['train_accuracy']:.2%}, train loss {best['train_loss']:.4f} (no validation split)")
+    return (f"[bold]Best epoch {result.best_epoch}[/bold]: {val}. Run saved in [bold]{escape(str(result.run_dir))}[/bold]\n"
+            f"Next: fcclass eval {escape(str(result.run_dir))}")
+
+
+def rounded_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A metrics row for JSON, rounded as the human output shows it: losses and accuracies to 4 decimals
+    (accuracy 0.9293 = 92.93%), the learning rate to 3 significant digits, seconds to 0.1."""
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        if not isinstance(value, float):
+            out[key] = value
+        elif key == "lr":
+            out[key] = float(f"{value:.3g}")
+        else:
+            out[key] = round(value, 1 if key == "seconds" else 4)
+    return out
+
+
+def eval_table(report: Any, highlight: int = 3) -> Table:
+    """Per-label recall (accuracy), precision, F1 and support; the ``highlight`` weakest labels by F1 in red."""
+    table = Table(title=f"{report.split} split: {report.num_samples:,} images", title_justify="left")
+    table.add_column("Label")
+    for name in ("Accuracy", "Precision", "F1", "Support"):
+        table.add_column(name, justify="right")
+    ranked = sorted((m["f1"], name) for name, m in report.per_class.items() if m["support"])
+    worst = {name for _, name in ranked[: min(highlight, max(len(ranked) - 1, 0))]}
+    for name, m in report.per_class.items():
+        table.add_row(escape(name), f"{m['accuracy']:.2%}", f"{m['precision']:.2%}", f"{m['f1']:.2%}", f"{m['support']:,}",
+                      style="red" if name in worst else None)
+    table.add_section()
+    for label, avg in (("Macro avg", report.macro), ("Weighted avg", report.weighted)):
+        table.add_row(label, f"{avg['recall']:.2%}", f"{avg['precision']:.2%}", f"{avg['f1']:.2%}", f"{report.num_samples:,}")
+    table.add_section()
+    table.add_row("[bold]Overall accuracy[/bold]", f"[bold]{report.accuracy:.2%}[/bold]", "", "", f"{report.num_samples:,}")
+    top5 = f"top-5 accuracy {report.top5_accuracy:.2%} | " if report.top5_accuracy is not None else ""
+    table.caption = f"{top5}loss {report.loss:.4f} | red: weakest F1"
+    return table
+
+
+def confusion_table(report: Any, normalize: bool = False) -> Table:
+    """Rows: true label; columns: predicted label (counts, or fractions of the row with ``normalize``)."""
+    names = report.class_names
+    table = Table(title="Confusion matrix (rows: true label, columns: predicted)" + (", row-normalised" if normalize else ""),
+                  title_justify="left")
+    table.add_column("true \\ pred")
+    for name in names:
+        table.add_column(escape(name), justify="right")
+    for t, name in enumerate(names):
+        row = report.confusion[t]
+        total = max(int(row.sum()), 1)
+        cells = []
+        for p, count in enumerate(row.tolist()):
+            text = f"{count / total:.1%}" if normalize else f"{count:,}"
+            cells.append(f"[bold green]{text}[/bold green]" if p == t else (text if count else "[dim]·[/dim]"))
+        table.add_row(escape(name), *cells)
+    return table
+
+
+def confused_pairs_table(report: Any, n: int = 5) -> Table:
+    table = Table(title="Most confused", title_justify="left")
+    table.add_column("True label")
+    table.add_column("Predicted as")
+    table.add_column("Count", justify="right")
+    table.add_column("Of the true label", justify="right")
+    for pair in report.confused_pairs(n):
+        table.add_row(escape(pair["true"]), escape(pair["predicted"]), f"{pair['count']:,}", f"{pair['fraction_of_true']:.1%}")
+    return table
+
+
+def predict_table(preds: list[Any], top_k: int) -> Table:
+    """One row per image: its top-k labels (and, on a recorded split, the true label; wrong top-1 in red)."""
+    truth = any(p.true_label is not None for p in preds)
+    table = Table(title_justify="left")
+    table.add_column("Image", overflow="fold")
+    if truth:
+        table.add_column("True label")
+    for i in range(top_k):
+        table.add_column(f"Top {i + 1}" if top_k > 1 else "Label")
+    for p in preds:
+        lead = [escape(p.path), *([escape(p.true_label or "")] if truth else [])]
+        if p.error is not None:
+            table.add_row(*lead, f"[red]error: {escape(p.error)}[/red]", *[""] * (top_k - 1))
+        else:
+            cells = [escape(f"{t['label']} ({t['probability']:.1%})") for t in p.top_k]
+            if truth and p.label != p.true_label:
+                cells[0] = f"[red]{cells[0]}[/red]"
+            table.add_row(*lead, *cells, *[""] * (top_k - len(cells)))
+    return table
+
+
+def throughput_table(results: list[dict[str, Any]]) -> Table:
+    """images/s and seconds per 60,000-image epoch for each loop, the speed-ups, and fcclass against the matmul peak."""
+    keras = any("keras" in r for r in results)
+    table = Table(title="Training throughput (same model, same Fashion-MNIST images, one process)", title_justify="left")
+    cols = ["Model", "PyTorch examples loop", *(["Keras model.fit"] if keras else []), "fcclass", "vs PyTorch",
+            *(["vs Keras"] if keras else []), "fcclass GFLOP/s", "Matmul peak", "Of peak"]
+    for col in cols:
+        table.add_column(col, justify="left" if col == "Model" else "right")
+
+    def cell(loop: dict[str, Any]) -> str:
+        return f"{loop['images_per_s']:,.0f} img/s\n{60_000 / loop['images_per_s']:.1f} s/epoch"
+
+    for r in results:  # one run times Keras for every model or for none
+        row = [r["model"], cell(r["reference"]), *([cell(r["keras"])] if keras else []), cell(r["fcclass"]), f"{r['speedup']:.2f}x"]
+        if keras:
+            row.append(f"{r['speedup_vs_keras']:.2f}x")
+        row += [f"{r['achieved_gflops']:.1f}", f"{r['matmul_peak_gflops']:.0f}", f"{r['fraction_of_peak']:.0%}"]
+        table.add_row(*row)
+    where = f"Device: {results[0]['device']}; matmul peak in {results[0]['matmul_peak_dtype']}." if results else ""
+    if keras:
+        k = next(r["keras"] for r in results if "keras" in r)
+        table.caption = f"{where} Keras {k['version']} on its {k['backend']} backend. An epoch = 60,000 images."
+    else:
+        table.caption = f"{where} An epoch = 60,000 images. No Keras column: not installed (pip install -e '.\\[bench]') or skipped."
+    return table
+
+
+def tta_table(results: list[dict[str, Any]]) -> Table:
+    targets = list(results[0]["seconds_to_target"]) if results else []
+    table = Table(title="Time to test accuracy (training seconds, test measured after each epoch)", title_justify="left")
+    table.add_column("Model")
+    table.add_column("Device")
+    for t in targets:
+        table.add_column(f"to {float(t):.1%}", justify="right")
+    table.add_column("Final accuracy", justify="right")
+    table.add_column("Total", justify="right")
+    for r in results:
+        cells = [("not reached" if r["seconds_to_target"][t] is None else f"{r['seconds_to_target'][t]:.1f} s") for t in targets]
+        table.add_row(r["model"], r["device"], *cells, f"{r['final_test_accuracy']:.2%}", f"{r['train_seconds_total']:.1f} s")
+    return table

@@ -1,0 +1,261 @@
+"""Run directories and the one checkpoint schema: atomic writes, safe (weights-only) loading, finding runs.
+
+A run directory is self-contained: config.yaml (resolved), classes.json, splits.json (the recorded splits),
+metrics.csv, best.pt (the best epoch so far) and last.pt (the last completed epoch, with everything resume needs;
+epoch 0 until the first epoch completes). A run is *trained* once an epoch has completed: best.pt exists."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pickle
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from fcclass.errors import CheckpointError, FcclassError
+
+CHECKPOINT_FORMAT = 2  # 1: fcclass 0.1 (kept loadable for evaluation; not resumable)
+BEST, LAST = "best.pt", "last.pt"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+class RunWriteError(FcclassError):
+    """A file of a run (or another output) could not be written: full disk, read-only folder, no permission."""
+
+
+def os_error_reason(e: OSError) -> str:
+    reasons = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded",
+               errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
+    return reasons.get(e.errno or 0, e.strerror or str(e))
+
+
+# ----------------------------------------------------------------------------- atomic writes
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temp file in the same folder, fsync, rename: a crash (or a full disk) leaves the old file or the
+    new one, never a mix. Raises OSError; the temp file is removed."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the user's usual permissions
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def create_run_dir(runs_dir: str | Path, name: str) -> Path:
+    """A fresh ``runs/<name>-<YYYYmmdd-HHMMSS>`` directory (suffixed if that second is taken)."""
+    base = Path(runs_dir)
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for i in range(1000):
+            path = base / (f"{name}-{stamp}" if i == 0 else f"{name}-{stamp}-{i}")
+            try:
+                path.mkdir()
+                return path
+            except FileExistsError:
+                continue
+    except OSError as e:
+        raise RunWriteError(f"Cannot create a run directory in train.runs_dir '{base}': {os_error_reason(e)}. "
+                            "Set train.runs_dir to a writable folder (e.g. --set train.runs_dir=/tmp/runs).") from None
+    raise RunWriteError(f"Cannot create a run directory under '{base}': too many runs named '{name}' this second.")
+
+
+# ----------------------------------------------------------------------------- the checkpoint
+@dataclass
+class Checkpoint:
+    """Everything saved about a model. best.pt holds the inference part; last.pt also the training part."""
+
+    model_state: dict[str, Any]
+    config: dict[str, Any]  # the resolved config
+    class_names: list[str]
+    input_shape: list[int]  # what the model takes: [C, H, W] (or [features])
+    mean: list[float]  # normalisation of pixels scaled to [0, 1]; empty: none
+    std: list[float]
+    epoch: int  # completed epochs these weights have seen; 0 = untrained
+    metrics: dict[str, Any] | None = None  # the metrics row of that epoch
+    optimizer_state: dict[str, Any] | None = None
+    schedule_state: dict[str, Any] | None = None
+    scaler_state: dict[str, Any] | None = None
+    train_state: dict[str, Any] | None = None  # train.TrainState as a dict
+    format: int = CHECKPOINT_FORMAT
+
+    @property
+    def resumable(self) -> bool:
+        return self.format == CHECKPOINT_FORMAT and self.optimizer_state is not None and self.train_state is not None
+
+    def inference_part(self) -> "Checkpoint":
+        keep = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _TRAINING_FIELDS}
+        return Checkpoint(**keep)
+
+    def save(self, path: Path) -> None:
+        import io
+
+        import torch
+
+        buf = io.BytesIO()
+        payload = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "format"}
+        torch.save({"fcclass_checkpoint": self.format, **payload}, buf)
+        atomic_write_bytes(path, buf.getvalue())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Checkpoint":
+        """Load with ``weights_only=True``: tensors and plain data only, never arbitrary objects."""
+        raw = _safe_torch_load(Path(path))
+        fmt = raw.get("fcclass_checkpoint") if isinstance(raw, dict) else None
+        if fmt not in (1, CHECKPOINT_FORMAT):
+            raise CheckpointError(f"'{path}' is not a fcclass checkpoint. Use best.pt or last.pt from a run directory.")
+        missing = [k for k in _INFERENCE_FIELDS if k not in raw]
+        if missing:
+            raise CheckpointError(f"Checkpoint '{path}' lacks {', '.join(missing)}; it is damaged. Use another checkpoint of the run.")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known}, format=fmt)
+
+
+_INFERENCE_FIELDS = ("model_state", "config", "class_names", "input_shape", "mean", "std", "epoch")
+_TRAINING_FIELDS = ("optimizer_state", "schedule_state", "scaler_state", "train_state")
+
+
+def _safe_torch_load(path: Path) -> Any:
+    import torch
+
+    if path.is_dir():
+        raise CheckpointError(f"'{path}' is a folder, not a checkpoint file. If it is a run directory, give it as the run "
+                              f"(`fcclass eval {path}`, `fcclass predict --run {path} ...`, `fcclass export {path}`) instead of --checkpoint.")
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint '{path}' not found. Pass an existing .pt file written by `fcclass train`.")
+    with path.open("rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK") or head[:1] == b"\x80"):  # torch.save writes a zip archive; old files a pickle
+        raise CheckpointError(f"'{path}' is not a checkpoint (not a file written by torch.save). Use best.pt or last.pt from a run directory.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's pickle-protocol notes are noise next to our own error
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        if "weights only load failed" not in text.lower():
+            raise CheckpointError(f"Cannot read checkpoint '{path}': the file is truncated or corrupt. Use another checkpoint of the run (last.pt or best.pt).") from None
+        culprit = next((line.strip() for line in text.splitlines() if "GLOBAL" in line or "Unsupported" in line), "")
+        raise CheckpointError(
+            f"Refused to load '{path}': it holds Python objects that safe (weights-only) loading does not allow"
+            f"{f' ({culprit[:160]})' if culprit else ''}. Only checkpoints written by `fcclass train` can be loaded; nothing in the file was run."
+        ) from None
+    except Exception:  # noqa: BLE001 - truncated zip, bad records, I/O errors: all mean a damaged file
+        raise CheckpointError(f"Cannot read checkpoint '{path}': the file is truncated or corrupt. Use another checkpoint of the run (last.pt or best.pt).") from None
+
+
+# ----------------------------------------------------------------------------- finding runs
+def is_run_dir(path: Path) -> bool:
+    return path.is_dir() and ((path / BEST).is_file() or (path / LAST).is_file())
+
+
+def is_trained(path: Path) -> bool:
+    """An epoch has completed: best.pt is written at the end of the first epoch, never before."""
+    return (path / BEST).is_file()
+
+
+def _trained_at(run_dir: Path) -> float:
+    return max((run_dir / name).stat().st_mtime for name in (BEST, LAST) if (run_dir / name).is_file())
+
+
+def newest_trained_run(runs_dir: str | Path = "runs") -> tuple[Path, list[Path]]:
+    """The run whose training last wrote a checkpoint, among the trained runs in ``runs_dir``, and the newer runs
+    that were passed over because no epoch of theirs completed."""
+    base = Path(runs_dir)
+    runs = [p for p in base.iterdir() if is_run_dir(p)] if base.is_dir() else []
+    trained = [p for p in runs if is_trained(p)]
+    if not trained:
+        untrained = f" ({len(runs)} run(s) there stopped before completing an epoch)" if runs else ""
+        raise CheckpointError(f"No trained runs found in '{base}'{untrained}. Train one with `fcclass train`, or pass a run directory.")
+    newest = max(trained, key=_trained_at)
+    skipped = sorted((p for p in runs if not is_trained(p) and _trained_at(p) > _trained_at(newest)), key=_trained_at)
+    return newest, skipped
+
+
+@dataclass
+class Resolved:
+    """The checkpoint an inference command uses, its run directory (None for a bare file) and how it was chosen."""
+
+    checkpoint: Path
+    run_dir: Path | None
+    note: str | None = None  # e.g. which run "the newest" turned out to be
+
+
+def resolve_checkpoint(run: str | Path | None = None, checkpoint: str | Path | None = None,
+                       runs_dir: str | Path = "runs") -> Resolved:
+    """``checkpoint`` if given; else the best checkpoint of ``run``, or of the newest trained run in ``runs_dir``."""
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        return Resolved(path, path.parent if (path.parent / "config.yaml").is_file() else None)
+    note = None
+    if run is None:
+        run_dir, skipped = newest_trained_run(runs_dir)
+        note = f"Run: {run_dir} (the newest trained run in {runs_dir}"
+        if skipped:
+            note += f"; passed over {len(skipped)} newer run(s) with no completed epoch: {', '.join(p.name for p in skipped[:3])}"
+        note += ")"
+    else:
+        run_dir = Path(run)
+    if run_dir.is_file():
+        raise CheckpointError(f"'{run_dir}' is a file, not a run directory; to use a checkpoint file pass --checkpoint {run_dir}.")
+    if not run_dir.is_dir():
+        raise CheckpointError(f"Run directory '{run_dir}' not found. List your runs with `ls {runs_dir}`.")
+    if is_trained(run_dir):
+        return Resolved(run_dir / BEST, run_dir, note)
+    if (run_dir / LAST).is_file():
+        raise CheckpointError(untrained_message(run_dir))
+    if not (run_dir / "config.yaml").is_file():
+        raise CheckpointError(f"'{run_dir}' is not a run directory (no {BEST}, {LAST} or config.yaml). Pass a folder made by `fcclass train`, e.g. one in {runs_dir}/.")
+    raise CheckpointError(f"'{run_dir}' has no checkpoint ({BEST} or {LAST}); its training never started an epoch. Train again or name another run.")
+
+
+def run_config(run_dir: str | Path) -> Any:
+    """The resolved config a run was trained with (its config.yaml)."""
+    from fcclass.config import config_from_dict, parse_yaml
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise CheckpointError(f"'{run_dir}' is not a run directory (no config.yaml). Pass a folder made by `fcclass train`.")
+    raw = parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} is damaged: it does not hold a config mapping.")
+    return config_from_dict(raw, source=str(path), stored=True)
+
+
+def untrained_message(run_dir: Path) -> str:
+    return (f"Run '{run_dir}' has no trained model: it stopped during its first epoch, before any epoch completed, so its "
+            f"weights are the random initial ones. Resume it with `fcclass train --resume {run_dir}`, or name another run.")

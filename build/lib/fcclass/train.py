@@ -1,0 +1,423 @@
+"""The trainer: setup, one epoch, validation, checkpoints. Training state is a typed dataclass; side effects other
+than the run directory (console output, curves, trackers) are callbacks. No Rich and no plotting here."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import shutil
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from fcclass.callbacks import BatchEnd, Callback, ConsoleProgress, Curves
+from fcclass.config import Config, load_config
+from fcclass.data import (BatchPreprocess, Dataset, SplitRecord, class_weights, data_root, dataset_from_record, epoch_seed,
+                          load_dataset, make_loader, normalization)
+from fcclass.device import autocast, precision_name, select_device, select_precision
+from fcclass.errors import CheckpointError, FcclassError
+from fcclass.inference import run_model
+from fcclass.model import Network, build_model
+from fcclass.registries import OPTIMIZERS
+from fcclass.resume import RESUMABLE_KEYS, RunFinished, check_more_to_train, config_for_resume, resumable_checkpoint
+from fcclass.runs import BEST, LAST, Checkpoint, RunWriteError, atomic_write_text, create_run_dir, os_error_reason
+from fcclass.schedule import LRSchedule
+
+__all__ = ["RESUMABLE_KEYS", "RunFinished", "TrainResult", "TrainState", "Trainer", "TrainingDiverged", "fit", "resume_config"]
+
+METRIC_FIELDS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds"]
+
+
+class TrainingDiverged(FcclassError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainState:
+    """Everything about the progress of a run that resume needs, beyond the weights and optimizer."""
+
+    epoch: int = 0  # completed epochs
+    history: list[dict[str, Any]] = field(default_factory=list)  # one metrics row per completed epoch
+    best_epoch: int | None = None
+    best: dict[str, Any] | None = None  # the best epoch's row (train.checkpoint.monitor)
+    es_best: float | None = None  # early stopping: best value of its monitor so far
+    es_wait: int = 0  # early stopping: epochs since it improved
+    stopped_early: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "TrainState":
+        return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    history: list[dict[str, Any]]
+    best_epoch: int | None
+    best: dict[str, Any] | None
+    stopped_early: bool = False
+    interrupted: str | None = None  # the signal that stopped training (SIGINT, SIGTERM), if one did
+    removed: bool = False  # interrupted before any epoch completed: the run directory was removed
+    device: str = "cpu"
+    precision: str = "fp32"
+    warnings: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- helpers
+def model_input_shape(cfg: Config, ds: Dataset) -> list[int]:
+    data_shape = list(ds.info.input_shape)
+    want = cfg.model.input_shape
+    if want is None or want == data_shape:
+        return data_shape
+    if len(want) == 1 and want[0] == math.prod(data_shape):
+        return data_shape  # [features] for an MLP over images: the model flattens them
+    raise FcclassError(
+        f"model.input_shape is {want} but the data gives images of shape {data_shape} (channels, height, width). "
+        f"Remove model.input_shape to use the data's shape, or set data.image_size / data.channels to match."
+    )
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[dict[str, Any]]:
+    """SIGINT/SIGTERM set a flag: the loop stops at the next batch with the last completed epoch saved."""
+    flag: dict[str, Any] = {"signal": None}
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag["signal"] is not None:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        flag["signal"] = signal.Signals(signum).name
+
+    previous = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        pass
+    try:
+        yield flag
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+
+def metrics_csv(history: Sequence[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: ("" if v is None else f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    return buf.getvalue()
+
+
+def _improved(value: float, best: float | None, monitor: str, min_delta: float = 0.0) -> bool:
+    if best is None:
+        return True
+    return value < best - min_delta if monitor.endswith("loss") else value > best + min_delta
+
+
+# ----------------------------------------------------------------------------- the trainer
+class Trainer:
+    """One run's training. Build it with ``Trainer.start(cfg)`` (a new run directory) or ``Trainer.resume(run_dir)``,
+    then ``fit()``. Callbacks observe every step; the trainer itself writes only the run directory."""
+
+    def __init__(self, cfg: Config, run_dir: Path | None, data: Dataset, mean: list[float], std: list[float],
+                 state: TrainState, callbacks: Sequence[Callback] = (), resumed: bool = False) -> None:
+        assert data.train is not None and data.val is not None
+        self.cfg, self.run_dir, self.data, self.mean, self.std, self.state = cfg, run_dir, data, mean, std, state
+        self.callbacks, self.resumed = list(callbacks), resumed
+        self.replanned = False  # resumed with another train.epochs: the LR schedule was re-planned
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.device = select_device(cfg.train.device)
+        self.amp_dtype = select_precision(cfg.train.precision, self.device)
+        torch.manual_seed(cfg.seed)  # the initial weights
+        self.input_shape = model_input_shape(cfg, data)
+        self.model: Network = build_model(cfg.model, self.input_shape, data.info.num_classes).to(self.device)
+        self.class_weights = class_weights(cfg.train.class_weight, data.info)
+        d = cfg.data
+        self.train_loader = make_loader(data.train, d.batch_size, True, cfg.seed, data.channels, data.size,
+                                        balanced=d.sampler == "balanced", device=self.device, num_workers=d.num_workers)
+        self.val_loader = (make_loader(data.val, 256, False, cfg.seed, data.channels, data.size, device=self.device,
+                                       num_workers=d.num_workers) if len(data.val) else None)
+        self.train_prep = BatchPreprocess(mean, std, d.augment, cfg.seed)
+        self.eval_prep = BatchPreprocess(mean, std)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise FcclassError("Every layer is frozen (trainable: false), so there is nothing to train; unfreeze at least one layer.")
+        self.params = params
+        self.optimizer = OPTIMIZERS[cfg.optimizer.name](params, cfg.optimizer)
+        self.schedule = LRSchedule(self.optimizer, cfg.scheduler, cfg.train.epochs, len(self.train_loader))
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
+        weight = self.class_weights.to(self.device) if self.class_weights is not None else None
+        self.loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.train.label_smoothing)
+        self.sync_every = 1 if self.device.type == "cpu" else 25  # reading the loss waits for the GPU
+        self._stop: dict[str, Any] = {"signal": None}
+
+    # ------------------------------------------------------------------------- building
+    @classmethod
+    def start(cls, cfg: Config, callbacks: Sequence[Callback] = ()) -> "Trainer":
+        """A new run: draw and record the splits, build everything, then create the run directory."""
+        cfg = with_absolute_paths(cfg)
+        data = load_dataset(cfg.data, cfg.seed)
+        mean, std = normalization(cfg.data, data)
+        trainer = cls(cfg, None, data, mean, std, TrainState(), callbacks)
+        record = data.record()
+        run_dir = trainer.run_dir = create_run_dir(cfg.train.runs_dir, cfg.name)
+        try:
+            for name, text in (("config.yaml", cfg.to_yaml()), ("classes.json", json.dumps(data.info.class_names, indent=2) + "\n"),
+                               ("splits.json", record.to_json())):
+                atomic_write_text(run_dir / name, text)
+            trainer.checkpoint(None, training=True).save(run_dir / LAST)  # epoch 0: a run killed in epoch 1 can resume
+        except OSError as e:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise RunWriteError(f"Cannot write the new run directory '{run_dir}': {os_error_reason(e)}. "
+                                "Set train.runs_dir to a writable folder with free space.") from None
+        return trainer
+
+    @classmethod
+    def resume(cls, run_dir: str | Path, overrides: Sequence[str] = (), callbacks: Sequence[Callback] = ()) -> "Trainer":
+        """Continue a run from its last completed epoch, with the config it was trained with (and the ``--set``
+        changes RESUMABLE_KEYS allows); the recorded splits, so the data is the same."""
+        run_dir = Path(run_dir)
+        ckpt = resumable_checkpoint(run_dir)
+        cfg = config_for_resume(run_dir, ckpt, overrides)
+        state = TrainState.from_dict(ckpt.train_state or {})
+        es = cfg.train.early_stopping
+        state.stopped_early = es.patience is not None and state.es_wait >= es.patience
+        check_more_to_train(run_dir, cfg, state)
+        record = SplitRecord.read(run_dir)
+        if record is None:
+            raise CheckpointError(f"Cannot resume '{run_dir}': its splits.json is missing, so the data it trained on is unknown.")
+        data = dataset_from_record(cfg.data, record, ("train", "val"), root=data_root(cfg.data))
+        trainer = cls(cfg, run_dir, data, list(ckpt.mean), list(ckpt.std), state, callbacks, resumed=True)
+        trainer.restore(ckpt)
+        try:
+            if cfg.to_dict() != ckpt.config:
+                atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+            if state.best is not None and state.best_epoch == state.epoch:  # best.pt may have failed to save last time
+                trainer.checkpoint(state.best, training=False).save(run_dir / BEST)
+        except OSError as e:
+            raise RunWriteError(f"Cannot write to '{run_dir}': {os_error_reason(e)}. Free some space or make it writable, then resume again.") from None
+        return trainer
+
+    def restore(self, ckpt: Checkpoint) -> None:
+        """Weights, optimizer, schedule and grad scaler from ``ckpt``. A schedule planned for another number of
+        epochs (``--set train.epochs=N`` on resume) is re-planned for the new one and stepped to where the run is."""
+        self.model.load_state_dict(ckpt.model_state)
+        planned = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(ckpt.optimizer_state)
+        if self.schedule.same_plan(ckpt.schedule_state or {}):
+            self.schedule.load_state_dict(ckpt.schedule_state or {})
+        else:
+            for group, values in zip(self.optimizer.param_groups, planned):
+                group.update(values)
+            self.replanned = True
+            monitor = self.monitor_name(self.cfg.scheduler.monitor)
+            self.schedule.fast_forward(self.state.epoch, lambda e: self.state.history[e - 1].get(monitor))
+        if self.scaler is not None and ckpt.scaler_state:
+            self.scaler.load_state_dict(ckpt.scaler_state)
+
+    def checkpoint(self, row: dict[str, Any] | None, training: bool) -> Checkpoint:
+        """The checkpoint of the current state: best.pt's (inference) or last.pt's (``training``: resumable)."""
+        ckpt = Checkpoint(self.model.state_dict(), self.cfg.to_dict(), list(self.data.info.class_names), list(self.input_shape),
+                          list(self.mean), list(self.std), self.state.epoch, row)
+        if training:
+            ckpt.optimizer_state, ckpt.schedule_state = self.optimizer.state_dict(), self.schedule.state_dict()
+            ckpt.scaler_state = self.scaler.state_dict() if self.scaler is not None else None
+            ckpt.train_state = self.state.to_dict()
+        return ckpt
+
+    def monitor_name(self, name: str) -> str:
+        """The metric actually monitored: without a validation split, train_* stands in for val_*."""
+        return name if self.val_loader is not None else name.replace("val_", "train_")
+
+    # ------------------------------------------------------------------------- the loop
+    def fit(self) -> TrainResult:
+        assert self.run_dir is not None
+        self._emit("on_fit_start")
+        result = TrainResult(self.run_dir, self.state.history, None, None, device=str(self.device),
+                             precision=precision_name(self.amp_dtype))
+        try:
+            with stop_on_signals() as stop:
+                self._stop = stop
+                for epoch in range(self.state.epoch + 1, self.cfg.train.epochs + 1):
+                    self._emit("on_epoch_start", epoch)
+                    started = time.perf_counter()
+                    row = self.train_epoch(epoch)
+                    if row is None:
+                        result.interrupted = stop["signal"]
+                        self._emit("on_interrupt", stop["signal"], epoch)
+                        break
+                    row.update(self.validate())
+                    row["seconds"] = time.perf_counter() - started
+                    is_best = self.end_epoch(row)
+                    self._emit("on_epoch_end", row, is_best)
+                    if self.state.stopped_early:
+                        break
+        except BaseException:
+            if self.state.epoch == 0 and not self.resumed:
+                shutil.rmtree(self.run_dir, ignore_errors=True)  # nothing was learned: leave no half-made run behind
+            raise
+        if result.interrupted and self.state.epoch == 0 and not self.resumed:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            result.removed = True
+        result.history, result.best_epoch, result.best = self.state.history, self.state.best_epoch, self.state.best
+        result.stopped_early = self.state.stopped_early
+        self._emit("on_fit_end", result)
+        return result
+
+    def _set_epoch(self, epoch: int) -> None:
+        """Every random stream of an epoch (order, augmentation, dropout) is seeded from (seed, epoch): a resumed run
+        repeats an uninterrupted one exactly, with no generator state to carry over."""
+        self.train_loader.set_epoch(epoch)
+        self.train_prep.set_epoch(epoch)
+        torch.manual_seed(epoch_seed(self.cfg.seed, epoch, "model"))
+
+    def train_epoch(self, epoch: int) -> dict[str, Any] | None:
+        """One pass over the training split; None if a signal stopped it."""
+        self._set_epoch(epoch)
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.device)  # float32: MPS has no float64
+        correct = torch.zeros((), device=self.device, dtype=torch.int64)
+        seen, lr_sum, batches = 0, 0.0, len(self.train_loader)
+        loss_mean = accuracy = float("nan")
+        started = time.perf_counter()
+        for batch, (x, y) in enumerate(self.train_loader, 1):
+            lr_sum += self.schedule.lr
+            loss, logits, y = self.step(x, y)
+            loss_sum += loss * y.numel()
+            correct += (logits.argmax(1) == y).sum()
+            seen += y.numel()
+            if batch % self.sync_every == 0 or batch == batches:
+                loss_mean, accuracy = float(loss_sum) / seen, float(correct) / seen
+                if not math.isfinite(loss_mean):
+                    raise self._diverged(epoch, batch, loss_mean)
+            self._emit("on_batch_end", BatchEnd(epoch, batch, batches, seen, loss_mean, accuracy, time.perf_counter() - started))
+            if self._stop["signal"]:
+                return None
+        return {"epoch": epoch, "train_loss": loss_mean, "train_accuracy": accuracy, "lr": lr_sum / max(batches, 1)}
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One optimisation step on a uint8 batch; returns the (detached) loss, logits and labels on the device."""
+        x = self.train_prep(x.to(self.device, non_blocking=True), train=True)
+        y = y.to(self.device, non_blocking=True)
+        with autocast(self.device, self.amp_dtype):
+            logits = self.model(x)
+            loss = self.loss_fn(logits.float(), y)
+        reg = self.model.regularization_loss()
+        total = loss + reg if reg is not None else loss
+        self.optimizer.zero_grad(set_to_none=True)
+        clip = self.cfg.train.grad_clip
+        if self.scaler is not None:
+            self.scaler.scale(total).backward()
+            if clip:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.params, clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            total.backward()
+            if clip:
+                nn.utils.clip_grad_norm_(self.params, clip)
+            self.optimizer.step()
+        self.schedule.after_batch()
+        return loss.detach(), logits.detach(), y
+
+    def validate(self) -> dict[str, float | None]:
+        """Keras's val_loss: the training loss function (label smoothing included, class weights not) on val data."""
+        if self.val_loader is None:
+            return {"val_loss": None, "val_accuracy": None}
+        logits, labels = run_model(self.model, self.val_loader, self.eval_prep, self.device, self.amp_dtype)
+        loss = nn.functional.cross_entropy(logits, labels, label_smoothing=self.cfg.train.label_smoothing)
+        return {"val_loss": float(loss), "val_accuracy": float((logits.argmax(1) == labels).float().mean())}
+
+    def end_epoch(self, row: dict[str, Any]) -> bool:
+        """Record the epoch: schedule, best checkpoint, early stopping, then the files. Returns whether it is the best."""
+        st = self.state
+        st.history.append(row)
+        st.epoch = row["epoch"]
+        self.schedule.after_epoch(row[self.monitor_name(self.cfg.scheduler.monitor)])
+        monitor = self.monitor_name(self.cfg.train.checkpoint.monitor)
+        is_best = _improved(row[monitor], st.best[monitor] if st.best else None, monitor)
+        if is_best:
+            st.best, st.best_epoch = dict(row), st.epoch
+        es = self.cfg.train.early_stopping
+        es_monitor = self.monitor_name(es.monitor)
+        if _improved(row[es_monitor], st.es_best, es_monitor, es.min_delta):
+            st.es_best, st.es_wait = row[es_monitor], 0
+        else:
+            st.es_wait += 1
+        st.stopped_early = es.patience is not None and st.es_wait >= es.patience
+        self.save(row, is_best)
+        return is_best
+
+    def save(self, row: dict[str, Any], is_best: bool) -> None:
+        """last.pt, then best.pt, then metrics.csv, each written atomically. On a full disk or a read-only folder,
+        stop with the last good checkpoint intact and say how to go on."""
+        assert self.run_dir is not None
+        what = LAST
+        try:
+            self.checkpoint(row, training=True).save(self.run_dir / LAST)
+            what = BEST
+            if is_best:
+                self.checkpoint(row, training=False).save(self.run_dir / BEST)
+            what = "metrics.csv"
+            atomic_write_text(self.run_dir / "metrics.csv", metrics_csv(self.state.history))
+        except OSError as e:
+            kept = self.state.epoch - (1 if what == LAST else 0)
+            raise RunWriteError(
+                f"Cannot write {what} in '{self.run_dir}': {os_error_reason(e)}. Training stopped in epoch {self.state.epoch}; "
+                f"the last good checkpoint (epoch {kept}) is kept in {self.run_dir / LAST}. Free some space (or make the folder "
+                f"writable), then continue with: fcclass train --resume {self.run_dir}") from None
+
+    def _diverged(self, epoch: int, batch: int, value: float) -> TrainingDiverged:
+        kept = (f" The best checkpoint so far (epoch {self.state.best_epoch}) is kept in {self.run_dir}." if self.state.epoch
+                else " No epoch had completed, so the run directory was removed.")
+        return TrainingDiverged(f"The training loss became {value} in epoch {epoch}, batch {batch} (learning rate {self.schedule.lr:.3g}). "
+                                f"Lower optimizer.lr, set train.grad_clip (e.g. 1.0), or check the data normalisation.{kept}")
+
+    def _emit(self, hook: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            getattr(callback, hook)(self, *args)
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """The config with its folders made absolute, so the run can be evaluated from anywhere."""
+    def absolute(p: str | None) -> str | None:
+        return None if p is None else str(Path(p).expanduser().absolute())
+
+    data = cfg.data.model_copy(update={"root": absolute(cfg.data.root), "path": absolute(cfg.data.path)})
+    train = cfg.train.model_copy(update={"runs_dir": absolute(cfg.train.runs_dir)})
+    return cfg.model_copy(update={"data": data, "train": train})
+
+
+def fit(cfg: Config | None = None, *, resume: str | Path | None = None, overrides: Sequence[str] | None = None,
+        console: Any = None, callbacks: Sequence[Callback] = (), log_interval: float = 10.0) -> TrainResult:
+    """Train ``cfg`` (or resume the run directory ``resume``) and return the run's result.
+
+    ``console`` (a Rich Console) receives the header, progress and per-epoch lines; None trains silently.
+    ``callbacks`` observe the loop (see fcclass.callbacks). ``overrides``: ``--set`` items (for resume: RESUMABLE_KEYS).
+    """
+    observers: list[Callback] = [ConsoleProgress(console, log_interval)] if console is not None else []
+    observers += [Curves(), *callbacks]
+    if resume is not None:
+        trainer = Trainer.resume(resume, overrides or (), observers)
+    else:
+        trainer = Trainer.start(cfg if cfg is not None else load_config(overrides=list(overrides or [])), observers)
+    return trainer.fit()
+
+
+def resume_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """The config ``fcclass train --resume RUN_DIR --set ...`` would continue with."""
+    return config_for_resume(Path(run_dir), resumable_checkpoint(Path(run_dir)), overrides)

@@ -1,0 +1,94 @@
+"""Installed like a real package: the built wheel works from any folder; init and config commands."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from conftest import DATA_ROOT, ROOT, needs_fashion
+from fcclass.cli import app
+
+runner = CliRunner(env={"COLUMNS": "200"})
+
+
+def test_init_writes_an_editable_starter_config_that_trains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(app, ["init"])
+    assert res.exit_code == 0, res.output
+    written = tmp_path / "fashion_mnist.yaml"
+    assert "fcclass train -c fashion_mnist.yaml" in res.output
+    assert written.read_text().startswith("#")  # the shipped file with its comments, to edit
+    again = runner.invoke(app, ["init"])
+    assert again.exit_code == 1 and "--force" in again.output  # never overwrites unasked
+    res = runner.invoke(app, ["init", "mine", "--template", "mlp"])
+    assert res.exit_code == 0 and (tmp_path / "mine" / "mlp.yaml").is_file()
+    res = runner.invoke(app, ["init", "--template", "resnet"])
+    assert res.exit_code == 1 and "fashion_mnist" in res.output and "imagefolder" in res.output
+    res = runner.invoke(app, ["summary", "-c", str(written), "--json", "-"])
+    assert res.exit_code == 0, res.output
+
+
+def test_config_prints_the_fully_resolved_config(tmp_path: Path) -> None:
+    res = runner.invoke(app, ["config", "--set", "train.epochs=3", "--set", "optimizer.lr=0.01"])
+    assert res.exit_code == 0, res.output
+    cfg = yaml.safe_load(res.stdout)
+    assert cfg["train"]["epochs"] == 3 and cfg["optimizer"]["lr"] == 0.01
+    assert cfg["data"]["batch_size"] == 128 and cfg["train"]["early_stopping"]["monitor"] == "val_loss"  # defaults filled in
+    same = runner.invoke(app, ["train", "--set", "train.epochs=3", "--set", "optimizer.lr=0.01", "--print-config"])
+    assert same.exit_code == 0 and same.stdout == res.stdout
+    js = runner.invoke(app, ["config", "-c", "mlp", "--json", "-"])
+    assert js.exit_code == 0 and yaml.safe_load(js.stdout)["model"]["input_shape"] == [784]
+
+
+@needs_fashion
+def test_config_of_a_run_is_the_one_it_trained_with(trained_run: Path) -> None:
+    res = runner.invoke(app, ["config", str(trained_run)])
+    assert res.exit_code == 0, res.output
+    assert yaml.safe_load(res.stdout) == yaml.safe_load((trained_run / "config.yaml").read_text())
+
+
+def _build_wheel(dist: Path) -> Path:
+    base = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(ROOT)]
+    if subprocess.run([*base, "--no-build-isolation"], capture_output=True).returncode != 0:
+        subprocess.run(base, check=True, capture_output=True)  # a build environment of its own (needs PyPI)
+    (wheel,) = dist.glob("fcclass-*.whl")
+    return wheel
+
+
+@needs_fashion
+def test_the_built_wheel_installed_in_a_fresh_environment_works_from_any_folder(tmp_path: Path) -> None:
+    wheel = _build_wheel(tmp_path / "dist")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    (site,) = venv.glob("lib/python*/site-packages")
+    # torch and the other dependencies come from this environment (a .pth line adds its site-packages after the
+    # venv's own, so the wheel's fcclass, not the source tree's, is the one imported)
+    (site / "reuse_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    python = venv / "bin" / "python"
+    subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)], check=True,
+                   capture_output=True, env={**os.environ, "PYTHONPATH": sysconfig.get_paths()["purelib"]})
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")} | {"COLUMNS": "200"}
+
+    def fcclass(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(venv / "bin" / "fcclass"), *args], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+
+    where = subprocess.run([str(python), "-c", "import fcclass; print(fcclass.__file__)"], cwd=work, env=env, capture_output=True, text=True)
+    assert str(site) in where.stdout, where.stdout + where.stderr
+    assert fcclass("summary").returncode == 0
+    res = fcclass("train", "--set", f"data.root={DATA_ROOT}", "--set", "data.limit_train=500", "--set", "data.limit_test=100",
+                  "--set", "train.epochs=1")
+    assert res.returncode == 0, res.stderr
+    assert (work / "runs").is_dir()  # the run lands in the folder the user is in
+    assert fcclass("eval", "--json", "-").returncode == 0
+    assert fcclass("init").returncode == 0 and (work / "fashion_mnist.yaml").is_file()
+    res = fcclass("bench", "--images", "64", "--model", "default", "--no-keras", "--data-root", str(DATA_ROOT), "--json", "-")
+    assert res.returncode == 0, res.stderr
