@@ -18,15 +18,22 @@ def format_validation_error(exc: ValidationError, source: str, root: type[BaseMo
     """'<source> has N errors:' then one '  - path: problem' line each. ``set_at`` maps where each --set override
     wrote to its item: a problem at, under or above such a key says so, since the file is not the place to fix it.
     So does a key that does not apply to the optimizer/scheduler name a --set chose. ``root``: the model validated."""
-    lines = []
+    lines, switched = [], set()
     for err in exc.errors(include_url=False):
         loc = tuple(err["loc"])
         sets = _set_by(err, set_at or {})
         lines.append(_problem(err, loc, root) + (f" (from {', '.join(f'--set {item}' for item in sets)})" if sets else ""))
+        if err["type"] == "not_applicable":
+            switched |= {item for at, item in (set_at or {}).items() if at == (loc[0], "name")}
     lines = list(dict.fromkeys(lines))
     n = len(lines)
     where = f"{source} with --set overrides" if any(" (from --set " in line for line in lines) else source
-    return f"{where} has {n} error{'s' if n != 1 else ''}:\n" + "\n".join(f"  - {line}" for line in lines)
+    text = f"{where} has {n} error{'s' if n != 1 else ''}:\n" + "\n".join(f"  - {line}" for line in lines)
+    for item in sorted(switched):  # the file's keys belong to the old name: replace the section, not just the name
+        section, value = item.split(".", 1)[0], item.partition("=")[2]
+        text += (f"\nTo switch {section} from the command line, replace the whole section: "
+                 f"--set '{section}={{name: {value}}}' (with any of its keys inside the braces).")
+    return text
 
 
 def _set_by(err: Any, set_at: SetAt) -> list[str]:
