@@ -55,7 +55,18 @@ def test_config_of_a_run_is_the_one_it_trained_with(trained_run: Path) -> None:
 
 
 def _build_wheel(dist: Path) -> Path:
-    base = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(ROOT)]
+    """Build from a copy of the source tree: setuptools writes build/ and *.egg-info where it builds."""
+    import shutil
+
+    src = dist.parent / "src"
+    local = {".git", ".venv", "data", "runs", "build", "dist", ".whl", ".devdata", ".pytest_cache"}  # at the top only
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        top = Path(folder) == ROOT
+        return {n for n in names if (top and n in local) or n == "__pycache__" or n.endswith(".egg-info")}
+
+    shutil.copytree(ROOT, src, symlinks=True, ignore=ignore)
+    base = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(src)]
     if subprocess.run([*base, "--no-build-isolation"], capture_output=True).returncode != 0:
         subprocess.run(base, check=True, capture_output=True)  # a build environment of its own (needs PyPI)
     (wheel,) = dist.glob("fcclass-*.whl")
