@@ -315,7 +315,7 @@ def time_to_accuracy(model_name: str, targets: list[float], data_root: str = "da
 
     class TestAfterEpoch(Callback):
         def on_epoch_end(self, trainer: Any, row: dict[str, Any], is_best: bool) -> None:
-            logits, labels = run_model(trainer.model, loader, trainer.eval_prep, trainer.device, trainer.amp_dtype)
+            logits, labels = run_model(trainer.model, loader, trainer.eval_prep, trainer.device, None)  # fp32, as fcclass eval
             acc = float((logits.argmax(1) == labels).float().mean())
             seconds = sum(e["seconds"] for e in clock.epochs)
             epochs.append({"epoch": row["epoch"], "test_accuracy": acc, "train_seconds_cumulative": seconds})

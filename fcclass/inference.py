@@ -100,8 +100,11 @@ class Inference:
 
 
 def load_for_inference(run: str | Path | None = None, checkpoint: str | Path | None = None, *, runs_dir: str | Path = "runs",
-                       device: str = "auto") -> Inference:
-    """The trained model of ``run`` (its best checkpoint), of the file ``checkpoint``, or of the newest trained run."""
+                       device: str = "auto", precision: str = "fp32") -> Inference:
+    """The trained model of ``run`` (its best checkpoint), of the file ``checkpoint``, or of the newest trained run.
+
+    ``precision``: fp32 by default, so that evaluation, prediction and an exported model give the same probabilities
+    on any device (bf16 autocast on a GPU moves them in the third decimal); auto, bf16 or fp16 trade that for speed."""
     dev = select_device(device)  # a bad --device is named before anything is looked for
     resolved = resolve_checkpoint(run, checkpoint, runs_dir)
     ckpt = Checkpoint.load(resolved.checkpoint)
@@ -111,7 +114,7 @@ def load_for_inference(run: str | Path | None = None, checkpoint: str | Path | N
                               "before any epoch completed). Resume that run with `fcclass train --resume RUN_DIR`, or use another checkpoint.")
     cfg, model = rebuild(ckpt, resolved.checkpoint)
     return Inference(model.to(dev).eval(), ckpt, resolved.checkpoint, resolved.run_dir, cfg, dev,
-                     select_precision("auto", dev), BatchPreprocess(ckpt.mean, ckpt.std), resolved.note)
+                     select_precision(precision, dev), BatchPreprocess(ckpt.mean, ckpt.std), resolved.note)
 
 
 def rebuild(ckpt: Checkpoint, path: Path) -> tuple[Config, Network]:

@@ -181,7 +181,7 @@ def throughput_table(results: list[dict[str, Any]]) -> Table:
         row = [r["model"], cell(r["reference"]), *([cell(r["keras"])] if keras else []), cell(r["fcclass"]), f"{r['speedup']:.2f}x"]
         if keras:
             row.append(f"{r['speedup_vs_keras']:.2f}x")
-        row += [f"{r['achieved_gflops']:.1f}", f"{r['matmul_peak_gflops']:.0f}", f"{r['fraction_of_peak']:.0%}"]
+        row += [f"{r['achieved_gflops']:,.1f}", _flops(r["matmul_peak_gflops"]), f"{r['fraction_of_peak']:.1%}"]
         table.add_row(*row)
     where = f"Device: {results[0]['device']}; matmul peak in {results[0]['matmul_peak_dtype']}." if results else ""
     if keras:
@@ -190,6 +190,10 @@ def throughput_table(results: list[dict[str, Any]]) -> Table:
     else:
         table.caption = f"{where} An epoch = 60,000 images. No Keras column: not installed (pip install -e '.\\[bench]') or skipped."
     return table
+
+
+def _flops(gflops: float) -> str:
+    return f"{gflops / 1000:,.0f} TFLOP/s" if gflops >= 10_000 else f"{gflops:,.0f} GFLOP/s"
 
 
 def tta_table(results: list[dict[str, Any]]) -> Table:

@@ -75,7 +75,7 @@ def test_throughput_on_a_named_device_without_keras() -> None:
     assert res.exit_code == 0, res.output
     (r,) = json.loads(res.stdout)["results"]
     assert "keras" not in r and r["device"] == "cpu" and r["matmul_peak_dtype"] == "float32"
-    res = runner.invoke(app, ["bench", "--images", "64", "--model", "default", "--no-keras", "--data-root", str(DATA_ROOT)])
+    res = runner.invoke(app, ["bench", "--images", "64", "--model", "default", "--device", "cpu", "--no-keras", "--data-root", str(DATA_ROOT)])
     assert res.exit_code == 0, res.output
     caption = " ".join(res.output.split())  # the table's caption wraps at the table's width
     assert "Device: cpu" in caption and "pip install -e '.[bench]'" in caption  # Rich markup escaped

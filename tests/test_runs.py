@@ -141,12 +141,16 @@ def test_the_newest_run_means_the_last_one_trained(trained_run: Path, tmp_path: 
     a, b = runs / "a", runs / "b"
     shutil.copytree(trained_run, a)
     shutil.copytree(trained_run, b)
-    old = time.time() - 100
-    for f in (a / "best.pt", a / "last.pt"):
-        os.utime(f, (old, old))
+    now = time.time()
+
+    def trained_at(run: Path, when: float) -> None:
+        for f in (run / "best.pt", run / "last.pt"):
+            os.utime(f, (when, when))
+
+    trained_at(a, now - 100)
+    trained_at(b, now - 50)
     assert newest_trained_run(runs)[0] == b
-    for f in (b / "best.pt", b / "last.pt"):
-        os.utime(f, (old - 100, old - 100))
+    trained_at(a, now - 10)  # a resumed and trained again
     assert newest_trained_run(runs)[0] == a
 
 

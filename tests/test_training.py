@@ -240,7 +240,9 @@ def test_training_header_shows_device_counts_and_class_weights(imbalanced: Path,
     )
     res = runner.invoke(app, ["train", "-c", str(cfg)])
     assert res.exit_code == 0, res.output
-    assert "Device: cpu" in res.output and "Class weight" in res.output
+    from fcclass.device import select_device
+
+    assert f"Device: {select_device('auto')}" in res.output and "Class weight" in res.output
     # 300 + 300 + 30 images, 10% held out for validation: 270 + 270 + 27 train -> weight n / (3 * count)
     assert "270" in res.output and "27 " in res.output
     assert "7.000" in res.output and "0.700" in res.output  # 567 / (3 x 27) and 567 / (3 x 270), worked by hand
