@@ -94,12 +94,14 @@ class ConsoleProgress(Callback):
     def on_interrupt(self, trainer: "Trainer", signal_name: str, epoch: int) -> None:
         from rich.markup import escape
 
+        from fcclass.runs import shown
+
         self._close_bar()
         done = trainer.state.epoch
         if done:
             self.console.print(f"[yellow]{signal_name}: stopped in epoch {epoch}; the last completed epoch ({done}) is saved in "
-                               f"{escape(str(trainer.run_dir / 'last.pt'))}. Continue with: fcclass train --resume "
-                               f"{escape(str(trainer.run_dir))}[/yellow]")
+                               f"{escape(shown(trainer.run_dir / 'last.pt'))}. Continue with: fcclass train --resume "
+                               f"{escape(shown(trainer.run_dir))}[/yellow]")
         else:
             self.console.print(f"[yellow]{signal_name}: stopped in epoch {epoch} before any epoch completed; nothing was "
                                "saved.[/yellow]")

@@ -8,6 +8,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from fcclass.runs import shown
+
 
 def summary_table(summary: Any, title: str = "Model") -> Table:
     table = Table(title=title, title_justify="left")
@@ -35,7 +37,7 @@ def print_training_header(console: Console, trainer: Any) -> None:
         if trainer.replanned:
             resumed += f" [yellow](train.epochs is now {trainer.cfg.train.epochs}: the LR schedule is re-planned)[/yellow]"
     console.print(f"Device: [bold]{trainer.device}[/bold] ({precision_name(trainer.amp_dtype)})   "
-                  f"Run: [bold]{escape(str(trainer.run_dir))}[/bold]{resumed}", highlight=False)
+                  f"Run: [bold]{escape(shown(trainer.run_dir))}[/bold]{resumed}", highlight=False)
     info, weights = trainer.data.info, trainer.class_weights
     table = Table(title=f"Data: {escape(trainer.cfg.data.dataset)}", title_justify="left")
     table.add_column("Label")
@@ -75,8 +77,8 @@ def best_line(result: Any) -> str:
     best = result.best
     val = (f"val accuracy {best['val_accuracy']:.2%}, val loss {best['val_loss']:.4f}" if best.get("val_loss") is not None
            else f"train accuracy {best['train_accuracy']:.2%}, train loss {best['train_loss']:.4f} (no validation split)")
-    return (f"[bold]Best epoch {result.best_epoch}[/bold]: {val}. Run saved in [bold]{escape(str(result.run_dir))}[/bold]\n"
-            f"Next: fcclass eval {escape(str(result.run_dir))}")
+    return (f"[bold]Best epoch {result.best_epoch}[/bold]: {val}. Run saved in [bold]{escape(shown(result.run_dir))}[/bold]\n"
+            f"Next: fcclass eval {escape(shown(result.run_dir))}")
 
 
 def rounded_row(row: dict[str, Any]) -> dict[str, Any]:

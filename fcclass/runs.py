@@ -256,6 +256,15 @@ def run_config(run_dir: str | Path) -> Any:
     return config_from_dict(raw, source=str(path), stored=True)
 
 
+def shown(path: str | Path) -> str:
+    """A path as messages show it: relative to the current folder when it lies inside it (runs/x), else absolute."""
+    path = Path(path)
+    try:
+        return str(path.absolute().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def untrained_message(run_dir: Path) -> str:
     return (f"Run '{run_dir}' has no trained model: it stopped during its first epoch, before any epoch completed, so its "
             f"weights are the random initial ones. Resume it with `fcclass train --resume {run_dir}`, or name another run.")

@@ -16,22 +16,14 @@ import torch
 
 from fcclass.config import DataConfig
 from fcclass.data.images import list_images
+from fcclass.data.splits import Split
 from fcclass.errors import DataError
 from fcclass.registries import DATASETS, TorchvisionSet
 
 SPLIT_FOLDERS = ("train", "val", "test")
 
 
-@dataclass
-class Pool:
-    """Labels plus either the images themselves (uint8 N,C,H,W) or the files to decode (absolute paths)."""
-
-    labels: torch.Tensor
-    images: torch.Tensor | None = None
-    files: list[Path] | None = None
-
-    def __len__(self) -> int:
-        return int(self.labels.numel())
+Pool = Split  # what a split is drawn from: labels plus uint8 images or the files to decode (absolute paths)
 
 
 @dataclass
