@@ -119,13 +119,13 @@ def predict_split(split: str, run: str | Path | None = None, checkpoint: str | P
                   runs_dir: str | Path = "runs", batch_size: int = 256, device: str = "auto", data_root: str | Path | None = None,
                   allow_changed_data: bool = False, model: Inference | None = None) -> list[Prediction]:
     """Predict every image of a split the run recorded (train, val or test), each with its true label. Image-folder
-    predictions are named by file; in-memory datasets' by position, e.g. ``fashion_mnist:test[17]``."""
+    predictions are named by file; torchvision datasets' by their index there, e.g. ``fashion_mnist:train[4127]``."""
     if split not in ("train", "val", "test"):
         raise FcclassError(f"--split must be train, val or test, not '{split}'.")
     inf = model or load_for_inference(run, checkpoint, runs_dir=runs_dir, device=device)
     ds = inf.dataset((split,), data_root, allow_changed_data)
     part, names = ds.splits[split], inf.class_names
-    paths = [str(f) for f in part.files] if part.files is not None else [f"{ds.name}:{split}[{i}]" for i in range(len(part))]
+    paths = [str(f) for f in part.files] if part.files is not None else part.names or [f"{ds.name}:{split}[{i}]" for i in range(len(part))]
     loader = make_loader(part, batch_size, False, inf.config.seed, ds.channels, ds.size, num_workers=inf.config.data.num_workers)
     logits, labels = inf.run_loader(loader)
     preds = [Prediction(path, true_label=names[int(y)]) for path, y in zip(paths, labels.tolist())]

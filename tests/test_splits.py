@@ -131,3 +131,19 @@ def test_train_val_test_folders_are_used_as_given(clothes_folder: Path, tmp_path
     splits = json.loads((run_dir / "splits.json").read_text())["splits"]
     assert {name: sorted({f.split("/")[0] for f in s["files"]}) for name, s in splits.items()} == {
         "train": ["train"], "val": ["val"], "test": ["test"]}
+
+
+@needs_fashion
+def test_predictions_on_a_recorded_torchvision_split_name_each_image_by_its_index(trained_run: Path) -> None:
+    from conftest import DATA_ROOT
+    from fcclass.config import DataConfig
+    from fcclass.data import open_source
+
+    res = runner.invoke(app, ["predict", "--split", "val", "--run", str(trained_run), "--json", "-", "-k", "1"])
+    assert res.exit_code == 0, res.output
+    preds = json.loads(res.stdout)
+    recorded = json.loads((trained_run / "splits.json").read_text())["splits"]["val"]["indices"]
+    assert [p["path"] for p in preds] == [f"fashion_mnist:train[{i}]" for i in recorded]
+    source = open_source(DataConfig(root=str(DATA_ROOT), download=False), pools=("train",))
+    names = source.class_names
+    assert [p["true_label"] for p in preds] == [names[int(source.pools["train"].labels[i])] for i in recorded]

@@ -28,14 +28,16 @@ class Split:
     labels: torch.Tensor
     images: torch.Tensor | None = None
     files: list[Path] | None = None
+    names: list[str] | None = None  # in-memory images: where each comes from, e.g. "fashion_mnist:test[17]"
 
     def __len__(self) -> int:
         return int(self.labels.numel())
 
     def subset(self, idx: torch.Tensor) -> "Split":
-        files = [self.files[i] for i in idx.tolist()] if self.files is not None else None
-        images = self.images[idx] if self.images is not None else None
-        return Split(self.labels[idx], images, files)
+        pick = idx.tolist()
+        files = [self.files[i] for i in pick] if self.files is not None else None
+        names = [self.names[i] for i in pick] if self.names is not None else None
+        return Split(self.labels[idx], self.images[idx] if self.images is not None else None, files, names)
 
 
 def stratified_take(labels: torch.Tensor, n_take: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,4 +242,5 @@ def tensor_split(record: SplitRecord, name: str, pool: Any) -> Split:
     if _labels_digest(labels) != split["labels_digest"]:
         raise DataError(f"The {record.dataset} {split['pool']} set's labels differ from those recorded for this run's {name} split: "
                         "the dataset files changed since training. Point --data-root at the copy the run was trained on.")
-    return Split(labels, pool.images[idx] if pool.images is not None else None)
+    names = [f"{record.dataset}:{split['pool']}[{i}]" for i in idx.tolist()]  # torchvision's own indices
+    return Split(labels, pool.images[idx] if pool.images is not None else None, names=names)
