@@ -29,7 +29,9 @@ def _console(stderr: bool = False) -> Console:
     COLUMNS says otherwise."""
     stream = sys.stderr if stderr else sys.stdout
     width = None if stream.isatty() or os.environ.get("COLUMNS") else 160
-    return Console(stderr=stderr, width=width)
+    # soft_wrap: a message is never broken by inserted newlines (a resume command must stay one line to copy);
+    # tables are still laid out to the width.
+    return Console(stderr=stderr, width=width, soft_wrap=True)
 
 
 err_console = _console(stderr=True)

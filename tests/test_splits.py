@@ -68,7 +68,7 @@ def test_changed_or_vanished_test_files_are_refused_unless_allowed(folder: Path,
     assert "1 file(s) changed" in message and test_files[1] in message and "--allow-changed-data" in message
     code, report = _eval(str(run_dir), "--allow-changed-data")
     assert code == 0 and report["num_samples"] == 17
-    assert any("1 vanished" in note and "1 changed" in note for note in report["notes"])
+    assert any("1 vanished (left out) and 1 changed (used as they are now)" in note for note in report["notes"])
 
 
 @needs_fashion

@@ -161,7 +161,7 @@ def _file_splits(record: SplitRecord, splits: Sequence[str], base: Path, allow_c
                 "the files as they are now (vanished ones skipped).")
         if check.vanished or check.changed:
             notes.append(f"--allow-changed-data: of the {len(rec['files']):,} recorded {name} files, {len(check.vanished)} vanished "
-                         f"and were skipped, {len(check.changed)} changed and were used as they are now.")
+                         f"(left out) and {len(check.changed)} changed (used as they are now).")
         keep = check.present
         parts[name] = Split(torch.tensor([rec["labels"][i] for i in keep], dtype=torch.long),
                             files=[base / rec["files"][i] for i in keep])
