@@ -169,7 +169,7 @@ class Trainer:
     def start(cls, cfg: Config, callbacks: Sequence[Callback] = ()) -> "Trainer":
         """A new run: draw and record the splits, build everything, then create the run directory."""
         cfg = with_absolute_paths(cfg)
-        data = load_dataset(cfg.data, cfg.seed)
+        data = load_dataset(cfg.data, cfg.seed, splits=("train", "val"))  # the test split is recorded, not loaded
         mean, std = normalization(cfg.data, data)
         trainer = cls(cfg, None, data, mean, std, TrainState(), callbacks)
         record = data.record()

@@ -65,3 +65,17 @@ def test_imagefolder_errors(tmp_path: Path) -> None:
     (tmp_path / "only").mkdir()
     res = runner.invoke(app, ["summary", "--set", "data.dataset=imagefolder", "--set", f"data.path={tmp_path}"])
     assert res.exit_code == 1 and "one sub-folder per label" in res.output
+
+
+@needs_fashion
+def test_a_bad_image_in_the_test_split_is_found_before_training(folder: Path, tmp_path: Path) -> None:
+    import shutil
+
+    root = tmp_path / "data"
+    for split in ("train", "test"):
+        shutil.copytree(folder, root / split)
+    (root / "test" / "tshirt" / "broken.png").write_bytes(b"")
+    res = runner.invoke(app, ["train", "-c", str(folder_config(tmp_path, root))])
+    assert res.exit_code == 1
+    assert "1 of 361 image file(s) cannot be read" in " ".join(res.output.split()) and "test/tshirt/broken.png" in res.output
+    assert "epoch 1/" not in res.output and not (tmp_path / "runs").exists()

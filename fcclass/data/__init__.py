@@ -95,9 +95,11 @@ def _materialise(pool: Any, idx: torch.Tensor, channels: int, size: Sequence[int
     return split
 
 
-def _check_readable(splits: dict[str, Split]) -> None:
-    """Every file of every split is opened (headers only, on threads) before training: all bad files at once."""
-    files = [f for split in splits.values() for f in (split.files or [])]
+def _check_readable(source: Source, chosen: dict[str, tuple[str, torch.Tensor]]) -> None:
+    """Every file of every split, the test split included, is opened (headers only, on threads) before training: all
+    bad files at once, and none found only at evaluation."""
+    files = [source.pools[pool].files[i] for pool, idx in chosen.values() if source.pools[pool].files is not None
+             for i in idx.tolist()]
     bad = unreadable(files)
     if bad:
         raise DataError(f"{len(bad)} of {len(files):,} image file(s) cannot be read: {describe_bad_files(bad)}. "
@@ -105,13 +107,14 @@ def _check_readable(splits: dict[str, Split]) -> None:
 
 
 def load_dataset(cfg: DataConfig, seed: int, splits: Sequence[str] = SPLIT_NAMES) -> Dataset:
-    """Draw new train/val/test splits from the data (stratified, seeded) and load the ones asked for."""
+    """Draw new train/val/test splits from the data (stratified, seeded) and load the ones asked for (all three are
+    drawn and recorded either way)."""
     only_test = set(splits) == {"test"} and isinstance(DATASETS[cfg.dataset], TorchvisionSet)
     source = open_source(cfg, pools=("test",) if only_test else ("train", "test"))
     chosen = draw_splits(source.pools, cfg, seed)
+    _check_readable(source, chosen)
     channels, size = _shape(cfg, source)
     parts = {name: _materialise(source.pools[chosen[name][0]], chosen[name][1], channels, size) for name in splits}
-    _check_readable(parts)
     return Dataset(_info(source.class_names, channels, size, parts), parts, size, channels, cfg.dataset,
                    _source=source, _chosen=chosen)
 
