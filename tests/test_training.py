@@ -320,3 +320,16 @@ def test_the_training_loop_computes_nothing_in_float64(tmp_path: Path) -> None:
         row = trainer.train_epoch(1)
         row |= trainer.validate()
     assert row["val_accuracy"] is not None and not watch.seen, watch.seen
+
+
+def test_the_training_loop_imports_no_rendering_and_runs_no_model_builder() -> None:
+    """Progress, tables and curves are callbacks: importing the trainer pulls in neither Rich nor matplotlib, and the
+    run-directory module does not depend on the model builder (nor on torch until a checkpoint is read)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, fcclass.train; bad = [m for m in ('rich', 'matplotlib') if m in sys.modules]; "
+            "import fcclass.runs; print(bad)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
+    code = "import sys, fcclass.runs; print([m for m in ('fcclass.model', 'torch') if m in sys.modules])"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
