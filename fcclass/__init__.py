@@ -20,6 +20,8 @@ _LAZY = {
     "evaluate": ("fcclass.evaluation", "evaluate"),
     "predict": ("fcclass.prediction", "predict"),
     "load_dataset": ("fcclass.data", "load_dataset"),
+    "load_for_inference": ("fcclass.inference", "load_for_inference"),
+    "Callback": ("fcclass.callbacks", "Callback"),
 }
 
 
