@@ -20,6 +20,10 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
+    # Click's plain help: Typer's boxed help shows every flag with a '<bool>' value it does not take, and cuts lines at
+    # 80 columns in a pipe; usage errors then read 'Error: ...' like fcclass's own.
+    rich_markup_mode=None,
+    context_settings={"max_content_width": 120},
 )
 
 
@@ -35,6 +39,20 @@ def _console(stderr: bool = False) -> Console:
 
 
 err_console = _console(stderr=True)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from fcclass import __version__
+
+        print(f"fcclass {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print fcclass's version and exit.")) -> None:
+    """Train, evaluate and serve conv-pool-flatten-dense image classifiers from Keras-style YAML configs."""
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (default: configs/fashion_mnist.yaml).")
 SetOpt = typer.Option(None, "--set", help="Override a config key: dotted.key=value (value parsed as YAML). Repeatable.")
@@ -100,6 +118,8 @@ def train(
     set_: Optional[list[str]] = SetOpt,
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue a run directory from its last completed epoch, with its own config "
                                           "(--set may change only train.epochs, early stopping, device, precision, threads and data locations)."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="With --resume: where the run's data is now, if it moved (the image "
+                                             "folder for imagefolder runs, the dataset root otherwise)."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the fully resolved config (YAML) and exit without training."),
     log_interval: float = typer.Option(10.0, "--log-interval", min=0, help="Written to a file or pipe: a progress line every N seconds during an epoch (0: none)."),
     json_out: Optional[str] = JsonOpt,
@@ -110,8 +130,11 @@ def train(
         raise FcclassError(f"--resume continues '{resume}' with the config it was trained with ({resume / 'config.yaml'}), so -c/--config "
                            f"cannot be combined with it. To train {config}, leave out --resume; to change a setting of the run on "
                            "resume, use --set (see `fcclass train --help`).")
+    if data_root is not None and resume is None:
+        raise FcclassError("--data-root goes with --resume; for a new run set the data's place in the config "
+                           "(--set data.root=DIR, or --set data.path=DIR for imagefolder).")
     if print_config:
-        _print_config(_resolved_config(config, set_, resume), json_out)
+        _print_config(_resolved_config(config, set_, resume, data_root), json_out)
         return
     from fcclass.config import load_config
 
@@ -120,7 +143,8 @@ def train(
 
     console = _human_console(json_out)
     try:
-        result = fit(cfg, resume=resume, overrides=set_ if resume is not None else None, console=console, log_interval=log_interval)
+        result = fit(cfg, resume=resume, overrides=set_ if resume is not None else None, console=console,
+                     log_interval=log_interval, data_root=data_root)
     except RunFinished as e:
         console.print(f"[yellow]{escape(str(e))}[/yellow]", highlight=False)
         _emit_json(json_out, {"run_dir": str(resume), "finished": True, "message": str(e)})
@@ -144,12 +168,12 @@ def train(
         raise typer.Exit(130)
 
 
-def _resolved_config(config: Optional[Path], set_: Optional[list[str]], run: Optional[Path]) -> Any:
+def _resolved_config(config: Optional[Path], set_: Optional[list[str]], run: Optional[Path], data_root: Optional[Path] = None) -> Any:
     """The config a command would use: a run's (with resume's --set), or -c/--set (default: the shipped default)."""
     if run is not None:
         from fcclass.train import resume_config
 
-        return resume_config(run, set_ or [])
+        return resume_config(run, set_ or [], data_root)
     from fcclass.config import load_config
 
     return load_config(config, set_)
@@ -269,6 +293,8 @@ def predict(
 ) -> None:
     """Predict the label of images with the preprocessing used in training. Exit status 1 if any image failed."""
     _check_json_target(json_out)
+    if top_k < 1:
+        raise FcclassError("--top-k must be at least 1.")
     if bool(images) == (split is not None):
         raise FcclassError("Give image files, folders or patterns to predict, or --split train|val|test for a split the run "
                            "recorded (not both).")
@@ -291,6 +317,10 @@ def predict(
     if csv_out is not None:
         _write_file(csv_out, predictions_csv(preds, shown), "CSV")
     _emit_json(json_out, [p.to_dict() for p in preds])
+    if split is not None and json_out != "-":
+        wrong = sum(p.label != p.true_label for p in preds)
+        console.print(f"{split} split: {len(preds):,} images, {wrong:,} predicted wrong (top-1 accuracy "
+                      f"{1 - wrong / max(len(preds), 1):.2%}; `fcclass eval --split {split}` gives every figure).", highlight=False)
     failed = [p for p in preds if p.error is not None]
     if failed:
         err_console.print(f"[red]{len(failed)} of {len(preds)} input(s) could not be predicted.[/red]")
@@ -314,7 +344,7 @@ def summary(
 
     if cfg.model.input_shape is not None:
         input_shape = list(cfg.model.input_shape)
-        num_classes = _num_classes_without_data(cfg) or describe(cfg.data)[1]
+        num_classes = _num_classes_without_data(cfg) or _num_classes_from_data(cfg)
     else:
         shape, num_classes = describe(cfg.data)
         input_shape = list(shape)
@@ -413,6 +443,18 @@ def bench(
     _emit_json(json_out, {"mode": mode, "machine": {"processor": platform.processor() or platform.machine(),
                                                      "cpu_threads": torch.get_num_threads(), "torch": torch.__version__},
                           "results": results})
+
+
+def _num_classes_from_data(cfg: Any) -> int:
+    from fcclass.data import describe
+    from fcclass.errors import DataError
+
+    try:
+        return describe(cfg.data)[1]
+    except DataError as e:
+        raise FcclassError(f"The summary needs the number of labels, which the last Dense layer does not give (no units), so "
+                           f"it looked at the data: {e} Give the last Dense layer its units (e.g. --set model.layers.-1.units=10), "
+                           "or make the dataset reachable.") from None
 
 
 def _num_classes_without_data(cfg: Any) -> int | None:

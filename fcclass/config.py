@@ -316,6 +316,8 @@ def resolve_config_path(path: str | Path | None) -> Path:
         raise ConfigError(f"'{path}' is a folder; pass a YAML config file with -c/--config, or a shipped config by name: {names}.")
     if path.is_file():
         return path
+    if not path.suffix and path.with_suffix(".yaml").is_file():  # -c fashion_mnist finds the copy `fcclass init` wrote
+        return path.with_suffix(".yaml")
     name = path.name.removesuffix(".yaml")
     if path.parent in (Path("."), Path("configs")) and name in shipped:
         return shipped[name]

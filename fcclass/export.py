@@ -82,7 +82,7 @@ def describe(inf: Inference, fmt: str, filename: str) -> dict[str, Any]:
     return {
         "format": fmt,
         "file": filename,
-        "checkpoint": str(inf.path),
+        "checkpoint": str(inf.path.absolute()),
         "class_names": inf.class_names,
         "input": {
             "name": "image",

@@ -67,8 +67,11 @@ class Inference:
         return torch.softmax(self.logits(images), dim=1)
 
     def run_loader(self, loader: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits and labels for every batch of ``loader``, in order."""
-        return run_model(self.model, loader, self.preprocess, self.device, self.amp_dtype)
+        """Logits and labels for every batch of ``loader`` (a recorded split's), in order."""
+        try:
+            return run_model(self.model, loader, self.preprocess, self.device, self.amp_dtype)
+        except DataError as e:  # a file of the split that cannot be decoded now
+            raise DataError(f"{e} To go on without them, remove them and pass --allow-changed-data.") from None
 
     def dataset(self, splits: Sequence[str], data_root: str | Path | None = None, allow_changed: bool = False) -> Dataset:
         """The run's recorded splits, read from the data as it is now (``data_root``: where the data is now)."""

@@ -43,15 +43,19 @@ def print_training_header(console: Console, trainer: Any) -> None:
     table.add_column("Label")
     table.add_column("Train", justify="right")
     table.add_column("Val", justify="right")
+    test = bool(info.test_counts)
+    if test:
+        table.add_column("Test (held out)", justify="right")
     if weights is not None:
         table.add_column("Class weight", justify="right")
     for i, name in enumerate(info.class_names):
-        row = [escape(name), f"{info.train_counts[i]:,}", f"{info.val_counts[i]:,}"]
+        row = [escape(name), f"{info.train_counts[i]:,}", f"{info.val_counts[i]:,}", *([f"{info.test_counts[i]:,}"] if test else [])]
         if weights is not None:
             row.append(f"{float(weights[i]):.3f}")
         table.add_row(*row)
     table.add_section()
-    table.add_row("[bold]Total[/bold]", f"{sum(info.train_counts):,}", f"{sum(info.val_counts):,}", *([""] if weights is not None else []))
+    table.add_row("[bold]Total[/bold]", f"{sum(info.train_counts):,}", f"{sum(info.val_counts):,}",
+                  *([f"{sum(info.test_counts):,}"] if test else []), *([""] if weights is not None else []))
     console.print(table)
     if trainer.val_loader is None:
         t = trainer.cfg.train

@@ -32,14 +32,30 @@ def resumable_checkpoint(run_dir: Path) -> Checkpoint:
     return ckpt
 
 
-def config_for_resume(run_dir: Path, ckpt: Checkpoint, overrides: Sequence[str]) -> Config:
+def config_for_resume(run_dir: Path, ckpt: Checkpoint, overrides: Sequence[str], data_root: str | Path | None = None) -> Config:
+    """The run's config with the allowed ``--set`` changes and, if the data moved, its new place (``data_root``: the
+    image folder, or the torchvision root). Folders are made absolute, as for a new run."""
     for item in overrides:
         key = item.partition("=")[0].strip()
         if key not in RESUMABLE_KEYS:
             raise ConfigError(f"--set {key} cannot change when resuming a run: only {', '.join(RESUMABLE_KEYS)} can "
                               f"(the rest would change the data, the model or the optimisation already done). "
                               f"To train with other settings, start a new run: fcclass train -c {run_dir / 'config.yaml'} --set {item}")
-    return config_from_dict(ckpt.config, source=f"the config of {run_dir}", stored=True, overrides=list(overrides))
+    cfg = config_from_dict(ckpt.config, source=f"the config of {run_dir}", stored=True, overrides=list(overrides))
+    if data_root is not None:
+        key = "path" if cfg.data.dataset == "imagefolder" else "root"
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={key: str(data_root)})})
+    return with_absolute_paths(cfg)
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """The config with its folders made absolute, so the run can be evaluated and resumed from anywhere."""
+    def absolute(p: str | None) -> str | None:
+        return None if p is None else str(Path(p).expanduser().absolute())
+
+    data = cfg.data.model_copy(update={"root": absolute(cfg.data.root), "path": absolute(cfg.data.path)})
+    train = cfg.train.model_copy(update={"runs_dir": absolute(cfg.train.runs_dir)})
+    return cfg.model_copy(update={"data": data, "train": train})
 
 
 def check_more_to_train(run_dir: Path, cfg: Config, state: Any) -> None:

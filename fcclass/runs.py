@@ -94,6 +94,26 @@ def create_run_dir(runs_dir: str | Path, name: str) -> Path:
     raise RunWriteError(f"Cannot create a run directory under '{base}': too many runs named '{name}' this second.")
 
 
+def lock_run(run_dir: Path) -> Any:
+    """Hold the run directory for this process (an advisory lock on RUN_DIR/.lock, released when the returned file is
+    closed or the process ends, kill -9 included): two processes training one run would overwrite each other."""
+    import fcntl
+
+    path = Path(run_dir) / ".lock"
+    try:
+        path.touch(exist_ok=True)
+        f = open(path)  # read-only: a lock held open for writing would keep the file system from going read-only
+    except OSError as e:
+        raise RunWriteError(f"Cannot write to '{run_dir}': {os_error_reason(e)}.") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise CheckpointError(f"Run '{run_dir}' is being trained by another process right now. Wait for it to finish (or "
+                              "stop it with Ctrl-C), then resume.") from None
+    return f
+
+
 # ----------------------------------------------------------------------------- the checkpoint
 @dataclass
 class Checkpoint:

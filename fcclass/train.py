@@ -20,15 +20,17 @@ from torch import nn
 
 from fcclass.callbacks import BatchEnd, Callback, ConsoleProgress, Curves
 from fcclass.config import Config, load_config
-from fcclass.data import (BatchPreprocess, Dataset, SplitRecord, class_weights, data_root, dataset_from_record, epoch_seed,
+from fcclass.data import (BatchPreprocess, Dataset, SplitRecord, class_weights, dataset_from_record, epoch_seed,
                           load_dataset, make_loader, normalization)
+from fcclass.data import data_root as data_location
 from fcclass.device import autocast, precision_name, select_device, select_precision
 from fcclass.errors import CheckpointError, FcclassError
 from fcclass.inference import run_model
 from fcclass.model import Network, build_model
 from fcclass.registries import OPTIMIZERS
-from fcclass.resume import RESUMABLE_KEYS, RunFinished, check_more_to_train, config_for_resume, resumable_checkpoint
-from fcclass.runs import BEST, LAST, Checkpoint, RunWriteError, atomic_write_text, create_run_dir, os_error_reason
+from fcclass.resume import (RESUMABLE_KEYS, RunFinished, check_more_to_train, config_for_resume, resumable_checkpoint,
+                            with_absolute_paths)
+from fcclass.runs import BEST, LAST, Checkpoint, RunWriteError, atomic_write_text, create_run_dir, lock_run, os_error_reason
 from fcclass.schedule import LRSchedule
 
 __all__ = ["RESUMABLE_KEYS", "RunFinished", "TrainResult", "TrainState", "Trainer", "TrainingDiverged", "fit", "resume_config"]
@@ -163,6 +165,7 @@ class Trainer:
         self.loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.train.label_smoothing)
         self.sync_every = 1 if self.device.type == "cpu" else 25  # reading the loss waits for the GPU
         self._stop: dict[str, Any] = {"signal": None}
+        self.lock: Any = None  # held while this process trains the run (runs.lock_run)
 
     # ------------------------------------------------------------------------- building
     @classmethod
@@ -174,6 +177,7 @@ class Trainer:
         trainer = cls(cfg, None, data, mean, std, TrainState(), callbacks)
         record = data.record()
         run_dir = trainer.run_dir = create_run_dir(cfg.train.runs_dir, cfg.name)
+        trainer.lock = lock_run(run_dir)
         try:
             for name, text in (("config.yaml", cfg.to_yaml()), ("classes.json", json.dumps(data.info.class_names, indent=2) + "\n"),
                                ("splits.json", record.to_json())):
@@ -186,12 +190,15 @@ class Trainer:
         return trainer
 
     @classmethod
-    def resume(cls, run_dir: str | Path, overrides: Sequence[str] = (), callbacks: Sequence[Callback] = ()) -> "Trainer":
+    def resume(cls, run_dir: str | Path, overrides: Sequence[str] = (), callbacks: Sequence[Callback] = (),
+               data_root: str | Path | None = None) -> "Trainer":
         """Continue a run from its last completed epoch, with the config it was trained with (and the ``--set``
-        changes RESUMABLE_KEYS allows); the recorded splits, so the data is the same."""
+        changes RESUMABLE_KEYS allows); the recorded splits, so the data is the same (``data_root``: where it is now,
+        if it moved)."""
         run_dir = Path(run_dir)
         ckpt = resumable_checkpoint(run_dir)
-        cfg = config_for_resume(run_dir, ckpt, overrides)
+        cfg = config_for_resume(run_dir, ckpt, overrides, data_root)
+        lock = lock_run(run_dir)
         state = TrainState.from_dict(ckpt.train_state or {})
         es = cfg.train.early_stopping
         state.stopped_early = es.patience is not None and state.es_wait >= es.patience
@@ -199,12 +206,16 @@ class Trainer:
         record = SplitRecord.read(run_dir)
         if record is None:
             raise CheckpointError(f"Cannot resume '{run_dir}': its splits.json is missing, so the data it trained on is unknown.")
-        data = dataset_from_record(cfg.data, record, ("train", "val"), root=data_root(cfg.data))
+        data = dataset_from_record(cfg.data, record, ("train", "val"), root=data_location(cfg.data))
         trainer = cls(cfg, run_dir, data, list(ckpt.mean), list(ckpt.std), state, callbacks, resumed=True)
+        trainer.lock = lock
         trainer.restore(ckpt)
         try:
             if cfg.to_dict() != ckpt.config:
                 atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+            if data_location(cfg.data) != record.root:  # the data moved: eval and later resumes find it there
+                record.root = data_location(cfg.data)
+                record.write(run_dir)
             if state.best is not None and state.best_epoch == state.epoch:  # best.pt may have failed to save last time
                 trainer.checkpoint(state.best, training=False).save(run_dir / BEST)
         except OSError as e:
@@ -266,9 +277,11 @@ class Trainer:
                     if self.state.stopped_early:
                         break
         except BaseException:
+            self._release()
             if self.state.epoch == 0 and not self.resumed:
                 shutil.rmtree(self.run_dir, ignore_errors=True)  # nothing was learned: leave no half-made run behind
             raise
+        self._release()
         if result.interrupted and self.state.epoch == 0 and not self.resumed:
             shutil.rmtree(self.run_dir, ignore_errors=True)
             result.removed = True
@@ -387,37 +400,36 @@ class Trainer:
         return TrainingDiverged(f"The training loss became {value} in epoch {epoch}, batch {batch} (learning rate {self.schedule.lr:.3g}). "
                                 f"Lower optimizer.lr, set train.grad_clip (e.g. 1.0), or check the data normalisation.{kept}")
 
+    def _release(self) -> None:
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
+
     def _emit(self, hook: str, *args: Any) -> None:
         for callback in self.callbacks:
             getattr(callback, hook)(self, *args)
 
 
-def with_absolute_paths(cfg: Config) -> Config:
-    """The config with its folders made absolute, so the run can be evaluated from anywhere."""
-    def absolute(p: str | None) -> str | None:
-        return None if p is None else str(Path(p).expanduser().absolute())
-
-    data = cfg.data.model_copy(update={"root": absolute(cfg.data.root), "path": absolute(cfg.data.path)})
-    train = cfg.train.model_copy(update={"runs_dir": absolute(cfg.train.runs_dir)})
-    return cfg.model_copy(update={"data": data, "train": train})
-
-
 def fit(cfg: Config | None = None, *, resume: str | Path | None = None, overrides: Sequence[str] | None = None,
-        console: Any = None, callbacks: Sequence[Callback] = (), log_interval: float = 10.0) -> TrainResult:
+        console: Any = None, callbacks: Sequence[Callback] = (), log_interval: float = 10.0,
+        data_root: str | Path | None = None) -> TrainResult:
     """Train ``cfg`` (or resume the run directory ``resume``) and return the run's result.
 
     ``console`` (a Rich Console) receives the header, progress and per-epoch lines; None trains silently.
     ``callbacks`` observe the loop (see fcclass.callbacks). ``overrides``: ``--set`` items (for resume: RESUMABLE_KEYS).
+    ``data_root``: on resume, where the run's data is now (the image folder, or the torchvision root), if it moved.
     """
     observers: list[Callback] = [ConsoleProgress(console, log_interval)] if console is not None else []
     observers += [Curves(), *callbacks]
     if resume is not None:
-        trainer = Trainer.resume(resume, overrides or (), observers)
+        trainer = Trainer.resume(resume, overrides or (), observers, data_root)
+    elif data_root is not None:
+        raise FcclassError("--data-root goes with --resume; for a new run set data.root or data.path (--set data.path=DIR).")
     else:
         trainer = Trainer.start(cfg if cfg is not None else load_config(overrides=list(overrides or [])), observers)
     return trainer.fit()
 
 
-def resume_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> Config:
-    """The config ``fcclass train --resume RUN_DIR --set ...`` would continue with."""
-    return config_for_resume(Path(run_dir), resumable_checkpoint(Path(run_dir)), overrides)
+def resume_config(run_dir: str | Path, overrides: Sequence[str] = (), data_root: str | Path | None = None) -> Config:
+    """The config ``fcclass train --resume RUN_DIR --set ... [--data-root DIR]`` would continue with."""
+    return config_for_resume(Path(run_dir), resumable_checkpoint(Path(run_dir)), overrides, data_root)

@@ -75,7 +75,10 @@ def test_a_bad_image_in_the_test_split_is_found_before_training(folder: Path, tm
     for split in ("train", "test"):
         shutil.copytree(folder, root / split)
     (root / "test" / "tshirt" / "broken.png").write_bytes(b"")
+    good = next((root / "test" / "trouser").iterdir())
+    (root / "test" / "trouser" / "truncated.png").write_bytes(good.read_bytes()[:200])  # a valid header: decoded to find
     res = runner.invoke(app, ["train", "-c", str(folder_config(tmp_path, root))])
     assert res.exit_code == 1
-    assert "1 of 361 image file(s) cannot be read" in " ".join(res.output.split()) and "test/tshirt/broken.png" in res.output
+    text = " ".join(res.output.split())
+    assert "2 of 362 image file(s) cannot be read" in text and "test/tshirt/broken.png" in text and "test/trouser/truncated.png" in text
     assert "epoch 1/" not in res.output and not (tmp_path / "runs").exists()

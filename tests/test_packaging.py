@@ -103,3 +103,22 @@ def test_the_built_wheel_installed_in_a_fresh_environment_works_from_any_folder(
     assert fcclass("init").returncode == 0 and (work / "fashion_mnist.yaml").is_file()
     res = fcclass("bench", "--images", "64", "--model", "default", "--no-keras", "--data-root", str(DATA_ROOT), "--json", "-")
     assert res.returncode == 0, res.stderr
+
+
+def test_a_bare_config_name_prefers_the_local_copy_init_wrote(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert runner.invoke(app, ["init"]).exit_code == 0
+    local = tmp_path / "fashion_mnist.yaml"
+    local.write_text(local.read_text().replace("epochs: 10", "epochs: 1"))
+    res = runner.invoke(app, ["config", "-c", "fashion_mnist"])
+    assert res.exit_code == 0 and yaml.safe_load(res.stdout)["train"]["epochs"] == 1
+    assert yaml.safe_load(runner.invoke(app, ["config", "-c", "mlp"]).stdout)["name"] == "fashion-mlp"  # no local copy: shipped
+
+
+def test_version_and_plain_help() -> None:
+    from fcclass import __version__
+
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.stdout.strip() == f"fcclass {__version__}"
+    res = runner.invoke(app, ["train", "--help"])
+    assert "--print-config " in res.stdout and "<bool>" not in res.stdout  # flags take no value

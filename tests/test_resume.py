@@ -237,3 +237,40 @@ def test_a_failed_best_checkpoint_write_is_repaired_on_resume(tmp_path: Path, mo
     result = fit(resume=run_dir)
     assert Checkpoint.load(run_dir / "best.pt").epoch == result.best_epoch
     assert len(metrics(run_dir)) == 3
+
+
+@needs_fashion
+def test_resume_after_the_data_moved_keeps_working_from_anywhere(clothes_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copytree(clothes_folder, work / "imgs")
+    monkeypatch.chdir(work)
+    result = fit(load_config(folder_config(work, "imgs", epochs=1, runs="runs")))
+    run_dir = work / "runs" / result.run_dir.name
+    shutil.move("imgs", "imgs_moved")
+    res = runner.invoke(app, ["train", "--resume", str(run_dir), "--set", "train.epochs=2", "--data-root", "imgs_moved"])
+    assert res.exit_code == 0, res.output
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["path"] == str(work / "imgs_moved")  # absolute
+    monkeypatch.chdir(tmp_path)  # elsewhere: the run knows where its data is now, for resume and for eval
+    res = runner.invoke(app, ["train", "--resume", str(run_dir), "--set", "train.epochs=3"])
+    assert res.exit_code == 0, res.output
+    assert runner.invoke(app, ["eval", str(run_dir), "--no-save"]).exit_code == 0
+    res = runner.invoke(app, ["train", "--data-root", "x"])
+    assert res.exit_code == 1 and "--data-root goes with --resume" in res.output
+
+
+@needs_fashion
+def test_a_run_being_trained_cannot_be_resumed_by_a_second_process(tmp_path: Path) -> None:
+    from fcclass.errors import CheckpointError
+    from fcclass.runs import lock_run
+
+    run_dir = fit(small_config(tmp_path, **{"data.limit_train": 500, "train.epochs": 1})).run_dir
+    held = lock_run(run_dir)  # what the first process holds while it trains (released if it is killed)
+    try:
+        with pytest.raises(CheckpointError, match="is being trained by another process right now"):
+            fit(resume=run_dir, overrides=["train.epochs=2"])
+    finally:
+        held.close()
+    assert len(fit(resume=run_dir, overrides=["train.epochs=2"]).history) == 2

@@ -39,6 +39,7 @@ class DataInfo:
     input_shape: tuple[int, int, int]  # C, H, W after resize and channel conversion
     train_counts: list[int] = field(default_factory=list)
     val_counts: list[int] = field(default_factory=list)
+    test_counts: list[int] = field(default_factory=list)  # the recorded test split (not loaded for training)
 
     @property
     def num_classes(self) -> int:
@@ -96,13 +97,18 @@ def _materialise(pool: Any, idx: torch.Tensor, channels: int, size: Sequence[int
 
 
 def _check_readable(source: Source, chosen: dict[str, tuple[str, torch.Tensor]]) -> None:
-    """Every file of every split, the test split included, is opened (headers only, on threads) before training: all
-    bad files at once, and none found only at evaluation."""
-    files = [source.pools[pool].files[i] for pool, idx in chosen.values() if source.pools[pool].files is not None
-             for i in idx.tolist()]
-    bad = unreadable(files)
+    """Before training, every file of every split is opened (headers, on threads) and the test split, which training
+    never reads, is decoded in full: all bad files at once, and none left to be found only at evaluation."""
+    def files(*names: str) -> list[Path]:
+        return [source.pools[pool].files[i] for pool, idx in (chosen[n] for n in names if n in chosen)
+                if source.pools[pool].files is not None for i in idx.tolist()]
+
+    every = files("train", "val", "test")
+    bad = unreadable(every)
+    broken = {path for path, _ in bad}
+    bad += unreadable([f for f in files("test") if f not in broken], full_decode=True)
     if bad:
-        raise DataError(f"{len(bad)} of {len(files):,} image file(s) cannot be read: {describe_bad_files(bad)}. "
+        raise DataError(f"{len(bad)} of {len(every):,} image file(s) cannot be read: {describe_bad_files(bad)}. "
                         "Remove or replace them and run again.")
 
 
@@ -115,8 +121,10 @@ def load_dataset(cfg: DataConfig, seed: int, splits: Sequence[str] = SPLIT_NAMES
     _check_readable(source, chosen)
     channels, size = _shape(cfg, source)
     parts = {name: _materialise(source.pools[chosen[name][0]], chosen[name][1], channels, size) for name in splits}
-    return Dataset(_info(source.class_names, channels, size, parts), parts, size, channels, cfg.dataset,
-                   _source=source, _chosen=chosen)
+    info = _info(source.class_names, channels, size, parts)
+    test_pool, test_idx = chosen["test"]
+    info.test_counts = class_counts(source.pools[test_pool].labels[test_idx], len(source.class_names))
+    return Dataset(info, parts, size, channels, cfg.dataset, list(source.notes), _source=source, _chosen=chosen)
 
 
 def _info(class_names: list[str], channels: int, size: Sequence[int], parts: dict[str, Split]) -> DataInfo:
@@ -143,8 +151,9 @@ def dataset_from_record(cfg: DataConfig, record: SplitRecord, splits: Sequence[s
         notes: list[str] = []
     else:
         parts, notes = _file_splits(record, splits, base, allow_changed)
-    return Dataset(_info(record.class_names, record.channels, size, parts), parts, size, record.channels, record.dataset,
-                   notes, _record=record)
+    info = _info(record.class_names, record.channels, size, parts)
+    info.test_counts = record.label_counts("test") or []
+    return Dataset(info, parts, size, record.channels, record.dataset, notes, _record=record)
 
 
 def _file_splits(record: SplitRecord, splits: Sequence[str], base: Path, allow_changed: bool) -> tuple[dict[str, Split], list[str]]:

@@ -33,6 +33,7 @@ class Source:
     class_names: list[str]
     pools: dict[str, Pool] = field(default_factory=dict)
     shape: tuple[int, int, int] | None = None  # C, H, W of torchvision sets
+    notes: list[str] = field(default_factory=list)  # what the user should know (e.g. a dataset was unpacked)
 
 
 def data_root(cfg: DataConfig) -> Path:
@@ -53,10 +54,12 @@ def _torchvision_source(spec: TorchvisionSet, cfg: DataConfig, pools: Sequence[s
     import torchvision
 
     root = data_root(cfg)
-    if spec.debian_dir:
-        unpack_debian_copy(spec, root)
+    unpacked = unpack_debian_copy(spec, root) if spec.debian_dir else 0
     cls = getattr(torchvision.datasets, spec.class_name)
     source = Source("tensors", root, [], shape=spec.shape)
+    if unpacked:
+        source.notes.append(f"Unpacked Debian's {cfg.dataset} files ({spec.debian_dir}) into {root / spec.class_name / 'raw'} "
+                            f"({unpacked / 1e6:.0f} MB), where torchvision reads them; runs with the same data.root reuse them.")
     for name in ("train", "test"):
         if name not in pools:
             continue
@@ -110,11 +113,13 @@ class _quiet:
         self._ctx.close()
 
 
-def unpack_debian_copy(spec: TorchvisionSet, root: Path) -> None:
-    """Decompress the Debian package's raw files into root/<Class>/raw/, where torchvision reads them."""
+def unpack_debian_copy(spec: TorchvisionSet, root: Path) -> int:
+    """Decompress the Debian package's raw files into root/<Class>/raw/, where torchvision reads them; returns the
+    bytes written (0 when they were there already)."""
     src = Path(spec.debian_dir or "")
     raw = Path(root) / spec.class_name / "raw"
     gz_files = sorted(src.glob("*-ubyte.gz")) if spec.debian_dir and src.is_dir() else []
+    written = 0
     for gz in gz_files:
         target = raw / gz.name[: -len(".gz")]
         if target.exists():
@@ -125,8 +130,10 @@ def unpack_debian_copy(spec: TorchvisionSet, root: Path) -> None:
             with gzip.open(gz, "rb") as fin, open(tmp, "wb") as fout:
                 shutil.copyfileobj(fin, fout, 1 << 20)
             os.replace(tmp, target)
+            written += target.stat().st_size
         except OSError as e:
             raise DataError(f"Cannot unpack {gz} into {raw}: {e}. Make data.root writable or point it elsewhere.") from None
+    return written
 
 
 # ----------------------------------------------------------------------------- image folders
@@ -154,24 +161,28 @@ def imagefolder_layout(root: Path) -> dict[str, Path]:
     others = [name for name in found if name not in SPLIT_FOLDERS]
     layout = LAYOUTS.format(root=root)
     if others:
-        raise DataError(f"'{root}' mixes split folders ({', '.join(split_dirs)}/) with other folders ({', '.join(others[:5])}/). {layout}")
+        raise DataError(f"'{root}' mixes split folders ({_dirs(split_dirs)}) with other folders ({_dirs(others[:5])}). {layout}")
     if "train" not in split_dirs or "test" not in split_dirs:
         missing = "test" if "train" in split_dirs else "train"
-        raise DataError(f"'{root}' has {', '.join(d + '/' for d in split_dirs)} but no {missing}/ folder. {layout}")
+        raise DataError(f"'{root}' has {_dirs(split_dirs)} but no {missing}/ folder. {layout}")
     return {name: root / name for name in split_dirs}
 
 
-def _class_names(train_dir: Path) -> list[str]:
+def _dirs(names: list[str]) -> str:
+    return ", ".join(f"{n}/" for n in names)
+
+
+def _class_names(train_dir: Path, root: Path) -> list[str]:
     classes = _subfolders(train_dir)
     if len(classes) < 2:
         raise DataError(f"'{train_dir}' must hold one sub-folder per label (at least 2); found {len(classes)}: {classes}. "
-                        + LAYOUTS.format(root=train_dir))
+                        + LAYOUTS.format(root=root))
     return classes
 
 
 def imagefolder_source(root: Path) -> Source:
     layout = imagefolder_layout(root)
-    classes = _class_names(layout["train"])
+    classes = _class_names(layout["train"], root)
     source = Source("files", root, classes)
     for split, folder in layout.items():
         here = _subfolders(folder)

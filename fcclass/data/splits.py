@@ -146,7 +146,8 @@ class SplitRecord:
             pool = source.pools[pool_name]
             labels = pool.labels[idx]
             if pool.files is None:
-                record.splits[name] = {"pool": pool_name, "indices": idx.tolist(), "labels_digest": _labels_digest(labels)}
+                record.splits[name] = {"pool": pool_name, "indices": idx.tolist(), "labels_digest": _labels_digest(labels),
+                                       "counts": class_counts(labels, len(source.class_names))}
                 continue
             files = [pool.files[i] for i in idx.tolist()]
             facts = _file_facts(files)
@@ -159,9 +160,12 @@ class SplitRecord:
     def kind(self) -> str:
         return "files" if any("files" in s for s in self.splits.values()) else "tensors"
 
-    def counts(self, name: str) -> int:
-        split = self.splits[name]
-        return len(split["files"] if "files" in split else split["indices"])
+    def label_counts(self, name: str) -> list[int] | None:
+        """Images per label in a split, without reading the data."""
+        split = self.splits.get(name, {})
+        if "labels" in split:
+            return class_counts(torch.tensor(split["labels"], dtype=torch.long), len(self.class_names))
+        return split.get("counts")
 
     def to_json(self) -> str:
         return json.dumps({"format": RECORD_FORMAT, "dataset": self.dataset, "root": str(self.root),
