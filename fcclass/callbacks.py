@@ -63,15 +63,16 @@ class ConsoleProgress(Callback):
 
             self.bar = Progress(
                 TextColumn(f"epoch {epoch}/{trainer.cfg.train.epochs}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.2%}"),
-                TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=True,
+                TextColumn("{task.fields[running]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                console=self.console, transient=True,
             )
             self.bar.__enter__()
-            self.task = self.bar.add_task("train", total=len(trainer.train_loader), loss=float("nan"), acc=0.0)
+            self.task = self.bar.add_task("train", total=len(trainer.train_loader), running="")
 
     def on_batch_end(self, trainer: "Trainer", info: BatchEnd) -> None:
         if self.bar is not None:
-            self.bar.update(self.task, completed=info.batch, loss=info.loss, acc=info.accuracy)
+            running = f"loss {info.loss:.4f}  acc {info.accuracy:.2%}" if info.loss == info.loss else ""  # NaN until synced
+            self.bar.update(self.task, completed=info.batch, running=running)
         elif self.log_interval > 0 and time.monotonic() - self.last_line >= self.log_interval and info.batch < info.batches:
             self.last_line = time.monotonic()
             self.console.print(f"epoch {info.epoch}/{trainer.cfg.train.epochs}  batch {info.batch}/{info.batches}  "

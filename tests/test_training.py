@@ -333,3 +333,15 @@ def test_the_training_loop_imports_no_rendering_and_runs_no_model_builder() -> N
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
     code = "import sys, fcclass.runs; print([m for m in ('fcclass.model', 'torch') if m in sys.modules])"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
+
+
+@needs_fashion
+def test_a_terminal_gets_a_live_progress_bar(tmp_path: Path) -> None:
+    import io
+
+    from rich.console import Console
+
+    out = io.StringIO()
+    fit(small_config(tmp_path, **{"data.limit_train": 300, "train.epochs": 1}), console=Console(file=out, force_terminal=True, width=120))
+    text = out.getvalue()
+    assert "epoch 1/1" in text and "loss " in text and "nan" not in text
