@@ -4,9 +4,10 @@ label names, config and the run's recorded data. Evaluation, prediction and expo
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
@@ -18,13 +19,28 @@ from fcclass.model import Network, build_model
 from fcclass.runs import Checkpoint, resolve_checkpoint, untrained_message
 
 
+@contextmanager
+def _exact_fp32(device: torch.device, amp_dtype: torch.dtype | None) -> Iterator[None]:
+    """fp32 on an NVIDIA GPU means fp32: PyTorch lets cuDNN convolutions use TF32 by default, which moves
+    probabilities in the fourth decimal against the CPU and the exported model."""
+    if device.type != "cuda" or amp_dtype is not None:
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def run_model(model: Network, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], prep: BatchPreprocess,
               device: torch.device, amp_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (float32, CPU) and labels for every batch of ``loader``, in order, in eval mode."""
     was_training = model.training
     model.eval()
     outs, labels = [], []
-    with torch.inference_mode():
+    with torch.inference_mode(), _exact_fp32(device, amp_dtype):
         for x, y in loader:
             with autocast(device, amp_dtype):
                 logits = model(prep(x.to(device, non_blocking=True)))
