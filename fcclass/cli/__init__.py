@@ -1,0 +1,129 @@
+"""The `fcclass` command line: parse, call the library, render with Rich. No torch import at module level.
+
+The commands live in three modules (runs: train, config, init; models: eval, predict, summary, plot, export;
+bench), which register themselves on ``app`` when imported at the end of this one."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from fcclass.errors import FcclassError
+
+app = typer.Typer(
+    help="Train, evaluate and serve conv-pool-flatten-dense image classifiers from Keras-style YAML configs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    # Click's plain help: Typer's boxed help shows every flag with a '<bool>' value it does not take, and cuts lines at
+    # 80 columns in a pipe; usage errors then read 'Error: ...' like fcclass's own.
+    rich_markup_mode=None,
+    context_settings={"max_content_width": 120},
+)
+
+
+def _console(stderr: bool = False) -> Console:
+    """A Rich console. Writing to a file or pipe there is no terminal width to follow, and Rich would wrap at 80
+    columns (epoch lines broken in two, labels cut short in tables): lay such output out 160 wide instead, unless
+    COLUMNS says otherwise."""
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() or os.environ.get("COLUMNS") else 160
+    # soft_wrap: a message is never broken by inserted newlines (a resume command must stay one line to copy);
+    # tables are still laid out to the width.
+    return Console(stderr=stderr, width=width, soft_wrap=True)
+
+
+err_console = _console(stderr=True)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from fcclass import __version__
+
+        print(f"fcclass {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print fcclass's version and exit.")) -> None:
+    """Train, evaluate and serve conv-pool-flatten-dense image classifiers from Keras-style YAML configs."""
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file, or a shipped config by name (fashion_mnist, mlp, cifar10, imagefolder, pytorch_examples_mnist; default: fashion_mnist).")
+SetOpt = typer.Option(None, "--set", help="Override a config key: dotted.key=value (value parsed as YAML). Repeatable.")
+JsonOpt = typer.Option(None, "--json", help="Write the result as JSON to FILE, or '-' for stdout (then nothing else goes to stdout).")
+RunsDirOpt = typer.Option(Path("runs"), "--runs-dir", help="Where runs are looked up.")
+DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N | mps")
+DataRootOpt = typer.Option(None, "--data-root", help="Where the run's data is now, if it moved: the dataset root (data.root) for "
+                           "torchvision sets, the image folder (data.path) for imagefolder runs.")
+AllowChangedOpt = typer.Option(False, "--allow-changed-data", help="Use the run's recorded files as they are now even if some "
+                               "changed or vanished since training (vanished ones are skipped), instead of refusing.")
+
+
+def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except FcclassError as e:
+            err_console.print(f"[bold red]Error:[/bold red] [red]{escape(str(e))}[/red]", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]Interrupted.[/yellow]")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _human_console(json_target: str | None) -> Console:
+    """Human output goes to stdout unless JSON does."""
+    return err_console if json_target == "-" else _console()
+
+
+def _check_json_target(target: str | None) -> None:
+    """Fail before the work, not after it, when --json FILE cannot be written."""
+    if target not in (None, "-"):
+        parent = Path(target).parent
+        if not parent.is_dir() or Path(target).is_dir():
+            raise FcclassError(f"Cannot write JSON to '{target}': {'it is a folder' if Path(target).is_dir() else f'the folder {parent} does not exist'}.")
+
+
+def _emit_json(target: str | None, data: Any) -> None:
+    if target is None:
+        return
+    text = json.dumps(data, indent=2) + "\n"
+    if target == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        _write_file(Path(target), text, "JSON")
+
+
+def _write_file(path: Path, text: str, what: str) -> None:
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise FcclassError(f"Cannot write {what} to '{path}': {e.strerror}. Check that the folder exists and is writable.") from None
+
+
+def _print_notes(console: Console, notes: list[str]) -> None:
+    for note in notes:
+        console.print(f"[yellow]{escape(note)}[/yellow]" if not note.startswith("Run: ") else escape(note), highlight=False)
+
+
+# Registers the commands, in the order --help lists them (they import app and the helpers above, so they come last).
+from fcclass.cli import run_commands  # noqa: E402,F401  isort: skip
+from fcclass.cli import model_commands  # noqa: E402,F401  isort: skip
+from fcclass.cli import bench_command  # noqa: E402,F401  isort: skip
+
+
+def main() -> None:  # pragma: no cover
+    app()

@@ -1,0 +1,5 @@
+"""python -m fcclass.cli"""
+
+from fcclass.cli import main
+
+main()

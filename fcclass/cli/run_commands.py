@@ -1,0 +1,137 @@
+"""`fcclass train`, `fcclass config` and `fcclass init`: runs and their configs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.markup import escape
+
+from fcclass.cli import (ConfigOpt, JsonOpt, SetOpt, _check_json_target, _console, _emit_json, _handle_errors, _human_console,
+                         _write_file, app, err_console)
+from fcclass.errors import FcclassError
+
+
+@app.command()
+@_handle_errors
+def train(
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue a run directory from its last completed epoch, with its own config "
+                                          "(--set may change only train.epochs, early stopping, device, precision, threads and data locations)."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="With --resume: where the run's data is now, if it moved (the image "
+                                             "folder for imagefolder runs, the dataset root otherwise)."),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the fully resolved config (YAML) and exit without training."),
+    log_interval: float = typer.Option(10.0, "--log-interval", min=0, help="Written to a file or pipe: a progress line every N seconds during an epoch (0: none)."),
+    json_out: Optional[str] = JsonOpt,
+) -> None:
+    """Train a model from a YAML config (default: the Fashion-MNIST CNN) into runs/<name>-<timestamp>/."""
+    _check_json_target(json_out)
+    if resume is not None and config is not None:
+        raise FcclassError(f"--resume continues '{resume}' with the config it was trained with ({resume / 'config.yaml'}), so -c/--config "
+                           f"cannot be combined with it. To train {config}, leave out --resume; to change a setting of the run on "
+                           "resume, use --set (see `fcclass train --help`).")
+    if data_root is not None and resume is None:
+        raise FcclassError("--data-root goes with --resume; for a new run set the data's place in the config "
+                           "(--set data.root=DIR, or --set data.path=DIR for imagefolder).")
+    if print_config:
+        _print_config(_resolved_config(config, set_, resume, data_root), json_out)
+        return
+    from fcclass.config import load_config
+
+    cfg = None if resume is not None else load_config(config, set_)
+    from fcclass.train import RunFinished, fit
+
+    console = _human_console(json_out)
+    try:
+        result = fit(cfg, resume=resume, overrides=set_ if resume is not None else None, console=console,
+                     log_interval=log_interval, data_root=data_root)
+    except RunFinished as e:
+        console.print(f"[yellow]{escape(str(e))}[/yellow]", highlight=False)
+        _emit_json(json_out, {"run_dir": str(resume), "finished": True, "message": str(e)})
+        return
+    for warning in result.warnings:
+        err_console.print(f"[yellow]Warning: {escape(warning)}[/yellow]", highlight=False)
+    if result.removed:
+        raise typer.Exit(130)
+    best = result.best or {}
+    if best:
+        from fcclass.report import best_line
+
+        console.print(best_line(result), highlight=False)
+    from fcclass.report import rounded_row
+
+    _emit_json(json_out, {"run_dir": str(result.run_dir), "epochs": len(result.history), "best_epoch": result.best_epoch,
+                          "best": rounded_row(best) if best else {}, "stopped_early": result.stopped_early,
+                          "interrupted": result.interrupted is not None, "device": result.device, "precision": result.precision,
+                          "history": [rounded_row(r) for r in result.history]})
+    if result.interrupted:
+        raise typer.Exit(130)
+
+
+def _resolved_config(config: Optional[Path], set_: Optional[list[str]], run: Optional[Path], data_root: Optional[Path] = None) -> Any:
+    """The config a command would use: a run's (with resume's --set), or -c/--set (default: the shipped default)."""
+    if run is not None:
+        from fcclass.train import resume_config
+
+        return resume_config(run, set_ or [], data_root)
+    from fcclass.config import load_config
+
+    return load_config(config, set_)
+
+
+def _print_config(cfg: Any, json_out: Optional[str]) -> None:
+    if json_out is not None:
+        _emit_json(json_out, cfg.to_dict())
+    if json_out != "-":
+        sys.stdout.write(cfg.to_yaml())
+
+
+@app.command("config")
+@_handle_errors
+def config_(
+    run_dir: Optional[Path] = typer.Argument(None, help="A run directory: print the config it was trained with."),
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    json_out: Optional[str] = JsonOpt,
+) -> None:
+    """Print a fully resolved config (every key, defaults filled in): of -c/--set, or of a run directory."""
+    _check_json_target(json_out)
+    if run_dir is not None and config is not None:
+        raise FcclassError("Give either a run directory or -c/--config, not both.")
+    if run_dir is not None and set_:
+        raise FcclassError("--set does not apply to a run's config; to see what a resume would use: fcclass train --resume RUN --set ... --print-config.")
+    if run_dir is not None:
+        from fcclass.runs import run_config
+
+        _print_config(run_config(run_dir), json_out)
+    else:
+        _print_config(_resolved_config(config, set_, None), json_out)
+
+
+@app.command()
+@_handle_errors
+def init(
+    directory: Path = typer.Argument(Path("."), help="Folder to write the config into (created if needed)."),
+    template: str = typer.Option("fashion_mnist", "--template", "-t", help="Which shipped config to start from (see the list in the error for an unknown name)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+) -> None:
+    """Write an editable starter config (a commented copy of a shipped config) and say how to train it."""
+    from fcclass.config import shipped_configs
+
+    configs = shipped_configs()
+    if template not in configs:
+        raise FcclassError(f"Unknown --template '{template}': the shipped configs are {', '.join(sorted(configs))}.")
+    target = directory / f"{template}.yaml"
+    if target.exists() and not force:
+        raise FcclassError(f"'{target}' already exists; pass --force to overwrite it, or choose another folder.")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FcclassError(f"Cannot create '{directory}': {e.strerror}.") from None
+    _write_file(target, configs[template].read_text(encoding="utf-8"), "the config")
+    console = _console()
+    console.print(f"Wrote [bold]{escape(str(target))}[/bold]. Edit it, then:", highlight=False)
+    console.print(f"  fcclass summary -c {escape(str(target))}\n  fcclass train -c {escape(str(target))}", highlight=False)
