@@ -137,10 +137,6 @@ class Checkpoint:
     def resumable(self) -> bool:
         return self.format == CHECKPOINT_FORMAT and self.optimizer_state is not None and self.train_state is not None
 
-    def inference_part(self) -> "Checkpoint":
-        keep = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _TRAINING_FIELDS}
-        return Checkpoint(**keep)
-
     def save(self, path: Path) -> None:
         import io
 
@@ -166,7 +162,6 @@ class Checkpoint:
 
 
 _INFERENCE_FIELDS = ("model_state", "config", "class_names", "input_shape", "mean", "std", "epoch")
-_TRAINING_FIELDS = ("optimizer_state", "schedule_state", "scaler_state", "train_state")
 
 
 def _safe_torch_load(path: Path) -> Any:
