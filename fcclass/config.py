@@ -29,7 +29,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from fcclass.config_errors import format_validation_error
+from fcclass.config_errors import clip, format_validation_error, short
+from fcclass.config_yaml import parse_yaml
 from fcclass.errors import ConfigError
 from fcclass.layers import (  # noqa: F401  (re-exported: fcclass.config.Dense etc. are the layer config classes)
     LAYER_CLASSES,
@@ -256,7 +257,7 @@ def _class_weight(value: Any) -> str | dict[str, float] | None:
     for label, weight in value.items():
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < math.inf:
             raise PydanticCustomError("class_weight", "the weight of label {label} must be a number greater than 0 (got {weight})",
-                                      {"label": repr(str(label)), "weight": repr(weight)})
+                                      {"label": short(str(label)), "weight": short(weight)})
         weights[str(label)] = float(weight)
     return weights
 
@@ -282,8 +283,15 @@ class TrainConfig(Strict):
 
 
 class Config(Strict):
-    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")] = "run"
+    name: Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.-]+$")] = "run"  # names run folders
     seed: int = 0
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_range(cls, v: int) -> int:
+        if not 0 <= v < 2**63:  # what torch's and the splits' generators take
+            raise ValueError(f"must be a whole number from 0 to {2**63 - 1:,}, e.g. 42")
+        return v
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
@@ -343,26 +351,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config_from_dict(raw, source=str(path), overrides=overrides)
 
 
-def parse_yaml(text: str, source: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.constructor.ConstructorError as e:
-        where = _mark(e)
-        raise ConfigError(
-            f"{source}{where}: {e.problem or e}. Configs are read with YAML safe loading, so tags such as "
-            "'!!python/object' are refused and never executed; write plain values instead."
-        ) from None
-    except yaml.YAMLError as e:
-        where = _mark(e)
-        problem = getattr(e, "problem", None) or str(e)
-        raise ConfigError(f"YAML syntax error in {source}{where}: {problem}. Fix the YAML at that position.") from None
-
-
-def _mark(e: yaml.YAMLError) -> str:
-    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-    return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-
-
 def config_from_dict(
     raw: dict[str, Any], source: str = "config", *, stored: bool = False, overrides: list[str] | None = None
 ) -> Config:
@@ -378,7 +366,7 @@ def config_from_dict(
         for section in (OptimizerConfig, SchedulerConfig):
             if isinstance(raw.get(section.section), dict):
                 raw[section.section] = section.drop_keys_not_read(raw[section.section])
-    set_at = {apply_override(raw, item): item for item in overrides or []}  # a key set twice: the last --set counts
+    set_at = {apply_override(raw, item): clip(item) for item in overrides or []}  # a key set twice: the last --set counts
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
@@ -392,8 +380,10 @@ def apply_override(raw: dict[str, Any], item: str) -> tuple[str | int, ...]:
     key, sep, value_text = item.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise ConfigError(f"--set '{item}' must look like dotted.key=value, e.g. --set train.epochs=3.")
-    value = parse_yaml(value_text, f"--set {item}")
+        raise ConfigError(f"--set '{clip(item)}' must look like dotted.key=value, e.g. --set train.epochs=3.")
+    value = parse_yaml(value_text, f"--set {clip(item)}")
+    if len(key) > 200:
+        raise ConfigError(f"--set key '{clip(key)}' is {len(key):,} characters long; config keys are short dotted names like train.epochs.")
     parts = key.split(".")
     node: Any = raw
     loc: list[str | int] = []

@@ -12,6 +12,20 @@ from pydantic import BaseModel, ValidationError
 from fcclass.layers import LAYER_CLASSES
 
 SetAt = dict[tuple[str | int, ...], str]  # where a --set override wrote (list indexes as ints) -> the item
+MAX_SHOWN = 25  # problems listed; the rest are counted
+
+
+def clip(text: str, limit: int = 120) -> str:
+    """Text from the user (a --set item, a key) as a message quotes it: cut to ``limit`` characters."""
+    return text if len(text) <= limit else f"{text[: limit - 15]}... ({len(text):,} chars)"
+
+
+def short(value: Any, limit: int = 80) -> str:
+    """A value as an error message quotes it: its repr, cut to ``limit`` characters. A config can hold anything,
+    a megabyte-long string or a list of a million items among them; a message must stay a line."""
+    if isinstance(value, (list, tuple, dict)) and len(value) > limit:  # never build the repr of a huge container
+        return f"<a {type(value).__name__} of {len(value):,} items>"
+    return clip(repr(value), limit)
 
 
 def format_validation_error(exc: ValidationError, source: str, root: type[BaseModel], set_at: SetAt | None = None) -> str:
@@ -28,7 +42,8 @@ def format_validation_error(exc: ValidationError, source: str, root: type[BaseMo
     lines = list(dict.fromkeys(lines))
     n = len(lines)
     where = f"{source} with --set overrides" if any(" (from --set " in line for line in lines) else source
-    text = f"{where} has {n} error{'s' if n != 1 else ''}:\n" + "\n".join(f"  - {line}" for line in lines)
+    more = [f"and {n - MAX_SHOWN:,} more"] if n > MAX_SHOWN else []
+    text = f"{where} has {n:,} error{'s' if n != 1 else ''}:\n" + "\n".join(f"  - {line}" for line in lines[:MAX_SHOWN] + more)
     for item in sorted(switched):  # the file's keys belong to the old name: replace the section, not just the name
         section, value = item.split(".", 1)[0], item.partition("=")[2]
         text += (f"\nTo switch {section} from the command line, replace the whole section: "
@@ -51,15 +66,15 @@ def _problem(err: Any, loc: tuple[Any, ...], root: type[BaseModel]) -> str:
         return f"{path}: unknown key. {_did_you_mean(loc, root)}"
     if kind == "union_tag_invalid":
         tag = err.get("ctx", {}).get("tag", "?")
-        return f"{path}.type: unknown layer type '{tag}'. Valid layer types: {', '.join(LAYER_CLASSES)}."
+        return f"{path}.type: unknown layer type {short(tag)}. Valid layer types: {', '.join(LAYER_CLASSES)}."
     if kind == "union_tag_not_found":
         return f"{path}: a layer needs 'type', one of: {', '.join(LAYER_CLASSES)}."
     if kind == "missing":
         return f"{path}: required key is missing."
     got = err.get("input")
     if kind in ("literal_error", "enum"):
-        return f"{path}: got {got!r}; valid values are {err['msg'].removeprefix('Input should be ')}."
-    shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+        return f"{path}: got {short(got)}; valid values are {err['msg'].removeprefix('Input should be ')}."
+    shown = "" if isinstance(got, dict) or got is None else f" (got {short(got)})"
     return f"{path}: {err['msg'].removeprefix('Value error, ')}{shown}."
 
 
@@ -75,6 +90,7 @@ def _key_path(loc: tuple[Any, ...]) -> tuple[Any, ...]:
 def _dotted(loc: tuple[Any, ...]) -> str:
     out = ""
     for part in _key_path(loc):
+        part = part if isinstance(part, int) or len(str(part)) <= 40 else f"{str(part)[:30]}..."  # a key can be any string
         out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
     return out or "config"
 
@@ -84,7 +100,7 @@ def _did_you_mean(loc: tuple[Any, ...], root: type[BaseModel]) -> str:
     if model is None:
         return "Remove it."
     valid = list(model.model_fields)
-    bad = str(loc[-1])
+    bad = str(loc[-1])[:100]
     close = difflib.get_close_matches(bad, valid, n=1, cutoff=0.6)
     hint = f"Did you mean '{close[0]}'? " if close else ""
     return f"{hint}Valid keys here: {', '.join(valid)}."

@@ -12,7 +12,8 @@ from pydantic_core import PydanticCustomError
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, defer_build=True)
+    # allow_inf_nan=False: .inf or .nan in any float field (lr, weight_decay...) is an error, not a run that diverges
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, defer_build=True, allow_inf_nan=False)
 
 
 def _one_or_two(value: Any, handler: Callable[[Any], list[int]]) -> list[int]:

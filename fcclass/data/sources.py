@@ -197,7 +197,22 @@ def imagefolder_source(root: Path) -> Source:
     return source
 
 
+def _check_distinct(folder: Path, classes: list[str]) -> None:
+    """Two label folders that are one folder (a symlink to another label's folder, or into it) would give the same
+    images two labels: refused, naming the link."""
+    real = {name: (folder / name).resolve() for name in classes}
+    for a in classes:
+        for b in classes:
+            if a != b and (real[a] == real[b] or real[b] in real[a].parents):
+                link = a if (folder / a).is_symlink() else b
+                same = "the same folder" if real[a] == real[b] else f"inside '{folder / b}'"
+                raise DataError(f"Label folders '{folder / a}' and '{folder / b}' hold the same images: '{folder / a}' is {same} "
+                                f"(through the symlink '{folder / link}' -> {real[link]}), so its images would get two labels. "
+                                "Remove the symlink, or copy the images that really belong to both labels.")
+
+
 def _scan(folder: Path, classes: list[str]) -> Pool:
+    _check_distinct(folder, classes)
     files: list[Path] = []
     labels: list[int] = []
     empty = []
