@@ -143,7 +143,7 @@ def evaluate(run: str | Path | None = None, checkpoint: str | Path | None = None
 
 def _save_artifacts(report: EvalReport, part: Any, ds: Any, out_dir: Path, save: bool, misclassified: int) -> None:
     from fcclass.plots import plot_confusion, plot_image_grid
-    from fcclass.runs import write_json
+    from fcclass.files import write_json
 
     suffix = "" if report.split == "test" else f"-{report.split}"
     targets = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from torch import nn
 from fcclass.data import LUMA
 from fcclass.errors import FcclassError
 from fcclass.inference import Inference, load_for_inference
-from fcclass.runs import atomic_write_text
+from fcclass.files import check_output, is_stream, write_output
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
 
@@ -35,30 +36,32 @@ class Deployable(nn.Module):
 
 
 def export_model(run: str | Path | None = None, checkpoint: str | Path | None = None, *, fmt: str = "onnx",
-                 out: str | Path | None = None, runs_dir: str | Path = "runs") -> tuple[Path, Path, str | None]:
-    """Write the model (default ``RUN_DIR/model.onnx``) and ``<file>.json`` describing its input and output.
-    Returns both paths and, when the newest run was picked, which one."""
+                 out: str | Path | None = None, runs_dir: str | Path = "runs") -> tuple[Path, Path | None, str | None]:
+    """Write the model (default ``RUN_DIR/model.onnx``) and ``<file>.json`` describing its input and output (not when
+    the model goes to a stream such as a pipe or /dev/null). Returns both paths and, when the newest run was picked,
+    which one."""
     if fmt not in FORMATS:
         raise FcclassError(f"--format must be one of {', '.join(FORMATS)}, not '{fmt}'.")
     inf = load_for_inference(run, checkpoint, runs_dir=runs_dir, device="cpu")
     shape = list(inf.image_shape)
     model = Deployable(inf.model.float(), list(inf.checkpoint.mean), list(inf.checkpoint.std)).eval()
     target = Path(out) if out is not None else inf.path.parent / FORMATS[fmt]
-    target.parent.mkdir(parents=True, exist_ok=True)
+    sidecar = None if is_stream(target) else target.with_name(target.name + ".json")  # no /dev/null.json
+    check_output(target, "the model")
+    if sidecar is not None:
+        check_output(sidecar, "the model's description")
     example = torch.rand(2, *shape)
-    tmp = target.with_name(f".{target.name}.tmp")
-    try:
+    with tempfile.TemporaryDirectory(prefix="fcclass-export-") as tmp:  # the exporters write files; -o may not be one
+        scratch = Path(tmp) / FORMATS[fmt]
         if fmt == "onnx":
-            _export_onnx(model, example, tmp)
+            _export_onnx(model, example, scratch)
         else:
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")
-                torch.jit.save(torch.jit.trace(model, example), str(tmp))
-        tmp.replace(target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    sidecar = target.with_name(target.name + ".json")
-    atomic_write_text(sidecar, json.dumps(describe(inf, fmt, target.name), indent=2) + "\n")
+                torch.jit.save(torch.jit.trace(model, example), str(scratch))
+        write_output(target, scratch.read_bytes(), "the model")
+    if sidecar is not None:
+        write_output(sidecar, json.dumps(describe(inf, fmt, target.name), indent=2) + "\n", "the model's description")
     return target, sidecar, inf.note
 
 

@@ -137,11 +137,17 @@ def load_for_inference(run: str | Path | None = None, checkpoint: str | Path | N
 
 
 def rebuild(ckpt: Checkpoint, path: Path) -> tuple[Config, Network]:
-    """The checkpoint's config and model, with its weights loaded (on the CPU)."""
+    """The checkpoint's config and model, with its weights loaded (on the CPU). The model is built on the meta
+    device and takes the checkpoint's tensors as they are: nothing is allocated for weights that a damaged or
+    tampered config could make any size."""
     try:
         cfg = config_from_dict(ckpt.config, source=f"config in {path}", stored=True)
-        model = build_model(cfg.model, ckpt.input_shape, len(ckpt.class_names))
-        model.load_state_dict(ckpt.model_state)
+        model = build_model(cfg.model, ckpt.input_shape, len(ckpt.class_names), device="meta")
+        model.load_state_dict(ckpt.model_state, assign=True)
+        if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+            raise ValueError("some of the model's tensors are not in the checkpoint")
+        if model.channels_last:
+            model.to(memory_format=torch.channels_last)
     except FcclassError as e:
         raise CheckpointError(f"Checkpoint '{path}' cannot be rebuilt: {e}") from None
     except (RuntimeError, KeyError, TypeError, ValueError) as e:

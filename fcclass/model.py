@@ -118,12 +118,20 @@ class Dropout(nn.Dropout):
         return x * keep.to(x.dtype).mul_(32768 / (32768 - threshold))
 
 
-def build_model(model_cfg: ModelConfig, input_shape: Shape | list[int], num_classes: int) -> Network:
+def build_model(model_cfg: ModelConfig, input_shape: Shape | list[int], num_classes: int, device: str | None = None) -> Network:
     """Build the network for inputs of ``input_shape`` (C, H, W or features) and ``num_classes`` outputs.
 
     Each layer builds itself (fcclass.layers); this loop names the blocks, freezes them and counts their parameters.
-    Raises ModelError naming the layer when the shapes don't fit.
+    Raises ModelError naming the layer when the shapes don't fit. ``device="meta"`` builds it without allocating
+    any weights: shapes and parameter counts only (summaries, and memory plans before the real build).
     """
+    if device is None:
+        return _build(model_cfg, input_shape, num_classes)
+    with torch.device(device):
+        return _build(model_cfg, input_shape, num_classes)
+
+
+def _build(model_cfg: ModelConfig, input_shape: Shape | list[int], num_classes: int) -> Network:
     layers = model_cfg.layers
     shape, flatten_input = _network_input(layers, input_shape)
     dense = [i for i, layer in enumerate(layers) if isinstance(layer, L.Dense)]
@@ -148,7 +156,10 @@ def build_model(model_cfg: ModelConfig, input_shape: Shape | list[int], num_clas
             regularized=regularized,
             frozen_norms=frozen_norms,
         )
-        parts, shape = layer.build(shape, ctx)
+        try:
+            parts, shape = layer.build(shape, ctx)
+        except (RuntimeError, OverflowError, TypeError, ValueError) as e:  # sizes past what a tensor can index
+            raise ModelError(f"{ctx.where} is too large to build ({str(e).splitlines()[0][:120]}); make it smaller.") from None
         block = parts[0] if len(parts) == 1 else nn.Sequential(*parts)
         if not layer.trainable:
             for p in block.parameters():

@@ -13,10 +13,17 @@ def read_metrics(run_dir: Path) -> list[dict[str, float]]:
     path = Path(run_dir) / "metrics.csv"
     if not path.is_file():
         raise CheckpointError(f"'{run_dir}' has no metrics.csv; give a run directory made by `fcclass train` that finished an epoch.")
-    with path.open(newline="") as f:
-        rows = [{k: float(v) for k, v in row.items() if v not in (None, "")} for row in csv.DictReader(f)]
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = [{k: float(v) for k, v in row.items() if v not in (None, "")} for row in csv.DictReader(f)]
+    except (ValueError, TypeError, csv.Error, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is damaged ({str(e)[:100]}); fcclass writes it at the end of every epoch, so resuming "
+                              "the run (`fcclass train --resume RUN`) or training again rewrites it.") from None
     if not rows:
         raise CheckpointError(f"{path} has no epochs yet; train at least one epoch first.")
+    missing = [k for k in ("epoch", "train_loss", "train_accuracy", "lr") if any(k not in r for r in rows)]
+    if missing:
+        raise CheckpointError(f"{path} is damaged: it lacks {', '.join(missing)}. Resuming the run or training again rewrites it.")
     return rows
 
 
@@ -36,18 +43,18 @@ def _save(fig: Any, target: Path, dpi: int = 100) -> Path:
     """Write the figure atomically, in the format the file name asks for."""
     import io
 
-    from fcclass.runs import atomic_write_bytes
+    from fcclass.files import check_output, write_output
 
     fmt = target.suffix.lower().lstrip(".") or "png"
-    if target.is_dir() or not target.parent.is_dir() or fmt not in IMAGE_FORMATS:
+    try:
+        if fmt not in IMAGE_FORMATS:
+            raise CheckpointError(f"Cannot write the figure to '{target}': use one of .{', .'.join(IMAGE_FORMATS)}.")
+        check_output(target, "the figure")
+        buf = io.BytesIO()
+        fig.savefig(buf, format=fmt, dpi=dpi)
+    finally:
         _pyplot().close(fig)
-        why = ("it is a folder" if target.is_dir() else f"the folder {target.parent} does not exist" if not target.parent.is_dir()
-               else f"use one of .{', .'.join(IMAGE_FORMATS)}")
-        raise CheckpointError(f"Cannot write the figure to '{target}': {why}.")
-    buf = io.BytesIO()
-    fig.savefig(buf, format=fmt, dpi=dpi)
-    _pyplot().close(fig)
-    atomic_write_bytes(target, buf.getvalue())
+    write_output(target, buf.getvalue(), "the figure")
     return target
 
 

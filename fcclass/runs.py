@@ -1,4 +1,4 @@
-"""Run directories and the one checkpoint schema: atomic writes, safe (weights-only) loading, finding runs.
+"""Run directories and the one checkpoint schema: safe (weights-only) loading, finding runs.
 
 A run directory is self-contained: config.yaml (resolved), classes.json, splits.json (the recorded splits),
 metrics.csv, best.pt (the best epoch so far) and last.pt (the last completed epoch, with everything resume needs;
@@ -6,78 +6,27 @@ epoch 0 until the first epoch completes). A run is *trained* once an epoch has c
 
 from __future__ import annotations
 
-import errno
-import json
-import os
 import pickle
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from fcclass.errors import CheckpointError, FcclassError
+from fcclass.errors import CheckpointError
+from fcclass.files import RunWriteError, atomic_write_bytes, os_error_reason
 
 CHECKPOINT_FORMAT = 2  # 1: fcclass 0.1 (kept loadable for evaluation; not resumable)
 BEST, LAST = "best.pt", "last.pt"
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-class RunWriteError(FcclassError):
-    """A file of a run (or another output) could not be written: full disk, read-only folder, no permission."""
-
-
-def os_error_reason(e: OSError) -> str:
-    reasons = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded",
-               errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
-    return reasons.get(e.errno or 0, e.strerror or str(e))
-
-
-# ----------------------------------------------------------------------------- atomic writes
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same folder, fsync, rename: a crash (or a full disk) leaves the old file or the
-    new one, never a mix. Raises OSError; the temp file is removed."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the user's usual permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def create_run_dir(runs_dir: str | Path, name: str) -> Path:
     """A fresh ``runs/<name>-<YYYYmmdd-HHMMSS>`` directory (suffixed if that second is taken)."""
     base = Path(runs_dir)
+    blocker = next((p for p in (base, *base.absolute().parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise RunWriteError(f"Cannot create a run directory in train.runs_dir '{base}': '{blocker}' is a file, not a folder. "
+                            "Set train.runs_dir to a folder (e.g. --set train.runs_dir=runs).")
     try:
         base.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -21,16 +21,18 @@ from torch import nn
 from fcclass.callbacks import BatchEnd, Callback, ConsoleProgress, Curves
 from fcclass.config import Config, load_config
 from fcclass.data import (BatchPreprocess, Dataset, SplitRecord, class_weights, dataset_from_record, epoch_seed,
-                          load_dataset, make_loader, normalization)
+                          describe, load_dataset, make_loader, normalization)
 from fcclass.data import data_root as data_location
 from fcclass.device import autocast, precision_name, select_device, select_precision
 from fcclass.errors import CheckpointError, FcclassError
+from fcclass.files import RunWriteError, atomic_write_text, os_error_reason
 from fcclass.inference import run_model
+from fcclass.memory import check_training
 from fcclass.model import Network, build_model
-from fcclass.registries import OPTIMIZERS
+from fcclass.registries import DATASETS, OPTIMIZERS, TorchvisionSet
 from fcclass.resume import (RESUMABLE_KEYS, RunFinished, check_more_to_train, config_for_resume, resumable_checkpoint,
                             with_absolute_paths)
-from fcclass.runs import BEST, LAST, Checkpoint, RunWriteError, atomic_write_text, create_run_dir, lock_run, os_error_reason
+from fcclass.runs import BEST, LAST, Checkpoint, create_run_dir, lock_run
 from fcclass.schedule import LRSchedule
 
 __all__ = ["RESUMABLE_KEYS", "RunFinished", "TrainResult", "TrainState", "Trainer", "TrainingDiverged", "fit", "resume_config"]
@@ -90,6 +92,17 @@ def model_input_shape(cfg: Config, ds: Dataset) -> list[int]:
     )
 
 
+def _check_fits_early(cfg: Config) -> None:
+    """For the in-memory datasets, whose shape is known without reading them: refuse a model that cannot be trained
+    here before spending minutes loading the data (Trainer checks again, for every dataset, before building)."""
+    if not isinstance(DATASETS[cfg.data.dataset], TorchvisionSet):
+        return
+    shape, num_classes = describe(cfg.data)
+    if cfg.model.input_shape in (None, list(shape)):
+        plan = build_model(cfg.model, list(shape), num_classes, device="meta")
+        check_training(plan, min(cfg.data.batch_size, cfg.data.limit_train or cfg.data.batch_size), select_device(cfg.train.device))
+
+
 @contextmanager
 def stop_on_signals() -> Iterator[dict[str, Any]]:
     """SIGINT/SIGTERM set a flag: the loop stops at the next batch with the last completed epoch saved."""
@@ -145,6 +158,8 @@ class Trainer:
         self.amp_dtype = select_precision(cfg.train.precision, self.device)
         torch.manual_seed(cfg.seed)  # the initial weights
         self.input_shape = model_input_shape(cfg, data)
+        plan = build_model(cfg.model, self.input_shape, data.info.num_classes, device="meta")
+        check_training(plan, min(cfg.data.batch_size, len(data.train)), self.device)  # before a single weight is allocated
         self.model: Network = build_model(cfg.model, self.input_shape, data.info.num_classes).to(self.device)
         self.class_weights = class_weights(cfg.train.class_weight, data.info)
         d = cfg.data
@@ -172,6 +187,7 @@ class Trainer:
     def start(cls, cfg: Config, callbacks: Sequence[Callback] = ()) -> "Trainer":
         """A new run: draw and record the splits, build everything, then create the run directory."""
         cfg = with_absolute_paths(cfg)
+        _check_fits_early(cfg)
         data = load_dataset(cfg.data, cfg.seed, splits=("train", "val"))  # the test split is recorded, not loaded
         mean, std = normalization(cfg.data, data)
         trainer = cls(cfg, None, data, mean, std, TrainState(), callbacks)
@@ -395,10 +411,27 @@ class Trainer:
                 f"writable), then continue with: fcclass train --resume {self.run_dir}") from None
 
     def _diverged(self, epoch: int, batch: int, value: float) -> TrainingDiverged:
-        kept = (f" The best checkpoint so far (epoch {self.state.best_epoch}) is kept in {self.run_dir}." if self.state.epoch
-                else " No epoch had completed, so the run directory was removed.")
-        return TrainingDiverged(f"The training loss became {value} in epoch {epoch}, batch {batch} (learning rate {self.schedule.lr:.3g}). "
-                                f"Lower optimizer.lr, set train.grad_clip (e.g. 1.0), or check the data normalisation.{kept}")
+        if self.state.epoch:
+            kept = f" The best checkpoint so far (epoch {self.state.best_epoch}) is kept in {self.run_dir}."
+        else:
+            kept = (" No epoch had completed, so the run directory was removed." if not self.resumed
+                    else f" Nothing of the run in {self.run_dir} was changed.")
+        return TrainingDiverged(f"The training loss became {value} in epoch {epoch}, batch {batch}. {self._divergence_cause()}{kept}")
+
+    def _divergence_cause(self) -> str:
+        """What most likely made the loss non-finite, judged from the weights and the settings, with the fix."""
+        opt, train = self.cfg.optimizer, self.cfg.train
+        if all(bool(torch.isfinite(p).all()) for p in self.params):
+            return ("The weights are still finite, so the forward pass overflowed: check the data normalisation "
+                    "(data.normalize), train.class_weight and the layer sizes.")
+        suspects = [f"optimizer.lr is {opt.lr:.3g} (learning rate now {self.schedule.lr:.3g})"]
+        if opt.weight_decay > 0.1:
+            suspects.insert(0, f"optimizer.weight_decay is {opt.weight_decay:.3g} (usually 1e-4 to 1e-2)")
+        if opt.name in ("sgd", "rmsprop") and opt.momentum >= 1:
+            suspects.insert(0, f"optimizer.momentum is {opt.momentum:.3g} (it must stay below 1, usually 0.9)")
+        fix = "lower it" if len(suspects) == 1 else "lower them"
+        clip = "" if train.grad_clip else ", or set train.grad_clip (e.g. 1.0)"
+        return f"The weights became non-finite, so the optimizer's updates blew up: {'; '.join(suspects)}. {fix.capitalize()}{clip}."
 
     def _release(self) -> None:
         if self.lock is not None:

@@ -140,7 +140,7 @@ def test_summary_of_a_shipped_config_works_from_any_folder(tmp_path: Path) -> No
         (["eval", "--checkpoint", "README.md"], "is not a checkpoint"),
         (["train", "-c", "configs"], "is a folder"),
         (["summary", "--set", "model.input_shape=[3, 32]"], "must be [channels, height, width] or [features]"),
-        (["eval", "--json", "/nonexistent-dir/x.json"], "the folder /nonexistent-dir does not exist"),
+        (["eval", "--json", "/etc/hostname/x.json"], "'/etc/hostname' is a file, not a folder"),
     ],
 )
 def test_user_mistakes_exit_1_with_a_message_and_no_traceback(args: list[str], message: str) -> None:

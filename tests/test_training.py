@@ -131,10 +131,12 @@ def test_grad_clip_limits_the_update(tmp_path: Path) -> None:
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_best(tmp_path: Path) -> None:
     cfg = small_config(tmp_path, **{"train.epochs": 4, "data.limit_train": 600, "optimizer.name": "sgd", "optimizer.lr": 0.01,
                                     "scheduler": {"name": "exponential", "gamma": 1.0e7}})
-    with pytest.raises(TrainingDiverged, match=r"epoch 2, batch \d+ \(learning rate .*\)\. Lower optimizer.lr"):
+    with pytest.raises(TrainingDiverged, match=r"epoch 2, batch \d+\. The weights became non-finite.* optimizer.lr is 0.01 "
+                       r"\(learning rate now .*\)\. Lower it, or set train.grad_clip") as caught:
         fit(cfg)
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert Checkpoint.load(run_dir / "best.pt").epoch == 1
+    assert f"is kept in {run_dir}." in str(caught.value)  # the message points only to what exists
 
 
 # ----------------------------------------------------------------------------- early stopping, best checkpoint

@@ -17,6 +17,20 @@ from rich.console import Console
 from rich.markup import escape
 
 from fcclass.errors import FcclassError
+from fcclass.files import check_output, write_output
+
+def _plug_closed_streams() -> bool:
+    """Started with stdout or stderr closed (``fcclass ... >&-``), Python has None for them, and the next file
+    opened would take descriptor 1 or 2, where anything printed at the C level would land. Open /dev/null there
+    instead. Returns whether stdout was closed: commands then refuse to run, since their results would be lost."""
+    closed = sys.stdout is None
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))
+    return closed
+
+
+_STDOUT_CLOSED = _plug_closed_streams()
 
 app = typer.Typer(
     help="Train, evaluate and serve conv-pool-flatten-dense image classifiers from Keras-style YAML configs.",
@@ -72,6 +86,9 @@ def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
+            if _STDOUT_CLOSED:
+                raise FcclassError("Standard output is closed (as with `>&-`), and fcclass writes its results there. "
+                                   "Redirect it to a file or to /dev/null instead.")
             return fn(*args, **kwargs)
         except FcclassError as e:
             err_console.print(f"[bold red]Error:[/bold red] [red]{escape(str(e))}[/red]", highlight=False, soft_wrap=True)
@@ -91,9 +108,7 @@ def _human_console(json_target: str | None) -> Console:
 def _check_json_target(target: str | None) -> None:
     """Fail before the work, not after it, when --json FILE cannot be written."""
     if target not in (None, "-"):
-        parent = Path(target).parent
-        if not parent.is_dir() or Path(target).is_dir():
-            raise FcclassError(f"Cannot write JSON to '{target}': {'it is a folder' if Path(target).is_dir() else f'the folder {parent} does not exist'}.")
+        check_output(target, "JSON")
 
 
 def _emit_json(target: str | None, data: Any) -> None:
@@ -108,10 +123,7 @@ def _emit_json(target: str | None, data: Any) -> None:
 
 
 def _write_file(path: Path, text: str, what: str) -> None:
-    try:
-        path.write_text(text, encoding="utf-8")
-    except OSError as e:
-        raise FcclassError(f"Cannot write {what} to '{path}': {e.strerror}. Check that the folder exists and is writable.") from None
+    write_output(path, text, what)
 
 
 def _print_notes(console: Console, notes: list[str]) -> None:

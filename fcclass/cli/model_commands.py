@@ -123,11 +123,18 @@ def summary(
         shape, num_classes = describe(cfg.data)
         input_shape = list(shape)
 
-    result = build_model(cfg.model, input_shape, num_classes).summary()
+    plan = build_model(cfg.model, input_shape, num_classes, device="meta")  # shapes and counts: no weights allocated
+    result = plan.summary()
     if json_out != "-":
+        from fcclass.errors import ModelError
+        from fcclass.memory import check_training
         from fcclass.report import summary_table
 
         _console().print(summary_table(result, title=f"Model: {cfg.name}"))
+        try:
+            check_training(plan, cfg.data.batch_size)
+        except ModelError as e:
+            _console().print(f"[yellow]Note: {escape(str(e))}[/yellow]", highlight=False)
     _emit_json(json_out, result.to_dict())
 
 
@@ -160,7 +167,8 @@ def export(
 
     model_path, sidecar, note = export_model(run_dir, checkpoint, fmt=fmt, out=out, runs_dir=runs_dir)
     _print_notes(_console(), [note] if note else [])
-    _console().print(f"Wrote [bold]{escape(str(model_path))}[/bold] and [bold]{escape(str(sidecar))}[/bold] (class names, input shape, preprocessing)", highlight=False)
+    described = f" and [bold]{escape(str(sidecar))}[/bold] (class names, input shape, preprocessing)" if sidecar else ""
+    _console().print(f"Wrote [bold]{escape(str(model_path))}[/bold]{described}", highlight=False)
 
 
 def _num_classes_from_data(cfg: Any) -> int:

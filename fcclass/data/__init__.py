@@ -92,8 +92,18 @@ def _shape(cfg: DataConfig, source: Source) -> tuple[int, tuple[int, int]]:
 def _materialise(pool: Any, idx: torch.Tensor, channels: int, size: Sequence[int]) -> Split:
     split = Split(pool.labels[idx], files=[pool.files[i] for i in idx.tolist()] if pool.files is not None else None)
     if pool.images is not None:
-        split.images = resize_uint8(convert_channels(pool.images[idx], channels), size).contiguous()
+        split.images = _in_memory(pool.images[idx], channels, size)
     return split
+
+
+def _in_memory(images: torch.Tensor, channels: int, size: Sequence[int]) -> torch.Tensor:
+    """Images converted and resized once, to be held in memory; refused first when they would not fit."""
+    from fcclass.memory import images_bytes, require
+
+    n = images.shape[0]
+    require(images_bytes(n, (channels, *size)), f"Holding {n:,} images of {channels}x{size[0]}x{size[1]} in memory",
+            "Lower data.image_size (or data.limit_train / data.limit_test).")
+    return resize_uint8(convert_channels(images, channels), size).contiguous()
 
 
 def _check_readable(source: Source, chosen: dict[str, tuple[str, torch.Tensor]]) -> None:
@@ -146,7 +156,7 @@ def dataset_from_record(cfg: DataConfig, record: SplitRecord, splits: Sequence[s
         parts = {}
         for name in splits:
             split = tensor_split(record, name, source.pools[record.splits[name]["pool"]])
-            split.images = resize_uint8(convert_channels(split.images, record.channels), size).contiguous()
+            split.images = _in_memory(split.images, record.channels, size)
             parts[name] = split
         notes: list[str] = []
     else:

@@ -173,7 +173,7 @@ class SplitRecord:
                            "splits": self.splits}, separators=(",", ":")) + "\n"
 
     def write(self, run_dir: Path) -> None:
-        from fcclass.runs import atomic_write_text
+        from fcclass.files import atomic_write_text
 
         atomic_write_text(Path(run_dir) / RECORD_FILE, self.to_json())
 
