@@ -137,9 +137,9 @@ class DataConfig(Strict):
     channels: Literal[1, 3] | None = None
     normalize: Annotated[Literal["auto", "none"] | NormalizeStats, BeforeValidator(_normalize)] = "auto"
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
-    batch_size: PositiveInt = 128
+    batch_size: Annotated[int, Field(gt=0, le=2**31)] = 128
     sampler: Literal["shuffle", "balanced"] = "shuffle"
-    num_workers: NonNegativeInt | None = None  # imagefolder loader workers; None: min(4, cores)
+    num_workers: Annotated[int, Field(ge=0, le=256)] | None = None  # imagefolder loader processes; None: min(4, cores)
 
     @model_validator(mode="after")
     def _imagefolder_needs_path(self) -> "DataConfig":
@@ -263,7 +263,7 @@ def _class_weight(value: Any) -> str | dict[str, float] | None:
 
 
 class TrainConfig(Strict):
-    epochs: PositiveInt = 10
+    epochs: Annotated[int, Field(gt=0, le=1_000_000)] = 10
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     class_weight: Annotated[Literal["balanced"] | dict[str, PositiveFloat] | None, BeforeValidator(_class_weight)] = None
@@ -272,7 +272,7 @@ class TrainConfig(Strict):
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     runs_dir: str = "runs"
-    threads: PositiveInt | None = None  # CPU threads; None: all cores
+    threads: Annotated[int, Field(gt=0, le=1024)] | None = None  # CPU threads; None: all cores
 
     @field_validator("device")
     @classmethod

@@ -62,6 +62,17 @@ def is_stream(path: str | Path) -> bool:
         return False
 
 
+def is_stdout(path: str | Path) -> bool:
+    """Whether ``path`` is this process's standard output (``-o -``, ``/dev/stdout``, or the file or pipe it goes to):
+    then nothing else may be printed there."""
+    if str(path) == "-":
+        return True
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(1))
+    except (OSError, ValueError):
+        return False
+
+
 def check_output(path: str | Path, what: str = "the output") -> None:
     """Fail before the work, not after it, when ``path`` cannot be written: a folder, a special file that is
     refused, or a folder on the way that is a file."""

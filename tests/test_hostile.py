@@ -271,3 +271,17 @@ def test_every_write_goes_through_the_safe_writer() -> None:
         'fcclass/cli/__init__.py: open(os.devnull, "w"',  # a closed stdout/stderr plugged with /dev/null
         'fcclass/data/sources.py: open(tmp, "wb"', 'fcclass/data/sources.py: os.replace(',  # unpacking the Debian copy
     ], offenders
+
+
+def test_a_model_or_figure_sent_to_stdout_is_all_that_stdout_gets(trained_run: Path, tmp_path: Path) -> None:
+    for args, magic in ((["export", str(trained_run), "-o", "-"], None), (["plot", str(trained_run), "-o", "/dev/stdout"], b"\x89PNG")):
+        proc = subprocess.run([sys.executable, "-m", "fcclass.cli", *args], cwd=tmp_path, capture_output=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert b"Wrote" in proc.stderr and b"Wrote" not in proc.stdout
+        if magic:
+            assert proc.stdout.startswith(magic)
+        else:
+            import onnx
+
+            onnx.load_from_string(proc.stdout)  # the whole of stdout is the model
+    assert list(tmp_path.iterdir()) == []

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from fcclass.errors import FcclassError
-from fcclass.files import check_output, write_output
+from fcclass.files import check_output, is_stdout, write_output
 
 def _plug_closed_streams() -> bool:
     """Started with stdout or stderr closed (``fcclass ... >&-``), Python has None for them, and the next file
@@ -100,9 +100,9 @@ def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _human_console(json_target: str | None) -> Console:
-    """Human output goes to stdout unless JSON does."""
-    return err_console if json_target == "-" else _console()
+def _human_console(*targets: str | Path | None) -> Console:
+    """Human output goes to stdout unless machine output does (--json -, --json /dev/stdout, --csv /dev/stdout)."""
+    return err_console if any(t is not None and is_stdout(t) for t in targets) else _console()
 
 
 def _check_json_target(target: str | None) -> None:

@@ -77,7 +77,7 @@ def predict(
     from fcclass.prediction import predict_split, predictions_csv
 
     model = load_for_inference(run, checkpoint, runs_dir=runs_dir, device=device)
-    console = _human_console(json_out)
+    console = _human_console(json_out, csv_out)
     _print_notes(console, [model.note] if model.note else [])
     if split is not None:
         preds = predict_split(split, top_k=top_k, batch_size=batch_size, data_root=data_root, allow_changed_data=allow_changed_data, model=model)
@@ -142,15 +142,17 @@ def summary(
 @_handle_errors
 def plot(
     run_dir: Optional[Path] = typer.Argument(None, help="Run directory (default: the newest trained run in --runs-dir)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output PNG (default: RUN_DIR/curves.png)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output PNG (default: RUN_DIR/curves.png); '-' for stdout."),
     runs_dir: Path = RunsDirOpt,
 ) -> None:
     """Redraw a run's training curves: loss and accuracy (train vs val) and the learning rate per epoch."""
+    from fcclass.files import is_stdout
     from fcclass.plots import plot_curves
     from fcclass.runs import newest_trained_run
 
-    path = plot_curves(run_dir if run_dir is not None else newest_trained_run(runs_dir)[0], out)
-    _console().print(f"Wrote [bold]{escape(str(path))}[/bold]", highlight=False)
+    to_stdout = out is not None and is_stdout(out)
+    path = plot_curves(run_dir if run_dir is not None else newest_trained_run(runs_dir)[0], _stdout_path(out))
+    (err_console if to_stdout else _console()).print(f"Wrote [bold]{escape(str(path))}[/bold]", highlight=False)
 
 
 @app.command()
@@ -159,16 +161,22 @@ def export(
     run_dir: Optional[Path] = typer.Argument(None, help="Run directory (default: the newest trained run in --runs-dir)."),
     fmt: str = typer.Option("onnx", "--format", "-f", help="onnx | torchscript"),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Export this checkpoint file instead of a run's best."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default: RUN_DIR/model.onnx or model.torchscript.pt)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default: RUN_DIR/model.onnx or model.torchscript.pt); '-' for stdout."),
     runs_dir: Path = RunsDirOpt,
 ) -> None:
     """Export the best checkpoint as a deployable model (pixels in [0, 1] in, probabilities out) plus a JSON description."""
     from fcclass.export import export_model
+    from fcclass.files import is_stdout
 
-    model_path, sidecar, note = export_model(run_dir, checkpoint, fmt=fmt, out=out, runs_dir=runs_dir)
-    _print_notes(_console(), [note] if note else [])
+    console = err_console if out is not None and is_stdout(out) else _console()  # the model itself may be going to stdout
+    model_path, sidecar, note = export_model(run_dir, checkpoint, fmt=fmt, out=_stdout_path(out), runs_dir=runs_dir)
+    _print_notes(console, [note] if note else [])
     described = f" and [bold]{escape(str(sidecar))}[/bold] (class names, input shape, preprocessing)" if sidecar else ""
-    _console().print(f"Wrote [bold]{escape(str(model_path))}[/bold]{described}", highlight=False)
+    console.print(f"Wrote [bold]{escape(str(model_path))}[/bold]{described}", highlight=False)
+
+
+def _stdout_path(out: Path | None) -> Path | None:
+    return Path("/dev/stdout") if out is not None and str(out) == "-" else out
 
 
 def _num_classes_from_data(cfg: Any) -> int:
