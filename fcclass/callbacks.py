@@ -38,6 +38,9 @@ class Callback:
 
     def on_interrupt(self, trainer: "Trainer", signal_name: str, epoch: int) -> None: ...
 
+    def on_fit_error(self, trainer: "Trainer", error: BaseException) -> None:
+        """Training stopped with an exception (a full disk, a diverged loss...), after the run directory was kept."""
+
     def on_fit_end(self, trainer: "Trainer", result: "TrainResult") -> None: ...
 
 

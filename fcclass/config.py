@@ -269,6 +269,7 @@ class TrainConfig(Strict):
     class_weight: Annotated[Literal["balanced"] | dict[str, PositiveFloat] | None, BeforeValidator(_class_weight)] = None
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     grad_clip: PositiveFloat | None = None
+    test_at_end: bool = True  # evaluate the best checkpoint on the test split when training ends (--no-test: off)
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     runs_dir: str = "runs"

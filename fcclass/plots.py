@@ -128,3 +128,32 @@ def plot_image_grid(images: Any, captions: list[str], target: Path, title: str) 
     fig.suptitle(title)
     fig.tight_layout()
     return _save(fig, target)
+
+
+def plot_comparison(runs: list[Path], target: Path) -> Path:
+    """The validation accuracy and loss per epoch of several runs, overlaid (training curves for a run that had no
+    validation split, dashed)."""
+    import matplotlib
+
+    from fcclass.history import metrics_rows
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.6))
+    for run in runs:
+        rows = metrics_rows(run)
+        split = "val" if any("val_accuracy" in r for r in rows) else "train"
+        style = "o-" if split == "val" else "o--"
+        epochs = [r.get("epoch", i + 1) for i, r in enumerate(rows)]
+        label = run.name if split == "val" else f"{run.name} (train)"
+        for ax, key in zip(axes, ("accuracy", "loss")):
+            ax.plot(epochs, [r.get(f"{split}_{key}", float("nan")) for r in rows], style, label=label, markersize=3)
+    for ax, title in zip(axes, ("Validation accuracy", "Validation loss")):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    for ax in axes:
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    axes[1].legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    return _save(fig, target)

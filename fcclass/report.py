@@ -215,3 +215,60 @@ def tta_table(results: list[dict[str, Any]]) -> Table:
         cells = [("not reached" if r["seconds_to_target"][t] is None else f"{r['seconds_to_target'][t]:.1f} s") for t in targets]
         table.add_row(r["model"], r["device"], *cells, f"{r['final_test_accuracy']:.2%}", f"{r['train_seconds_total']:.1f} s")
     return table
+
+
+# ----------------------------------------------------------------------------- fcclass runs
+STATE_STYLE = {"finished": "green", "running": "cyan", "interrupted": "yellow", "failed": "red"}
+
+
+def _pct(x: Any) -> str:
+    return f"{x:.2%}" if isinstance(x, (int, float)) else "-"
+
+
+def _duration(seconds: Any) -> str:
+    if not isinstance(seconds, (int, float)):
+        return "-"
+    minutes, s = divmod(int(round(seconds)), 60)
+    hours, m = divmod(minutes, 60)
+    return f"{hours}h{m:02d}m" if hours else f"{m}m{s:02d}s" if m else f"{seconds:.1f}s"
+
+
+def runs_table(rows: list[Any], runs_dir: Any) -> Table:
+    table = Table(title=f"Runs in {escape(str(runs_dir))}: {len(rows)}", title_justify="left")
+    for name, justify in (("Run", "left"), ("Started", "left"), ("Dataset", "left"), ("Params", "right"), ("Epochs", "right"),
+                          ("Best val acc", "right"), ("Test acc", "right"), ("Wall", "right"), ("State", "left")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for r in rows:
+        epochs = f"{r.epochs_done}/{r.epochs_planned}" if r.epochs_planned else str(r.epochs_done)
+        started = (r.started or "-")[:16].replace("T", " ")
+        style = STATE_STYLE.get(r.state, "")
+        table.add_row(escape(r.name), started, escape(r.dataset or "-"), f"{r.params:,}" if r.params else "-", epochs,
+                      _pct(r.val_accuracy), _pct(r.test_accuracy), _duration(r.wall_seconds), f"[{style}]{r.state}[/{style}]")
+    return table
+
+
+def compare_tables(rows: list[Any], diffs: list[tuple[str, list[Any]]]) -> list[Table]:
+    """The config keys that differ, then the metrics, one column per run."""
+    config = Table(title="Config differences" if diffs else "Config differences: none", title_justify="left")
+    metrics = Table(title="Metrics", title_justify="left")
+    for table, first in ((config, "Key"), (metrics, "Metric")):
+        table.add_column(first)
+        for r in rows:
+            table.add_column(escape(r.name), justify="right")
+    for key, values in diffs:
+        config.add_row(escape(key), *(escape(_value(v)) for v in values))
+    lines = (("Best epoch", lambda r: str(r.best_epoch or "-")), ("Best val accuracy", lambda r: _pct(r.val_accuracy)),
+             ("Best val loss", lambda r: f"{r.val_loss:.4f}" if r.val_loss is not None else "-"),
+             ("Test accuracy", lambda r: _pct(r.test_accuracy)),
+             ("Test loss", lambda r: f"{r.test_loss:.4f}" if r.test_loss is not None else "-"),
+             ("Epochs", lambda r: f"{r.epochs_done}/{r.epochs_planned or '?'}"),
+             ("Params", lambda r: f"{r.params:,}" if r.params else "-"), ("Wall", lambda r: _duration(r.wall_seconds)),
+             ("State", lambda r: r.state))
+    for label, fmt in lines:
+        metrics.add_row(label, *(fmt(r) for r in rows))
+    return [config, metrics] if diffs else [metrics, config]
+
+
+def _value(v: Any) -> str:
+    text = "-" if v is None else str(v)
+    return text if len(text) <= 40 else text[:37] + "..."

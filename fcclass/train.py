@@ -29,6 +29,7 @@ from fcclass.files import RunWriteError, atomic_write_text, os_error_reason
 from fcclass.inference import run_model
 from fcclass.memory import check_training
 from fcclass.model import Network, build_model
+from fcclass.record import RunRecord
 from fcclass.registries import DATASETS, OPTIMIZERS, TorchvisionSet
 from fcclass.resume import (RESUMABLE_KEYS, RunFinished, check_more_to_train, config_for_resume, resumable_checkpoint,
                             with_absolute_paths)
@@ -76,6 +77,7 @@ class TrainResult:
     device: str = "cpu"
     precision: str = "fp32"
     warnings: list[str] = field(default_factory=list)
+    test: dict[str, Any] | None = None  # the best checkpoint on the test split (train.test_at_end): accuracy, loss...
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -292,10 +294,12 @@ class Trainer:
                     self._emit("on_epoch_end", row, is_best)
                     if self.state.stopped_early:
                         break
-        except BaseException:
+        except BaseException as e:
             self._release()
             if self.state.epoch == 0 and not self.resumed:
                 shutil.rmtree(self.run_dir, ignore_errors=True)  # nothing was learned: leave no half-made run behind
+            else:
+                self._emit("on_fit_error", e)
             raise
         self._release()
         if result.interrupted and self.state.epoch == 0 and not self.resumed:
@@ -303,8 +307,23 @@ class Trainer:
             result.removed = True
         result.history, result.best_epoch, result.best = self.state.history, self.state.best_epoch, self.state.best
         result.stopped_early = self.state.stopped_early
+        if self.cfg.train.test_at_end and not result.interrupted and self.state.best_epoch is not None:
+            result.test = self._test_best(result)
         self._emit("on_fit_end", result)
         return result
+
+    def _test_best(self, result: TrainResult) -> dict[str, Any] | None:
+        """One pass of the best checkpoint over the test split (writing eval.json and confusion_matrix.png, as
+        `fcclass eval` does); a failure is a warning, since the model is trained and saved either way."""
+        from fcclass.evaluation import evaluate
+
+        try:
+            report = evaluate(self.run_dir, device=str(self.device), save=True)
+        except (FcclassError, OSError) as e:
+            result.warnings.append(f"the test split was not evaluated: {e}")
+            return None
+        return {"epoch": self.state.best_epoch, "accuracy": report.accuracy, "loss": report.loss,
+                "images": report.num_samples, "top5_accuracy": report.top5_accuracy}
 
     def _set_epoch(self, epoch: int) -> None:
         """Every random stream of an epoch (order, augmentation, dropout) is seeded from (seed, epoch): a resumed run
@@ -453,7 +472,7 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, override
     ``data_root``: on resume, where the run's data is now (the image folder, or the torchvision root), if it moved.
     """
     observers: list[Callback] = [ConsoleProgress(console, log_interval)] if console is not None else []
-    observers += [Curves(), *callbacks]
+    observers += [Curves(), RunRecord(), *callbacks]
     if resume is not None:
         trainer = Trainer.resume(resume, overrides or (), observers, data_root)
     elif data_root is not None:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from fcclass.callbacks import Callback
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_ROOT = ROOT / "data"
@@ -35,6 +38,7 @@ def small_config(tmp_path: Path, **overrides: object) -> "object":
         "data.limit_test": 500,
         "train.epochs": 3,
         "train.runs_dir": str(tmp_path / "runs"),
+        "train.test_at_end": False,  # the end-of-training test pass is tested in test_records.py; elsewhere it costs time
         **overrides,
     }
     for key, value in sets.items():
@@ -89,3 +93,14 @@ def folder_config(tmp_path: Path, folder: Path | str, epochs: int = 2, workers: 
         f"optimizer: {{lr: 0.01}}\ntrain: {{epochs: {epochs}, runs_dir: '{runs if runs is not None else tmp_path / 'runs'}'}}\n"
     )
     return cfg
+
+
+class SignalAt(Callback):
+    """Sends ``sig`` to this process when batch ``batch`` of epoch ``epoch`` ends: a deterministic interruption."""
+
+    def __init__(self, epoch: int, batch: int, sig: int) -> None:
+        self.at, self.sig = (epoch, batch), sig
+
+    def on_batch_end(self, trainer: Any, info: Any) -> None:
+        if (info.epoch, info.batch) == self.at:
+            os.kill(os.getpid(), self.sig)

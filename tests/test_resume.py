@@ -14,7 +14,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from conftest import folder_config, needs_fashion, small_config
+from conftest import SignalAt, folder_config, needs_fashion, small_config
 from fcclass.callbacks import Callback, Curves
 from fcclass.cli import app
 from fcclass.config import load_config
@@ -27,17 +27,6 @@ TESTS = Path(__file__).resolve().parent
 
 def metrics(run_dir: Path) -> list[dict[str, str]]:
     return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader((run_dir / "metrics.csv").open())]
-
-
-class SignalAt(Callback):
-    """Sends ``sig`` to this process when batch ``batch`` of epoch ``epoch`` ends: a deterministic interruption."""
-
-    def __init__(self, epoch: int, batch: int, sig: int) -> None:
-        self.at, self.sig = (epoch, batch), sig
-
-    def on_batch_end(self, trainer, info) -> None:
-        if (info.epoch, info.batch) == self.at:
-            os.kill(os.getpid(), self.sig)
 
 
 IN_MEMORY = {"data.limit_train": 1000, "train.epochs": 3, "data.augment.horizontal_flip": True}

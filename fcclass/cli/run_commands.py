@@ -25,10 +25,13 @@ def train(
                                              "folder for imagefolder runs, the dataset root otherwise)."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the fully resolved config (YAML) and exit without training."),
     log_interval: float = typer.Option(10.0, "--log-interval", min=0, help="Written to a file or pipe: a progress line every N seconds during an epoch (0: none)."),
+    test: bool = typer.Option(True, "--test/--no-test", help="At the end, evaluate the best checkpoint on the test split "
+                              "(eval.json, confusion_matrix.png, the test figures in summary.json); same as train.test_at_end."),
     json_out: Optional[str] = JsonOpt,
 ) -> None:
     """Train a model from a YAML config (default: the Fashion-MNIST CNN) into runs/<name>-<timestamp>/."""
     _check_json_target(json_out)
+    set_ = [*(set_ or []), "train.test_at_end=false"] if not test else set_
     if resume is not None and config is not None:
         raise FcclassError(f"--resume continues '{resume}' with the config it was trained with ({resume / 'config.yaml'}), so -c/--config "
                            f"cannot be combined with it. To train {config}, leave out --resume; to change a setting of the run on "
@@ -61,11 +64,16 @@ def train(
         from fcclass.report import best_line
 
         console.print(best_line(result), highlight=False)
+    if result.test is not None:
+        t = result.test
+        console.print(f"Test split ({t['images']:,} images, best epoch {t['epoch']}): accuracy [bold]{t['accuracy']:.2%}[/bold], "
+                      f"loss {t['loss']:.4f}", highlight=False)
     from fcclass.report import rounded_row
 
     _emit_json(json_out, {"run_dir": str(result.run_dir), "epochs": len(result.history), "best_epoch": result.best_epoch,
                           "best": rounded_row(best) if best else {}, "stopped_early": result.stopped_early,
                           "interrupted": result.interrupted is not None, "device": result.device, "precision": result.precision,
+                          "test": result.test,
                           "history": [rounded_row(r) for r in result.history]})
     if result.interrupted:
         raise typer.Exit(130)

@@ -1,0 +1,76 @@
+"""`fcclass runs` (list the runs of a folder) and `fcclass runs compare` (their config differences, metrics and
+validation curves side by side)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.markup import escape
+
+from fcclass.cli import JsonOpt, RunsDirOpt, _check_json_target, _emit_json, _handle_errors, _human_console, app, err_console
+
+runs_app = typer.Typer(help="List the runs of a folder (name, data, size, epochs, accuracy, time, state); "
+                            "`fcclass runs compare RUN RUN...` compares runs.", invoke_without_command=True,
+                       no_args_is_help=False, rich_markup_mode=None)
+app.add_typer(runs_app, name="runs")
+
+
+@runs_app.callback()
+@_handle_errors
+def runs(
+    ctx: typer.Context,
+    runs_dir: Path = RunsDirOpt,
+    sort: str = typer.Option("started", "--sort", help="started | name | dataset | params | epochs | val_accuracy | "
+                             "test_accuracy | wall_seconds | state"),
+    descending: bool = typer.Option(False, "--desc", help="Sort from the largest (newest) down."),
+    filters: Optional[list[str]] = typer.Option(None, "--filter", help="KEY=PATTERN with KEY name, dataset or state; "
+                                                "shell-style patterns ('name=cnn-*'). Repeatable: all must match."),
+    json_out: Optional[str] = JsonOpt,
+) -> None:
+    """List the runs of a folder (name, data, size, epochs, accuracy, time, state) from their summary.json files."""
+    if ctx.invoked_subcommand is not None:
+        return
+    _check_json_target(json_out)
+    from fcclass.history import list_runs
+
+    rows = list_runs(runs_dir, filters, sort, descending)
+    if json_out != "-":
+        from fcclass.report import runs_table
+
+        console = _human_console(json_out)
+        console.print(runs_table(rows, runs_dir))
+        if not rows:
+            console.print(f"No runs in '{escape(str(runs_dir))}'{' match the filters' if filters else ''}.", highlight=False)
+    _emit_json(json_out, [r.to_dict() for r in rows])
+
+
+@runs_app.command()
+@_handle_errors
+def compare(
+    runs: list[str] = typer.Argument(..., metavar="RUN RUN [RUN]...", help="Run directories, or run names in --runs-dir."),
+    out: Path = typer.Option(Path("compare.png"), "--out", "-o", help="The PNG of their validation curves, overlaid."),
+    runs_dir: Path = RunsDirOpt,
+    json_out: Optional[str] = JsonOpt,
+) -> None:
+    """Compare runs: the config keys that differ, the metrics side by side, their validation curves in one PNG."""
+    _check_json_target(json_out)
+    from fcclass.history import config_differences, resolve_runs, run_row
+    from fcclass.plots import plot_comparison
+
+    paths = resolve_runs(runs, runs_dir)
+    diffs = config_differences(paths)
+    rows = [run_row(p) for p in paths]
+    figure = plot_comparison(paths, out)
+    if json_out != "-":
+        from fcclass.report import compare_tables
+
+        console = _human_console(json_out)
+        for table in compare_tables(rows, diffs):
+            console.print(table)
+        console.print(f"Wrote [bold]{escape(str(figure))}[/bold] (validation accuracy and loss per epoch, overlaid)", highlight=False)
+    else:
+        err_console.print(f"Wrote {escape(str(figure))}", highlight=False)
+    _emit_json(json_out, {"runs": [r.to_dict() for r in rows], "config_differences": {k: v for k, v in diffs},
+                          "figure": str(figure)})

@@ -1,0 +1,202 @@
+"""The run record: RUN_DIR/summary.json, one small machine-readable file with everything about a run — what was
+trained, where, with which code and versions, how long, how far it got and how well it did. Written atomically by a
+trainer callback at the start, after every epoch and at the end; `fcclass runs` lists runs from these files alone.
+
+A run whose process was killed cannot say so: its record still reads "running". Readers tell it apart by the run's
+lock (RUN_DIR/.lock, held by the training process for as long as it lives): a "running" run whose lock is free was
+killed, and is shown as interrupted."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fcclass.callbacks import Callback
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fcclass.train import Trainer, TrainResult
+
+SUMMARY = "summary.json"
+FORMAT = 1
+STATES = ("running", "finished", "interrupted", "failed")
+
+
+def now() -> str:
+    return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def git_state(folder: Path | None = None) -> dict[str, Any] | None:
+    """The commit and dirty flag of the git working tree around ``folder`` (default: the current one), or None
+    outside a repository or without git."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=folder or Path.cwd(), capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        root = git("rev-parse", "--show-toplevel")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "dirty": dirty, "root": root}
+
+
+def environment(trainer: "Trainer") -> dict[str, Any]:
+    import torch
+    import torchvision
+
+    from fcclass import __version__
+
+    return {
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+                     "fcclass": __version__},
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "device": str(trainer.device),
+        "precision": _precision(trainer),
+        "threads": torch.get_num_threads(),
+        "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))[:500],
+    }
+
+
+def _precision(trainer: "Trainer") -> str:
+    from fcclass.device import precision_name
+
+    return precision_name(trainer.amp_dtype)
+
+
+def _round(row: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not row:
+        return None
+    from fcclass.report import rounded_row
+
+    return rounded_row(row)
+
+
+class RunRecord(Callback):
+    """Keeps RUN_DIR/summary.json up to date while a run trains. A failed write is a warning, never a failed run."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, Any] = {}
+        self.session_start = 0.0
+        self.previous_wall = 0.0
+        self.warned = False
+
+    # ------------------------------------------------------------------------- hooks
+    def on_fit_start(self, trainer: "Trainer") -> None:
+        old = read_summary(trainer.run_dir) or {}
+        self.session_start = time.monotonic()
+        self.previous_wall = float(old.get("wall_seconds") or 0.0)
+        params = sum(p.numel() for p in trainer.model.parameters())
+        cfg = trainer.cfg
+        self.data = {
+            "format": FORMAT,
+            "name": cfg.name,
+            "run_dir": str(Path(trainer.run_dir).absolute()),
+            "state": "running",
+            "started": old.get("started") or now(),
+            "ended": None,
+            "wall_seconds": self.previous_wall,
+            "sessions": int(old.get("sessions") or 0) + 1,
+            "git": git_state(),
+            **environment(trainer),
+            "dataset": cfg.data.dataset,
+            "data": cfg.data.path if cfg.data.dataset == "imagefolder" else cfg.data.root,
+            "params": params,
+            "trainable_params": sum(p.numel() for p in trainer.params),
+            "epochs": {"planned": cfg.train.epochs, "done": trainer.state.epoch},
+            "best": self._best(trainer),
+            "last": _round(trainer.state.history[-1]) if trainer.state.history else None,
+            "test": old.get("test"),
+            "stopped_early": trainer.state.stopped_early,
+            "error": None,
+        }
+        self._write(trainer)
+
+    def on_epoch_end(self, trainer: "Trainer", row: dict[str, Any], is_best: bool) -> None:
+        self.data["epochs"]["done"] = trainer.state.epoch
+        self.data["best"] = self._best(trainer)
+        self.data["last"] = _round(row)
+        self.data["stopped_early"] = trainer.state.stopped_early
+        self.data["test"] = None if is_best else self.data.get("test")  # a new best checkpoint: its test is not measured yet
+        self._write(trainer)
+
+    def on_interrupt(self, trainer: "Trainer", signal_name: str, epoch: int) -> None:
+        self.data.update(state="interrupted", error=f"{signal_name} in epoch {epoch}")
+
+    def on_fit_error(self, trainer: "Trainer", error: BaseException) -> None:
+        self.data.update(state="failed", error=str(error)[:1000] or type(error).__name__)
+        self._finish(trainer)
+
+    def on_fit_end(self, trainer: "Trainer", result: "TrainResult") -> None:
+        if result.removed:
+            return
+        if self.data.get("state") == "running":
+            self.data["state"] = "finished"
+        if result.test is not None:
+            self.data["test"] = result.test
+        self._finish(trainer, result)
+
+    # ------------------------------------------------------------------------- writing
+    def _best(self, trainer: "Trainer") -> dict[str, Any] | None:
+        best = _round(trainer.state.best)
+        return {"epoch": trainer.state.best_epoch, **best} if best else None
+
+    def _finish(self, trainer: "Trainer", result: "TrainResult | None" = None) -> None:
+        self.data["ended"] = now()
+        self._write(trainer, result)
+
+    def _write(self, trainer: "Trainer", result: "TrainResult | None" = None) -> None:
+        from fcclass.files import write_json
+
+        self.data["wall_seconds"] = round(self.previous_wall + time.monotonic() - self.session_start, 1)
+        try:
+            write_json(Path(trainer.run_dir) / SUMMARY, self.data)
+        except (OSError, ValueError) as e:
+            if not self.warned and result is not None:
+                result.warnings.append(f"{SUMMARY} was not written: {e}")
+            self.warned = True
+
+
+# ----------------------------------------------------------------------------- reading
+def read_summary(run_dir: str | Path | None) -> dict[str, Any] | None:
+    """A run's summary.json, or None when it has none (runs from before fcclass wrote it) or it is unreadable."""
+    if run_dir is None:
+        return None
+    try:
+        data = json.loads((Path(run_dir) / SUMMARY).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def lock_is_held(run_dir: Path) -> bool:
+    """Whether a process holds the run's lock right now (it is training the run)."""
+    import fcntl
+
+    try:
+        with open(Path(run_dir) / ".lock") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return True
+            fcntl.flock(f, fcntl.LOCK_UN)
+    except OSError:
+        return False
+    return False
+
+
+def live_state(run_dir: Path, summary: dict[str, Any]) -> str:
+    """The state a run is in now: a record that says running, of a run whose lock is free, was killed."""
+    state = summary.get("state") if summary.get("state") in STATES else "failed"
+    if state == "running" and not lock_is_held(run_dir):
+        return "interrupted"
+    return state
