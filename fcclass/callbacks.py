@@ -34,7 +34,8 @@ class Callback:
 
     def on_batch_end(self, trainer: "Trainer", info: BatchEnd) -> None: ...
 
-    def on_epoch_end(self, trainer: "Trainer", row: dict[str, Any], is_best: bool) -> None: ...
+    def on_epoch_end(self, trainer: "Trainer", row: dict[str, Any], is_best: bool) -> None:
+        """After every epoch. Setting ``trainer.stopped_by`` (e.g. "pruned") ends training after this epoch."""
 
     def on_interrupt(self, trainer: "Trainer", signal_name: str, epoch: int) -> None: ...
 

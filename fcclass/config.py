@@ -59,6 +59,7 @@ from fcclass.registries import (
     Choice,
 )
 from fcclass.schema import Size2, Strict
+from fcclass.sweep_config import SweepConfig
 
 SHIPPED_CONFIGS = Path(__file__).parent / "configs"  # package data: found wherever fcclass is installed
 DEFAULT_CONFIG = SHIPPED_CONFIGS / "fashion_mnist.yaml"
@@ -286,6 +287,12 @@ class TrainConfig(Strict):
 class Config(Strict):
     name: Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.-]+$")] = "run"  # names run folders
     seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sweep: SweepConfig | None = None  # read by `fcclass sweep` only; `fcclass train` ignores it
 
     @field_validator("seed")
     @classmethod
@@ -293,11 +300,6 @@ class Config(Strict):
         if not 0 <= v < 2**63:  # what torch's and the splits' generators take
             raise ValueError(f"must be a whole number from 0 to {2**63 - 1:,}, e.g. 42")
         return v
-    data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig
-    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

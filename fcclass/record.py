@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 SUMMARY = "summary.json"
 FORMAT = 1
-STATES = ("running", "finished", "interrupted", "failed")
+STATES = ("running", "finished", "interrupted", "failed", "pruned")
 
 
 def now() -> str:
@@ -140,7 +140,7 @@ class RunRecord(Callback):
         if result.removed:
             return
         if self.data.get("state") == "running":
-            self.data["state"] = "finished"
+            self.data["state"] = result.stopped_by or "finished"
         if result.test is not None:
             self.data["test"] = result.test
         self._finish(trainer, result)

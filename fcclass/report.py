@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -218,7 +219,7 @@ def tta_table(results: list[dict[str, Any]]) -> Table:
 
 
 # ----------------------------------------------------------------------------- fcclass runs
-STATE_STYLE = {"finished": "green", "running": "cyan", "interrupted": "yellow", "failed": "red"}
+STATE_STYLE = {"finished": "green", "running": "cyan", "interrupted": "yellow", "failed": "red", "pruned": "magenta"}
 
 
 def _pct(x: Any) -> str:
@@ -272,3 +273,19 @@ def compare_tables(rows: list[Any], diffs: list[tuple[str, list[Any]]]) -> list[
 def _value(v: Any) -> str:
     text = "-" if v is None else str(v)
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+def leaderboard_table(board: list[Any], sweep: Any) -> Table:
+    """A sweep's trials, the best first."""
+    table = Table(title=f"Sweep '{escape(sweep.name)}': {len(board)} of {sweep.opts.trials} trials, by {sweep.opts.metric}",
+                  title_justify="left")
+    keys = [p.key for p in sweep.params]
+    for name, justify in [("#", "right"), *((k, "right") for k in keys), (sweep.opts.metric, "right"), ("State", "left"),
+                          ("Epochs", "right"), ("Time", "right"), ("Run", "left")]:
+        table.add_column(escape(name), justify=justify)  # type: ignore[arg-type]
+    for e in board:
+        params = [escape(f"{e.params[k]:.4g}" if isinstance(e.params.get(k), float) else str(e.params.get(k, "-"))) for k in keys]
+        style = {"complete": "green", "pruned": "magenta", "fail": "red"}.get(e.state, "cyan")
+        table.add_row(str(e.number), *params, f"{e.value:.4f}" if e.value is not None else "-", f"[{style}]{e.state}[/{style}]",
+                      str(e.epochs or "-"), _duration(e.seconds), escape(Path(e.run_dir).name if e.run_dir else "-"))
+    return table

@@ -78,6 +78,7 @@ class TrainResult:
     precision: str = "fp32"
     warnings: list[str] = field(default_factory=list)
     test: dict[str, Any] | None = None  # the best checkpoint on the test split (train.test_at_end): accuracy, loss...
+    stopped_by: str | None = None  # what ended training early besides early stopping (a sweep's pruner: "pruned")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -183,6 +184,7 @@ class Trainer:
         self.sync_every = 1 if self.device.type == "cpu" else 25  # reading the loss waits for the GPU
         self._stop: dict[str, Any] = {"signal": None}
         self.lock: Any = None  # held while this process trains the run (runs.lock_run)
+        self.stopped_by: str | None = None  # a callback ended training after an epoch (e.g. "pruned" by a sweep)
 
     # ------------------------------------------------------------------------- building
     @classmethod
@@ -292,7 +294,7 @@ class Trainer:
                     row["seconds"] = time.perf_counter() - started
                     is_best = self.end_epoch(row)
                     self._emit("on_epoch_end", row, is_best)
-                    if self.state.stopped_early:
+                    if self.state.stopped_early or self.stopped_by:
                         break
         except BaseException as e:
             self._release()
@@ -307,7 +309,8 @@ class Trainer:
             result.removed = True
         result.history, result.best_epoch, result.best = self.state.history, self.state.best_epoch, self.state.best
         result.stopped_early = self.state.stopped_early
-        if self.cfg.train.test_at_end and not result.interrupted and self.state.best_epoch is not None:
+        result.stopped_by = self.stopped_by
+        if self.cfg.train.test_at_end and not result.interrupted and not self.stopped_by and self.state.best_epoch is not None:
             result.test = self._test_best(result)
         self._emit("on_fit_end", result)
         return result

@@ -136,6 +136,7 @@ from fcclass.cli import run_commands  # noqa: E402,F401  isort: skip
 from fcclass.cli import model_commands  # noqa: E402,F401  isort: skip
 from fcclass.cli import bench_command  # noqa: E402,F401  isort: skip
 from fcclass.cli import runs_command  # noqa: E402,F401  isort: skip
+from fcclass.cli import sweep_command  # noqa: E402,F401  isort: skip
 
 
 def main() -> None:  # pragma: no cover

@@ -1,0 +1,73 @@
+"""`fcclass sweep`: hyperparameter search on Optuna, each trial a normal run in the sweep folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.markup import escape
+
+from fcclass.cli import ConfigOpt, JsonOpt, SetOpt, _check_json_target, _emit_json, _handle_errors, _human_console, app
+
+
+@app.command()
+@_handle_errors
+def sweep(
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    param: Optional[list[str]] = typer.Option(None, "--param", "-p", help="KEY=SPEC to search, KEY a dotted config key as for --set; SPEC "
+                                              "0.1,0.01 (values) | uniform(a,b) | loguniform(a,b) | int(a,b). Repeatable."),
+    trials: Optional[int] = typer.Option(None, "--trials", "-n", help="How many trials the study runs in all (default 20); a rerun continues to it."),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="grid | random | tpe (default tpe)"),
+    pruner: Optional[str] = typer.Option(None, "--pruner", help="none | median | hyperband (default median): stop trials that fall behind."),
+    metric: Optional[str] = typer.Option(None, "--metric", help="val_accuracy (default) | val_loss | train_accuracy | train_loss: the best epoch's value is the trial's."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="The sampler's seed: the same command proposes the same trials (default 0)."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage shared by several machines: an RDB URL (postgresql://..., "
+                                          "sqlite:///...) or a journal file on a shared disk (default: SWEEP_DIR/study.db)."),
+    study: Optional[str] = typer.Option(None, "--study", help="The study's name (default: the config's name)."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-w", help="Trials run at once on this machine, each with cores/K threads (default 1)."),
+    sweep_dir: Optional[Path] = typer.Option(None, "--sweep-dir", help="Where the trials' runs go (default: RUNS_DIR/sweep-STUDY)."),
+    status: bool = typer.Option(False, "--status", help="Show the study's leaderboard without training."),
+    json_out: Optional[str] = JsonOpt,
+) -> None:
+    """Search hyperparameters with Optuna: every trial is a normal run; at the end a leaderboard and the best config."""
+    _check_json_target(json_out)
+    from fcclass.config import load_config
+    from fcclass.sweep import open_study, plan
+    from fcclass.sweep_run import leaderboard, run, write_best
+
+    cli: dict[str, Any] = {"trials": trials, "sampler": sampler, "pruner": pruner, "metric": metric, "seed": seed,
+                           "storage": storage, "study": study, "workers": workers}
+    plan_ = plan(load_config(config, set_), param or [], cli, sweep_dir)
+    console = _human_console(json_out)
+    if status:
+        found = open_study(plan_)
+    else:
+        space = ", ".join(f"{p.key} in {p.describe()}" for p in plan_.params)
+        console.print(f"Sweep '{escape(plan_.name)}': {plan_.opts.trials} trials of {escape(space)}; {plan_.opts.sampler} sampler, "
+                      f"{plan_.opts.pruner} pruner, {plan_.opts.metric}, seed {plan_.opts.seed}, {plan_.opts.workers} worker(s). "
+                      f"Runs in {escape(str(plan_.folder))}", highlight=False)
+        found = run(plan_, lambda e: console.print(_trial_line(e, plan_), highlight=False))
+    board = leaderboard(found, plan_.direction)
+    best = write_best(plan_, board) if board else None
+    if json_out != "-":
+        from fcclass.report import leaderboard_table
+
+        console.print(leaderboard_table(board, plan_))
+        if best is not None:
+            console.print(f"Best config: [bold]{escape(str(best))}[/bold] (reproduce with: fcclass train -c {escape(str(best))})",
+                          highlight=False)
+    _emit_json(json_out, {"study": plan_.name, "sweep_dir": str(plan_.folder), "metric": plan_.opts.metric,
+                          "trials": [e.to_dict() for e in board], "best_config": str(best) if best else None})
+
+
+def _trial_line(e: Any, plan_: Any) -> str:
+    params = "  ".join(f"{k}={_short(v)}" for k, v in e.params.items())
+    value = f"{plan_.opts.metric} {e.value:.4f}" if e.value is not None else (e.error or "")[:120]
+    took = f"  {e.seconds:.0f}s" if e.seconds is not None else ""
+    return f"trial {e.number}  {escape(params)}  {e.state}  {escape(value)}{took}"
+
+
+def _short(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)

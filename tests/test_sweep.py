@@ -1,0 +1,154 @@
+"""`fcclass sweep` on Optuna: real studies in real storage, real (tiny) trainings on Fashion-MNIST."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import DATA_ROOT, ROOT, needs_fashion, small_config
+from fcclass.cli import app
+
+pytest.importorskip("optuna")
+runner = CliRunner(env={"COLUMNS": "250"})
+TINY = ["--set", f"data.root={DATA_ROOT}", "--set", "data.download=false", "--set", "data.limit_train=400",
+        "--set", "data.limit_test=100", "--set", "train.epochs=1", "--set", "train.test_at_end=false"]
+
+
+def sweep(tmp_path: Path, *args: str) -> dict:
+    res = runner.invoke(app, ["sweep", *TINY, "--set", f"train.runs_dir={tmp_path / 'runs'}", "--json", "-", *args])
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
+
+
+@needs_fashion
+def test_a_sweep_trains_normal_runs_and_writes_a_best_config_that_reproduces(tmp_path: Path) -> None:
+    out = sweep(tmp_path, "-p", "optimizer.lr=loguniform(1e-4,1e-2)", "-p", "model.layers.-3.units=16,64", "-n", "3",
+                "--sampler", "random", "--pruner", "none")
+    trials = out["trials"]
+    assert len(trials) == 3 and all(t["state"] == "complete" for t in trials)
+    assert out["sweep_dir"] == str(tmp_path / "runs" / "sweep-fashion-cnn")
+    values = [t["value"] for t in trials]
+    assert values == sorted(values, reverse=True)  # the leaderboard: best first
+    for t in trials:  # each trial is a normal run, with the parameters it was given
+        run = Path(t["run_dir"])
+        assert json.loads((run / "summary.json").read_text())["state"] == "finished"
+        assert f"units: {t['params']['model.layers.-3.units']}" in (run / "config.yaml").read_text()
+    listed = runner.invoke(app, ["runs", "--runs-dir", out["sweep_dir"], "--json", "-"])
+    assert len(json.loads(listed.stdout)) == 3
+    from fcclass.config import load_config
+    from fcclass.train import fit
+
+    again = fit(load_config(out["best_config"]))
+    assert again.best["val_accuracy"] == pytest.approx(trials[0]["value"], abs=1e-6)
+    assert again.run_dir.parent == tmp_path / "runs"
+
+
+@needs_fashion
+def test_the_same_seed_proposes_the_same_trials_and_a_rerun_continues(tmp_path: Path) -> None:
+    spec = ["-p", "optimizer.lr=loguniform(1e-4,1e-2)", "--sampler", "tpe", "--pruner", "none", "--seed", "7"]
+    first = sweep(tmp_path, *spec, "-n", "2", "--sweep-dir", str(tmp_path / "a"))
+    more = sweep(tmp_path, *spec, "-n", "3", "--sweep-dir", str(tmp_path / "a"))
+    other = sweep(tmp_path, *spec, "-n", "3", "--sweep-dir", str(tmp_path / "b"))
+    by_number = lambda out: {t["number"]: t["params"] for t in out["trials"]}  # noqa: E731
+    assert len(more["trials"]) == 3 and {k: by_number(more)[k] for k in (0, 1)} == by_number(first)
+    assert by_number(other) == by_number(more)
+    status = runner.invoke(app, ["sweep", *TINY, *spec, "-n", "3", "--sweep-dir", str(tmp_path / "a"), "--status"])
+    assert status.exit_code == 0 and "3 of 3 trials" in status.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-p", "model.layers.3.unitz=8,16"], "model.layers[3].unitz: unknown key"),
+    (["-p", "data.batch_size=0,32"], "Sweep parameter data.batch_size=0"),
+    (["-p", "optimizer.lr=uniform(0.1,0.01)"], "uniform(0.1,0.01) needs a < b"),
+    (["-p", "optimizer.lr=loguniform(0,1)"], "needs 0 < a < b"),
+    (["-p", "optimizer.lr=uniform(1e-4,1e-2)", "--sampler", "grid"], "--sampler grid needs every parameter as a list"),
+    (["-p", "optimizer.lr"], "must look like KEY=SPEC"),
+    ([], "Nothing to sweep"),
+    (["-p", "optimizer.lr=0.1", "--sampler", "bayes"], "sampler"),
+])
+def test_every_trial_config_is_checked_before_training(tmp_path: Path, args: list[str], message: str) -> None:
+    res = runner.invoke(app, ["sweep", *TINY, "--set", f"train.runs_dir={tmp_path / 'runs'}", *args])
+    assert res.exit_code == 1 and message in " ".join(res.output.split()), res.output
+    assert not (tmp_path / "runs").exists()
+
+
+@needs_fashion
+def test_a_pruned_trial_stops_training_and_its_run_says_pruned(tmp_path: Path) -> None:
+    from fcclass.sweep import ReportEpochs
+    from fcclass.train import fit
+
+    class Trial:  # what ReportEpochs needs of an Optuna trial: the pruner says stop after the first report
+        reports: list = []
+        attrs: dict = {}
+
+        def report(self, value: float, step: int) -> None:
+            self.reports.append((step, value))
+
+        def should_prune(self) -> bool:
+            return True
+
+        def set_user_attr(self, key: str, value: object) -> None:
+            self.attrs[key] = value
+
+    trial = Trial()
+    result = fit(small_config(tmp_path, **{"train.epochs": 3, "data.limit_train": 400}), callbacks=[ReportEpochs(trial, "val_accuracy")])
+    assert result.stopped_by == "pruned" and len(result.history) == 1 and [s for s, _ in trial.reports] == [1]
+    assert json.loads((result.run_dir / "summary.json").read_text())["state"] == "pruned"
+    assert trial.attrs["run_dir"] == str(result.run_dir)
+
+
+@needs_fashion
+def test_a_trial_whose_process_died_is_failed_and_retried(tmp_path: Path) -> None:
+    import optuna
+
+    spec = ["-p", "optimizer.lr=0.001,0.002,0.003", "--sampler", "grid", "--pruner", "none", "-n", "3"]
+    folder = tmp_path / "sw"
+    folder.mkdir()
+    study = optuna.create_study(storage=f"sqlite:///{folder / 'study.db'}", study_name="fashion-cnn", direction="maximize")
+    study.set_user_attr("space", {"optimizer.lr": "0.001, 0.002, 0.003"})
+    study.set_user_attr("metric", "val_accuracy")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    ghost = study.ask({"optimizer.lr": optuna.distributions.CategoricalDistribution([0.001, 0.002, 0.003])})
+    import socket
+
+    ghost.set_user_attr("host", socket.gethostname())
+    ghost.set_user_attr("pid", dead.pid)  # a worker killed in the middle of this trial
+    out = sweep(tmp_path, *spec, "--sweep-dir", str(folder))
+    assert len(out["trials"]) == 3 and all(t["state"] == "complete" for t in out["trials"])
+    trials = optuna.load_study(study_name="fashion-cnn", storage=f"sqlite:///{folder / 'study.db'}").trials
+    assert trials[0].state.name == "FAIL" and trials[0].user_attrs["retried"]
+    retry = [t for t in trials if t.user_attrs.get("retry_of") == 0]
+    assert len(retry) == 1 and retry[0].params == trials[0].params
+    assert sorted(t["params"]["optimizer.lr"] for t in out["trials"]) == [0.001, 0.002, 0.003]  # the grid, each once
+
+
+@needs_fashion
+def test_two_workers_on_one_storage_finish_exactly_n_trials(tmp_path: Path) -> None:
+    """Two processes (as on two machines) share one study through --storage; then --workers 2 in one command."""
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    cmd = [sys.executable, "-m", "fcclass.cli", "sweep", *TINY, "--set", "train.threads=1", "--set", f"train.runs_dir={tmp_path / 'runs'}",
+           "-p", "optimizer.lr=loguniform(1e-4,1e-2)", "--sampler", "random", "--pruner", "none", "-n", "5", "--storage", storage,
+           "--sweep-dir", str(tmp_path / "shared")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read()
+    import optuna
+
+    trials = optuna.load_study(study_name="fashion-cnn", storage=storage).trials
+    ran = [t for t in trials if not t.user_attrs.get("surplus")]
+    assert len(ran) == 5 and all(t.state.name == "COMPLETE" for t in ran)
+    dirs = [t.user_attrs["run_dir"] for t in ran]
+    assert len(set(dirs)) == 5 and sorted(p.name for p in (tmp_path / "shared").iterdir() if p.is_dir()) == sorted(Path(d).name for d in dirs)
+    assert {t.user_attrs["pid"] for t in ran} == {p.pid for p in procs}  # both did some of the work
+    assert all("run_dir" not in t.user_attrs for t in trials if t.user_attrs.get("surplus"))  # surplus: never trained
+    out = sweep(tmp_path, "-p", "optimizer.lr=loguniform(1e-4,1e-2)", "--sampler", "random", "--pruner", "none", "-n", "2",
+                "--workers", "2", "--sweep-dir", str(tmp_path / "local"))
+    assert len(out["trials"]) == 2 and all(t["state"] == "complete" for t in out["trials"])
