@@ -284,6 +284,16 @@ class TrainConfig(Strict):
         return v
 
 
+# ----------------------------------------------------------------------------- tracking
+class MlflowConfig(Strict):
+    uri: Annotated[str, Field(min_length=1)] | None = None  # None: MLFLOW_TRACKING_URI, else MLflow's default store
+    experiment: Annotated[str, Field(min_length=1)] | None = None  # None: MLFLOW_EXPERIMENT_NAME, else the config's name
+
+
+class TrackingConfig(Strict):
+    mlflow: MlflowConfig | None = None  # a mapping ({} will do) logs the run to MLflow; so does MLFLOW_TRACKING_URI
+
+
 class Config(Strict):
     name: Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.-]+$")] = "run"  # names run folders
     seed: int = 0
@@ -292,6 +302,7 @@ class Config(Strict):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     sweep: SweepConfig | None = None  # read by `fcclass sweep` only; `fcclass train` ignores it
 
     @field_validator("seed")

@@ -12,7 +12,7 @@ from fcclass.runs import LAST, Checkpoint, is_run_dir
 # What `--set` may change when resuming: nothing that alters the data, the model or the optimisation already done.
 RESUMABLE_KEYS = ("train.epochs", "train.early_stopping.patience", "train.early_stopping.min_delta", "train.device",
                   "train.precision", "train.threads", "train.test_at_end", "data.num_workers", "data.root", "data.path",
-                  "data.download")
+                  "data.download", "tracking.mlflow.uri")
 
 
 class RunFinished(FcclassError):

@@ -35,6 +35,7 @@ from fcclass.resume import (RESUMABLE_KEYS, RunFinished, check_more_to_train, co
                             with_absolute_paths)
 from fcclass.runs import BEST, LAST, Checkpoint, create_run_dir, lock_run
 from fcclass.schedule import LRSchedule
+from fcclass.tracking import mlflow_tracker
 
 __all__ = ["RESUMABLE_KEYS", "RunFinished", "TrainResult", "TrainState", "Trainer", "TrainingDiverged", "fit", "resume_config"]
 
@@ -474,15 +475,20 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, override
     ``callbacks`` observe the loop (see fcclass.callbacks). ``overrides``: ``--set`` items (for resume: RESUMABLE_KEYS).
     ``data_root``: on resume, where the run's data is now (the image folder, or the torchvision root), if it moved.
     """
-    observers: list[Callback] = [ConsoleProgress(console, log_interval)] if console is not None else []
-    observers += [Curves(), RunRecord(), *callbacks]
-    if resume is not None:
-        trainer = Trainer.resume(resume, overrides or (), observers, data_root)
-    elif data_root is not None:
+    if resume is None and data_root is not None:
         raise FcclassError("--data-root goes with --resume; for a new run set data.root or data.path (--set data.path=DIR).")
-    else:
-        trainer = Trainer.start(cfg if cfg is not None else load_config(overrides=list(overrides or [])), observers)
-    return trainer.fit()
+    if resume is None and cfg is None:
+        cfg = load_config(overrides=list(overrides or []))
+    tracker = mlflow_tracker(cfg, resume, overrides, console)  # None unless tracking is on; fails here when MLflow is missing
+    observers: list[Callback] = [ConsoleProgress(console, log_interval)] if console is not None else []
+    observers += [Curves(), RunRecord(), *callbacks, *([tracker] if tracker is not None else [])]  # last: logs the files the others wrote
+    trainer = Trainer.resume(resume, overrides or (), observers, data_root) if resume is not None else Trainer.start(cfg, observers)
+    try:
+        return trainer.fit()
+    except BaseException as e:
+        if tracker is not None:
+            tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
 
 
 def resume_config(run_dir: str | Path, overrides: Sequence[str] = (), data_root: str | Path | None = None) -> Config:
