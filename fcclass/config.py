@@ -120,7 +120,7 @@ def _normalize(value: Any) -> str | NormalizeStats:
 
 
 class AugmentConfig(Strict):
-    random_crop_padding: NonNegativeInt = 0
+    random_crop_padding: Annotated[int, Field(ge=0, le=256)] = 0  # pixels on each side before the random crop
     horizontal_flip: bool = False
     rotation: float = Field(0.0, ge=0.0, le=180.0)  # degrees, uniform in [-rotation, rotation]
 
@@ -338,6 +338,8 @@ def resolve_config_path(path: str | Path | None) -> Path:
         raise ConfigError(f"'{path}' is a folder; pass a YAML config file with -c/--config, or a shipped config by name: {names}.")
     if path.is_file():
         return path
+    if path.exists():
+        raise ConfigError(f"'{path}' is not a regular file (a pipe or device?); pass a YAML config file with -c/--config.")
     if not path.suffix and path.with_suffix(".yaml").is_file():  # -c fashion_mnist finds the copy `fcclass init` wrote
         return path.with_suffix(".yaml")
     name = path.name.removesuffix(".yaml")

@@ -56,6 +56,8 @@ def _set_by(err: Any, set_at: SetAt) -> list[str]:
     key that does not apply, chose its section's name."""
     key = _key_path(tuple(err["loc"]))
     keys = [key, key[:-1] + ("name",)] if err["type"] == "not_applicable" else [key]
+    if len(key) >= 3 and key[0] == "model" and key[1] == "layers":  # a layer's type set: its other keys no longer fit
+        keys.append(key[:3] + ("type",))
     return [item for at, item in set_at.items() if any(k[: len(at)] == at or (k and at[: len(k)] == k) for k in keys)]
 
 

@@ -150,7 +150,8 @@ def write_output(path: str | Path, data: bytes | str, what: str) -> None:
     check_output(path, what)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, data.encode("utf-8") if isinstance(data, str) else data)
+        # surrogateescape: a file name that is not valid UTF-8 goes out as the bytes it is on disk
+        atomic_write_bytes(path, data.encode("utf-8", "surrogateescape") if isinstance(data, str) else data)
     except OSError as e:
         raise RunWriteError(f"Cannot write {what} to '{path}': {os_error_reason(e)}.{_fix(e)}") from None
 

@@ -93,7 +93,13 @@ class Inference:
         """The run's recorded splits, read from the data as it is now (``data_root``: where the data is now)."""
         record = SplitRecord.read(self.run_dir) if self.run_dir is not None else None
         if record is not None:
-            ds = dataset_from_record(self.config.data, record, splits, root=data_root, allow_changed=allow_changed)
+            try:
+                ds = dataset_from_record(self.config.data, record, splits, root=data_root, allow_changed=allow_changed,
+                                         fetch=data_root is None)  # never unpack or download into a folder named by --data-root
+            except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+                raise CheckpointError(f"The run's splits.json ({record.dataset}) does not fit its checkpoint '{self.path}' "
+                                      f"({self.config.data.dataset}; {type(e).__name__}: {str(e)[:100]}): the files come from "
+                                      "different runs. Put the run's own best.pt and splits.json back together.") from None
         else:
             ds = self._redraw(splits, data_root)
         if ds.info.class_names != self.class_names:

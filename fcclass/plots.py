@@ -60,6 +60,14 @@ def _save(fig: Any, target: Path, dpi: int = 100) -> Path:
 
 def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Draw ``curves.png`` (or ``out``) for a run directory and return its path."""
+    try:
+        return _plot_curves(Path(run_dir), out)
+    except (ValueError, OverflowError) as e:  # matplotlib on values no training writes (1e308...)
+        raise CheckpointError(f"{Path(run_dir) / 'metrics.csv'} holds values that cannot be plotted ({str(e)[:80]}); "
+                              "it was edited or damaged. Resuming the run or training again rewrites it.") from None
+
+
+def _plot_curves(run_dir: Path, out: str | Path | None) -> Path:
     import matplotlib
 
     plt = _pyplot()

@@ -106,11 +106,46 @@ class Checkpoint:
         missing = [k for k in _INFERENCE_FIELDS if k not in raw]
         if missing:
             raise CheckpointError(f"Checkpoint '{path}' lacks {', '.join(missing)}; it is damaged. Use another checkpoint of the run.")
+        problem = _field_problem(raw)
+        if problem:
+            raise CheckpointError(f"Checkpoint '{path}' is damaged: {problem}. Use another checkpoint of the run (last.pt or best.pt).")
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in known}, format=fmt)
 
 
 _INFERENCE_FIELDS = ("model_state", "config", "class_names", "input_shape", "mean", "std", "epoch")
+
+
+def _field_problem(raw: dict[str, Any]) -> str | None:
+    """What is wrong with the fields inference uses, if anything: a file can load safely and still be nonsense."""
+    import math
+
+    import torch
+
+    state, shape = raw["model_state"], raw["input_shape"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        return "model_state is not a mapping of names to tensors"
+    for name, t in state.items():
+        if t.layout != torch.strided or (t.is_floating_point() and t.dtype != torch.float32) or t.is_complex():
+            return f"weight {name} is {t.dtype} {t.layout}, not the dense float32 fcclass saves"
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return f"weight {name} holds NaN or infinite values"
+    if not isinstance(raw["config"], dict) or not isinstance(raw["class_names"], list) or not raw["class_names"] \
+            or not all(isinstance(c, str) for c in raw["class_names"]):
+        return "its config or class names are missing"
+    if not isinstance(shape, (list, tuple)) or len(shape) not in (1, 3) or not all(type(s) is int and 0 < s <= 65536 for s in shape):
+        return f"input_shape {str(shape)[:50]} is not [channels, height, width]"
+    channels = shape[0] if len(shape) == 3 else 1
+    for key in ("mean", "std"):
+        values = raw[key]
+        if not isinstance(values, (list, tuple)) or len(values) not in (0, channels) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            return f"{key} must be {channels} finite number(s), not {str(values)[:50]}"
+    if any(v <= 0 for v in raw["std"]) or len(raw["mean"]) != len(raw["std"]):
+        return "std must be positive, one per mean"
+    if type(raw["epoch"]) is not int or raw["epoch"] < 0:
+        return "epoch is not a whole number"
+    return None
 
 
 def _safe_torch_load(path: Path) -> Any:
@@ -214,7 +249,11 @@ def run_config(run_dir: str | Path) -> Any:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise CheckpointError(f"'{run_dir}' is not a run directory (no config.yaml). Pass a folder made by `fcclass train`.")
-    raw = parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"Cannot read {path} ({str(e)[:100]}); it is damaged. Restore it from a copy of the run.") from None
+    raw = parse_yaml(text, str(path))
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path} is damaged: it does not hold a config mapping.")
     return config_from_dict(raw, source=str(path), stored=True)

@@ -140,7 +140,7 @@ def pruner(sweep: Sweep) -> Any:
     import optuna
 
     if sweep.opts.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2)  # every trial trains 2 epochs at least
     if sweep.opts.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=int(sweep.base["train"]["epochs"]))
     return optuna.pruners.NopPruner()

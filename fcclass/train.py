@@ -227,7 +227,7 @@ class Trainer:
         record = SplitRecord.read(run_dir)
         if record is None:
             raise CheckpointError(f"Cannot resume '{run_dir}': its splits.json is missing, so the data it trained on is unknown.")
-        data = dataset_from_record(cfg.data, record, ("train", "val"), root=data_location(cfg.data))
+        data = dataset_from_record(cfg.data, record, ("train", "val"), root=data_location(cfg.data), fetch=data_root is None)
         trainer = cls(cfg, run_dir, data, list(ckpt.mean), list(ckpt.std), state, callbacks, resumed=True)
         trainer.lock = lock
         trainer.restore(ckpt)
@@ -345,7 +345,7 @@ class Trainer:
         seen, lr_sum, batches = 0, 0.0, len(self.train_loader)
         loss_mean = accuracy = float("nan")
         started = time.perf_counter()
-        for batch, (x, y) in enumerate(self.train_loader, 1):
+        for batch, (x, y) in enumerate(self._batches(), 1):
             lr_sum += self.schedule.lr
             loss, logits, y = self.step(x, y)
             loss_sum += loss * y.numel()
@@ -358,14 +358,34 @@ class Trainer:
             self._emit("on_batch_end", BatchEnd(epoch, batch, batches, seen, loss_mean, accuracy, time.perf_counter() - started))
             if self._stop["signal"]:
                 return None
+        if self._stop["signal"]:  # the loader stopped early: its workers got the signal too
+            return None
         return {"epoch": epoch, "train_loss": loss_mean, "train_accuracy": accuracy, "lr": lr_sum / max(batches, 1)}
+
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The training loader's batches. A signal sent to the whole process group (timeout, Slurm, systemd) also
+        kills the DataLoader's workers; the loader then raises, and the stop is the signal's, not an error."""
+        try:
+            yield from self.train_loader
+        except RuntimeError as e:
+            if "DataLoader worker" not in str(e):
+                raise
+            if self._stop["signal"] is None:
+                time.sleep(0.5)  # the signal reaches this process's handler a moment later
+            if self._stop["signal"] is None:
+                raise FcclassError(f"{e} Out of memory? Lower data.num_workers or data.batch_size.") from None
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One optimisation step on a uint8 batch; returns the (detached) loss, logits and labels on the device."""
         x = self.train_prep(x.to(self.device, non_blocking=True), train=True)
         y = y.to(self.device, non_blocking=True)
         with autocast(self.device, self.amp_dtype):
-            logits = self.model(x)
+            try:
+                logits = self.model(x)
+            except ValueError as e:  # BatchNorm with one value per channel: a last batch of one image, a 1x1 map
+                raise FcclassError(f"{e}. BatchNormalization needs more than one value per channel while training: set "
+                                   "data.batch_size so that the training split does not leave a last batch of one image, or "
+                                   "move BatchNormalization before the layer that shrinks the feature map to 1x1.") from None
             loss = self.loss_fn(logits.float(), y)
         reg = self.model.regularization_loss()
         total = loss + reg if reg is not None else loss

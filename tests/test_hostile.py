@@ -284,3 +284,83 @@ def test_a_model_or_figure_sent_to_stdout_is_all_that_stdout_gets(trained_run: P
 
             onnx.load_from_string(proc.stdout)  # the whole of stdout is the model
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- found by an adversarial pass
+def test_data_root_is_only_read_never_filled(trained_run: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "my_images"
+    empty.mkdir()
+    res = runner.invoke(app, ["eval", str(trained_run), "--data-root", str(empty), "--no-save"])
+    assert res.exit_code == 1 and "holds no fashion_mnist files" in one_line(res.output)
+    assert list(empty.iterdir()) == []  # nothing unpacked or downloaded into a folder the user named
+
+
+@needs_fashion
+def test_batchnorm_with_a_last_batch_of_one_image_is_a_message(tmp_path: Path) -> None:
+    cfg = tmp_path / "bn.yaml"
+    cfg.write_text("name: bn\nmodel:\n  layers:\n    - {type: Dense, units: 16, activation: relu}\n    - {type: BatchNormalization}\n"
+                   "    - {type: Dense, activation: softmax}\n")
+    res = runner.invoke(app, ["train", "-c", str(cfg), "--set", f"data.root={ROOT / 'data'}", "--set", "data.limit_train=500",
+                              "--set", "train.epochs=1", "--set", "data.batch_size=449", "--set", f"train.runs_dir={tmp_path / 'runs'}"])
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit)
+    assert "BatchNormalization needs more than one value per channel" in one_line(res.output)
+
+
+def test_damaged_records_and_checkpoints_are_messages(trained_run: Path, tmp_path: Path) -> None:
+    import json
+
+    run = tmp_path / "run"
+    for edit in (lambda s: [1, 2, 3], lambda s: {**s, "splits": {**s["splits"], "test": {**s["splits"]["test"], "pool": "bogus"}}},
+                 lambda s: {**s, "size": [0, -5]}):
+        shutil.rmtree(run, ignore_errors=True)
+        shutil.copytree(trained_run, run)
+        (run / "splits.json").write_text(json.dumps(edit(json.loads((run / "splits.json").read_text()))))
+        res = runner.invoke(app, ["eval", str(run), "--no-save"])
+        assert res.exit_code == 1 and isinstance(res.exception, SystemExit) and "splits.json is damaged" in one_line(res.output)
+    import torch
+
+    from fcclass.runs import Checkpoint
+
+    for spoil, why in ((lambda c: c.model_state.update({k: v.double() for k, v in list(c.model_state.items())[:1]}), "not the dense float32"),
+                       (lambda c: next(iter(c.model_state.values())).fill_(float("nan")), "NaN or infinite"),
+                       (lambda c: setattr(c, "std", [0.0]), "std must be positive"),
+                       (lambda c: setattr(c, "mean", [0.1, 0.2, 0.3]), "mean must be 1 finite number")):
+        shutil.rmtree(run, ignore_errors=True)
+        shutil.copytree(trained_run, run)
+        ckpt = Checkpoint.load(run / "best.pt")
+        spoil(ckpt)
+        torch.save({"fcclass_checkpoint": 2, **{k: getattr(ckpt, k) for k in ("model_state", "config", "class_names", "input_shape",
+                                                                                "mean", "std", "epoch")}}, run / "best.pt")
+        res = runner.invoke(app, ["eval", str(run), "--no-save"])
+        assert res.exit_code == 1 and why in one_line(res.output), res.output
+
+
+def test_environment_oddities(trained_run: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "COLUMNS": "0"}
+    proc = subprocess.run([sys.executable, "-m", "fcclass.cli", "summary"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "Total params" in proc.stdout  # COLUMNS=0 used to hide every line
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "fcclass.cli", "summary"], capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: (os.chdir(gone), os.rmdir(gone)))
+    assert proc.returncode == 1 and "The current folder no longer exists" in proc.stderr and "Traceback" not in proc.stderr
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "fashion_mnist.yaml").symlink_to(tmp_path / "elsewhere.yaml")  # dangling
+    res = runner.invoke(app, ["init", str(tmp_path / "cfg")])
+    assert res.exit_code == 1 and "already exists" in res.output and not (tmp_path / "elsewhere.yaml").exists()
+    os.mkfifo(tmp_path / "c.yaml")
+    res = runner.invoke(app, ["config", "-c", str(tmp_path / "c.yaml")])
+    assert res.exit_code == 1 and "is not a regular file" in res.output
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    with (run / "metrics.csv").open("a") as f:
+        f.write("2,1e308,0.5,1,0.5,0.001,0.1\n3,-1e308,0.5,1,0.5,0.001,0.1\n")
+    res = runner.invoke(app, ["plot", str(run)])
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit) and "cannot be plotted" in one_line(res.output)
+    odd = tmp_path / os.fsdecode(b"bad\xff\xfe.png")
+    shutil.copy(ROOT / "samples" / "test_0.png", odd)
+    for encoding in ("utf-8", "ascii"):  # a pipe or terminal that cannot show the name gets it escaped
+        proc = subprocess.run([sys.executable, "-m", "fcclass.cli", "predict", str(odd), "--run", str(trained_run), "--csv",
+                               str(tmp_path / "p.csv")], capture_output=True, timeout=120, env={**os.environ, "PYTHONIOENCODING": encoding})
+        assert proc.returncode == 0 and b"Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert b"bad\xff\xfe.png" in (tmp_path / "p.csv").read_bytes()  # the name as it is on disk

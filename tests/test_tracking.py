@@ -20,7 +20,6 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from conftest import DATA_ROOT, ROOT, needs_fashion, small_config
-from fcclass.callbacks import Callback
 from fcclass.cli import app
 from fcclass.errors import FcclassError
 from fcclass.tracking import (ENV_EXPERIMENT, ENV_URI, MlflowTracker, flatten, git_commit, mlflow_tracker, reason,
@@ -74,13 +73,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         log.close()
 
 
-class FakeTestMetrics(Callback):
-    """Stands in for the trainer's held-out test evaluation (TrainResult.test), which the tracker logs when present."""
-
-    def on_fit_end(self, trainer: Any, result: Any) -> None:
-        result.test = {"accuracy": 0.625, "loss": 1.25, "epoch": result.best_epoch}
-
-
 def _history(client: Any, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
@@ -114,17 +106,19 @@ def test_a_run_and_its_resume_are_one_mlflow_run_on_a_real_server(tmp_path: Path
     tags = run.data.tags
     assert tags["fcclass.run_dir"] == str(run_dir) and tags["fcclass.version"]
     assert tags.get("mlflow.source.git.commit") == git_commit(ROOT)  # None outside a git checkout: no tag
-    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.yaml", "curves.png"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.yaml", "curves.png", "eval.json", "confusion_matrix.png"}
+    first_test = summary["test"]  # the trainer's end-of-training pass over the test split
+    assert _history(client, run.info.run_id, "test_accuracy") == [(first_test["epoch"], pytest.approx(first_test["accuracy"]))]
 
-    result = fit(resume=run_dir, overrides=["train.epochs=3"], callbacks=[FakeTestMetrics()])
+    result = fit(resume=run_dir, overrides=["train.epochs=3", "train.test_at_end=true"])
     assert not result.warnings
     assert json.loads((run_dir / "tracking.json").read_text())["run_id"] == record["run_id"]
     run = client.get_run(record["run_id"])
     assert [s for s, _ in _history(client, run.info.run_id, "val_accuracy")] == [1, 2, 3]
     assert run.info.status == "FINISHED" and run.data.params["train.epochs"] == "2"  # MLflow params never change...
     assert run.data.tags["resumed.train.epochs"] == "3"  # ...so the resume's value is a tag
-    assert _history(client, run.info.run_id, "test_accuracy") == [(result.best_epoch, 0.625)]
-    assert _history(client, run.info.run_id, "test_loss") == [(result.best_epoch, 1.25)]
+    assert _history(client, run.info.run_id, "test_accuracy")[-1] == (result.best_epoch, pytest.approx(result.test["accuracy"]))
+    assert _history(client, run.info.run_id, "test_loss")[-1] == (result.best_epoch, pytest.approx(result.test["loss"]))
 
 
 @needs_fashion
@@ -159,7 +153,7 @@ def test_a_dead_tracking_server_costs_one_warning_not_the_training(tmp_path: Pat
     assert "epoch 2/2" in res.stdout and "Best epoch" in res.stdout
     failed = [line for line in res.output.splitlines() if "MLflow: logging to http://127.0.0.1:9 failed" in line]
     assert len(failed) == 1 and "Connection refused" in failed[0] and "training goes on without it" in failed[0]
-    assert ("Warning: MLflow: the params and tags, 2 epochs of metrics, 2 artifacts were not logged: Failed to establish a new "
+    assert ("Warning: MLflow: the params and tags, 2 epochs of metrics, the test metrics, 4 artifacts were not logged: Failed to establish a new "
             "connection: [Errno 111] Connection refused") in res.stderr
     assert seconds < 40, f"{seconds:.0f} s"  # MLflow's own retries would take minutes per call
     (run_dir,) = runs.iterdir()

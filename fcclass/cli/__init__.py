@@ -27,6 +27,10 @@ def _plug_closed_streams() -> bool:
     for name in ("stdout", "stderr"):
         if getattr(sys, name) is None:
             setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))
+        try:  # a terminal or pipe that cannot encode a file name shows it escaped instead of failing
+            getattr(sys, name).reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError):
+            pass
     return closed
 
 
@@ -49,7 +53,11 @@ def _console(stderr: bool = False) -> Console:
     columns (epoch lines broken in two, labels cut short in tables): lay such output out 160 wide instead, unless
     COLUMNS says otherwise."""
     stream = sys.stderr if stderr else sys.stdout
-    width = None if stream.isatty() or os.environ.get("COLUMNS") else 160
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) >= 40:
+        width = int(columns)
+    else:  # no COLUMNS, or nonsense like 0: the terminal's width, or 160 in a file or pipe
+        width = None if stream.isatty() and not columns else 160 if not stream.isatty() else 80
     # soft_wrap: a message is never broken by inserted newlines (a resume command must stay one line to copy);
     # tables are still laid out to the width.
     return Console(stderr=stderr, width=width, soft_wrap=True)
@@ -86,6 +94,11 @@ def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
+            try:
+                os.getcwd()
+            except FileNotFoundError:
+                raise FcclassError("The current folder no longer exists (it was deleted after this shell entered it); "
+                                   "cd to an existing folder and run the command again.") from None
             if _STDOUT_CLOSED:
                 raise FcclassError("Standard output is closed (as with `>&-`), and fcclass writes its results there. "
                                    "Redirect it to a file or to /dev/null instead.")

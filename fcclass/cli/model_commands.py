@@ -20,7 +20,7 @@ def eval_(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Evaluate this checkpoint file instead of a run."),
     split: str = typer.Option("test", "--split", help="test | val (the split recorded when the run was trained)"),
     normalize: bool = typer.Option(False, "--normalize", help="Show the confusion matrix as fractions of each true label."),
-    misclassified: int = typer.Option(0, "--misclassified", min=0, help="Save a PNG grid of N misclassified images."),
+    misclassified: int = typer.Option(0, "--misclassified", min=0, max=400, help="Save a PNG grid of N (at most 400) misclassified images."),
     save: bool = typer.Option(True, "--save/--no-save", help="Write eval.json and confusion_matrix.png beside the checkpoint."),
     json_out: Optional[str] = JsonOpt,
     runs_dir: Path = RunsDirOpt,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -133,7 +134,7 @@ def init(
     if template not in configs:
         raise FcclassError(f"Unknown --template '{template}': the shipped configs are {', '.join(sorted(configs))}.")
     target = directory / f"{template}.yaml"
-    if target.exists() and not force:
+    if os.path.lexists(target) and not force:  # a dangling symlink too: writing would create its target elsewhere
         raise FcclassError(f"'{target}' already exists; pass --force to overwrite it, or choose another folder.")
     try:
         directory.mkdir(parents=True, exist_ok=True)

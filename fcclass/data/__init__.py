@@ -146,13 +146,13 @@ def _info(class_names: list[str], channels: int, size: Sequence[int], parts: dic
 
 
 def dataset_from_record(cfg: DataConfig, record: SplitRecord, splits: Sequence[str], root: str | Path | None = None,
-                        allow_changed: bool = False) -> Dataset:
+                        allow_changed: bool = False, fetch: bool = True) -> Dataset:
     """The splits a run recorded, read from the data as it is now (``root``: where the data is now, if it moved).
     Files that vanished or changed since training are an error unless ``allow_changed``."""
     base = Path(root).expanduser().absolute() if root is not None else record.root
     size = (int(record.size[0]), int(record.size[1]))
     if record.kind == "tensors":
-        source = open_source(cfg.model_copy(update={"root": str(base)}), pools={record.splits[s]["pool"] for s in splits})
+        source = open_source(cfg.model_copy(update={"root": str(base)}), pools={record.splits[s]["pool"] for s in splits}, fetch=fetch)
         parts = {}
         for name in splits:
             split = tensor_split(record, name, source.pools[record.splits[name]["pool"]])

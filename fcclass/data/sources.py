@@ -41,20 +41,27 @@ def data_root(cfg: DataConfig) -> Path:
     return Path(cfg.path if cfg.dataset == "imagefolder" else cfg.root).expanduser().absolute()
 
 
-def open_source(cfg: DataConfig, pools: Sequence[str] = ("train", "test")) -> Source:
-    """Read the dataset's pools; a pool not asked for stays out (the test set is not read for training, etc.)."""
+def open_source(cfg: DataConfig, pools: Sequence[str] = ("train", "test"), fetch: bool = True) -> Source:
+    """Read the dataset's pools; a pool not asked for stays out (the test set is not read for training, etc.).
+    ``fetch``: a torchvision set missing from data.root may be unpacked from Debian's copy or downloaded there;
+    False (a folder the user named with --data-root) only reads what is there."""
     spec = DATASETS[cfg.dataset]
     if isinstance(spec, TorchvisionSet):
-        return _torchvision_source(spec, cfg, pools)
+        if not fetch:
+            cfg = cfg.model_copy(update={"download": False})
+        return _torchvision_source(spec, cfg, pools, fetch)
     return imagefolder_source(data_root(cfg))
 
 
 # ----------------------------------------------------------------------------- torchvision sets
-def _torchvision_source(spec: TorchvisionSet, cfg: DataConfig, pools: Sequence[str]) -> Source:
+def _torchvision_source(spec: TorchvisionSet, cfg: DataConfig, pools: Sequence[str], fetch: bool = True) -> Source:
     import torchvision
 
     root = data_root(cfg)
-    unpacked = unpack_debian_copy(spec, root) if spec.debian_dir else 0
+    if not fetch and not (root / spec.class_name / "raw").is_dir():
+        raise DataError(f"'{root}' (given with --data-root) holds no {cfg.dataset} files: there is no {root / spec.class_name / 'raw'}. "
+                        f"Give --data-root the folder that contains {spec.class_name}/ (the run's data.root).")
+    unpacked = unpack_debian_copy(spec, root) if spec.debian_dir and fetch else 0
     cls = getattr(torchvision.datasets, spec.class_name)
     source = Source("tensors", root, [], shape=spec.shape)
     if unpacked:

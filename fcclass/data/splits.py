@@ -185,12 +185,35 @@ class SplitRecord:
             return None
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
-            if raw.get("format") != RECORD_FORMAT:
-                raise ValueError(f"format {raw.get('format')}")
-            return cls(raw["dataset"], Path(raw["root"]), list(raw["class_names"]), int(raw["channels"]),
-                       list(raw["size"]), dict(raw["splits"]))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise DataError(f"{path} is damaged ({e}); the run's recorded splits cannot be read.") from None
+            if not isinstance(raw, dict) or raw.get("format") != RECORD_FORMAT:
+                raise ValueError(f"format {raw.get('format') if isinstance(raw, dict) else type(raw).__name__}")
+            record = cls(raw["dataset"], Path(raw["root"]), list(raw["class_names"]), int(raw["channels"]),
+                         list(raw["size"]), dict(raw["splits"]))
+            record.check()
+            return record
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+            raise DataError(f"{path} is damaged ({str(e)[:200]}); the run's recorded splits cannot be read. Restore it from a "
+                            "copy of the run (fcclass writes it once, when the run starts).") from None
+
+    def check(self) -> None:
+        """Every split well formed: labels in range, one per file or index, indices and sizes that can be used."""
+        k = len(self.class_names)
+        if self.channels not in (1, 3) or len(self.size) != 2 or not all(isinstance(s, int) and 0 < s <= 65536 for s in self.size):
+            raise ValueError("channels or size out of range")
+        for name in ("train", "val", "test"):
+            split = self.splits[name]
+            labels = split["labels"] if "labels" in split else None
+            members = split.get("files", split.get("indices"))
+            if not isinstance(split, dict) or not isinstance(members, list):
+                raise ValueError(f"split {name} has no files or indices")
+            if labels is not None and (len(labels) != len(members) or not all(type(v) is int and 0 <= v < k for v in labels)):
+                raise ValueError(f"split {name}: labels must be one per entry, from 0 to {k - 1}")
+            if "indices" in split and split.get("pool") not in ("train", "test"):
+                raise ValueError(f"split {name}: pool must be train or test")
+            if "indices" in split and not all(type(v) is int and 0 <= v < 2**40 for v in members):
+                raise ValueError(f"split {name}: indices must be whole numbers >= 0")
+            if "files" in split and not all(isinstance(v, str) for v in members):
+                raise ValueError(f"split {name}: files must be paths")
 
 
 # ----------------------------------------------------------------------------- checking a recorded file split
