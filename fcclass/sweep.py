@@ -133,7 +133,8 @@ def sampler(sweep: Sweep, number: int) -> Any:
         return optuna.samplers.GridSampler({p.key: list(p.choices) for p in sweep.params}, seed=seed)
     if sweep.opts.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, sweep.opts.trials // 4)))
+    # constant_liar: trials still running count as bad results, so parallel workers do not all propose the same point
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, sweep.opts.trials // 4)), constant_liar=True)
 
 
 def pruner(sweep: Sweep) -> Any:
@@ -237,6 +238,8 @@ def work(sweep: Sweep, threads: int | None, on_trial: Callable[[Any], None] | No
             return
         study.sampler = sampler(sweep, len(study.get_trials(deepcopy=False)))
         trial = study.ask()
+        study.sampler = sampler(sweep, trial.number)  # the suggestions below: seeded by the trial's own number, which
+        # the storage hands out once, so two workers asking at the same moment never share a seed
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("pid", os.getpid())
         ahead = sum(counts(t) for t in study.get_trials(deepcopy=False) if t.number < trial.number)
