@@ -127,20 +127,9 @@ def flat_config(run_dir: Path) -> dict[str, Any]:
         raw = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
         raise FcclassError(f"Cannot read {run_dir / 'config.yaml'}: {e}") from None
-    out: dict[str, Any] = {}
+    from fcclass.tracking import flatten  # the same dotted keys MLflow gets as params
 
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict) and node:
-            for k, v in node.items():
-                walk(v, f"{prefix}.{k}" if prefix else str(k))
-        elif isinstance(node, list) and node and any(isinstance(v, (dict, list)) for v in node):
-            for i, v in enumerate(node):
-                walk(v, f"{prefix}.{i}")
-        else:
-            out[prefix] = node
-
-    walk(raw, "")
-    return out
+    return flatten(raw)
 
 
 def config_differences(runs: list[Path]) -> list[tuple[str, list[Any]]]:

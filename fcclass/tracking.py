@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -152,12 +151,10 @@ def without_password(uri: str) -> str:
 
 def git_commit(folder: Path) -> str | None:
     """HEAD of the git repository ``folder`` is in, if any (a slow or missing git gives None)."""
-    try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    commit = done.stdout.strip()
-    return commit if done.returncode == 0 and commit else None
+    from fcclass.record import git_state
+
+    state = git_state(folder)
+    return state["commit"] if state else None
 
 
 def reason(e: BaseException) -> str:

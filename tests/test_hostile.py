@@ -340,6 +340,7 @@ def test_damaged_records_and_checkpoints_are_messages(trained_run: Path, tmp_pat
         assert res.exit_code == 1 and why in one_line(res.output), res.output
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # matplotlib, on the 1e308 below
 def test_environment_oddities(trained_run: Path, tmp_path: Path) -> None:
     env = {**os.environ, "COLUMNS": "0"}
     proc = subprocess.run([sys.executable, "-m", "fcclass.cli", "summary"], env=env, capture_output=True, text=True, timeout=120)
