@@ -98,6 +98,10 @@ def list_runs(runs_dir: str | Path, filters: list[str] | None = None, sort: str 
     return sorted(rows, key=lambda r: r.sort_value(sort), reverse=descending)
 
 
+def count_runs(runs_dir: str | Path) -> int:
+    return sum(1 for p in Path(runs_dir).iterdir() if is_run(p))
+
+
 def _parse_filter(text: str) -> tuple[str, str]:
     key, sep, pattern = text.partition("=")
     if not sep or key not in FILTER_KEYS:

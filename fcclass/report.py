@@ -234,8 +234,9 @@ def _duration(seconds: Any) -> str:
     return f"{hours}h{m:02d}m" if hours else f"{m}m{s:02d}s" if m else f"{seconds:.1f}s"
 
 
-def runs_table(rows: list[Any], runs_dir: Any) -> Table:
-    table = Table(title=f"Runs in {escape(str(runs_dir))}: {len(rows)}", title_justify="left")
+def runs_table(rows: list[Any], runs_dir: Any, total: int | None = None) -> Table:
+    shown = f"{len(rows)} of {total} (filtered)" if total is not None else str(len(rows))
+    table = Table(title=f"Runs in {escape(str(runs_dir))}: {shown}", title_justify="left")
     for name, justify in (("Run", "left"), ("Started", "left"), ("Dataset", "left"), ("Params", "right"), ("Epochs", "right"),
                           ("Best val acc", "right"), ("Test acc", "right"), ("Wall", "right"), ("State", "left")):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]

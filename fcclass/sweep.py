@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from pydantic import ValidationError
+
 from fcclass.callbacks import Callback
 from fcclass.config import Config, config_from_dict
 from fcclass.data.loaders import epoch_seed
@@ -42,9 +44,10 @@ class Sweep:
         return "minimize" if self.opts.metric.endswith("loss") else "maximize"
 
 
-def plan(cfg: Config, cli_params: list[str], cli: dict[str, Any], folder: str | Path | None) -> Sweep:
+def plan(cfg: Config, cli_params: list[str], cli: dict[str, Any], folder: str | Path | None, status: bool = False) -> Sweep:
     """The sweep a command describes: the config's sweep section with the command line's values on top, every
-    trial config it can produce checked before any training starts."""
+    trial config it can produce checked before any training starts. ``status``: only to look at an existing study,
+    whose search space and trial count it recorded (no parameters needed)."""
     section = cfg.sweep.model_dump() if cfg.sweep is not None else {}
     for item in cli_params:
         key, sep, spec = item.partition("=")
@@ -58,9 +61,16 @@ def plan(cfg: Config, cli_params: list[str], cli: dict[str, Any], folder: str | 
         raise FcclassError("fcclass sweep needs Optuna: pip install 'fcclass[sweep]'.") from None
     try:
         opts = SweepConfig.model_validate(section)
-    except ValueError as e:
-        raise ConfigError(f"The sweep settings are invalid: {e}") from None
+    except ValidationError as e:
+        raise ConfigError("The sweep settings are invalid: " + "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg'].removeprefix('Value error, ')}" for err in e.errors())) from None
     params = [parse_param(k, v) for k, v in opts.params.items()]
+    if not params and status:
+        study = opts.study or cfg.name
+        target = Path(folder) if folder is not None else Path(cfg.train.runs_dir) / f"sweep-{study}"
+        base = cfg.to_dict()
+        base.pop("sweep", None)
+        return Sweep(base, [], opts, target.absolute())
     if not params:
         raise ConfigError("Nothing to sweep: give --param KEY=SPEC (e.g. --param optimizer.lr=loguniform(1e-4,1e-2)) or a "
                           "sweep: {params: ...} section in the config.")
@@ -151,8 +161,11 @@ def open_study(sweep: Sweep) -> Any:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if not sweep.params:  # --status alone: the study as it was recorded
+        return _recorded_study(sweep)
     study = optuna.create_study(storage=storage(sweep), study_name=sweep.name, direction=sweep.direction,
                                 pruner=pruner(sweep), load_if_exists=True)
+    study.set_user_attr("trials", sweep.opts.trials)
     space = {p.key: p.describe() for p in sweep.params}
     recorded = study.user_attrs.get("space")
     if recorded is None:
@@ -162,6 +175,24 @@ def open_study(sweep: Sweep) -> Any:
         raise FcclassError(f"The study '{sweep.name}' in this storage searched {recorded} for {study.user_attrs.get('metric')}; "
                            f"this command searches {space} for {sweep.opts.metric}. Name a new study with --study NAME "
                            "(or another --sweep-dir) to search something else.")
+    return study
+
+
+def _recorded_study(sweep: Sweep) -> Any:
+    import optuna
+
+    if sweep.opts.storage is None and not (sweep.folder / "study.db").is_file():
+        raise FcclassError(f"No sweep '{sweep.name}' in {sweep.folder} (no study.db). Run it first, or name it with --study / "
+                           "--sweep-dir / --storage.")
+    try:
+        study = optuna.load_study(study_name=sweep.name, storage=storage(sweep))
+    except KeyError:
+        raise FcclassError(f"No sweep '{sweep.name}' in {sweep.opts.storage or sweep.folder / 'study.db'}. Run it first, or name "
+                           "it with --study / --sweep-dir / --storage.") from None
+    attrs = study.user_attrs
+    sweep.params = [Param(key, "choice", choices=(spec,)) for key, spec in (attrs.get("space") or {}).items()]
+    sweep.opts = sweep.opts.model_copy(update={"metric": attrs.get("metric", sweep.opts.metric),
+                                               "trials": attrs.get("trials", sweep.opts.trials)})
     return study
 
 
@@ -222,7 +253,7 @@ class ReportEpochs(Callback):
         if value is None:
             return
         self.trial.report(float(value), row["epoch"])
-        if self.trial.should_prune():
+        if row["epoch"] < trainer.cfg.train.epochs and self.trial.should_prune():  # at the last epoch, nothing is saved
             trainer.stopped_by = "pruned"
 
 

@@ -90,7 +90,8 @@ def _worker(sweep: Sweep, threads: int | None) -> None:
 
 def _follow(sweep: Sweep, procs: list[Any], on_trial: Callable[[Entry], None]) -> None:
     """Print each trial as it finishes, until every worker is done."""
-    study, seen = open_study(sweep), set()
+    study = open_study(sweep)
+    seen = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}  # a rerun: only the new ones
     try:
         while True:
             alive = any(p.is_alive() for p in procs)

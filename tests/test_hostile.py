@@ -370,3 +370,8 @@ def test_environment_oddities(trained_run: Path, tmp_path: Path) -> None:
                                str(tmp_path / "p.csv")], capture_output=True, timeout=120, env={**os.environ, "PYTHONIOENCODING": encoding})
         assert proc.returncode == 0 and b"Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert b"bad\xff\xfe.png" in (tmp_path / "p.csv").read_bytes()  # the name as it is on disk
+
+
+def test_a_run_directory_given_as_images_is_a_message(trained_run: Path) -> None:
+    res = runner.invoke(app, ["predict", str(trained_run)])  # eval and export take RUN this way; predict takes --run
+    assert res.exit_code == 1 and "is a run directory, not a folder of images" in one_line(res.output)

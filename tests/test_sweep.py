@@ -58,8 +58,10 @@ def test_the_same_seed_proposes_the_same_trials_and_a_rerun_continues(tmp_path: 
     by_number = lambda out: {t["number"]: t["params"] for t in out["trials"]}  # noqa: E731
     assert len(more["trials"]) == 3 and {k: by_number(more)[k] for k in (0, 1)} == by_number(first)
     assert by_number(other) == by_number(more)
-    status = runner.invoke(app, ["sweep", *TINY, *spec, "-n", "3", "--sweep-dir", str(tmp_path / "a"), "--status"])
-    assert status.exit_code == 0 and "3 of 3 trials" in status.output
+    status = runner.invoke(app, ["sweep", "--sweep-dir", str(tmp_path / "a"), "--status"])  # the study knows its space and N
+    assert status.exit_code == 0 and "3 of 3 trials" in status.output and "optimizer.lr" in status.output
+    missing = runner.invoke(app, ["sweep", "--sweep-dir", str(tmp_path / "nope"), "--status"])
+    assert missing.exit_code == 1 and "No sweep" in missing.output and not (tmp_path / "nope").exists()
 
 
 @pytest.mark.parametrize("args, message", [
@@ -101,6 +103,8 @@ def test_a_pruned_trial_stops_training_and_its_run_says_pruned(tmp_path: Path) -
     assert result.stopped_by == "pruned" and len(result.history) == 1 and [s for s, _ in trial.reports] == [1]
     assert json.loads((result.run_dir / "summary.json").read_text())["state"] == "pruned"
     assert trial.attrs["run_dir"] == str(result.run_dir)
+    last = fit(small_config(tmp_path / "last", **{"train.epochs": 1, "data.limit_train": 400}), callbacks=[ReportEpochs(trial, "val_accuracy")])
+    assert last.stopped_by is None  # judged at its last epoch, a trial has nothing left to save: it completes
 
 
 @needs_fashion

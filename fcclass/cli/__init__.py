@@ -80,7 +80,7 @@ def _main(version: bool = typer.Option(False, "--version", callback=_print_versi
     """Train, evaluate and serve conv-pool-flatten-dense image classifiers from Keras-style YAML configs."""
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file, or a shipped config by name (fashion_mnist, mlp, cifar10, imagefolder, pytorch_examples_mnist; default: fashion_mnist).")
-SetOpt = typer.Option(None, "--set", help="Override a config key: dotted.key=value (value parsed as YAML). Repeatable.")
+SetOpt = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override a config key: dotted.key=value (value parsed as YAML). Repeatable.")
 JsonOpt = typer.Option(None, "--json", help="Write the result as JSON to FILE, or '-' for stdout (then nothing else goes to stdout).")
 RunsDirOpt = typer.Option(Path("runs"), "--runs-dir", help="Where runs are looked up.")
 DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N | mps")

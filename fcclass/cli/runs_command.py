@@ -25,7 +25,7 @@ def runs(
     sort: str = typer.Option("started", "--sort", help="started | name | dataset | params | epochs | val_accuracy | "
                              "test_accuracy | wall_seconds | state"),
     descending: bool = typer.Option(False, "--desc", help="Sort from the largest (newest) down."),
-    filters: Optional[list[str]] = typer.Option(None, "--filter", help="KEY=PATTERN with KEY name, dataset or state; "
+    filters: Optional[list[str]] = typer.Option(None, "--filter", metavar="KEY=PATTERN", help="KEY=PATTERN with KEY name, dataset or state; "
                                                 "shell-style patterns ('name=cnn-*'). Repeatable: all must match."),
     json_out: Optional[str] = JsonOpt,
 ) -> None:
@@ -33,14 +33,14 @@ def runs(
     if ctx.invoked_subcommand is not None:
         return
     _check_json_target(json_out)
-    from fcclass.history import list_runs
+    from fcclass.history import count_runs, list_runs
 
     rows = list_runs(runs_dir, filters, sort, descending)
     if json_out != "-":
         from fcclass.report import runs_table
 
         console = _human_console(json_out)
-        console.print(runs_table(rows, runs_dir))
+        console.print(runs_table(rows, runs_dir, total=None if not filters else count_runs(runs_dir)))
         if not rows:
             console.print(f"No runs in '{escape(str(runs_dir))}'{' match the filters' if filters else ''}.", highlight=False)
     _emit_json(json_out, [r.to_dict() for r in rows])
@@ -49,7 +49,7 @@ def runs(
 @runs_app.command()
 @_handle_errors
 def compare(
-    runs: list[str] = typer.Argument(..., metavar="RUN RUN [RUN]...", help="Run directories, or run names in --runs-dir."),
+    runs: list[str] = typer.Argument(..., metavar="RUN...", help="Run directories, or run names in --runs-dir."),
     out: Path = typer.Option(Path("compare.png"), "--out", "-o", help="The PNG of their validation curves, overlaid."),
     runs_dir: Path = RunsDirOpt,
     json_out: Optional[str] = JsonOpt,

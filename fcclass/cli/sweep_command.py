@@ -16,7 +16,7 @@ from fcclass.cli import ConfigOpt, JsonOpt, SetOpt, _check_json_target, _emit_js
 def sweep(
     config: Optional[Path] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
-    param: Optional[list[str]] = typer.Option(None, "--param", "-p", help="KEY=SPEC to search, KEY a dotted config key as for --set; SPEC "
+    param: Optional[list[str]] = typer.Option(None, "--param", "-p", metavar="KEY=SPEC", help="KEY=SPEC to search, KEY a dotted config key as for --set; SPEC "
                                               "0.1,0.01 (values) | uniform(a,b) | loguniform(a,b) | int(a,b). Repeatable."),
     trials: Optional[int] = typer.Option(None, "--trials", "-n", help="How many trials the study runs in all (default 20); a rerun continues to it."),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="grid | random | tpe (default tpe)"),
@@ -39,7 +39,7 @@ def sweep(
 
     cli: dict[str, Any] = {"trials": trials, "sampler": sampler, "pruner": pruner, "metric": metric, "seed": seed,
                            "storage": storage, "study": study, "workers": workers}
-    plan_ = plan(load_config(config, set_), param or [], cli, sweep_dir)
+    plan_ = plan(load_config(config, set_), param or [], cli, sweep_dir, status=status)
     console = _human_console(json_out)
     if status:
         found = open_study(plan_)
