@@ -12,6 +12,7 @@ lands past N marks that trial surplus without training it."""
 from __future__ import annotations
 
 import copy
+import math
 import os
 import socket
 import time
@@ -76,6 +77,8 @@ def plan(cfg: Config, cli_params: list[str], cli: dict[str, Any], folder: str | 
                           "sweep: {params: ...} section in the config.")
     if opts.sampler == "grid" and any(p.kind != "choice" for p in params):
         raise ConfigError("--sampler grid needs every parameter as a list of values (e.g. 0.1,0.01), not a range.")
+    if opts.sampler == "grid":  # a grid has as many trials as points; more would repeat them
+        opts = opts.model_copy(update={"trials": min(opts.trials, math.prod(len(p.choices) for p in params))})
     base = cfg.to_dict()
     base.pop("sweep", None)
     for p in params:
@@ -138,9 +141,10 @@ def _rdb(url: str) -> Any:
 def sampler(sweep: Sweep, number: int) -> Any:
     import optuna
 
+    if sweep.opts.sampler == "grid":  # one seed for the whole study: it fixes which grid point each grid_id is
+        return optuna.samplers.GridSampler({p.key: list(p.choices) for p in sweep.params},
+                                           seed=epoch_seed(sweep.opts.seed, 0, "grid") % 2**32)
     seed = epoch_seed(sweep.opts.seed, number, "sweep") % 2**32
-    if sweep.opts.sampler == "grid":
-        return optuna.samplers.GridSampler({p.key: list(p.choices) for p in sweep.params}, seed=seed)
     if sweep.opts.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     # constant_liar: trials still running count as bad results, so parallel workers do not all propose the same point
@@ -280,7 +284,11 @@ def work(sweep: Sweep, threads: int | None, on_trial: Callable[[Any], None] | No
             return
         values = {p.key: suggest(trial, p) for p in sweep.params}
         state, value = _train(sweep, trial, values, threads)
-        study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+        try:
+            study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+        except RuntimeError as e:  # the grid sampler calls study.stop() when the grid is done, which only works inside
+            if "Study.stop" not in str(e):  # study.optimize; the trial's state is stored before that (optuna's tell)
+                raise
         if on_trial is not None:
             on_trial(study.trials[trial.number])
 

@@ -17,7 +17,7 @@ from fcclass.cli import app
 from fcclass.train import TrainingDiverged, fit
 
 runner = CliRunner(env={"COLUMNS": "250"})
-SMALL = {"data.limit_train": 600, "data.limit_test": 300, "train.epochs": 2, "train.test_at_end": True}
+SMALL = {"data.limit_train": 400, "data.limit_test": 300, "train.epochs": 2, "train.test_at_end": True}
 
 
 def summary(run_dir: Path) -> dict:

@@ -119,6 +119,11 @@ def test_a_trial_whose_process_died_is_failed_and_retried(tmp_path: Path) -> Non
     study.set_user_attr("metric", "val_accuracy")
     dead = subprocess.Popen(["true"])
     dead.wait()
+    from fcclass.config import load_config
+    from fcclass.sweep import plan, sampler
+
+    made = plan(load_config(None, TINY[1::2]), ["optimizer.lr=0.001,0.002,0.003"], {"sampler": "grid"}, folder)
+    study.sampler = sampler(made, 0)  # a grid trial, as fcclass makes them
     ghost = study.ask({"optimizer.lr": optuna.distributions.CategoricalDistribution([0.001, 0.002, 0.003])})
     import socket
 
@@ -138,7 +143,7 @@ def test_two_workers_on_one_storage_finish_exactly_n_trials(tmp_path: Path) -> N
     """Two processes (as on two machines) share one study through --storage; then --workers 2 in one command."""
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
     cmd = [sys.executable, "-m", "fcclass.cli", "sweep", *TINY, "--set", "train.threads=1", "--set", f"train.runs_dir={tmp_path / 'runs'}",
-           "-p", "optimizer.lr=loguniform(1e-4,1e-2)", "--sampler", "random", "--pruner", "none", "-n", "5", "--storage", storage,
+           "-p", "optimizer.lr=loguniform(1e-4,1e-2)", "--sampler", "random", "--pruner", "none", "-n", "4", "--storage", storage,
            "--sweep-dir", str(tmp_path / "shared")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -148,9 +153,9 @@ def test_two_workers_on_one_storage_finish_exactly_n_trials(tmp_path: Path) -> N
 
     trials = optuna.load_study(study_name="fashion-cnn", storage=storage).trials
     ran = [t for t in trials if not t.user_attrs.get("surplus")]
-    assert len(ran) == 5 and all(t.state.name == "COMPLETE" for t in ran)
+    assert len(ran) == 4 and all(t.state.name == "COMPLETE" for t in ran)
     dirs = [t.user_attrs["run_dir"] for t in ran]
-    assert len(set(dirs)) == 5 and sorted(p.name for p in (tmp_path / "shared").iterdir() if p.is_dir()) == sorted(Path(d).name for d in dirs)
+    assert len(set(dirs)) == 4 and sorted(p.name for p in (tmp_path / "shared").iterdir() if p.is_dir()) == sorted(Path(d).name for d in dirs)
     assert {t.user_attrs["pid"] for t in ran} == {p.pid for p in procs}  # both did some of the work
     assert all("run_dir" not in t.user_attrs for t in trials if t.user_attrs.get("surplus"))  # surplus: never trained
     out = sweep(tmp_path, "-p", "optimizer.lr=loguniform(1e-4,1e-2)", "--sampler", "random", "--pruner", "none", "-n", "2",
