@@ -30,7 +30,7 @@ def test_train_cli_writes_a_complete_run_directory(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     res = run("train", "-c", str(ROOT / "configs" / "fashion_mnist.yaml"), "--set", "train.epochs=2",
               "--set", "data.limit_train=1000", "--set", f"train.runs_dir={runs}", "--set", f"data.root={DATA_ROOT}",
-              "--set", "optimizer.lr=0.004")
+              "--set", "optimizer.lr=0.004", "--set", "data.limit_test=300")
     assert res.exit_code == 0, res.output
     (run_dir,) = runs.iterdir()
     assert run_dir.name.startswith("fashion-cnn-")
@@ -181,7 +181,7 @@ def test_output_to_a_pipe_is_not_wrapped_at_80_columns(tmp_path: Path) -> None:
     # `fcclass train > log` must keep each epoch line whole; Rich alone wraps at 80 columns without a terminal
     env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
     out = subprocess.run([sys.executable, "-m", "fcclass.cli", "train", "--set", "data.limit_train=300", "--set", "train.epochs=1",
-                          "--set", f"data.root={DATA_ROOT}", "--set", "data.download=false", "--set", f"train.runs_dir={tmp_path}"],
+                          "--set", f"data.root={DATA_ROOT}", "--set", "data.download=false", "--set", f"train.runs_dir={tmp_path}", "--no-test"],
                          capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     (line,) = [line for line in out.stdout.splitlines() if line.startswith("epoch 1/1")]
@@ -191,7 +191,7 @@ def test_output_to_a_pipe_is_not_wrapped_at_80_columns(tmp_path: Path) -> None:
 @needs_fashion
 def test_a_pipe_or_log_file_gets_progress_lines_during_an_epoch_and_json_is_rounded(tmp_path: Path) -> None:
     args = [sys.executable, "-m", "fcclass.cli", "train", "--set", "data.limit_train=3000", "--set", "train.epochs=1",
-            "--set", f"data.root={DATA_ROOT}", "--set", f"train.runs_dir={tmp_path}", "--log-interval", "0.05"]
+            "--set", f"data.root={DATA_ROOT}", "--set", f"train.runs_dir={tmp_path}", "--log-interval", "0.05", "--no-test"]
     out = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     progress = [line for line in out.stdout.splitlines() if line.startswith("epoch 1/1  batch ")]

@@ -28,7 +28,7 @@ from fcclass.cli import app
 
 # No shrinking by default: commands take a second or more, and shrinking a failure could run for many minutes in CI;
 # the failing example is reported as it is.
-settings.register_profile("default", max_examples=30, deadline=None, derandomize=True, database=None,
+settings.register_profile("default", max_examples=20, deadline=None, derandomize=True, database=None,
                           suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.reuse, Phase.generate])
 settings.register_profile("deep", max_examples=600, deadline=None, suppress_health_check=list(HealthCheck))
 settings.load_profile(os.environ.get("FCCLASS_FUZZ", "default"))
@@ -202,7 +202,7 @@ TARGETS = ["fifo.png", "adir", "notes.txt/x", "/dev/null", "/dev/full", "out/new
 
 
 @needs_fashion
-@settings(max_examples=600 if DEEP else 14)
+@settings(max_examples=600 if DEEP else 10)
 @given(command=st.sampled_from(["predict", "export", "plot", "eval", "export-format", "predict-split"]),
        inputs=st.lists(st.sampled_from(INPUTS) | st.text(max_size=10), min_size=1, max_size=3),
        target=st.sampled_from(TARGETS) | st.text(min_size=1, max_size=10).map(lambda t: "out/" + t),
