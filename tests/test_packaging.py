@@ -73,6 +73,7 @@ def _build_wheel(dist: Path) -> Path:
     return wheel
 
 
+@pytest.mark.slow  # about 30 s (a wheel built and installed in a new venv); CI runs it after the default suite
 @needs_fashion
 def test_the_built_wheel_installed_in_a_fresh_environment_works_from_any_folder(tmp_path: Path) -> None:
     wheel = _build_wheel(tmp_path / "dist")
