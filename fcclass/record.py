@@ -63,8 +63,17 @@ def environment(trainer: "Trainer") -> dict[str, Any]:
         "device": str(trainer.device),
         "precision": _precision(trainer),
         "threads": torch.get_num_threads(),
-        "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))[:500],
+        "distributed": _distributed(trainer),
+        "command": " ".join(_program(a) if i == 0 else a for i, a in enumerate(sys.argv))[:500],
     }
+
+
+def _distributed(trainer: "Trainer") -> dict[str, Any] | None:
+    """torchrun's job (processes, machines, backend), or None for one process."""
+    job = getattr(trainer, "job", None)
+    if job is None or not job.enabled:
+        return None
+    return {"processes": job.world, "nodes": max(1, job.world // job.local_world), "backend": "nccl" if trainer.device.type == "cuda" else "gloo"}
 
 
 def _precision(trainer: "Trainer") -> str:
@@ -200,3 +209,10 @@ def live_state(run_dir: Path, summary: dict[str, Any]) -> str:
     if state == "running" and not lock_is_held(run_dir):
         return "interrupted"
     return state
+
+
+def _program(argv0: str) -> str:
+    """How the command was started, as the user would type it (``python -m fcclass`` and torchrun's processes show
+    the package's __main__.py)."""
+    name = os.path.basename(argv0)
+    return "fcclass" if name == "__main__.py" else name

@@ -24,6 +24,8 @@ from fcclass.data import (BatchPreprocess, Dataset, SplitRecord, class_weights, 
                           describe, load_dataset, make_loader, normalization)
 from fcclass.data import data_root as data_location
 from fcclass.device import autocast, precision_name, select_device, select_precision
+from fcclass.distributed import (Dist, PeerFailed, all_sum, broadcast_buffers, from_env, init, is_peer_error, loss_scale, main_first,
+                                 peer_failed, shard, shutdown)
 from fcclass.errors import CheckpointError, FcclassError
 from fcclass.files import RunWriteError, atomic_write_text, os_error_reason
 from fcclass.inference import run_model
@@ -154,22 +156,25 @@ class Trainer:
                  state: TrainState, callbacks: Sequence[Callback] = (), resumed: bool = False) -> None:
         assert data.train is not None and data.val is not None
         self.cfg, self.run_dir, self.data, self.mean, self.std, self.state = cfg, run_dir, data, mean, std, state
-        self.callbacks, self.resumed = list(callbacks), resumed
+        self.job, device = init(cfg.train.device)  # torchrun: this rank, its device, the process group
+        self.callbacks = list(callbacks) if self.job.is_main else []  # side effects (console, files, trackers): rank 0's
+        self.resumed = resumed
         self.replanned = False  # resumed with another train.epochs: the LR schedule was re-planned
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
-        self.device = select_device(cfg.train.device)
+        _set_threads(cfg.train.threads, self.job)
+        self.device = select_device(device)
         self.amp_dtype = select_precision(cfg.train.precision, self.device)
         torch.manual_seed(cfg.seed)  # the initial weights
         self.input_shape = model_input_shape(cfg, data)
         plan = build_model(cfg.model, self.input_shape, data.info.num_classes, device="meta")
         check_training(plan, min(cfg.data.batch_size, len(data.train)), self.device)  # before a single weight is allocated
         self.model: Network = build_model(cfg.model, self.input_shape, data.info.num_classes).to(self.device)
+        self.net = self._wrap_ddp()  # what training steps call: the model itself, or its DDP wrapper under torchrun
         self.class_weights = class_weights(cfg.train.class_weight, data.info)
         d = cfg.data
         self.train_loader = make_loader(data.train, d.batch_size, True, cfg.seed, data.channels, data.size,
-                                        balanced=d.sampler == "balanced", device=self.device, num_workers=d.num_workers)
-        self.val_loader = (make_loader(data.val, 256, False, cfg.seed, data.channels, data.size, device=self.device,
+                                        balanced=d.sampler == "balanced", device=self.device, num_workers=d.num_workers, job=self.job)
+        val = data.val.subset(shard(torch.arange(len(data.val)), self.job)) if self.job.enabled else data.val
+        self.val_loader = (make_loader(val, 256, False, cfg.seed, data.channels, data.size, device=self.device,
                                        num_workers=d.num_workers) if len(data.val) else None)
         self.train_prep = BatchPreprocess(mean, std, d.augment, cfg.seed)
         self.eval_prep = BatchPreprocess(mean, std)
@@ -187,15 +192,36 @@ class Trainer:
         self.lock: Any = None  # held while this process trains the run (runs.lock_run)
         self.stopped_by: str | None = None  # a callback ended training after an epoch (e.g. "pruned" by a sweep)
 
+    def _wrap_ddp(self) -> nn.Module:
+        """Under torchrun, DistributedDataParallel around the model (its gradients averaged over the ranks in backward);
+        with train.sync_batchnorm, BatchNormalization first becomes SyncBatchNorm (batch statistics over every rank)."""
+        if not self.job.enabled:
+            return self.model
+        from torch.nn.parallel import DistributedDataParallel
+
+        if self.cfg.train.sync_batchnorm:
+            if self.device.type != "cuda":
+                raise FcclassError("train.sync_batchnorm needs CUDA GPUs (PyTorch's SyncBatchNorm does not run on the CPU); "
+                                   "remove it to train on CPUs, where each process normalises its part of the batch.")
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        try:
+            return DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        except RuntimeError as e:
+            raise peer_failed(self.job, e) from None
+
     # ------------------------------------------------------------------------- building
     @classmethod
     def start(cls, cfg: Config, callbacks: Sequence[Callback] = ()) -> "Trainer":
         """A new run: draw and record the splits, build everything, then create the run directory."""
         cfg = with_absolute_paths(cfg)
+        job, _ = init(cfg.train.device)
         _check_fits_early(cfg)
-        data = load_dataset(cfg.data, cfg.seed, splits=("train", "val"))  # the test split is recorded, not loaded
+        with main_first(job):  # each machine's first process downloads or unpacks the data for the others
+            data = load_dataset(cfg.data, cfg.seed, splits=("train", "val"))  # the test split is recorded, not loaded
         mean, std = normalization(cfg.data, data)
         trainer = cls(cfg, None, data, mean, std, TrainState(), callbacks)
+        if not job.is_main:
+            return trainer  # only rank 0 writes the run directory
         record = data.record()
         run_dir = trainer.run_dir = create_run_dir(cfg.train.runs_dir, cfg.name)
         trainer.lock = lock_run(run_dir)
@@ -219,7 +245,8 @@ class Trainer:
         run_dir = Path(run_dir)
         ckpt = resumable_checkpoint(run_dir)
         cfg = config_for_resume(run_dir, ckpt, overrides, data_root)
-        lock = lock_run(run_dir)
+        job, _ = init(cfg.train.device)
+        lock = lock_run(run_dir) if job.is_main else None
         state = TrainState.from_dict(ckpt.train_state or {})
         es = cfg.train.early_stopping
         state.stopped_early = es.patience is not None and state.es_wait >= es.patience
@@ -227,10 +254,13 @@ class Trainer:
         record = SplitRecord.read(run_dir)
         if record is None:
             raise CheckpointError(f"Cannot resume '{run_dir}': its splits.json is missing, so the data it trained on is unknown.")
-        data = dataset_from_record(cfg.data, record, ("train", "val"), root=data_location(cfg.data), fetch=data_root is None)
+        with main_first(job):
+            data = dataset_from_record(cfg.data, record, ("train", "val"), root=data_location(cfg.data), fetch=data_root is None)
         trainer = cls(cfg, run_dir, data, list(ckpt.mean), list(ckpt.std), state, callbacks, resumed=True)
         trainer.lock = lock
         trainer.restore(ckpt)
+        if not job.is_main:
+            return trainer
         try:
             if cfg.to_dict() != ckpt.config:
                 atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
@@ -276,7 +306,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------- the loop
     def fit(self) -> TrainResult:
-        assert self.run_dir is not None
+        assert self.run_dir is not None or not self.job.is_main
         self._emit("on_fit_start")
         result = TrainResult(self.run_dir, self.state.history, None, None, device=str(self.device),
                              precision=precision_name(self.amp_dtype))
@@ -288,7 +318,7 @@ class Trainer:
                     started = time.perf_counter()
                     row = self.train_epoch(epoch)
                     if row is None:
-                        result.interrupted = stop["signal"]
+                        result.interrupted = stop["signal"] or "a signal to another process of the job"
                         self._emit("on_interrupt", stop["signal"], epoch)
                         break
                     row.update(self.validate())
@@ -299,19 +329,22 @@ class Trainer:
                         break
         except BaseException as e:
             self._release()
-            if self.state.epoch == 0 and not self.resumed:
+            if self.run_dir is not None and self.state.epoch == 0 and not self.resumed:
                 shutil.rmtree(self.run_dir, ignore_errors=True)  # nothing was learned: leave no half-made run behind
             else:
                 self._emit("on_fit_error", e)
+            if isinstance(e, PeerFailed) or (self.job.enabled and isinstance(e, RuntimeError) and is_peer_error(e)):
+                raise peer_failed(self.job, getattr(e, "error", e), self.run_dir) from None
             raise
         self._release()
-        if result.interrupted and self.state.epoch == 0 and not self.resumed:
+        if result.interrupted and self.state.epoch == 0 and not self.resumed and self.run_dir is not None:
             shutil.rmtree(self.run_dir, ignore_errors=True)
             result.removed = True
         result.history, result.best_epoch, result.best = self.state.history, self.state.best_epoch, self.state.best
         result.stopped_early = self.state.stopped_early
         result.stopped_by = self.stopped_by
-        if self.cfg.train.test_at_end and not result.interrupted and not self.stopped_by and self.state.best_epoch is not None:
+        if (self.cfg.train.test_at_end and self.job.is_main and not result.interrupted and not self.stopped_by
+                and self.state.best_epoch is not None):
             result.test = self._test_best(result)
         self._emit("on_fit_end", result)
         return result
@@ -333,8 +366,8 @@ class Trainer:
         """Every random stream of an epoch (order, augmentation, dropout) is seeded from (seed, epoch): a resumed run
         repeats an uninterrupted one exactly, with no generator state to carry over."""
         self.train_loader.set_epoch(epoch)
-        self.train_prep.set_epoch(epoch)
-        torch.manual_seed(epoch_seed(self.cfg.seed, epoch, "model"))
+        self.train_prep.set_epoch(epoch, self.job.rank)
+        torch.manual_seed(epoch_seed(self.cfg.seed, epoch, "model" if not self.job.rank else f"model:{self.job.rank}"))
 
     def train_epoch(self, epoch: int) -> dict[str, Any] | None:
         """One pass over the training split; None if a signal stopped it."""
@@ -342,25 +375,37 @@ class Trainer:
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)  # float32: MPS has no float64
         correct = torch.zeros((), device=self.device, dtype=torch.int64)
-        seen, lr_sum, batches = 0, 0.0, len(self.train_loader)
+        seen, images, lr_sum, batches = 0, 0, 0.0, len(self.train_loader)
         loss_mean = accuracy = float("nan")
+        stop = False
         started = time.perf_counter()
         for batch, (x, y) in enumerate(self._batches(), 1):
             lr_sum += self.schedule.lr
-            loss, logits, y = self.step(x, y)
+            whole = self.train_loader.global_size(batch - 1)  # the job's batch, of which this rank has its part
+            loss, logits, y = self.step(x, y, loss_scale(y.numel(), whole, self.job))
             loss_sum += loss * y.numel()
             correct += (logits.argmax(1) == y).sum()
-            seen += y.numel()
+            seen, images = seen + y.numel(), images + whole
             if batch % self.sync_every == 0 or batch == batches:
-                loss_mean, accuracy = float(loss_sum) / seen, float(correct) / seen
+                loss_mean, accuracy, stop = self._running_means(loss_sum, correct, seen)
                 if not math.isfinite(loss_mean):
                     raise self._diverged(epoch, batch, loss_mean)
-            self._emit("on_batch_end", BatchEnd(epoch, batch, batches, seen, loss_mean, accuracy, time.perf_counter() - started))
-            if self._stop["signal"]:
+            self._emit("on_batch_end", BatchEnd(epoch, batch, batches, images, loss_mean, accuracy, time.perf_counter() - started))
+            if stop or (self._stop["signal"] and not self.job.enabled):
                 return None
-        if self._stop["signal"]:  # the loader stopped early: its workers got the signal too
+        if self._stop["signal"] and not self.job.enabled:  # the loader stopped early: its workers got the signal too
             return None
         return {"epoch": epoch, "train_loss": loss_mean, "train_accuracy": accuracy, "lr": lr_sum / max(batches, 1)}
+
+    def _running_means(self, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> tuple[float, float, bool]:
+        """The epoch's mean loss and accuracy so far, and whether to stop; under torchrun, summed over every rank, so
+        that all ranks agree (a signal to any process stops every one at the same batch, with nothing left waiting)."""
+        if not self.job.enabled:
+            return float(loss_sum) / seen, float(correct) / seen, bool(self._stop["signal"])
+        flag = 1.0 if self._stop["signal"] else 0.0
+        totals = all_sum(torch.stack([loss_sum.float(), correct.float(), loss_sum.new_tensor(float(seen)),
+                                      loss_sum.new_tensor(flag)]), self.job).tolist()
+        return totals[0] / totals[2], totals[1] / totals[2], totals[3] > 0
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The training loader's batches. A signal sent to the whole process group (timeout, Slurm, systemd) also
@@ -375,20 +420,22 @@ class Trainer:
             if self._stop["signal"] is None:
                 raise FcclassError(f"{e} Out of memory? Lower data.num_workers or data.batch_size.") from None
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One optimisation step on a uint8 batch; returns the (detached) loss, logits and labels on the device."""
+    def step(self, x: torch.Tensor, y: torch.Tensor, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One optimisation step on a uint8 batch; returns the (detached) loss, logits and labels on the device.
+        ``scale``: this rank's share of the job's batch (distributed.loss_scale), applied to the gradient only."""
         x = self.train_prep(x.to(self.device, non_blocking=True), train=True)
         y = y.to(self.device, non_blocking=True)
         with autocast(self.device, self.amp_dtype):
             try:
-                logits = self.model(x)
+                logits = self.net(x)
             except ValueError as e:  # BatchNorm with one value per channel: a last batch of one image, a 1x1 map
                 raise FcclassError(f"{e}. BatchNormalization needs more than one value per channel while training: set "
                                    "data.batch_size so that the training split does not leave a last batch of one image, or "
                                    "move BatchNormalization before the layer that shrinks the feature map to 1x1.") from None
             loss = self.loss_fn(logits.float(), y)
         reg = self.model.regularization_loss()
-        total = loss + reg if reg is not None else loss
+        total = loss * scale if scale != 1.0 else loss
+        total = total + reg if reg is not None else total
         self.optimizer.zero_grad(set_to_none=True)
         clip = self.cfg.train.grad_clip
         if self.scaler is not None:
@@ -410,9 +457,18 @@ class Trainer:
         """Keras's val_loss: the training loss function (label smoothing included, class weights not) on val data."""
         if self.val_loader is None:
             return {"val_loss": None, "val_accuracy": None}
+        broadcast_buffers(self.model, self.job)  # every rank validates with rank 0's BatchNorm statistics
         logits, labels = run_model(self.model, self.val_loader, self.eval_prep, self.device, self.amp_dtype)
-        loss = nn.functional.cross_entropy(logits, labels, label_smoothing=self.cfg.train.label_smoothing)
-        return {"val_loss": float(loss), "val_accuracy": float((logits.argmax(1) == labels).float().mean())}
+        if not self.job.enabled:
+            loss = nn.functional.cross_entropy(logits, labels, label_smoothing=self.cfg.train.label_smoothing)
+            return {"val_loss": float(loss), "val_accuracy": float((logits.argmax(1) == labels).float().mean())}
+        sums = torch.zeros(3)  # this rank's shard of the val split: loss sum, correct, images
+        if labels.numel():
+            sums += torch.tensor([float(nn.functional.cross_entropy(logits, labels, reduction="sum",
+                                                                    label_smoothing=self.cfg.train.label_smoothing)),
+                                  float((logits.argmax(1) == labels).sum()), float(labels.numel())])
+        loss_sum, correct, n = all_sum(sums.to(self.device), self.job).tolist()
+        return {"val_loss": loss_sum / n, "val_accuracy": correct / n}
 
     def end_epoch(self, row: dict[str, Any]) -> bool:
         """Record the epoch: schedule, best checkpoint, early stopping, then the files. Returns whether it is the best."""
@@ -431,7 +487,8 @@ class Trainer:
         else:
             st.es_wait += 1
         st.stopped_early = es.patience is not None and st.es_wait >= es.patience
-        self.save(row, is_best)
+        if self.job.is_main:
+            self.save(row, is_best)
         return is_best
 
     def save(self, row: dict[str, Any], is_best: bool) -> None:
@@ -499,16 +556,31 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, override
         raise FcclassError("--data-root goes with --resume; for a new run set data.root or data.path (--set data.path=DIR).")
     if resume is None and cfg is None:
         cfg = load_config(overrides=list(overrides or []))
-    tracker = mlflow_tracker(cfg, resume, overrides, console)  # None unless tracking is on; fails here when MLflow is missing
-    observers: list[Callback] = [ConsoleProgress(console, log_interval)] if console is not None else []
+    job = from_env()  # under torchrun: only rank 0 prints, records and tracks
+    tracker = mlflow_tracker(cfg, resume, overrides, console) if job.is_main else None  # None unless tracking is on
+    observers: list[Callback] = [ConsoleProgress(console, log_interval)] if console is not None and job.is_main else []
     observers += [Curves(), RunRecord(), *callbacks, *([tracker] if tracker is not None else [])]  # last: logs the files the others wrote
-    trainer = Trainer.resume(resume, overrides or (), observers, data_root) if resume is not None else Trainer.start(cfg, observers)
     try:
+        trainer = Trainer.resume(resume, overrides or (), observers, data_root) if resume is not None else Trainer.start(cfg, observers)
         return trainer.fit()
     except BaseException as e:
         if tracker is not None:
             tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
+    finally:
+        if job.enabled:
+            shutdown()
+
+
+def _set_threads(threads: int | None, job: Dist) -> None:
+    """train.threads, else under torchrun the machine's cores shared among its processes (never more busy threads than
+    cores), unless OMP_NUM_THREADS says otherwise."""
+    import os
+
+    if threads:
+        torch.set_num_threads(threads)
+    elif job.enabled and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // job.local_world))
 
 
 def resume_config(run_dir: str | Path, overrides: Sequence[str] = (), data_root: str | Path | None = None) -> Config:

@@ -104,7 +104,9 @@ def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                                    "Redirect it to a file or to /dev/null instead.")
             return fn(*args, **kwargs)
         except FcclassError as e:
-            err_console.print(f"[bold red]Error:[/bold red] [red]{escape(str(e))}[/red]", highlight=False, soft_wrap=True)
+            rank = os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1") else "0"
+            where = f" (rank {escape(rank)})" if rank != "0" else ""  # under torchrun: which process says so
+            err_console.print(f"[bold red]Error{where}:[/bold red] [red]{escape(str(e))}[/red]", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]Interrupted.[/yellow]")

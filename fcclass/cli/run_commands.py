@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from rich.console import Console
 from rich.markup import escape
 
 from fcclass.cli import (ConfigOpt, JsonOpt, SetOpt, _check_json_target, _console, _emit_json, _handle_errors, _human_console,
@@ -28,10 +29,16 @@ def train(
     log_interval: float = typer.Option(10.0, "--log-interval", min=0, help="Written to a file or pipe: a progress line every N seconds during an epoch (0: none)."),
     test: bool = typer.Option(True, "--test/--no-test", help="At the end, evaluate the best checkpoint on the test split "
                               "(eval.json, confusion_matrix.png, the test figures in summary.json); same as train.test_at_end."),
+    nproc: Optional[int] = typer.Option(None, "--nproc-per-node", min=1, max=1024, help="Train with N processes on this machine "
+                                        "(DistributedDataParallel, started through torchrun: one per GPU, or gloo on CPUs). "
+                                        "data.batch_size is the global batch. For several machines run torchrun yourself (README)."),
     json_out: Optional[str] = JsonOpt,
 ) -> None:
     """Train a model from a YAML config (default: the Fashion-MNIST CNN) into runs/<name>-<timestamp>/."""
     _check_json_target(json_out)
+    if nproc is not None and "WORLD_SIZE" not in os.environ and not print_config:
+        _launch(nproc, config, set_, resume, data_root, log_interval, test, json_out)
+        return
     set_ = [*(set_ or []), "train.test_at_end=false"] if not test else set_
     if resume is not None and config is not None:
         raise FcclassError(f"--resume continues '{resume}' with the config it was trained with ({resume / 'config.yaml'}), so -c/--config "
@@ -48,7 +55,9 @@ def train(
     cfg = None if resume is not None else load_config(config, set_)
     from fcclass.train import RunFinished, fit
 
-    console = _human_console(json_out)
+    rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports; the others train quietly
+    console = _human_console(json_out) if rank0 else Console(quiet=True)
+    json_out = json_out if rank0 else None
     try:
         result = fit(cfg, resume=resume, overrides=set_ if resume is not None else None, console=console,
                      log_interval=log_interval, data_root=data_root)
@@ -56,6 +65,8 @@ def train(
         console.print(f"[yellow]{escape(str(e))}[/yellow]", highlight=False)
         _emit_json(json_out, {"run_dir": str(resume), "finished": True, "message": str(e)})
         return
+    if not rank0:  # rank 0 reports the job's results
+        raise typer.Exit(130 if result.interrupted else 0)
     for warning in result.warnings:
         err_console.print(f"[yellow]Warning: {escape(warning)}[/yellow]", highlight=False)
     if result.removed:
@@ -78,6 +89,21 @@ def train(
                           "history": [rounded_row(r) for r in result.history]})
     if result.interrupted:
         raise typer.Exit(130)
+
+
+def _launch(nproc: int, config: Optional[Path], set_: Optional[list[str]], resume: Optional[Path], data_root: Optional[Path],
+            log_interval: float, test: bool, json_out: Optional[str]) -> None:
+    """--nproc-per-node: this same command, started N times by torchrun."""
+    args = ["train", *(["-c", str(config)] if config is not None else []), *(f"--set={item}" for item in set_ or []),
+            *(["--resume", str(resume)] if resume is not None else []), *(["--data-root", str(data_root)] if data_root else []),
+            f"--log-interval={log_interval}", *([] if test else ["--no-test"]), *(["--json", json_out] if json_out else [])]
+    if resume is None:
+        from fcclass.config import load_config
+
+        load_config(config, set_)  # a config mistake is reported once, here, rather than by every process
+    from fcclass.distributed import launch
+
+    launch(nproc, args)
 
 
 def _resolved_config(config: Optional[Path], set_: Optional[list[str]], run: Optional[Path], data_root: Optional[Path] = None) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -9,6 +10,7 @@ import typer
 from rich.markup import escape
 
 from fcclass.cli import ConfigOpt, JsonOpt, SetOpt, _check_json_target, _emit_json, _handle_errors, _human_console, app
+from fcclass.errors import FcclassError
 
 
 @app.command()
@@ -33,6 +35,9 @@ def sweep(
 ) -> None:
     """Search hyperparameters with Optuna: every trial is a normal run; at the end a leaderboard and the best config."""
     _check_json_target(json_out)
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1"):
+        raise FcclassError("fcclass sweep does not run under torchrun: each trial is one process. Run trials in parallel "
+                           "with --workers K, or start `fcclass sweep` on several machines with one shared --storage.")
     from fcclass.config import load_config
     from fcclass.sweep import open_study, plan
     from fcclass.sweep_run import leaderboard, run, write_best

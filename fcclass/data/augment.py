@@ -22,8 +22,9 @@ class BatchPreprocess:
         self.augment, self.seed = augment, seed
         self.generator = torch.Generator().manual_seed(epoch_seed(seed, 0, "augment"))
 
-    def set_epoch(self, epoch: int) -> None:
-        self.generator.manual_seed(epoch_seed(self.seed, epoch, "augment"))
+    def set_epoch(self, epoch: int, rank: int = 0) -> None:
+        """Seed the epoch's augmentation from (seed, epoch) and, under torchrun, the rank (each rank augments its own images)."""
+        self.generator.manual_seed(epoch_seed(self.seed, epoch, "augment" if not rank else f"augment:{rank}"))
 
     def __call__(self, x: torch.Tensor, train: bool = False) -> torch.Tensor:
         x = x.float().div_(255.0)

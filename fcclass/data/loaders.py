@@ -5,7 +5,6 @@ resumed run sees exactly the batches an uninterrupted one would, whatever the nu
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 from typing import Any, Iterator, Sequence
 
@@ -13,6 +12,7 @@ import torch
 
 from fcclass.data.images import describe_bad_files, load_resized, unreadable
 from fcclass.data.splits import Split
+from fcclass.distributed import SINGLE, Dist
 from fcclass.errors import DataError
 
 
@@ -32,6 +32,24 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool, weights: torch.Ten
     return torch.randperm(n, generator=gen)
 
 
+def epoch_batches(n: int, batch_size: int, job: Dist = SINGLE) -> list[tuple[int, int, int]]:
+    """(start, end, global size) of this rank's part of every batch of an epoch, as positions in the epoch's order.
+    Each global batch is cut into contiguous parts, one per rank, whose sizes differ by at most one; a last batch
+    smaller than the number of processes is left out (every rank must take part in every step)."""
+    out = []
+    for start in range(0, n, batch_size):
+        size = min(batch_size, n - start)
+        if not job.enabled:
+            out.append((start, start + size, size))
+            continue
+        if size < job.world:
+            continue
+        base, extra = divmod(size, job.world)
+        lo = start + job.rank * base + min(job.rank, extra)
+        out.append((lo, lo + base + (job.rank < extra), size))
+    return out
+
+
 def balanced_weights(labels: torch.Tensor) -> torch.Tensor:
     """Per-sample weights that make every class equally likely (the balanced sampler)."""
     counts = torch.bincount(labels).double().clamp_min(1)
@@ -42,46 +60,53 @@ class TensorLoader:
     """Batches of an in-memory uint8 tensor by indexing: no per-sample Python work."""
 
     def __init__(self, split: Split, batch_size: int, shuffle: bool, seed: int, weights: torch.Tensor | None = None,
-                 device: Any = "cpu") -> None:
+                 device: Any = "cpu", job: Dist = SINGLE) -> None:
         assert split.images is not None
         self.images = split.images.to(device)
         self.labels = split.labels.to(device)
         self.batch_size, self.shuffle, self.seed, self.weights = batch_size, shuffle, seed, weights
+        self.batches = epoch_batches(self.labels.numel(), batch_size, job)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return math.ceil(self.labels.numel() / self.batch_size)
+        return len(self.batches)
+
+    def global_size(self, batch: int) -> int:
+        """Images in the whole job's batch ``batch`` (0-based), of which this rank trains on its part."""
+        return self.batches[batch][2]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = self.labels.numel()
-        order = epoch_order(n, self.seed, self.epoch, self.shuffle, self.weights)
-        for start in range(0, n, self.batch_size):
+        order = epoch_order(self.labels.numel(), self.seed, self.epoch, self.shuffle, self.weights)
+        for start, end, _ in self.batches:
             if order is None:
-                yield self.images[start : start + self.batch_size], self.labels[start : start + self.batch_size]
+                yield self.images[start:end], self.labels[start:end]
             else:
-                idx = order[start : start + self.batch_size].to(self.labels.device)
+                idx = order[start:end].to(self.labels.device)
                 yield self.images[idx], self.labels[idx]
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """The DataLoader's sampler: ``epoch_order`` of the epoch set with ``set_epoch``."""
+    """The DataLoader's batch sampler: this rank's part of each batch of ``epoch_order`` for the epoch set with
+    ``set_epoch``."""
 
-    def __init__(self, n: int, seed: int, shuffle: bool, weights: torch.Tensor | None) -> None:
+    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool, weights: torch.Tensor | None, job: Dist = SINGLE) -> None:
         self.n, self.seed, self.shuffle, self.weights = n, seed, shuffle, weights
+        self.batches = epoch_batches(n, batch_size, job)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.n
+        return len(self.batches)
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[list[int]]:
         order = epoch_order(self.n, self.seed, self.epoch, self.shuffle, self.weights)
-        return iter(range(self.n) if order is None else order.tolist())
+        order_list = list(range(self.n)) if order is None else order.tolist()
+        return iter([order_list[start:end] for start, end, _ in self.batches])
 
 
 class _FileDataset(torch.utils.data.Dataset):
@@ -105,16 +130,17 @@ class FileLoader:
     split listed (one sweep over the split), not just the first one found."""
 
     def __init__(self, split: Split, batch_size: int, shuffle: bool, seed: int, channels: int, size: Sequence[int],
-                 weights: torch.Tensor | None = None, device: Any = "cpu", num_workers: int | None = None) -> None:
+                 weights: torch.Tensor | None = None, device: Any = "cpu", num_workers: int | None = None,
+                 job: Dist = SINGLE) -> None:
         from torch.utils.data import DataLoader
 
         self.split, self.channels = split, channels
-        self.sampler = EpochSampler(len(split), seed, shuffle, weights)
+        self.sampler = EpochSampler(len(split), batch_size, seed, shuffle, weights, job)
         workers = min(4, os.cpu_count() or 1) if num_workers is None else num_workers
         # A generator of its own: without one, DataLoader seeds its workers from torch's global generator when it
         # starts them, which would shift the dropout masks of that epoch (and a resumed run starts them an epoch later).
-        self.loader = DataLoader(_FileDataset(split.files or [], split.labels, channels, size), batch_size=batch_size,
-                                 sampler=self.sampler, num_workers=workers, persistent_workers=workers > 0,
+        self.loader = DataLoader(_FileDataset(split.files or [], split.labels, channels, size),
+                                 batch_sampler=self.sampler, num_workers=workers, persistent_workers=workers > 0,
                                  pin_memory=torch.device(device).type == "cuda", generator=torch.Generator().manual_seed(seed))
 
     def set_epoch(self, epoch: int) -> None:
@@ -122,6 +148,9 @@ class FileLoader:
 
     def __len__(self) -> int:
         return len(self.loader)
+
+    def global_size(self, batch: int) -> int:
+        return self.sampler.batches[batch][2]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for x, y in self.loader:
@@ -133,11 +162,12 @@ class FileLoader:
 
 
 def make_loader(split: Split, batch_size: int, shuffle: bool, seed: int, channels: int, size: Sequence[int],
-                balanced: bool = False, device: Any = "cpu", num_workers: int | None = None) -> TensorLoader | FileLoader:
+                balanced: bool = False, device: Any = "cpu", num_workers: int | None = None, job: Dist = SINGLE) -> TensorLoader | FileLoader:
+    """The loader of a split; with ``job`` (distributed training), of this rank's part of every batch."""
     weights = balanced_weights(split.labels) if balanced else None
     if split.images is not None:
-        return TensorLoader(split, batch_size, shuffle, seed, weights, device)
-    return FileLoader(split, batch_size, shuffle, seed, channels, size, weights, device, num_workers)
+        return TensorLoader(split, batch_size, shuffle, seed, weights, device, job)
+    return FileLoader(split, batch_size, shuffle, seed, channels, size, weights, device, num_workers, job)
 
 
 def channel_stats(split: Split, channels: int, size: Sequence[int], num_workers: int | None = None,

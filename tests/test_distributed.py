@@ -1,0 +1,192 @@
+"""Distributed data-parallel training on CPUs (gloo): torchrun's processes on this machine, two torchrun agents
+simulating two nodes through c10d rendezvous, a rank that dies, and the sharding arithmetic behind them."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import DATA_ROOT, needs_fashion
+
+FCCLASS = [sys.executable, "-m", "fcclass"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+# No BatchNormalization, dropout or augmentation: with the same global batch and seed, the processes' summed
+# gradients equal one process's, so the runs agree to float rounding (BatchNorm normalises each process's part of
+# the batch, and dropout draws per process, which a model that has them turns into small differences).
+PLAIN = """
+name: plain
+seed: 0
+data: {{dataset: fashion_mnist, root: {root}, download: false, limit_train: {n}, limit_test: 300, batch_size: 99}}
+model:
+  layers:
+    - {{type: Conv2D, filters: 8, kernel_size: 3, activation: relu}}
+    - {{type: MaxPooling2D, pool_size: 2}}
+    - {{type: Flatten}}
+    - {{type: Dense, units: 32, activation: relu}}
+    - {{type: Dense, activation: softmax}}
+optimizer: {{name: adam, lr: 0.003}}
+train: {{epochs: {epochs}, threads: 1, test_at_end: false, runs_dir: runs}}
+"""
+
+
+def _config(tmp_path: Path, n: int = 2000, epochs: int = 2) -> Path:
+    path = tmp_path / "plain.yaml"
+    path.write_text(PLAIN.format(root=DATA_ROOT, n=n, epochs=epochs))
+    return path
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "160"}
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _metrics(run_dir: Path) -> list[dict[str, float]]:
+    with open(run_dir / "metrics.csv") as f:
+        return [{k: float(v) for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+
+
+def _close(a: list[dict[str, float]], b: list[dict[str, float]]) -> None:
+    """The stated tolerance: losses within 1e-3, accuracies within 0.5 points, the same LR."""
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b):
+        for key in ("train_loss", "val_loss"):
+            assert abs(ra[key] - rb[key]) < 1e-3, (key, ra, rb)
+        for key in ("train_accuracy", "val_accuracy"):
+            assert abs(ra[key] - rb[key]) <= 0.005, (key, ra, rb)
+        assert ra["lr"] == pytest.approx(rb["lr"])
+
+
+# ----------------------------------------------------------------------------- sharding arithmetic
+def test_every_image_of_a_batch_goes_to_exactly_one_process() -> None:
+    from fcclass.data.loaders import epoch_batches
+    from fcclass.distributed import Dist, loss_scale
+
+    n, batch = 1003, 100
+    for world in (1, 2, 3, 7):
+        parts = [epoch_batches(n, batch, Dist(rank, world, rank, world)) for rank in range(world)]
+        assert len({len(p) for p in parts}) == 1  # every rank takes part in every step
+        for step in zip(*parts):
+            starts = sorted((s, e) for s, e, _ in step)
+            assert starts[0][0] % batch == 0 and all(a[1] == b[0] for a, b in zip(starts, starts[1:]))
+            sizes = [e - s for s, e, _ in step]
+            assert max(sizes) - min(sizes) <= 1 and sum(sizes) == step[0][2]
+            # the scaled per-rank mean losses average to the global batch's mean
+            assert sum(loss_scale(k, step[0][2], Dist(0, world, 0, world)) * 1 / world for k in sizes) == pytest.approx(1.0)
+    # a last batch smaller than the number of processes is left out, on every rank alike
+    assert [b[2] for b in epoch_batches(201, 100, Dist(0, 3, 0, 3))] == [100, 100]
+
+
+def test_torchrun_environment_mistakes_are_messages(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fcclass.distributed import from_env
+    from fcclass.errors import FcclassError
+
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(FcclassError, match="WORLD_SIZE='two' is not a number"):
+        from_env()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "5")
+    with pytest.raises(FcclassError, match="Inconsistent torchrun environment"):
+        from_env()
+
+
+# ----------------------------------------------------------------------------- real jobs
+@needs_fashion
+def test_two_processes_train_one_run_that_matches_one_process(tmp_path: Path) -> None:
+    """`fcclass train --nproc-per-node 2` (torchrun, gloo): one run directory, written by rank 0, whose metrics match a
+    single-process run with the same global batch (99, split 50/49) and seed."""
+    from fcclass.config import load_config
+    from fcclass.train import fit
+
+    config = _config(tmp_path)
+    single = fit(load_config(config, [f"train.runs_dir={tmp_path / 'single'}"]))
+    out = subprocess.run([*FCCLASS, "train", "-c", str(config), "--nproc-per-node", "2", "--json", "-"], cwd=tmp_path,
+                         env=_env(), capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout)  # rank 0's JSON alone on stdout
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1 and Path(report["run_dir"]).resolve() == runs[0].resolve()
+    _close(_metrics(runs[0]), _metrics(single.run_dir))
+    summary = json.loads((runs[0] / "summary.json").read_text())
+    assert summary["state"] == "finished" and summary["distributed"] == {"processes": 2, "nodes": 1, "backend": "gloo"}
+    assert "Traceback" not in out.stderr and out.stderr.count("epoch 2/2") == 1  # only rank 0 reports
+
+
+@needs_fashion
+def test_two_torchrun_agents_meet_through_c10d_rendezvous(tmp_path: Path) -> None:
+    """Two nodes simulated on localhost: two torchrun agents (--nnodes 2, one process each) find each other through
+    the c10d rendezvous and train one run, as one process would."""
+    from fcclass.config import load_config
+    from fcclass.train import fit
+
+    config = _config(tmp_path)
+    single = fit(load_config(config, [f"train.runs_dir={tmp_path / 'single'}"]))
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    agent = [*TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+             f"127.0.0.1:{port}", "--rdzv-id", "test-job", "-m", "fcclass", "train", "-c", str(config)]
+    nodes = [subprocess.Popen(agent, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [node.communicate(timeout=180) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], [err[-2000:] for _, err in outs]
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1
+    _close(_metrics(runs[0]), _metrics(single.run_dir))
+    assert json.loads((runs[0] / "summary.json").read_text())["distributed"]["nodes"] == 2
+
+
+def _rank_pid(parent_cmd: str, rank: int) -> int | None:
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and parent_cmd.encode() in env and b"fcclass" in cmd:
+            return int(pid)
+    return None
+
+
+@pytest.mark.slow
+@needs_fashion
+def test_a_killed_rank_takes_the_job_down_and_the_run_resumes(tmp_path: Path) -> None:
+    """SIGKILL one process mid-training: the job ends in seconds with messages naming what happened (no hang, no
+    traceback), the completed epochs are kept, and `--resume` under two processes finishes the run."""
+    config = _config(tmp_path, n=20000, epochs=40)
+    tag = f"FCCLASS_TEST_JOB={tmp_path.name}"
+    env = {**_env(), "FCCLASS_TEST_JOB": tmp_path.name}
+    job = subprocess.Popen([*FCCLASS, "train", "-c", str(config), "--nproc-per-node", "2"], cwd=tmp_path, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list((tmp_path / "runs").glob("*/metrics.csv")) and time.time() < deadline:
+        time.sleep(0.2)
+    victim = _rank_pid(tag, 1)
+    assert victim is not None
+    os.kill(victim, signal.SIGKILL)
+    killed = time.time()
+    _, err = job.communicate(timeout=60)
+    assert job.returncode == 1 and time.time() - killed < 30
+    assert "lost contact with the other processes" in err and "rank 1 was killed by SIGKILL" in err
+    assert "Traceback" not in err
+    run = next((tmp_path / "runs").iterdir())
+    done = len(_metrics(run))
+    assert done >= 1
+    out = subprocess.run([*FCCLASS, "train", "--resume", str(run), "--set", f"train.epochs={done + 1}", "--nproc-per-node", "2"],
+                         cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert len(_metrics(run)) == done + 1
+    assert json.loads((run / "summary.json").read_text())["state"] == "finished"
