@@ -137,9 +137,10 @@ def fcclass_loop(model_name: str, data_root: str, images: int, device: str = "au
     """One epoch over ``images`` training images with fcclass's loop (the config's batch size); images/s over its training part."""
     sets = [f"data.limit_train={images + max(1, images // 9)}", "data.val_split=0.1", "train.epochs=1", f"train.device={device}"]
     clock = EpochClock()
-    _fit_in_scratch((model_name, data_root, sets), [clock])
+    result = _fit_in_scratch((model_name, data_root, sets), [clock])
     (epoch,) = clock.epochs
-    return {"images": epoch["images"], "seconds": epoch["seconds"], "images_per_s": epoch["images"] / epoch["seconds"]}
+    return {"images": epoch["images"], "seconds": epoch["seconds"], "images_per_s": epoch["images"] / epoch["seconds"],
+            "precision": result.precision}
 
 
 # ----------------------------------------------------------------------------- Keras, on the same config
@@ -324,6 +325,6 @@ def time_to_accuracy(model_name: str, targets: list[float], data_root: str = "da
                     reached[f"{t:.4g}"] = seconds
 
     result = _fit_in_scratch((model_name, data_root, sets), [clock, TestAfterEpoch()])
-    return {"model": model_name, "device": result.device, "epochs": epochs, "seconds_to_target": reached,
+    return {"model": model_name, "device": result.device, "precision": result.precision, "epochs": epochs, "seconds_to_target": reached,
             "final_test_accuracy": epochs[-1]["test_accuracy"] if epochs else None,
             "train_seconds_total": sum(e["seconds"] for e in clock.epochs)}

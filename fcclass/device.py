@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from contextlib import nullcontext
 from typing import Any
@@ -38,10 +39,30 @@ def select_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_bf16_native() -> bool:
+    """Whether this CPU does bf16 matrix math in hardware (AVX512-BF16 or AMX tiles), where oneDNN runs bf16
+    convolutions and matmuls faster than fp32; elsewhere bf16 is emulated and slower. FCCLASS_CPU_BF16=0 turns the
+    automatic choice off (=1 forces it, for testing)."""
+    forced = os.environ.get("FCCLASS_CPU_BF16", "")
+    if forced in ("0", "1"):
+        return forced == "1"
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        check = getattr(torch.cpu, probe, None)
+        try:
+            if check is not None and check():
+                return True
+        except RuntimeError:
+            continue
+    return False
+
+
 def select_precision(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32."""
+    """The autocast dtype, or None for plain fp32. auto: bf16 on GPUs that support it and on CPUs with native bf16
+    (measured on such a CPU: the default config's epochs 1.3-1.6x faster for the same test accuracy, RESULTS.md)."""
     if name == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if device.type == "cpu" and cpu_bf16_native():
             return torch.bfloat16
         return None
     if name == "fp32":

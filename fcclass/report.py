@@ -37,7 +37,8 @@ def print_training_header(console: Console, trainer: Any) -> None:
         resumed = f"   [yellow]resuming after epoch {trainer.state.epoch}[/yellow]"
         if trainer.replanned:
             resumed += f" [yellow](train.epochs is now {trainer.cfg.train.epochs}: the LR schedule is re-planned)[/yellow]"
-    console.print(f"Device: [bold]{trainer.device}[/bold] ({precision_name(trainer.amp_dtype)})   "
+    chosen = f"auto: {_precision_reason(trainer.device.type)}" if trainer.cfg.train.precision == "auto" else "train.precision"
+    console.print(f"Device: [bold]{trainer.device}[/bold] ({precision_name(trainer.amp_dtype)}, {chosen})   "
                   f"Run: [bold]{escape(shown(trainer.run_dir))}[/bold]{resumed}", highlight=False)
     info, weights = trainer.data.info, trainer.class_weights
     table = Table(title=f"Data: {escape(trainer.cfg.data.dataset)}", title_justify="left")
@@ -182,7 +183,8 @@ def throughput_table(results: list[dict[str, Any]]) -> Table:
         table.add_column(col, justify="left" if col == "Model" else "right")
 
     def cell(loop: dict[str, Any]) -> str:
-        return f"{loop['images_per_s']:,.0f} img/s\n{60_000 / loop['images_per_s']:.1f} s/epoch"
+        precision = f"\n{loop['precision']}" if "precision" in loop else ""  # fcclass's train.precision: auto, as chosen
+        return f"{loop['images_per_s']:,.0f} img/s\n{60_000 / loop['images_per_s']:.1f} s/epoch{precision}"
 
     for r in results:  # one run times Keras for every model or for none
         row = [r["model"], cell(r["reference"]), *([cell(r["keras"])] if keras else []), cell(r["fcclass"]), f"{r['speedup']:.2f}x"]
@@ -190,7 +192,9 @@ def throughput_table(results: list[dict[str, Any]]) -> Table:
             row.append(f"{r['speedup_vs_keras']:.2f}x")
         row += [f"{r['achieved_gflops']:,.1f}", _flops(r["matmul_peak_gflops"]), f"{r['fraction_of_peak']:.1%}"]
         table.add_row(*row)
-    where = f"Device: {results[0]['device']}; matmul peak in {results[0]['matmul_peak_dtype']}." if results else ""
+    where = (f"Device: {results[0]['device']}; fcclass trains in {results[0]['fcclass'].get('precision', 'fp32')} "
+             f"(train.precision auto: {_precision_reason(results[0]['device'])}), the others in fp32; matmul peak in "
+             f"{results[0]['matmul_peak_dtype']}." if results else "")
     if keras:
         k = next(r["keras"] for r in results if "keras" in r)
         table.caption = f"{where} Keras {k['version']} on its {k['backend']} backend. An epoch = 60,000 images."
@@ -214,8 +218,26 @@ def tta_table(results: list[dict[str, Any]]) -> Table:
     table.add_column("Total", justify="right")
     for r in results:
         cells = [("not reached" if r["seconds_to_target"][t] is None else f"{r['seconds_to_target'][t]:.1f} s") for t in targets]
-        table.add_row(r["model"], r["device"], *cells, f"{r['final_test_accuracy']:.2%}", f"{r['train_seconds_total']:.1f} s")
+        table.add_row(r["model"], f"{r['device']} ({r.get('precision', 'fp32')})", *cells, f"{r['final_test_accuracy']:.2%}",
+                      f"{r['train_seconds_total']:.1f} s")
+    if results:
+        table.caption = f"Precision: train.precision auto ({_precision_reason(results[0]['device'])}) unless --set changed it."
     return table
+
+
+def _precision_reason(device: str) -> str:
+    """Why train.precision: auto chose what it did on ``device``, for captions and headers."""
+    if device.startswith("cuda"):
+        return "bf16 where the GPU supports it"
+    if not device.startswith("cpu"):
+        return "fp32"
+    import os
+
+    from fcclass.device import cpu_bf16_native
+
+    if os.environ.get("FCCLASS_CPU_BF16") in ("0", "1"):
+        return f"FCCLASS_CPU_BF16={os.environ['FCCLASS_CPU_BF16']}"
+    return "this CPU has native bf16, AVX512-BF16/AMX" if cpu_bf16_native() else "this CPU has no native bf16"
 
 
 # ----------------------------------------------------------------------------- fcclass runs

@@ -74,7 +74,11 @@ def test_throughput_on_a_named_device_without_keras() -> None:
                               "--data-root", str(DATA_ROOT), "--json", "-"])
     assert res.exit_code == 0, res.output
     (r,) = json.loads(res.stdout)["results"]
-    assert "keras" not in r and r["device"] == "cpu" and r["matmul_peak_dtype"] == "float32"
+    from fcclass.device import cpu_bf16_native
+
+    native = cpu_bf16_native()  # train.precision auto: bf16 on CPUs with native bf16, and the peak measured in it
+    assert "keras" not in r and r["device"] == "cpu"
+    assert (r["matmul_peak_dtype"], r["fcclass"]["precision"]) == (("bfloat16", "bf16") if native else ("float32", "fp32"))
     res = runner.invoke(app, ["bench", "--images", "64", "--model", "default", "--device", "cpu", "--no-keras", "--data-root", str(DATA_ROOT)])
     assert res.exit_code == 0, res.output
     caption = " ".join(res.output.split())  # the table's caption wraps at the table's width

@@ -154,16 +154,53 @@ def test_early_stopping_and_best_checkpoint(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- device, precision, reproducibility
-def test_precision_and_device_errors() -> None:
+def test_precision_and_device_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     from fcclass.device import select_device, select_precision
 
     with pytest.raises(FcclassError, match="fp16 needs a CUDA device"):
         select_precision("fp16", torch.device("cpu"))
-    assert select_precision("auto", torch.device("cpu")) is None  # fp32 on the CPU unless asked
+    monkeypatch.setenv("FCCLASS_CPU_BF16", "0")  # a CPU without native bf16: fp32 unless asked
+    assert select_precision("auto", torch.device("cpu")) is None
+    monkeypatch.setenv("FCCLASS_CPU_BF16", "1")
+    assert select_precision("auto", torch.device("cpu")) is torch.bfloat16
+    assert select_precision("fp32", torch.device("cpu")) is None
     if not torch.cuda.is_available():
         assert select_device("auto").type in ("cpu", "mps")
         with pytest.raises(FcclassError, match="CUDA is not available"):
             select_device("cuda")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+NATIVE_BF16 = bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def test_native_bf16_detection_agrees_with_the_cpu_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fcclass.device import cpu_bf16_native
+
+    monkeypatch.delenv("FCCLASS_CPU_BF16", raising=False)
+    if not Path("/proc/cpuinfo").exists():
+        pytest.skip("no /proc/cpuinfo to compare with")
+    assert cpu_bf16_native() == NATIVE_BF16
+
+
+@pytest.mark.skipif(not NATIVE_BF16, reason="the CPU has no native bf16 (avx512_bf16 / amx_bf16)")
+@needs_fashion
+def test_auto_precision_trains_in_bf16_on_a_cpu_that_has_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """train.precision auto picks bf16 on such a CPU, says so, and learns as well as fp32 (same seed, 2 epochs)."""
+    monkeypatch.delenv("FCCLASS_CPU_BF16", raising=False)
+    over = {"train.epochs": 2, "data.limit_train": 1500, "train.device": "cpu"}
+    auto = fit(small_config(tmp_path / "auto", **over))
+    fp32 = fit(small_config(tmp_path / "fp32", **over, **{"train.precision": "fp32"}))
+    assert auto.precision == "bf16" and fp32.precision == "fp32"
+    assert abs(auto.history[-1]["val_accuracy"] - fp32.history[-1]["val_accuracy"]) < 0.03
+    assert json.loads((auto.run_dir / "summary.json").read_text())["precision"] == "bf16"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
