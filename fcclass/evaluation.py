@@ -169,7 +169,7 @@ def _split_images(part: Any, idx: torch.Tensor, ds: Any) -> torch.Tensor:
     from fcclass.data import load_resized
 
     if part.images is not None:
-        return part.images[idx]
+        return part.take(idx)
     if not len(idx):
         return torch.zeros(0, ds.channels, *ds.size, dtype=torch.uint8)
     return torch.stack([load_resized(part.files[i], ds.channels, ds.size) for i in idx.tolist()])

@@ -44,8 +44,8 @@ class TensorLoader:
     def __init__(self, split: Split, batch_size: int, shuffle: bool, seed: int, weights: torch.Tensor | None = None,
                  device: Any = "cpu") -> None:
         assert split.images is not None
-        self.images = split.images.to(device)
-        self.labels = split.labels.to(device)
+        self.data = split.on(device)  # a memory-mapped pool (cached image folder) stays on the CPU, read through rows
+        self.labels = self.data.labels
         self.batch_size, self.shuffle, self.seed, self.weights = batch_size, shuffle, seed, weights
         self.epoch = 0
 
@@ -60,10 +60,10 @@ class TensorLoader:
         order = epoch_order(n, self.seed, self.epoch, self.shuffle, self.weights)
         for start in range(0, n, self.batch_size):
             if order is None:
-                yield self.images[start : start + self.batch_size], self.labels[start : start + self.batch_size]
+                yield self.data.take(slice(start, start + self.batch_size)), self.labels[start : start + self.batch_size]
             else:
                 idx = order[start : start + self.batch_size].to(self.labels.device)
-                yield self.images[idx], self.labels[idx]
+                yield self.data.take(idx), self.labels[idx]
 
 
 class EpochSampler(torch.utils.data.Sampler):
