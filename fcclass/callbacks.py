@@ -28,6 +28,8 @@ class BatchEnd:
 class Callback:
     """Hooks the trainer calls, in this order; each does nothing unless overridden."""
 
+    decode_progress: Any = None  # a data.cache.Progress: shows an image folder being decoded into its cache, before training
+
     def on_fit_start(self, trainer: "Trainer") -> None: ...
 
     def on_epoch_start(self, trainer: "Trainer", epoch: int) -> None: ...
@@ -53,6 +55,7 @@ class ConsoleProgress(Callback):
         self.console, self.log_interval = console, log_interval
         self.bar: Any = None
         self.last_line = 0.0
+        self.decode_progress = DecodeProgress(console, log_interval)
 
     def on_fit_start(self, trainer: "Trainer") -> None:
         from fcclass.report import print_training_header
@@ -110,6 +113,43 @@ class ConsoleProgress(Callback):
         else:
             self.console.print(f"[yellow]{signal_name}: stopped in epoch {epoch} before any epoch completed; nothing was "
                                "saved.[/yellow]")
+
+
+class DecodeProgress:
+    """An image folder being decoded into its cache (data.cache.Progress), on ``console``: a Rich bar in a terminal
+    (gone when done: the data notes then say what was built), a line every ``log_interval`` seconds elsewhere."""
+
+    def __init__(self, console: Any, log_interval: float = 10.0) -> None:
+        self.console, self.log_interval = console, log_interval
+        self.bar: Any = None
+        self.total, self.what, self.last_line = 0, "", 0.0
+
+    def start(self, total: int, what: str) -> None:
+        self.total, self.what, self.last_line = total, what, time.monotonic()
+        if self.console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                                console=self.console, transient=True)
+            self.bar.__enter__()
+            self.task = self.bar.add_task("decode", total=total)
+
+    def advance(self, done: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done)
+        elif self.log_interval > 0 and time.monotonic() - self.last_line >= self.log_interval and done < self.total:
+            self.last_line = time.monotonic()
+            self.console.print(f"{self.what}: {done:,}/{self.total:,} images", highlight=False)
+
+    def end(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+
+def decode_progress(callbacks: Any) -> Any:
+    """The first of ``callbacks`` that shows a cache being built (the console's), or None."""
+    return next((c.decode_progress for c in callbacks if c.decode_progress is not None), None)
 
 
 class Curves(Callback):

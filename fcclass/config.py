@@ -119,6 +119,11 @@ def _normalize(value: Any) -> str | NormalizeStats:
     raise PydanticCustomError("normalize", "must be auto, none or a mapping {mean: [...], std: [...]} with one value per channel")
 
 
+def _auto_or_off(value: Any) -> Any:
+    """YAML reads a bare ``off`` as false (and ``on``/``yes`` as true): take them as the words the user wrote."""
+    return ("auto" if value else "off") if isinstance(value, bool) else value
+
+
 class AugmentConfig(Strict):
     random_crop_padding: Annotated[int, Field(ge=0, le=256)] = 0  # pixels on each side before the random crop
     horizontal_flip: bool = False
@@ -141,6 +146,13 @@ class DataConfig(Strict):
     batch_size: Annotated[int, Field(gt=0, le=2**31)] = 128
     sampler: Literal["shuffle", "balanced"] = "shuffle"
     num_workers: Annotated[int, Field(ge=0, le=256)] | None = None  # imagefolder loader processes; None: min(4, cores)
+    # imagefolder: the decoded, resized images kept in one memory-mapped file per folder (fcclass/data/cache.py),
+    # reused by later epochs, runs, sweep trials and eval; rebuilt when a file changes. Public keys (README, "Decoded
+    # images are cached"); none of them changes a result, so --resume may change them (resume.RESUMABLE_KEYS).
+    # auto: build or reuse the cache when it fits (else stream, with a note); off: decode the files every epoch
+    cache: Annotated[Literal["auto", "off"], BeforeValidator(_auto_or_off)] = "auto"
+    cache_dir: str | None = None  # null: $FCCLASS_CACHE_DIR, else $XDG_CACHE_HOME/fcclass, else ~/.cache/fcclass
+    cache_max_gb: float = Field(8.0, gt=0)  # a larger cache is not built: the images are decoded every epoch instead
 
     @model_validator(mode="after")
     def _imagefolder_needs_path(self) -> "DataConfig":

@@ -114,18 +114,20 @@ def compute_report(logits: torch.Tensor, labels: torch.Tensor, class_names: list
 
 def evaluate(run: str | Path | None = None, checkpoint: str | Path | None = None, *, split: str = "test",
              runs_dir: str | Path = "runs", data_root: str | Path | None = None, device: str = "auto",
-             batch_size: int = 256, save: bool = False, misclassified: int = 0, allow_changed_data: bool = False) -> EvalReport:
+             batch_size: int = 256, save: bool = False, misclassified: int = 0, allow_changed_data: bool = False,
+             progress: Any = None) -> EvalReport:
     """Evaluate the best checkpoint of ``run`` (default: the newest trained run) or ``checkpoint`` on the split the run
     recorded (``data_root``: where the run's data is now, if it moved; ``allow_changed_data``: use the recorded files
     as they are now, skipping vanished ones, instead of refusing).
 
     ``save`` writes ``eval.json`` and ``confusion_matrix.png`` beside the checkpoint (``eval-val.json``... for the
     validation split); ``misclassified`` > 0 also draws that many misclassified images to ``misclassified.png``.
+    ``progress`` (a data.cache.Progress) shows an image folder being decoded into its cache.
     """
     if split not in ("test", "val"):
         raise FcclassError(f"--split must be test or val, not '{split}'.")
     inf = load_for_inference(run, checkpoint, runs_dir=runs_dir, device=device)
-    ds = inf.dataset((split,), data_root, allow_changed_data)
+    ds = inf.dataset((split,), data_root, allow_changed_data, progress)
     part = ds.splits[split]
     if len(part) == 0:
         why = " (data.val_split was 0)" if split == "val" else ""
@@ -169,7 +171,7 @@ def _split_images(part: Any, idx: torch.Tensor, ds: Any) -> torch.Tensor:
     from fcclass.data import load_resized
 
     if part.images is not None:
-        return part.images[idx]
+        return part.take(idx)
     if not len(idx):
         return torch.zeros(0, ds.channels, *ds.size, dtype=torch.uint8)
     return torch.stack([load_resized(part.files[i], ds.channels, ds.size) for i in idx.tolist()])

@@ -17,7 +17,7 @@ import re
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from fcclass.errors import FcclassError
 
@@ -103,11 +103,24 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     check_output(path)
     if path.is_symlink():  # replace the link's target, keep the link
         path = Path(os.path.realpath(path))
+    _replace(path, (data,))
+
+
+def atomic_write_chunks(path: str | Path, chunks: Iterable[bytes]) -> None:
+    """Write a large file that fcclass owns (the decoded-image cache) from ``chunks``, never all in memory at once:
+    atomically, as above, but a symlink at ``path`` is replaced rather than followed (a link planted in a shared
+    cache folder must not make fcclass write elsewhere). An exception from ``chunks`` removes the temp file too."""
+    _replace(Path(path), chunks)
+
+
+def _replace(path: Path, chunks: Iterable[bytes]) -> None:
+    """Temp file in the same folder, fsync, rename over ``path``: a crash or a full disk leaves the old file or the new one."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the user's usual permissions
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for chunk in chunks:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

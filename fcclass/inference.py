@@ -89,13 +89,15 @@ class Inference:
         except DataError as e:  # a file of the split that cannot be decoded now
             raise DataError(f"{e} To go on without them, remove them and pass --allow-changed-data.") from None
 
-    def dataset(self, splits: Sequence[str], data_root: str | Path | None = None, allow_changed: bool = False) -> Dataset:
-        """The run's recorded splits, read from the data as it is now (``data_root``: where the data is now)."""
+    def dataset(self, splits: Sequence[str], data_root: str | Path | None = None, allow_changed: bool = False,
+                progress: Any = None) -> Dataset:
+        """The run's recorded splits, read from the data as it is now (``data_root``: where the data is now;
+        ``progress``: a data.cache.Progress shown while an image folder is decoded into its cache)."""
         record = SplitRecord.read(self.run_dir) if self.run_dir is not None else None
         if record is not None:
             try:
                 ds = dataset_from_record(self.config.data, record, splits, root=data_root, allow_changed=allow_changed,
-                                         fetch=data_root is None)  # never unpack or download into a folder named by --data-root
+                                         fetch=data_root is None, progress=progress)  # never unpack or download into a folder named by --data-root
             except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
                 raise CheckpointError(f"The run's splits.json ({record.dataset}) does not fit its checkpoint '{self.path}' "
                                       f"({self.config.data.dataset}; {type(e).__name__}: {str(e)[:100]}): the files come from "

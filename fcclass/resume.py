@@ -12,7 +12,7 @@ from fcclass.runs import LAST, Checkpoint, is_run_dir
 # What `--set` may change when resuming: nothing that alters the data, the model or the optimisation already done.
 RESUMABLE_KEYS = ("train.epochs", "train.early_stopping.patience", "train.early_stopping.min_delta", "train.device",
                   "train.precision", "train.threads", "train.test_at_end", "data.num_workers", "data.root", "data.path",
-                  "data.download", "tracking.mlflow.uri")
+                  "data.download", "data.cache", "data.cache_dir", "data.cache_max_gb", "tracking.mlflow.uri")
 
 
 class RunFinished(FcclassError):
@@ -54,7 +54,8 @@ def with_absolute_paths(cfg: Config) -> Config:
     def absolute(p: str | None) -> str | None:
         return None if p is None else str(Path(p).expanduser().absolute())
 
-    data = cfg.data.model_copy(update={"root": absolute(cfg.data.root), "path": absolute(cfg.data.path)})
+    data = cfg.data.model_copy(update={"root": absolute(cfg.data.root), "path": absolute(cfg.data.path),
+                                       "cache_dir": absolute(cfg.data.cache_dir)})
     train = cfg.train.model_copy(update={"runs_dir": absolute(cfg.train.runs_dir)})
     return cfg.model_copy(update={"data": data, "train": train})
 

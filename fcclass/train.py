@@ -18,7 +18,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from fcclass.callbacks import BatchEnd, Callback, ConsoleProgress, Curves
+from fcclass.callbacks import BatchEnd, Callback, ConsoleProgress, Curves, decode_progress
 from fcclass.config import Config, load_config
 from fcclass.data import (BatchPreprocess, Dataset, SplitRecord, class_weights, dataset_from_record, epoch_seed,
                           describe, load_dataset, make_loader, normalization)
@@ -216,8 +216,9 @@ class Trainer:
         cfg = with_absolute_paths(cfg)
         job, _ = init(cfg.train.device)
         _check_fits_early(cfg)
-        with main_first(job):  # each machine's first process downloads or unpacks the data for the others
-            data = load_dataset(cfg.data, cfg.seed, splits=("train", "val"))  # the test split is recorded, not loaded
+        with main_first(job):  # each machine's first process downloads, unpacks or caches the data for the others
+            data = load_dataset(cfg.data, cfg.seed, splits=("train", "val"),  # the test split is recorded, not loaded
+                                progress=decode_progress(callbacks))
         mean, std = normalization(cfg.data, data)
         trainer = cls(cfg, None, data, mean, std, TrainState(), callbacks)
         if not job.is_main:
@@ -255,7 +256,8 @@ class Trainer:
         if record is None:
             raise CheckpointError(f"Cannot resume '{run_dir}': its splits.json is missing, so the data it trained on is unknown.")
         with main_first(job):
-            data = dataset_from_record(cfg.data, record, ("train", "val"), root=data_location(cfg.data), fetch=data_root is None)
+            data = dataset_from_record(cfg.data, record, ("train", "val"), root=data_location(cfg.data), fetch=data_root is None,
+                                       progress=decode_progress(callbacks))
         trainer = cls(cfg, run_dir, data, list(ckpt.mean), list(ckpt.std), state, callbacks, resumed=True)
         trainer.lock = lock
         trainer.restore(ckpt)

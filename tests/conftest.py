@@ -17,6 +17,18 @@ DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _decode_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Image-folder decode caches go to a folder of this session (subprocesses inherit it), never ~/.cache."""
+    old = os.environ.get("FCCLASS_CACHE_DIR")
+    os.environ["FCCLASS_CACHE_DIR"] = str(tmp_path_factory.mktemp("decode-cache"))
+    yield
+    if old is None:
+        os.environ.pop("FCCLASS_CACHE_DIR", None)
+    else:
+        os.environ["FCCLASS_CACHE_DIR"] = old
+
+
 def fashion_available() -> bool:
     raw = DATA_ROOT / "FashionMNIST" / "raw"
     return DEBIAN_FASHION.is_dir() or (raw / "train-images-idx3-ubyte").exists()
@@ -82,12 +94,14 @@ def clothes_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def folder_config(tmp_path: Path, folder: Path | str, epochs: int = 2, workers: int = 0, runs: Path | str | None = None) -> Path:
-    """A small CNN on an image folder (20x20 grayscale), written as a YAML file."""
+def folder_config(tmp_path: Path, folder: Path | str, epochs: int = 2, workers: int = 0, runs: Path | str | None = None,
+                  cache: str = "auto") -> Path:
+    """A small CNN on an image folder (20x20 grayscale), written as a YAML file. ``cache: off`` streams the files
+    through DataLoader workers every epoch."""
     cfg = tmp_path / "folder.yaml"
     cfg.write_text(
         f"name: clothes\ndata: {{dataset: imagefolder, path: '{folder}', image_size: [20, 20], channels: 1, batch_size: 32, "
-        f"num_workers: {workers}, augment: {{horizontal_flip: true}}}}\n"
+        f"num_workers: {workers}, cache: {cache}, augment: {{horizontal_flip: true}}}}\n"
         "model:\n  layers:\n    - {type: Conv2D, filters: 8, kernel_size: 3, activation: relu}\n    - {type: MaxPooling2D}\n"
         "    - {type: Dropout, rate: 0.2}\n    - {type: Flatten}\n    - {type: Dense, activation: softmax}\n"
         f"optimizer: {{lr: 0.01}}\ntrain: {{epochs: {epochs}, runs_dir: '{runs if runs is not None else tmp_path / 'runs'}'}}\n"

@@ -81,7 +81,7 @@ fit(cfg, callbacks=[Kill()])
 def _config_file(tmp_path: Path, kind: str, clothes_folder: Path | None) -> Path:
     tmp_path.mkdir(parents=True, exist_ok=True)
     if kind == "imagefolder":
-        return folder_config(tmp_path, clothes_folder, epochs=3, workers=2)
+        return folder_config(tmp_path, clothes_folder, epochs=3, workers=2, cache="off")  # DataLoader workers, as the README says
     path = tmp_path / "c.yaml"
     path.write_text(small_config(tmp_path, **IN_MEMORY).to_yaml())
     return path

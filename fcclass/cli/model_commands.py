@@ -30,11 +30,13 @@ def eval_(
 ) -> None:
     """Evaluate the best checkpoint: per-label accuracy, precision, F1, confusion matrix, most confused pairs."""
     _check_json_target(json_out)
+    from fcclass.callbacks import DecodeProgress
     from fcclass.evaluation import evaluate
 
-    report = evaluate(run_dir, checkpoint, split=split, runs_dir=runs_dir, data_root=data_root, device=device,
-                      save=save, misclassified=misclassified, allow_changed_data=allow_changed_data)
     console = _human_console(json_out)
+    report = evaluate(run_dir, checkpoint, split=split, runs_dir=runs_dir, data_root=data_root, device=device,
+                      save=save, misclassified=misclassified, allow_changed_data=allow_changed_data,
+                      progress=DecodeProgress(console))
     _print_notes(console, report.notes)
     if json_out != "-":
         from fcclass.report import confused_pairs_table, confusion_table, eval_table

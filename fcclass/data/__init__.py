@@ -14,18 +14,19 @@ import torch
 
 from fcclass.config import DataConfig
 from fcclass.data.augment import BatchPreprocess, augment_batch, rotate
+from fcclass.data.cache import Progress, cache_folder, cached_pools
 from fcclass.data.images import (IMAGE_EXTENSIONS, LUMA, MAX_IMAGE_PIXELS, convert_channels, decode_threads, describe_bad_files,
                                  image_size, is_image_name, list_images, load_image, load_resized, resize_uint8, unreadable)
 from fcclass.data.loaders import FileLoader, TensorLoader, channel_stats, epoch_seed, make_loader
-from fcclass.data.sources import Source, data_root, open_source, unpack_debian_copy
+from fcclass.data.sources import Source, data_root, imagefolder_source, open_source, unpack_debian_copy
 from fcclass.data.splits import (SPLIT_NAMES, Split, SplitRecord, check_files, class_counts, draw_splits,
                                  stratified_take, tensor_split)
 from fcclass.errors import DataError
 from fcclass.registries import DATASETS, TorchvisionSet
 
 __all__ = [
-    "BatchPreprocess", "DataInfo", "Dataset", "FileLoader", "IMAGE_EXTENSIONS", "LUMA", "MAX_IMAGE_PIXELS", "Split",
-    "SplitRecord", "TensorLoader", "augment_batch", "channel_stats", "class_counts", "convert_channels", "data_root",
+    "BatchPreprocess", "DataInfo", "Dataset", "FileLoader", "IMAGE_EXTENSIONS", "LUMA", "MAX_IMAGE_PIXELS", "Progress", "Split",
+    "SplitRecord", "TensorLoader", "augment_batch", "cache_folder", "channel_stats", "class_counts", "convert_channels", "data_root",
     "class_weights", "dataset_from_record", "decode_threads", "describe", "normalization", "epoch_seed", "is_image_name", "list_images", "load_dataset", "load_image", "load_resized",
     "make_loader", "resize_uint8", "rotate", "stratified_take", "unpack_debian_copy",
 ]
@@ -122,19 +123,34 @@ def _check_readable(source: Source, chosen: dict[str, tuple[str, torch.Tensor]])
                         "Remove or replace them and run again.")
 
 
-def load_dataset(cfg: DataConfig, seed: int, splits: Sequence[str] = SPLIT_NAMES) -> Dataset:
+def load_dataset(cfg: DataConfig, seed: int, splits: Sequence[str] = SPLIT_NAMES, progress: Progress | None = None) -> Dataset:
     """Draw new train/val/test splits from the data (stratified, seeded) and load the ones asked for (all three are
-    drawn and recorded either way)."""
+    drawn and recorded either way). ``progress`` shows an image folder's decode cache being built."""
     only_test = set(splits) == {"test"} and isinstance(DATASETS[cfg.dataset], TorchvisionSet)
     source = open_source(cfg, pools=("test",) if only_test else ("train", "test"))
     chosen = draw_splits(source.pools, cfg, seed)
     _check_readable(source, chosen)
     channels, size = _shape(cfg, source)
     parts = {name: _materialise(source.pools[chosen[name][0]], chosen[name][1], channels, size) for name in splits}
+    notes = list(source.notes)
+    if source.kind == "files":
+        pools = {name: pool.files or [] for name, pool in source.pools.items()}
+        notes += _use_cache(cfg, source.root, pools, {name: chosen[name] for name in splits}, parts, channels, size, progress)
     info = _info(source.class_names, channels, size, parts)
     test_pool, test_idx = chosen["test"]
     info.test_counts = class_counts(source.pools[test_pool].labels[test_idx], len(source.class_names))
-    return Dataset(info, parts, size, channels, cfg.dataset, list(source.notes), _source=source, _chosen=chosen)
+    return Dataset(info, parts, size, channels, cfg.dataset, notes, _source=source, _chosen=chosen)
+
+
+def _use_cache(cfg: DataConfig, root: Path, pools: dict[str, list[Path]], wanted: dict[str, tuple[str, torch.Tensor]],
+               parts: dict[str, Split], channels: int, size: Sequence[int], progress: Progress | None) -> list[str]:
+    """Point each split whose pool is cached at the pool's memory-mapped images (its rows in the pool); the others
+    keep their files and stream. Returns the cache's notes."""
+    pixels, notes = cached_pools(cfg, root, pools, wanted, channels, size, progress)
+    for name, (pool, rows) in wanted.items():
+        if pool in pixels:
+            parts[name].images, parts[name].rows = pixels[pool], rows
+    return notes
 
 
 def _info(class_names: list[str], channels: int, size: Sequence[int], parts: dict[str, Split]) -> DataInfo:
@@ -146,9 +162,10 @@ def _info(class_names: list[str], channels: int, size: Sequence[int], parts: dic
 
 
 def dataset_from_record(cfg: DataConfig, record: SplitRecord, splits: Sequence[str], root: str | Path | None = None,
-                        allow_changed: bool = False, fetch: bool = True) -> Dataset:
+                        allow_changed: bool = False, fetch: bool = True, progress: Progress | None = None) -> Dataset:
     """The splits a run recorded, read from the data as it is now (``root``: where the data is now, if it moved).
-    Files that vanished or changed since training are an error unless ``allow_changed``."""
+    Files that vanished or changed since training are an error unless ``allow_changed``. An image folder's splits
+    are read from its decode cache when data.cache allows (``progress``: shows it being built)."""
     base = Path(root).expanduser().absolute() if root is not None else record.root
     size = (int(record.size[0]), int(record.size[1]))
     if record.kind == "tensors":
@@ -161,6 +178,8 @@ def dataset_from_record(cfg: DataConfig, record: SplitRecord, splits: Sequence[s
         notes: list[str] = []
     else:
         parts, notes = _file_splits(record, splits, base, allow_changed)
+        pools, wanted = _recorded_pools(base, parts)
+        notes += _use_cache(cfg, base, pools, wanted, parts, record.channels, size, progress)
     info = _info(record.class_names, record.channels, size, parts)
     info.test_counts = record.label_counts("test") or []
     return Dataset(info, parts, size, record.channels, record.dataset, notes, _record=record)
@@ -193,6 +212,24 @@ def _file_splits(record: SplitRecord, splits: Sequence[str], base: Path, allow_c
         notes.append(f"{added:,} image(s) in '{base}' are not in any split recorded for this run (added after training); "
                      "they are left out.")
     return parts, notes
+
+
+def _recorded_pools(base: Path, parts: dict[str, Split]) -> tuple[dict[str, list[Path]], dict[str, tuple[str, torch.Tensor]]]:
+    """The folder's pools as they are now, and each recorded split as (pool, its rows there): what the cache is keyed
+    by, so a resume or an eval reuses the cache its training built. A split with a file outside the pools (the
+    layout changed) is left out, to stream."""
+    try:
+        source = imagefolder_source(base)
+    except DataError:
+        return {}, {}
+    where = {f: (name, i) for name, pool in source.pools.items() for i, f in enumerate(pool.files or [])}
+    wanted = {}
+    for name, split in parts.items():
+        found = [where.get(f) for f in split.files or []]
+        pools = {hit[0] for hit in found if hit is not None}
+        if found and None not in found and len(pools) == 1:
+            wanted[name] = (pools.pop(), torch.tensor([hit[1] for hit in found if hit is not None], dtype=torch.long))
+    return {name: pool.files or [] for name, pool in source.pools.items()}, wanted
 
 
 def describe(cfg: DataConfig) -> tuple[tuple[int, int, int], int]:

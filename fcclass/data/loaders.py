@@ -62,8 +62,8 @@ class TensorLoader:
     def __init__(self, split: Split, batch_size: int, shuffle: bool, seed: int, weights: torch.Tensor | None = None,
                  device: Any = "cpu", job: Dist = SINGLE) -> None:
         assert split.images is not None
-        self.images = split.images.to(device)
-        self.labels = split.labels.to(device)
+        self.data = split.on(device)  # a memory-mapped pool (cached image folder) stays on the CPU, read through rows
+        self.labels = self.data.labels
         self.batch_size, self.shuffle, self.seed, self.weights = batch_size, shuffle, seed, weights
         self.batches = epoch_batches(self.labels.numel(), batch_size, job)
         self.epoch = 0
@@ -82,10 +82,10 @@ class TensorLoader:
         order = epoch_order(self.labels.numel(), self.seed, self.epoch, self.shuffle, self.weights)
         for start, end, _ in self.batches:
             if order is None:
-                yield self.images[start:end], self.labels[start:end]
+                yield self.data.take(slice(start, end)), self.labels[start:end]
             else:
                 idx = order[start:end].to(self.labels.device)
-                yield self.images[idx], self.labels[idx]
+                yield self.data.take(idx), self.labels[idx]
 
 
 class EpochSampler(torch.utils.data.Sampler):

@@ -23,12 +23,15 @@ SPLIT_NAMES = ("train", "val", "test")
 
 @dataclass
 class Split:
-    """A split as the loaders see it: labels plus either uint8 images (N, C, H, W) or the files to decode."""
+    """A split as the loaders see it: labels plus either uint8 images (N, C, H, W) or the files to decode. With
+    ``rows``, ``images`` is a pool several splits share (an image folder's memory-mapped decode cache) and the
+    split's i-th image is ``images[rows[i]]``: nothing is copied out of the pool until a batch is drawn."""
 
     labels: torch.Tensor
     images: torch.Tensor | None = None
     files: list[Path] | None = None
     names: list[str] | None = None  # in-memory images: where each comes from, e.g. "fashion_mnist:test[17]"
+    rows: torch.Tensor | None = None  # positions of this split's images in ``images`` (a shared pool); None: its own
 
     def __len__(self) -> int:
         return int(self.labels.numel())
@@ -37,7 +40,29 @@ class Split:
         pick = idx.tolist()
         files = [self.files[i] for i in pick] if self.files is not None else None
         names = [self.names[i] for i in pick] if self.names is not None else None
+        if self.rows is not None:  # still rows of the same pool
+            return Split(self.labels[idx], self.images, files, names, self.rows[idx])
         return Split(self.labels[idx], self.images[idx] if self.images is not None else None, files, names)
+
+    def take(self, idx: torch.Tensor | slice) -> torch.Tensor:
+        """The uint8 images at positions ``idx`` (an index tensor or a slice) of the split."""
+        assert self.images is not None
+        return self.images[idx] if self.rows is None else self.images[self.rows[idx]]
+
+    def on(self, device: Any) -> "Split":
+        """Labels and images ready to batch on ``device``. On the CPU a memory-mapped pool stays where it is, read
+        through the rows; elsewhere only this split's images are copied over, a chunk at a time (so the pool, which
+        may hold other splits and be larger than memory, is never read whole)."""
+        assert self.images is not None
+        dev = torch.device(device)
+        if self.rows is None:
+            return Split(self.labels.to(dev), self.images.to(dev))
+        if dev.type == "cpu":
+            return Split(self.labels, self.images, rows=self.rows)
+        out = torch.empty((len(self), *self.images.shape[1:]), dtype=self.images.dtype, device=dev)
+        for start in range(0, len(self), 4096):
+            out[start : start + 4096].copy_(self.images[self.rows[start : start + 4096]])
+        return Split(self.labels.to(dev), out)
 
 
 def stratified_take(labels: torch.Tensor, n_take: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,349 @@
+"""Image folders decoded once: the decoded, resized uint8 images of a *pool* (every image of an image folder's
+train/, val/ or test/ part, in the pool's sorted order) kept in one memory-mapped file in a cache folder, and read
+by every later epoch, run, sweep trial, resume and evaluation of those files at that size.
+
+A split is row indices into its pool (``Split.rows``), so runs with other seeds (other train/val draws of the same
+folder) share one cache. The file is keyed by the pool's folder, every file's path, size and mtime, the image size,
+the channels and the format: a file added, removed or modified gives another key, hence a rebuild (and the stale
+file of that folder is removed).
+
+Layout: HEADER_BYTES of header (MAGIC, then JSON: format, shape, key digest, folder), then the N*C*H*W pixels, so
+np.memmap maps them at a page-aligned offset. A file whose header, key, size or owner does not check out is rebuilt,
+never read. A build writes a temp file and renames it (files.atomic_write_chunks) under an flock on a lock file
+beside it: of two processes building one cache (two DDP ranks, parallel sweep workers), one builds, the other
+waits and reuses it.
+
+When a pool cannot be cached, its splits stream from the files (loaders.FileLoader) as before, with a note saying
+why: over data.cache_max_gb or the free disk space, a cache folder that cannot be written or a full disk, or a run
+that reads under MIN_SHARE of the pool (a limit_train quick run, the eval of a small test split: decoding those
+files costs less than decoding the whole pool), when no cache of it exists yet. data.cache: off streams silently."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import stat
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Protocol, Sequence
+
+import torch
+
+from fcclass.data.images import decode_threads, describe_bad_files, load_resized
+from fcclass.errors import DataError
+from fcclass.files import atomic_write_chunks, os_error_reason
+from fcclass.memory import human
+from fcclass.runs import shown
+
+FORMAT = 1
+MAGIC = b"fcclass decoded images\n"
+HEADER_BYTES = 4096  # a page: the pixels start page-aligned, as mmap wants
+MIN_SHARE = 0.5  # a run that reads less of a pool than this streams its files rather than build the pool's cache
+DISK_RESERVE = 1 << 30  # free space a new cache must leave on its disk
+CHUNK = 256  # images decoded per write
+
+
+class Progress(Protocol):
+    """What a build reports (fcclass.callbacks.DecodeProgress draws it with Rich); ``end`` comes even after a failure."""
+
+    def start(self, total: int, what: str) -> None: ...
+
+    def advance(self, done: int) -> None: ...
+
+    def end(self) -> None: ...
+
+
+def cache_folder(configured: str | None) -> Path:
+    """data.cache_dir, else $FCCLASS_CACHE_DIR, else $XDG_CACHE_HOME/fcclass, else ~/.cache/fcclass (a relative
+    XDG_CACHE_HOME is ignored, as the XDG spec says)."""
+    chosen = configured or os.environ.get("FCCLASS_CACHE_DIR")
+    if chosen:
+        return Path(chosen).expanduser().absolute()
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "fcclass"
+
+
+@dataclass
+class Entry:
+    """One pool's cache file: where it is, what it must hold, and what it is for."""
+
+    path: Path
+    digest: str  # of the key: format, folder, channels, size, and every file's path, size and mtime
+    shape: tuple[int, int, int, int]  # N, C, H, W
+    pool_dir: Path
+    slot: str  # the file name's part shared by every version of this folder's cache at this shape
+
+    @property
+    def nbytes(self) -> int:
+        return HEADER_BYTES + math.prod(self.shape)
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path.with_name(f".{self.slot}.lock")
+
+
+def pool_entry(folder: Path, root: Path, pool_dir: Path, files: Sequence[Path], channels: int, size: Sequence[int]) -> Entry:
+    """The cache entry of ``files`` (a pool under ``root``) at this size; stats every file (on threads: a network
+    file system answers slowly). Raises OSError when a file cannot be stat'ed."""
+    place = json.dumps([FORMAT, str(pool_dir), channels, list(size)])
+    h = hashlib.blake2b(place.encode("utf-8", "surrogateescape"), digest_size=16)
+    with ThreadPoolExecutor(max_workers=decode_threads()) as pool:
+        for f, st in zip(files, pool.map(os.stat, files)):
+            h.update(f"\0{f.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}".encode("utf-8", "surrogateescape"))
+    label = root.name if pool_dir == root else f"{root.name}-{pool_dir.name}"
+    place_digest = hashlib.blake2b(place.encode("utf-8", "surrogateescape"), digest_size=4).hexdigest()
+    slot = f"{re.sub(r'[^A-Za-z0-9._-]+', '_', label)[:40] or 'images'}-{channels}x{size[0]}x{size[1]}-{place_digest}"
+    digest = h.hexdigest()
+    return Entry(folder / f"{slot}-{digest[:16]}.u8", digest, (len(files), channels, int(size[0]), int(size[1])), pool_dir, slot)
+
+
+# ----------------------------------------------------------------------------- reading
+def _header(entry: Entry) -> bytes:
+    meta = {"format": FORMAT, "shape": list(entry.shape), "key": entry.digest, "folder": str(entry.pool_dir)[-2000:]}
+    return (MAGIC + json.dumps(meta).encode("ascii")).ljust(HEADER_BYTES, b" ")
+
+
+def _header_problem(head: bytes, entry: Entry) -> str | None:
+    if not head.startswith(MAGIC):
+        return "not an fcclass image cache"
+    try:
+        meta = json.loads(head[len(MAGIC):].decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return "its header is damaged"
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        return f"format {meta.get('format') if isinstance(meta, dict) else '?'}, not {FORMAT}"
+    if meta.get("key") != entry.digest or meta.get("shape") != list(entry.shape):
+        return "its header names other files or another shape"
+    return None
+
+
+def open_cached(entry: Entry) -> tuple[torch.Tensor | None, str | None]:
+    """The cached pixels (N, C, H, W), memory-mapped; or None and why the file is unusable (None: there is none).
+    Copy-on-write mapping: the file is never written through it, and torch gets a writable array (no warning).
+    O_NOFOLLOW and the checks on the open file refuse what was planted in a shared folder: a link, a FIFO, another
+    user's file."""
+    import numpy as np
+
+    try:
+        fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return None, None
+    except OSError as e:
+        return None, "a link" if e.errno == errno.ELOOP else os_error_reason(e)
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid not in (os.getuid(), 0):
+            return None, "not a regular file of this user"
+        if st.st_size != entry.nbytes:
+            return None, f"{st.st_size:,} bytes instead of {entry.nbytes:,}: truncated or damaged"
+        why = _header_problem(os.pread(fd, HEADER_BYTES, 0), entry)
+        if why is not None:
+            return None, why
+        pixels = np.memmap(f, dtype=np.uint8, mode="c", offset=HEADER_BYTES, shape=entry.shape)
+    return torch.from_numpy(pixels), None
+
+
+# ----------------------------------------------------------------------------- building
+def _decoded(files: Sequence[Path], channels: int, size: Sequence[int], bad: list[tuple[int, str]],
+             progress: Progress | None) -> Iterator[bytes]:
+    """The pool's images through load_resized (its bomb guard and errors included), in order, CHUNK at a time as
+    bytes; on threads (Pillow and torch release the GIL), a bounded window ahead so memory stays flat. A file that
+    fails is recorded in ``bad`` (position, why) and left as zeros."""
+    blank = torch.zeros(channels, *size, dtype=torch.uint8)
+
+    def one(i: int) -> torch.Tensor:
+        try:
+            return load_resized(files[i], channels, size)
+        except DataError as e:
+            bad.append((i, str(e).removeprefix(f"{files[i]}: ")))
+            return blank
+
+    threads = decode_threads()
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        ahead = deque(pool.submit(one, i) for i in range(min(len(files), 4 * threads)))
+        batch: list[torch.Tensor] = []
+        done = 0
+        while ahead:
+            batch.append(ahead.popleft().result())
+            if done + len(batch) + len(ahead) < len(files):
+                ahead.append(pool.submit(one, done + len(batch) + len(ahead)))
+            if len(batch) == CHUNK or not ahead:
+                yield torch.stack(batch).numpy().tobytes()
+                done += len(batch)
+                batch = []
+                if progress is not None:
+                    progress.advance(done)
+
+
+class _Unreadable(Exception):
+    """Some files of the pool cannot be decoded: the cache is not written."""
+
+
+def _build(entry: Entry, files: Sequence[Path], channels: int, size: Sequence[int], progress: Progress | None) -> list[tuple[int, str]]:
+    """Decode the pool into its cache file (atomically); returns the files that could not be decoded (then nothing
+    is written). Raises OSError when the file cannot be written (a full disk...)."""
+    bad: list[tuple[int, str]] = []
+
+    def chunks() -> Iterator[bytes]:
+        yield _header(entry)
+        yield from _decoded(files, channels, size, bad, progress)
+        if bad:
+            raise _Unreadable
+
+    if progress is not None:
+        progress.start(len(files), f"Decoding {entry.pool_dir.name} into the image cache")
+    try:
+        atomic_write_chunks(entry.path, chunks())
+    except _Unreadable:
+        return sorted(bad)
+    finally:
+        if progress is not None:
+            progress.end()
+    return []
+
+
+@contextmanager
+def _locked(entry: Entry) -> Iterator[bool]:
+    """Hold the cache's lock file (released when the process ends, kill -9 included); yields whether another process
+    held it first. A file system without flock gets no lock: the atomic rename still keeps the file whole."""
+    fd = os.open(entry.lock_path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        waited = False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            waited = True
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield waited
+    finally:
+        os.close(fd)
+
+
+def _remove_stale(entry: Entry) -> bool:
+    """Remove what an interrupted build left (temp files) and this folder's older caches (files changed since);
+    a process still reading one keeps its mapping. Returns whether an older cache was removed. Under the lock."""
+    slot = re.sub(r"([*?\[])", r"[\1]", entry.slot)  # a literal in a glob pattern
+    old = [p for p in entry.path.parent.glob(f"{slot}-*.u8") if p != entry.path]
+    for path in [*old, *entry.path.parent.glob(f".{slot}-*.u8.*.tmp")]:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:  # another user's file in a shared folder: left alone
+            pass
+    return bool(old)
+
+
+# ----------------------------------------------------------------------------- deciding
+def cached_pools(cfg: Any, root: Path, pools: dict[str, Sequence[Path]], wanted: dict[str, tuple[str, torch.Tensor]],
+                 channels: int, size: Sequence[int], progress: Progress | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The memory-mapped images of each pool (image files under ``root``) that the ``wanted`` splits ({split: (pool,
+    rows)}) read, reused or built as ``cfg`` (a DataConfig) says; a pool left out streams from its files, and the
+    notes say why. Raises DataError, as streaming would, when files the run reads cannot be decoded."""
+    if cfg.cache == "off":
+        return {}, []
+    folder = cache_folder(cfg.cache_dir)
+    out: dict[str, torch.Tensor] = {}
+    notes: list[str] = []
+    for name, files in pools.items():
+        rows = [idx for pool, idx in wanted.values() if pool == name]
+        if not rows or not files:
+            continue
+        pool_dir = root / name if (root / name).is_dir() else root  # train/, test/, val/; or the folder itself
+        pixels, note = _pool_pixels(cfg, folder, root, pool_dir, list(files), torch.cat(rows).unique(), channels, size, progress)
+        if pixels is not None:
+            out[name] = pixels
+        if note:
+            notes.append(note)
+    return out, notes
+
+
+def _pool_pixels(cfg: Any, folder: Path, root: Path, pool_dir: Path, files: list[Path], needed: torch.Tensor, channels: int,
+                 size: Sequence[int], progress: Progress | None) -> tuple[torch.Tensor | None, str | None]:
+    try:
+        entry = pool_entry(folder, root, pool_dir, files, channels, size)
+    except OSError:
+        return None, None  # a file vanished since the folder was read: streaming names it
+    pixels, damaged = open_cached(entry)
+    if pixels is not None:
+        return pixels, _reused(entry)
+    what = f"the {len(files):,} images of '{pool_dir}'"
+    if len(needed) < MIN_SHARE * len(files):
+        return None, (f"Decoded images: not cached, since this run reads {len(needed):,} of {what} (a cache is built for "
+                      f"runs that read at least {MIN_SHARE:.0%} of them); they are decoded from the files.")
+    refusal = _no_room(cfg, folder, entry, what)
+    if refusal is not None:
+        return None, refusal
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with _locked(entry) as waited:
+            pixels, _ = open_cached(entry)
+            if pixels is not None:  # built by the process that held the lock
+                return pixels, _reused(entry, waited)
+            replaced = _remove_stale(entry)
+            start = time.monotonic()
+            bad = _build(entry, files, channels, size, progress)
+            seconds = time.monotonic() - start
+    except OSError as e:
+        return None, (f"Decoded images: not cached, since the cache folder '{folder}' cannot be written ({os_error_reason(e)}); "
+                      "the images are decoded from the files every epoch instead. Point data.cache_dir (or $FCCLASS_CACHE_DIR) "
+                      "at a writable folder with room, or set data.cache: off to go without this note.")
+    if bad:
+        return None, _unreadable_note(files, bad, needed, pool_dir)
+    pixels, why = open_cached(entry)
+    if pixels is None:
+        return None, f"Decoded images: the cache just built at {entry.path} cannot be read back ({why}); decoding from the files."
+    return pixels, _built(entry, seconds, damaged, replaced)
+
+
+def _no_room(cfg: Any, folder: Path, entry: Entry, what: str) -> str | None:
+    """Why a cache of ``entry``'s size is not built (data.cache_max_gb, the free disk space), or None."""
+    shape = "x".join(str(v) for v in entry.shape[1:])
+    if entry.nbytes > cfg.cache_max_gb * 1e9:
+        return (f"Decoded images: not cached, since {what} take {human(entry.nbytes)} decoded at {shape}, over data.cache_max_gb "
+                f"({cfg.cache_max_gb:g}); they are decoded from the files every epoch instead (slower). To cache them, raise "
+                f"the limit: --set data.cache_max_gb={math.ceil(entry.nbytes / 1e8) / 10:g} (or lower data.image_size).")
+    existing = next((p for p in (folder, *folder.parents) if p.is_dir()), None)
+    try:
+        free = shutil.disk_usage(existing).free if existing is not None else None
+    except OSError:
+        free = None
+    if free is not None and entry.nbytes + DISK_RESERVE > free:
+        return (f"Decoded images: not cached, since {what} take {human(entry.nbytes)} decoded at {shape} and '{existing}' has "
+                f"{human(free)} free (a cache leaves {human(DISK_RESERVE)} free); they are decoded from the files every epoch "
+                "instead. Free some space, or point data.cache_dir (or $FCCLASS_CACHE_DIR) at a disk with room.")
+    return None
+
+
+def _unreadable_note(files: list[Path], bad: list[tuple[int, str]], needed: torch.Tensor, pool_dir: Path) -> str:
+    """Files that cannot be decoded: the error streaming gives (every such file listed) when the run reads them;
+    otherwise the pool is streamed, which never reads them."""
+    read = set(needed.tolist())
+    used = [(files[i], why) for i, why in bad if i in read]
+    if used:
+        raise DataError(f"Cannot read {len(used)} image(s): {describe_bad_files(used)}. Remove or replace these files and run again.")
+    return (f"Decoded images: not cached, since {len(bad)} file(s) of '{pool_dir}' that this run does not read cannot be "
+            f"decoded ({describe_bad_files([(files[i], why) for i, why in bad], shown=3)}); the others are decoded from the files.")
+
+
+def _reused(entry: Entry, waited: bool = False) -> str:
+    by = "; built by another process while this one waited" if waited else ""
+    return f"Decoded images: reused {shown(entry.path)} ({entry.shape[0]:,} images, {human(entry.nbytes)}{by})."
+
+
+def _built(entry: Entry, seconds: float, damaged: str | None, replaced: bool) -> str:
+    why = (f"; the cache there was unusable ({damaged}) and is replaced" if damaged else
+           "; it replaces this folder's older cache (files changed since)" if replaced else "")
+    took = f"{seconds:.1f}" if seconds < 10 else f"{seconds:,.0f}"
+    return (f"Decoded images: cached in {shown(entry.path)} ({entry.shape[0]:,} images, {human(entry.nbytes)}, built in "
+            f"{took} s{why}). Later runs on these files reuse it.")

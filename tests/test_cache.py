@@ -1,0 +1,320 @@
+"""Image folders decoded once: the memory-mapped decode cache (fcclass/data/cache.py), its reuse, its rebuilds and
+its fallbacks to streaming the files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import SignalAt, folder_config
+from fcclass.cli import app
+from fcclass.config import DataConfig, load_config
+from fcclass.data import load_dataset, make_loader
+
+runner = CliRunner(env={"COLUMNS": "300"})
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_folder(root: Path, per_class: int = 20, labels: tuple[str, ...] = ("ant", "bee", "cat")) -> Path:
+    """Random RGB PNGs of 12x10 pixels (tiny, fast), a sub-folder per label."""
+    rng = np.random.default_rng(0)
+    for k, label in enumerate(labels):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 160, (12, 10, 3), dtype=np.uint8) + 40 * k  # labels differ in brightness: learnable
+            Image.fromarray(pixels).save(root / label / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture()
+def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("FCCLASS_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture()
+def decodes(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The files the cache decodes, in the order asked."""
+    import fcclass.data.cache as cache
+
+    seen: list[Path] = []
+    real = cache.load_resized
+
+    def counting(path: Any, channels: int, size: Any) -> torch.Tensor:
+        seen.append(Path(path))
+        return real(path, channels, size)
+
+    monkeypatch.setattr(cache, "load_resized", counting)
+    return seen
+
+
+def data_config(folder: Path, **kw: Any) -> DataConfig:
+    return DataConfig(dataset="imagefolder", path=str(folder), image_size=[8, 8], channels=1, **kw)
+
+
+def pixels(split: Any) -> torch.Tensor:
+    return torch.cat([x for x, _ in make_loader(split, 16, False, 0, 1, (8, 8), num_workers=0)])
+
+
+def metrics(run_dir: Path) -> list[dict[str, str]]:
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader((run_dir / "metrics.csv").open())]
+
+
+def cache_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.u8"))
+
+
+# ----------------------------------------------------------------------------- build, reuse, rebuild
+def test_the_first_run_builds_the_cache_and_later_runs_reuse_it_without_decoding(tmp_path: Path, cache_dir: Path, decodes: list[Path]) -> None:
+    folder = make_folder(tmp_path / "imgs")
+    first = load_dataset(data_config(folder), seed=0, splits=("train", "val"))
+    assert len(decodes) == 60  # the whole pool, once: train, val and the held-out test split
+    (entry,) = cache_files(cache_dir)
+    assert any(n.startswith(f"Decoded images: cached in {entry} (60 images") for n in first.notes), first.notes
+    decodes.clear()
+    other_seed = load_dataset(data_config(folder), seed=1, splits=("train", "val"))  # another draw of the same pool
+    assert decodes == [] and any(n.startswith(f"Decoded images: reused {entry}") for n in other_seed.notes)
+    assert other_seed.train.rows is not None and other_seed.train.images.shape == (60, 1, 8, 8)
+    streamed = load_dataset(data_config(folder, cache="off"), seed=1, splits=("train", "val"))
+    assert streamed.train.images is None and not any("Decoded images" in n for n in streamed.notes)
+    for name in ("train", "val"):  # the very pixels and labels streaming decodes, in the same order
+        assert torch.equal(pixels(other_seed.splits[name]), pixels(streamed.splits[name]))
+        assert torch.equal(other_seed.splits[name].labels, streamed.splits[name].labels)
+
+
+@pytest.mark.parametrize("change", ["modified", "added", "removed"])
+def test_a_changed_folder_rebuilds_the_cache_and_removes_the_old_one(change: str, tmp_path: Path, cache_dir: Path, decodes: list[Path]) -> None:
+    folder = make_folder(tmp_path / "imgs")
+    load_dataset(data_config(folder), 0, splits=("train", "val"))
+    (old,) = cache_files(cache_dir)
+    victim = folder / "bee" / "003.png"
+    if change == "modified":
+        Image.fromarray(np.full((12, 10, 3), 255, dtype=np.uint8)).save(victim)
+        os.utime(victim, ns=(victim.stat().st_atime_ns, victim.stat().st_mtime_ns + 10**9))
+    elif change == "added":
+        Image.fromarray(np.zeros((12, 10, 3), dtype=np.uint8)).save(folder / "bee" / "new.png")
+    else:
+        victim.unlink()
+    decodes.clear()
+    ds = load_dataset(data_config(folder), 0, splits=("train", "val"))
+    assert len(decodes) == {"modified": 60, "added": 61, "removed": 59}[change]
+    (new,) = cache_files(cache_dir)  # the stale one is gone
+    assert new != old and any("replaces this folder's older cache" in n for n in ds.notes), ds.notes
+    if change == "modified":
+        row = sorted(folder.rglob("*.png")).index(victim)
+        assert ds.train.images[row].min() == 255  # the pixels as the file is now
+
+
+def test_a_truncated_or_foreign_cache_file_is_rebuilt_never_read(tmp_path: Path, cache_dir: Path, decodes: list[Path]) -> None:
+    folder = make_folder(tmp_path / "imgs")
+    good = pixels(load_dataset(data_config(folder), 0, splits=("train",)).train)
+    (entry,) = cache_files(cache_dir)
+    for spoil, why in ((lambda b: b[:-100], "truncated or damaged"), (lambda b: b"x" * len(b), "not an fcclass image cache")):
+        entry.write_bytes(spoil(entry.read_bytes()))
+        decodes.clear()
+        ds = load_dataset(data_config(folder), 0, splits=("train",))
+        assert len(decodes) == 60 and any(why in n and "is replaced" in n for n in ds.notes), ds.notes
+        assert torch.equal(pixels(ds.train), good)
+    assert [p.name for p in cache_dir.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_what_a_killed_build_left_behind_is_removed(tmp_path: Path, cache_dir: Path) -> None:
+    folder = make_folder(tmp_path / "imgs")
+    load_dataset(data_config(folder), 0, splits=("train",))
+    (entry,) = cache_files(cache_dir)
+    entry.unlink()
+    left = cache_dir / f".{entry.name}.k1ll3d.tmp"  # as files.atomic_write_chunks names its temp file
+    left.write_bytes(b"\0" * 5000)
+    load_dataset(data_config(folder), 0, splits=("train",))
+    assert entry.exists() and not left.exists()
+
+
+def test_the_cli_says_what_it_cached_and_reused(tmp_path: Path, cache_dir: Path) -> None:
+    cfg = folder_config(tmp_path, make_folder(tmp_path / "imgs"), epochs=1)
+    first = runner.invoke(app, ["train", "-c", str(cfg), "--no-test"])
+    assert first.exit_code == 0, first.output
+    (entry,) = cache_files(cache_dir)
+    assert f"Decoded images: cached in {entry} (60 images, 28.1 KB, built in" in " ".join(first.output.split())
+    second = runner.invoke(app, ["train", "-c", str(cfg), "--no-test", "--set", "seed=1"])
+    assert f"Decoded images: reused {entry} (60 images, 28.1 KB)." in " ".join(second.output.split())
+
+
+# ----------------------------------------------------------------------------- falling back to streaming
+def test_a_cache_over_the_size_limit_streams_with_a_note_saying_how_to_raise_it(tmp_path: Path, cache_dir: Path) -> None:
+    folder = make_folder(tmp_path / "imgs")
+    ds = load_dataset(data_config(folder, cache_max_gb=1e-6), 0, splits=("train", "val"))
+    assert ds.train.images is None and ds.train.files and not cache_dir.exists()
+    (note,) = [n for n in ds.notes if "Decoded images" in n]
+    assert "not cached" in note and "over data.cache_max_gb (1e-06)" in note and "--set data.cache_max_gb=0.1" in note
+
+
+def test_an_unwritable_cache_folder_streams_with_a_note(tmp_path: Path) -> None:
+    folder = make_folder(tmp_path / "imgs")
+    (tmp_path / "a_file").write_text("")
+    ds = load_dataset(data_config(folder, cache_dir=str(tmp_path / "a_file" / "cache")), 0, splits=("train", "val"))
+    assert ds.train.images is None
+    (note,) = [n for n in ds.notes if "Decoded images" in n]
+    assert f"the cache folder '{tmp_path / 'a_file' / 'cache'}' cannot be written (a part of the path is a file, not a folder)" in note
+
+
+def test_a_disk_that_fills_up_during_the_build_streams_and_leaves_no_temp_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fcclass.data.cache as cache
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        monkeypatch.setattr(cache, "DISK_RESERVE", 0)
+        folder = make_folder(tmp_path / "imgs")
+
+        class FillDisk:  # another program takes every free byte just as the build starts
+            def start(self, total: int, what: str) -> None:
+                with open(mnt / "filler", "wb") as f:
+                    try:
+                        while True:
+                            f.write(b"\0" * 65536)
+                            f.flush()
+                    except OSError:
+                        pass
+
+            def advance(self, done: int) -> None: ...
+
+            def end(self) -> None: ...
+
+        ds = load_dataset(data_config(folder, cache_dir=str(mnt)), 0, splits=("train", "val"), progress=FillDisk())
+        assert ds.train.images is None
+        assert any("cannot be written (no space left on the device)" in n for n in ds.notes), ds.notes
+        assert sorted(p.name for p in mnt.iterdir() if not p.name.endswith(".lock")) == ["filler"]
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_run_reading_a_small_part_of_the_folder_streams_rather_than_build(tmp_path: Path, cache_dir: Path, decodes: list[Path]) -> None:
+    folder = make_folder(tmp_path / "imgs")
+    ds = load_dataset(data_config(folder, limit_train=10), 0, splits=("train", "val"))
+    assert ds.train.images is None and decodes == [] and not cache_files(cache_dir)
+    assert any("this run reads 10 of the 60 images" in n for n in ds.notes), ds.notes
+    load_dataset(data_config(folder), 0, splits=("train", "val"))  # a full run builds it...
+    decodes.clear()
+    ds = load_dataset(data_config(folder, limit_train=10), 0, splits=("train", "val"))
+    assert ds.train.rows is not None and decodes == []  # ...which a small one then reuses
+
+
+def test_bad_pixel_data_in_the_splits_is_the_error_streaming_gives(tmp_path: Path, cache_dir: Path) -> None:
+    from fcclass.errors import DataError
+
+    folder = make_folder(tmp_path / "imgs")
+    for name in ("ant/001.png", "cat/007.png"):
+        path = folder / name
+        path.write_bytes(path.read_bytes()[:60])  # the header survives: only decoding finds it
+    with pytest.raises(DataError) as e:
+        load_dataset(data_config(folder, val_split=0.0, test_split=0.05), 0, splits=("train", "val"))
+    text = str(e.value)
+    assert text.startswith("Cannot read 2 image(s): ") and "ant/001.png" in text and "cat/007.png" in text
+    assert text.endswith("Remove or replace these files and run again.") and not cache_files(cache_dir)
+
+
+# ----------------------------------------------------------------------------- two processes
+BUILDER = """
+import sys, time
+from pathlib import Path
+import fcclass.data.cache as cache
+from fcclass.config import DataConfig
+from fcclass.data import load_dataset
+
+real = cache.load_resized
+cache.load_resized = lambda *a: (time.sleep(0.1), real(*a))[1]  # a slow build, so the other process arrives during it
+go = Path(sys.argv[2])
+while not go.exists():
+    time.sleep(0.005)
+ds = load_dataset(DataConfig(dataset="imagefolder", path=sys.argv[1], image_size=[8, 8], channels=1), 0, splits=("train",))
+print(int(ds.train.images.long().sum()), [n for n in ds.notes if "Decoded images" in n][0])
+"""
+
+
+def test_two_processes_building_one_cache_build_it_once(tmp_path: Path, cache_dir: Path) -> None:
+    folder = make_folder(tmp_path / "imgs")
+    go = tmp_path / "go"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", BUILDER, str(folder), str(go)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for _ in range(2)]
+    time.sleep(0.5)
+    go.touch()
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
+    sums, notes = zip(*(out.strip().split(" ", 1) for out, _ in outs))
+    assert sums[0] == sums[1]
+    assert sorted(n.split(" ")[2] for n in notes) == ["cached", "reused"], notes
+    assert any("built by another process while this one waited" in n for n in notes), notes
+    assert len(cache_files(cache_dir)) == 1 and not list(cache_dir.glob(".*.tmp"))
+
+
+# ----------------------------------------------------------------------------- training, eval, resume
+def test_cached_training_matches_streaming_and_eval_and_resume_reuse_the_cache(tmp_path: Path, cache_dir: Path, decodes: list[Path]) -> None:
+    from fcclass.train import fit
+
+    folder = make_folder(tmp_path / "imgs")
+    cfg = folder_config(tmp_path, folder, epochs=2, workers=0)
+    streamed = fit(load_config(cfg, ["data.cache=off", f"train.runs_dir={tmp_path / 'off'}"]))
+    assert decodes == [] and not cache_dir.exists()
+    cached = fit(load_config(cfg, [f"train.runs_dir={tmp_path / 'on'}"]))
+    assert len(decodes) == 60
+    assert metrics(cached.run_dir) == metrics(streamed.run_dir)  # same seed: the same batches, pixels and numbers
+    assert cached.test == streamed.test
+    decodes.clear()
+    stopped = fit(load_config(cfg, [f"train.runs_dir={tmp_path / 'resumed'}"]), callbacks=[SignalAt(2, 1, signal.SIGTERM)])
+    assert stopped.interrupted == "SIGTERM"
+    fit(resume=stopped.run_dir, overrides=["data.cache_max_gb=4"])  # the cache's keys may change on resume
+    assert decodes == [] and metrics(stopped.run_dir) == metrics(streamed.run_dir)
+    res = runner.invoke(app, ["eval", str(cached.run_dir), "--json", "-", "--no-save"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert any(n.startswith("Decoded images: reused") for n in report["notes"]) and decodes == []
+    assert report["accuracy"] == cached.test["accuracy"]
+
+
+def test_a_cache_in_a_relative_folder_resolves_like_the_other_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fcclass.resume import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["data.dataset=imagefolder", "data.path=imgs", "data.cache_dir=cache"])
+    assert with_absolute_paths(cfg).data.cache_dir == str(tmp_path / "cache")
+    res = runner.invoke(app, ["config", "--set", "data.cache=sometimes"])
+    assert res.exit_code == 1 and "data.cache" in res.output
+
+
+def test_the_cache_folder_defaults_follow_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from fcclass.data import cache_folder
+
+    monkeypatch.setenv("FCCLASS_CACHE_DIR", str(tmp_path / "env"))
+    assert cache_folder(str(tmp_path / "cfg")) == tmp_path / "cfg" and cache_folder(None) == tmp_path / "env"
+    monkeypatch.delenv("FCCLASS_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_folder(None) == tmp_path / "xdg" / "fcclass"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/ignored")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_folder(None) == tmp_path / "home" / ".cache" / "fcclass"
+
+
+def test_a_subset_of_a_cached_split_reads_the_same_rows() -> None:
+    from fcclass.data import Split
+
+    pool = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1)
+    split = Split(torch.arange(4), pool, rows=torch.tensor([7, 2, 9, 4]))
+    sub = split.subset(torch.tensor([3, 0]))
+    assert sub.images is pool and sub.take(slice(None)).flatten().tolist() == [4, 7]
+    assert torch.cat([x for x, _ in make_loader(split, 3, False, 0, 1, (1, 1))]).flatten().tolist() == [7, 2, 9, 4]
