@@ -19,7 +19,7 @@ from conftest import DATA_ROOT, needs_fashion
 FCCLASS = [sys.executable, "-m", "fcclass"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
-# No BatchNormalization, dropout or augmentation: with the same global batch and seed, the processes' summed
+# fp32 (bf16's rounding differs with the split of the batch), no BatchNormalization, dropout or augmentation: with the same global batch and seed, the processes' summed
 # gradients equal one process's, so the runs agree to float rounding (BatchNorm normalises each process's part of
 # the batch, and dropout draws per process, which a model that has them turns into small differences).
 PLAIN = """
@@ -34,8 +34,18 @@ model:
     - {{type: Dense, units: 32, activation: relu}}
     - {{type: Dense, activation: softmax}}
 optimizer: {{name: adam, lr: 0.003}}
-train: {{epochs: {epochs}, threads: 1, test_at_end: false, runs_dir: runs}}
+train: {{epochs: {epochs}, threads: 1, precision: fp32, test_at_end: false, runs_dir: runs}}
 """
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    """The in-process reference runs set train.threads=1, which torch keeps for the whole test process."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def _config(tmp_path: Path, n: int = 2000, epochs: int = 2) -> Path:

@@ -193,13 +193,13 @@ def test_native_bf16_detection_agrees_with_the_cpu_flags(monkeypatch: pytest.Mon
 @pytest.mark.skipif(not NATIVE_BF16, reason="the CPU has no native bf16 (avx512_bf16 / amx_bf16)")
 @needs_fashion
 def test_auto_precision_trains_in_bf16_on_a_cpu_that_has_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """train.precision auto picks bf16 on such a CPU, says so, and learns as well as fp32 (same seed, 2 epochs)."""
+    """train.precision auto picks bf16 on such a CPU, records it, and learns about as well as fp32 (same seed)."""
     monkeypatch.delenv("FCCLASS_CPU_BF16", raising=False)
-    over = {"train.epochs": 2, "data.limit_train": 1500, "train.device": "cpu"}
-    auto = fit(small_config(tmp_path / "auto", **over))
-    fp32 = fit(small_config(tmp_path / "fp32", **over, **{"train.precision": "fp32"}))
+    auto = fit(small_config(tmp_path / "auto", **{"train.device": "cpu"}))
+    fp32 = fit(small_config(tmp_path / "fp32", **{"train.device": "cpu", "train.precision": "fp32"}))
     assert auto.precision == "bf16" and fp32.precision == "fp32"
-    assert abs(auto.history[-1]["val_accuracy"] - fp32.history[-1]["val_accuracy"]) < 0.03
+    # 3,000 images, 3 epochs: a few points of run-to-run noise; the full default config is compared in RESULTS.md
+    assert abs(auto.history[-1]["val_accuracy"] - fp32.history[-1]["val_accuracy"]) < 0.05
     assert json.loads((auto.run_dir / "summary.json").read_text())["precision"] == "bf16"
 
 
