@@ -48,10 +48,10 @@ class DefaultNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 24, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.BatchNorm2d(24, eps=1e-3, momentum=0.01),
+            nn.Conv2d(1, 24, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(24, 48, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.BatchNorm2d(48, eps=1e-3, momentum=0.01),
         )
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(2352, 128), nn.ReLU(), nn.Dropout(0.3), nn.Linear(128, 10))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(2352, 256), nn.ReLU(), nn.Dropout(0.3), nn.Linear(256, 10))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(self.head(self.features(x)), dim=1)
@@ -108,7 +108,9 @@ def reference_loop(model_name: str, data_root: str, images: int, device: torch.d
 
 # ----------------------------------------------------------------------------- fcclass's own loop
 def _config(model_name: str, data_root: str, overrides: list[str], runs_dir: str = "runs") -> Config:
-    return load_config(MODELS[model_name], [f"data.root={data_root}", f"train.runs_dir={runs_dir}", *overrides])
+    """The benchmark model's config: a named one (default, examples) or, in tta mode, any config (a shipped name like
+    fashion_mnist_best, or a YAML path)."""
+    return load_config(MODELS.get(model_name, model_name), [f"data.root={data_root}", f"train.runs_dir={runs_dir}", *overrides])
 
 
 def _fit_in_scratch(cfg_args: tuple[str, str, list[str]], callbacks: list[Any]) -> Any:

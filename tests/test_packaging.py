@@ -40,7 +40,7 @@ def test_config_prints_the_fully_resolved_config(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     cfg = yaml.safe_load(res.stdout)
     assert cfg["train"]["epochs"] == 3 and cfg["optimizer"]["lr"] == 0.01
-    assert cfg["data"]["batch_size"] == 128 and cfg["train"]["early_stopping"]["monitor"] == "val_loss"  # defaults filled in
+    assert cfg["data"]["batch_size"] == 256 and cfg["train"]["early_stopping"]["monitor"] == "val_loss"  # defaults filled in
     same = runner.invoke(app, ["train", "--set", "train.epochs=3", "--set", "optimizer.lr=0.01", "--print-config"])
     assert same.exit_code == 0 and same.stdout == res.stdout
     js = runner.invoke(app, ["config", "-c", "mlp", "--json", "-"])
@@ -110,7 +110,7 @@ def test_a_bare_config_name_prefers_the_local_copy_init_wrote(tmp_path: Path, mo
     monkeypatch.chdir(tmp_path)
     assert runner.invoke(app, ["init"]).exit_code == 0
     local = tmp_path / "fashion_mnist.yaml"
-    local.write_text(local.read_text().replace("epochs: 10", "epochs: 1"))
+    local.write_text(local.read_text().replace("epochs: 9", "epochs: 1"))
     res = runner.invoke(app, ["config", "-c", "fashion_mnist"])
     assert res.exit_code == 0 and yaml.safe_load(res.stdout)["train"]["epochs"] == 1
     assert yaml.safe_load(runner.invoke(app, ["config", "-c", "mlp"]).stdout)["name"] == "fashion-mlp"  # no local copy: shipped

@@ -14,7 +14,7 @@ from fcclass.errors import FcclassError
 @_handle_errors
 def bench(
     mode: str = typer.Option("throughput", "--mode", help="throughput | tta (time to accuracy)"),
-    model: list[str] = typer.Option(["examples", "default"], "--model", help="examples (PyTorch-examples net) and/or default (configs/fashion_mnist.yaml)."),
+    model: list[str] = typer.Option(["examples", "default"], "--model", help="examples (PyTorch-examples net) and/or default (configs/fashion_mnist.yaml); in tta mode also any config (fashion_mnist_best, or a YAML file)."),
     images: int = typer.Option(12_800, "--images", min=64, help="Training images timed per loop (throughput mode)."),
     repeats: int = typer.Option(1, "--repeats", min=1, help="Alternate the loops this often and keep each one's best (throughput mode)."),
     keras: bool = typer.Option(True, "--keras/--no-keras", help="Also time Keras's model.fit on the same model, when Keras is installed (throughput mode)."),
@@ -32,9 +32,14 @@ def bench(
     from fcclass.report import throughput_table, tta_table
 
     unknown = [m for m in model if m not in B.MODELS]
+    if unknown and mode == "tta":  # time to accuracy trains any config: a shipped name or a YAML file
+        from fcclass.config import resolve_config_path
+
+        unknown = [m for m in unknown if not resolve_config_path(m).is_file()]
     if unknown:
         raise FcclassError(f"Unknown --model {', '.join(unknown)}: the benchmark models are {' and '.join(B.MODELS)} "
-                           f"(configs/fashion_mnist.yaml's model and the PyTorch-examples net).")
+                           f"(configs/fashion_mnist.yaml's model and the PyTorch-examples net); --mode tta also takes a "
+                           "shipped config's name (fashion_mnist_best) or a YAML file.")
     if mode not in ("throughput", "tta"):
         raise FcclassError(f"Unknown --mode {mode}: use throughput (images/s against PyTorch and Keras) or tta (time to accuracy).")
     from fcclass.device import select_device
