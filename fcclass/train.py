@@ -251,6 +251,8 @@ class Trainer:
         state = TrainState.from_dict(ckpt.train_state or {})
         es = cfg.train.early_stopping
         state.stopped_early = es.patience is not None and state.es_wait >= es.patience
+        if job.is_main:
+            _repair_best(run_dir, ckpt, state)
         check_more_to_train(run_dir, cfg, state)
         record = SplitRecord.read(run_dir)
         if record is None:
@@ -269,8 +271,6 @@ class Trainer:
             if data_location(cfg.data) != record.root:  # the data moved: eval and later resumes find it there
                 record.root = data_location(cfg.data)
                 record.write(run_dir)
-            if state.best is not None and state.best_epoch == state.epoch:  # best.pt may have failed to save last time
-                trainer.checkpoint(state.best, training=False).save(run_dir / BEST)
         except OSError as e:
             raise RunWriteError(f"Cannot write to '{run_dir}': {os_error_reason(e)}. Free some space or make it writable, then resume again.") from None
         return trainer
@@ -572,6 +572,25 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, override
     finally:
         if job.enabled:
             shutdown()
+
+
+def _repair_best(run_dir: Path, last: Checkpoint, state: TrainState) -> None:
+    """best.pt may have failed to save (a full disk) in the epoch last.pt holds, when that epoch was the best: write it
+    from last.pt's weights, before anything else, so that even a finished run gets its best model back."""
+    if state.best is None or state.best_epoch != state.epoch or last.epoch != state.epoch:
+        return
+    try:
+        if Checkpoint.load(run_dir / BEST).epoch == state.epoch:
+            return
+    except (CheckpointError, OSError):
+        pass  # missing or unreadable: write it
+    best = Checkpoint(last.model_state, last.config, last.class_names, last.input_shape, last.mean, last.std, last.epoch,
+                      dict(state.best))
+    try:
+        best.save(run_dir / BEST)
+    except OSError as e:
+        raise RunWriteError(f"Cannot write {run_dir / BEST}: {os_error_reason(e)}. Free some space or make it writable, then "
+                            "resume again.") from None
 
 
 def _set_threads(threads: int | None, job: Dist) -> None:

@@ -131,6 +131,7 @@ def test_two_processes_train_one_run_that_matches_one_process(tmp_path: Path) ->
     assert "Traceback" not in out.stderr and out.stderr.count("epoch 2/2") == 1  # only rank 0 reports
 
 
+@pytest.mark.slow
 @needs_fashion
 def test_two_torchrun_agents_meet_through_c10d_rendezvous(tmp_path: Path) -> None:
     """Two nodes simulated on localhost: two torchrun agents (--nnodes 2, one process each) find each other through

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import errno
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from fcclass.callbacks import Callback, Curves
 from fcclass.cli import app
 from fcclass.config import load_config
 from fcclass.runs import Checkpoint, RunWriteError
-from fcclass.train import fit
+from fcclass.train import RunFinished, fit
 
 runner = CliRunner(env={"COLUMNS": "300"})
 TESTS = Path(__file__).resolve().parent
@@ -213,19 +214,47 @@ def test_a_failed_best_checkpoint_write_is_repaired_on_resume(tmp_path: Path, mo
     def flaky(path: Path, data: bytes) -> None:
         if Path(path).name == "best.pt":
             writes["best.pt"] += 1
-            if writes["best.pt"] == 2:  # epoch 2's best.pt
+            if writes["best.pt"] == 2:  # the second best.pt (of whichever epoch improved next)
                 raise OSError(errno.ENOSPC, "No space left on device")
         real(path, data)
 
     monkeypatch.setattr(fcclass.runs, "atomic_write_bytes", flaky)
-    with pytest.raises(RunWriteError, match=r"Cannot write best.pt .* no space left on the device.* \(epoch 2\) is kept"):
-        fit(small_config(tmp_path, **IN_MEMORY, **{"train.precision": "fp32"}))  # fp32: epoch 2 is the best, as planned
+    with pytest.raises(RunWriteError, match=r"Cannot write best.pt .* no space left on the device") as e:
+        fit(small_config(tmp_path, **{**IN_MEMORY, "train.epochs": 5}))  # the 2nd improvement comes before the last epoch
+    monkeypatch.undo()
+    stopped = re.search(r"Training stopped in epoch (\d+); the last good checkpoint \(epoch (\d+)\) is kept", str(e.value))
+    assert stopped is not None and stopped[1] == stopped[2]  # last.pt of that epoch was written before best.pt failed
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert Checkpoint.load(run_dir / "best.pt").epoch < int(stopped[1]) == Checkpoint.load(run_dir / "last.pt").epoch
+    result = fit(resume=run_dir)
+    assert Checkpoint.load(run_dir / "best.pt").epoch == result.best_epoch
+    assert len(metrics(run_dir)) == 5
+
+
+@needs_fashion
+def test_a_best_checkpoint_lost_in_the_last_epoch_is_repaired_even_though_the_run_is_finished(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fcclass.runs
+
+    real = fcclass.runs.atomic_write_bytes
+    writes = {"best.pt": 0}
+
+    def flaky(path: Path, data: bytes) -> None:
+        if Path(path).name == "best.pt":
+            writes["best.pt"] += 1
+            if writes["best.pt"] == 2:  # epoch 2's best.pt: the last epoch, which improves on the first
+                raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(fcclass.runs, "atomic_write_bytes", flaky)
+    with pytest.raises(RunWriteError, match="Cannot write best.pt"):
+        fit(small_config(tmp_path, **{"data.limit_train": 1000, "train.epochs": 2}))
     monkeypatch.undo()
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert Checkpoint.load(run_dir / "best.pt").epoch == 1 and Checkpoint.load(run_dir / "last.pt").epoch == 2
-    result = fit(resume=run_dir)
-    assert Checkpoint.load(run_dir / "best.pt").epoch == result.best_epoch
-    assert len(metrics(run_dir)) == 3
+    with pytest.raises(RunFinished):
+        fit(resume=run_dir)
+    assert Checkpoint.load(run_dir / "best.pt").epoch == 2  # the finished run has its best model back
 
 
 @needs_fashion
