@@ -109,7 +109,7 @@ class ConsoleProgress(Callback):
         if done:
             self.console.print(f"[yellow]{signal_name}: stopped in epoch {epoch}; the last completed epoch ({done}) is saved in "
                                f"{escape(shown(trainer.run_dir / 'last.pt'))}. Continue with: fcclass train --resume "
-                               f"{escape(shown(trainer.run_dir))}[/yellow]")
+                               f"{escape(shown(trainer.run_dir))}{_processes(trainer)}[/yellow]")
         else:
             self.console.print(f"[yellow]{signal_name}: stopped in epoch {epoch} before any epoch completed; nothing was "
                                "saved.[/yellow]")
@@ -165,3 +165,9 @@ class Curves(Callback):
             plot_curves(result.run_dir)
         except (OSError, FcclassError) as e:  # a missing figure must not fail a finished training run
             result.warnings.append(f"curves.png was not written: {e}")
+
+
+def _processes(trainer: "Trainer") -> str:
+    """The launcher option of a distributed run's resume command (one process also resumes it: the batch is global)."""
+    job = getattr(trainer, "job", None)
+    return f" --nproc-per-node {job.local_world}" if job is not None and job.enabled and job.world == job.local_world else ""

@@ -43,9 +43,14 @@ def cpu_bf16_native() -> bool:
     """Whether this CPU does bf16 matrix math in hardware (AVX512-BF16 or AMX tiles), where oneDNN runs bf16
     convolutions and matmuls faster than fp32; elsewhere bf16 is emulated and slower. FCCLASS_CPU_BF16=0 turns the
     automatic choice off (=1 forces it, for testing)."""
-    forced = os.environ.get("FCCLASS_CPU_BF16", "")
-    if forced in ("0", "1"):
-        return forced == "1"
+    forced = os.environ.get("FCCLASS_CPU_BF16", "").strip().lower()
+    if forced in ("0", "no", "false", "off"):
+        return False
+    if forced in ("1", "yes", "true", "on"):
+        return True
+    if forced:
+        raise FcclassError(f"FCCLASS_CPU_BF16={forced!r} is not understood: use 0 (never bf16 on the CPU) or 1 (always), "
+                           "or unset it to let train.precision auto decide from the CPU.")
     for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
         check = getattr(torch.cpu, probe, None)
         try:

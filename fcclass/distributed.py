@@ -212,11 +212,19 @@ def launch(nproc: int, fcclass_args: Sequence[str]) -> None:
     (torchrun stops them); the error names which ranks failed, whose own messages came before it."""
     if nproc > 1 and "OMP_NUM_THREADS" not in os.environ:  # torchrun would set 1 and warn; share the cores instead
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
-    os.environ.setdefault("LOGLEVEL", "CRITICAL")  # torchrun's agent logs (read when its modules load) repeat our messages
+    os.environ.setdefault("LOGLEVEL", "CRITICAL")
+    # `python -m fcclass` puts the current folder first on the processes' import path: a folder named fcclass there
+    # (a clone, say) would be imported instead of this fcclass. Python 3.11+ leaves it out with PYTHONSAFEPATH.
+    os.environ["PYTHONSAFEPATH"] = "1"  # torchrun's agent logs (read when its modules load) repeat our messages
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
+    import logging
+
+    for name in list(logging.root.manager.loggerDict):  # loggers torch made before LOGLEVEL was read
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     args = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "fcclass", *fcclass_args])
     try:
         run(args)

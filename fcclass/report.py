@@ -226,7 +226,7 @@ def tta_table(results: list[dict[str, Any]]) -> Table:
         table.add_row(r["model"], f"{r['device']} ({r.get('precision', 'fp32')})", *cells, f"{r['final_test_accuracy']:.2%}",
                       f"{r['train_seconds_total']:.1f} s")
     if results:
-        table.caption = f"Precision: train.precision auto ({_precision_reason(results[0]['device'])}) unless --set changed it."
+        table.caption = f"Precision: as trained (Device column); train.precision auto here: {_precision_reason(results[0]['device'])}."
     return table
 
 
@@ -240,8 +240,8 @@ def _precision_reason(device: str) -> str:
 
     from fcclass.device import cpu_bf16_native
 
-    if os.environ.get("FCCLASS_CPU_BF16") in ("0", "1"):
-        return f"FCCLASS_CPU_BF16={os.environ['FCCLASS_CPU_BF16']}"
+    if os.environ.get("FCCLASS_CPU_BF16", "").strip():
+        return f"FCCLASS_CPU_BF16={os.environ['FCCLASS_CPU_BF16'].strip()}"
     return "this CPU has native bf16, AVX512-BF16/AMX" if cpu_bf16_native() else "this CPU has no native bf16"
 
 

@@ -112,12 +112,17 @@ def _check_fits_early(cfg: Config) -> None:
 @contextmanager
 def stop_on_signals() -> Iterator[dict[str, Any]]:
     """SIGINT/SIGTERM set a flag: the loop stops at the next batch with the last completed epoch saved."""
-    flag: dict[str, Any] = {"signal": None}
+    flag: dict[str, Any] = {"signal": None, "at": 0.0}
 
     def handler(signum: int, frame: Any) -> None:
-        if flag["signal"] is not None:  # a second Ctrl-C stops at once
+        # A second Ctrl-C stops at once; but signals within a second of the first are the same stop: a terminal's
+        # Ctrl-C reaches torchrun's processes directly and again from torchrun's agent (SIGINT, then SIGTERM) within
+        # milliseconds, and the job must still stop at a batch boundary with its last epoch saved.
+        if flag["signal"] is not None:
+            if time.monotonic() - flag["at"] < 1.0:
+                return
             raise KeyboardInterrupt
-        flag["signal"] = signal.Signals(signum).name
+        flag["signal"], flag["at"] = signal.Signals(signum).name, time.monotonic()
 
     previous = {}
     try:
@@ -321,7 +326,7 @@ class Trainer:
                     row = self.train_epoch(epoch)
                     if row is None:
                         result.interrupted = stop["signal"] or "a signal to another process of the job"
-                        self._emit("on_interrupt", stop["signal"], epoch)
+                        self._emit("on_interrupt", result.interrupted, epoch)
                         break
                     row.update(self.validate())
                     row["seconds"] = time.perf_counter() - started

@@ -35,7 +35,13 @@ def bench(
     if unknown and mode == "tta":  # time to accuracy trains any config: a shipped name or a YAML file
         from fcclass.config import resolve_config_path
 
-        unknown = [m for m in unknown if not resolve_config_path(m).is_file()]
+        def found(name: str) -> bool:
+            try:
+                return resolve_config_path(name).is_file()
+            except FcclassError:
+                return False
+
+        unknown = [m for m in unknown if not found(m)]
     if unknown:
         raise FcclassError(f"Unknown --model {', '.join(unknown)}: the benchmark models are {' and '.join(B.MODELS)} "
                            f"(configs/fashion_mnist.yaml's model and the PyTorch-examples net); --mode tta also takes a "

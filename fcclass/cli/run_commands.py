@@ -100,10 +100,19 @@ def _launch(nproc: int, config: Optional[Path], set_: Optional[list[str]], resum
     if resume is None:
         from fcclass.config import load_config
 
-        load_config(config, set_)  # a config mistake is reported once, here, rather than by every process
+        cfg = load_config(config, set_)  # a config mistake is reported once, here, rather than by every process
+        if cfg.train.sync_batchnorm and not (cfg.train.device != "cpu" and _cuda_available()):
+            raise FcclassError("train.sync_batchnorm needs CUDA GPUs (PyTorch's SyncBatchNorm does not run on the CPU); "
+                               "remove it to train on CPUs, where each process normalises its part of the batch.")
     from fcclass.distributed import launch
 
     launch(nproc, args)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _resolved_config(config: Optional[Path], set_: Optional[list[str]], run: Optional[Path], data_root: Optional[Path] = None) -> Any:
