@@ -247,3 +247,28 @@ def _fate(rank: int, code: int) -> str:
         name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else f"signal {-code}"
         return f"rank {rank} was killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
     return f"rank {rank} exited with code {code}"
+
+
+NODE_LOCAL_KEYS = ("data.root", "data.path", "data.cache_dir", "data.num_workers", "train.threads", "train.runs_dir", "train.device")
+
+
+def check_same_config(job: Dist, config: dict[str, Any]) -> None:
+    """Every process must train the same config (the data, the model, the optimisation): a machine started with
+    another one would fail later in a collective with a low-level error, or worse, train something else. Keys that
+    are each machine's own (where its data and runs are, its threads) may differ."""
+    if not job.enabled:
+        return
+    import torch.distributed as dist
+
+    from fcclass.tracking import flatten
+
+    mine = {k: v for k, v in flatten(config).items() if k not in NODE_LOCAL_KEYS}
+    every: list[Any] = [None] * job.world
+    _collective(job, dist.all_gather_object, every, mine)
+    for rank, theirs in enumerate(every):
+        if theirs != every[0]:
+            keys = sorted(k for k in set(theirs) | set(every[0]) if theirs.get(k) != every[0].get(k))
+            shown = "; ".join(f"{k}: {every[0].get(k)!r} on rank 0, {theirs.get(k)!r} on rank {rank}" for k in keys[:5])
+            more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
+            raise FcclassError(f"The processes of this job were started with different configs ({shown}{more}). Start every "
+                               "machine with the same config and --set options (only where data and runs live may differ).")

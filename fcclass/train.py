@@ -24,8 +24,8 @@ from fcclass.data import (BatchPreprocess, Dataset, SplitRecord, class_weights, 
                           describe, load_dataset, make_loader, normalization)
 from fcclass.data import data_root as data_location
 from fcclass.device import autocast, precision_name, select_device, select_precision
-from fcclass.distributed import (Dist, PeerFailed, all_sum, broadcast_buffers, from_env, init, is_peer_error, loss_scale, main_first,
-                                 peer_failed, shard, shutdown)
+from fcclass.distributed import (Dist, PeerFailed, all_sum, broadcast_buffers, check_same_config, from_env, init, is_peer_error,
+                                 loss_scale, main_first, peer_failed, shard, shutdown)
 from fcclass.errors import CheckpointError, FcclassError
 from fcclass.files import RunWriteError, atomic_write_text, os_error_reason
 from fcclass.inference import run_model
@@ -220,6 +220,7 @@ class Trainer:
         """A new run: draw and record the splits, build everything, then create the run directory."""
         cfg = with_absolute_paths(cfg)
         job, _ = init(cfg.train.device)
+        check_same_config(job, cfg.to_dict())
         _check_fits_early(cfg)
         with main_first(job):  # each machine's first process downloads, unpacks or caches the data for the others
             data = load_dataset(cfg.data, cfg.seed, splits=("train", "val"),  # the test split is recorded, not loaded
@@ -252,6 +253,7 @@ class Trainer:
         ckpt = resumable_checkpoint(run_dir)
         cfg = config_for_resume(run_dir, ckpt, overrides, data_root)
         job, _ = init(cfg.train.device)
+        check_same_config(job, cfg.to_dict())
         lock = lock_run(run_dir) if job.is_main else None
         state = TrainState.from_dict(ckpt.train_state or {})
         es = cfg.train.early_stopping

@@ -141,11 +141,7 @@ def test_two_torchrun_agents_meet_through_c10d_rendezvous(tmp_path: Path) -> Non
 
     config = _config(tmp_path)
     single = fit(load_config(config, [f"train.runs_dir={tmp_path / 'single'}"]))
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     agent = [*TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
              f"127.0.0.1:{port}", "--rdzv-id", "test-job", "-m", "fcclass", "train", "-c", str(config)]
     nodes = [subprocess.Popen(agent, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -201,3 +197,49 @@ def test_a_killed_rank_takes_the_job_down_and_the_run_resumes(tmp_path: Path) ->
     assert out.returncode == 0, out.stderr[-3000:]
     assert len(_metrics(run)) == done + 1
     assert json.loads((run / "summary.json").read_text())["state"] == "finished"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@needs_fashion
+def test_machines_started_with_different_configs_are_told_so(tmp_path: Path) -> None:
+    """Two simulated nodes whose configs differ (data.limit_train) stop at once with a message naming the key, instead
+    of failing later in a collective or training different data."""
+    config = _config(tmp_path)
+    port = _free_port()
+    agent = [*TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+             f"127.0.0.1:{port}", "--rdzv-id", "mismatch", "-m", "fcclass", "train", "-c", str(config)]
+    nodes = [subprocess.Popen([*agent, "--set", f"data.limit_train={n}"], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for n in (2000, 2400)]
+    errs = [node.communicate(timeout=180)[1] for node in nodes]
+    assert all(node.returncode != 0 for node in nodes)
+    assert any("started with different configs (data.limit_train: 2000 on rank 0, 2400 on rank 1" in e or
+               "started with different configs (data.limit_train: 2400 on rank 0, 2000 on rank 1" in e for e in errs), errs
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
+
+
+@pytest.mark.slow
+@needs_fashion
+def test_ctrl_c_stops_every_process_at_a_batch_and_keeps_the_run_resumable(tmp_path: Path) -> None:
+    """SIGINT to the whole process group (what a terminal's Ctrl-C does, and torchrun's agent then signals its
+    processes again): every process stops at the same batch, the last epoch is saved, exit 130, state interrupted."""
+    config = _config(tmp_path, n=20000, epochs=40)
+    job = subprocess.Popen([*FCCLASS, "train", "-c", str(config), "--nproc-per-node", "2"], cwd=tmp_path, env=_env(),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while not list((tmp_path / "runs").glob("*/metrics.csv")) and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(job.pid, signal.SIGINT)
+    out, err = job.communicate(timeout=60)
+    assert job.returncode == 130, err[-2000:]
+    assert "SIGINT: stopped in epoch" in out + err and "--nproc-per-node 2" in out + err and "Traceback" not in err
+    run = next((tmp_path / "runs").iterdir())
+    assert json.loads((run / "summary.json").read_text())["state"] == "interrupted"
+    assert len(_metrics(run)) >= 1
