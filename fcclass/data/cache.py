@@ -285,7 +285,6 @@ def _pool_pixels(cfg: Any, folder: Path, root: Path, pool_dir: Path, files: list
     if refusal is not None:
         return None, refusal
     try:
-        folder.mkdir(parents=True, exist_ok=True)
         with _locked(entry) as waited:
             pixels, _ = open_cached(entry)
             if pixels is not None:  # built by the process that held the lock
@@ -306,6 +305,18 @@ def _pool_pixels(cfg: Any, folder: Path, root: Path, pool_dir: Path, files: list
     return pixels, _built(entry, seconds, damaged, replaced)
 
 
+def _unusable_folder(folder: Path) -> str | None:
+    """Why the cache folder cannot hold a cache (a file in its place, a folder that cannot be created), or None."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        why = "is a file, not a folder" if folder.exists() and not folder.is_dir() else f"cannot be written ({os_error_reason(e)})"
+        return (f"Decoded images: not cached, since the cache folder '{folder}' {why}; the images are decoded "
+                "from the files every epoch instead. Point data.cache_dir (or $FCCLASS_CACHE_DIR) at a writable folder, or "
+                "set data.cache: off to go without this note.")
+    return None
+
+
 def _no_room(cfg: Any, folder: Path, entry: Entry, what: str) -> str | None:
     """Why a cache of ``entry``'s size is not built (data.cache_max_gb, the free disk space), or None."""
     shape = "x".join(str(v) for v in entry.shape[1:])
@@ -313,6 +324,9 @@ def _no_room(cfg: Any, folder: Path, entry: Entry, what: str) -> str | None:
         return (f"Decoded images: not cached, since {what} take {human(entry.nbytes)} decoded at {shape}, over data.cache_max_gb "
                 f"({cfg.cache_max_gb:g}); they are decoded from the files every epoch instead (slower). To cache them, raise "
                 f"the limit: --set data.cache_max_gb={math.ceil(entry.nbytes / 1e8) / 10:g} (or lower data.image_size).")
+    unusable = _unusable_folder(folder)
+    if unusable is not None:
+        return unusable
     existing = next((p for p in (folder, *folder.parents) if p.is_dir()), None)
     try:
         free = shutil.disk_usage(existing).free if existing is not None else None
@@ -320,7 +334,7 @@ def _no_room(cfg: Any, folder: Path, entry: Entry, what: str) -> str | None:
         free = None
     if free is not None and entry.nbytes + DISK_RESERVE > free:
         return (f"Decoded images: not cached, since {what} take {human(entry.nbytes)} decoded at {shape} and '{existing}' has "
-                f"{human(free)} free (a cache leaves {human(DISK_RESERVE)} free); they are decoded from the files every epoch "
+                f"{human(free)} free (a cache must leave at least 1 GiB free); they are decoded from the files every epoch "
                 "instead. Free some space, or point data.cache_dir (or $FCCLASS_CACHE_DIR) at a disk with room.")
     return None
 
