@@ -142,16 +142,36 @@ def test_two_torchrun_agents_meet_through_c10d_rendezvous(tmp_path: Path) -> Non
     config = _config(tmp_path)
     single = fit(load_config(config, [f"train.runs_dir={tmp_path / 'single'}"]))
     port = _free_port()
-    agent = [*TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
-             f"127.0.0.1:{port}", "--rdzv-id", "test-job", "-m", "fcclass", "train", "-c", str(config)]
-    nodes = [subprocess.Popen(agent, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
-    outs = [node.communicate(timeout=180) for node in nodes]
+    nodes = _agents(tmp_path, port, "test-job", [["-c", str(config)]] * 2)
+    outs = _finish(nodes)
     assert [node.returncode for node in nodes] == [0, 0], [err[-2000:] for _, err in outs]
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1
     _close(_metrics(runs[0]), _metrics(single.run_dir))
     assert json.loads((runs[0] / "summary.json").read_text())["distributed"]["nodes"] == 2
+
+
+def _agents(tmp_path: Path, port: int, job: str, args: list[list[str]]) -> list[subprocess.Popen]:
+    """One torchrun agent per simulated node (one process each), meeting through c10d rendezvous on localhost. The
+    first hosts the rendezvous store: both addresses are this machine's, and left to guess, both agents may try."""
+    nodes = []
+    for i, extra in enumerate(args):
+        cmd = [*TORCHRUN, "--nnodes", str(len(args)), "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+               f"127.0.0.1:{port}", "--rdzv-id", job, "--rdzv-conf", f"is_host={'true' if i == 0 else 'false'}",
+               "-m", "fcclass", "train", *extra]
+        nodes.append(subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return nodes
+
+
+def _finish(nodes: list[subprocess.Popen], timeout: float = 180) -> list[tuple[str, str]]:
+    """The agents' output; on a timeout they are killed (no job left running into the next test) and it fails."""
+    try:
+        return [node.communicate(timeout=timeout) for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+                node.communicate()
 
 
 def _rank_pid(parent_cmd: str, rank: int) -> int | None:
@@ -214,11 +234,8 @@ def test_machines_started_with_different_configs_are_told_so(tmp_path: Path) -> 
     of failing later in a collective or training different data."""
     config = _config(tmp_path)
     port = _free_port()
-    agent = [*TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
-             f"127.0.0.1:{port}", "--rdzv-id", "mismatch", "-m", "fcclass", "train", "-c", str(config)]
-    nodes = [subprocess.Popen([*agent, "--set", f"data.limit_train={n}"], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for n in (2000, 2400)]
-    errs = [node.communicate(timeout=180)[1] for node in nodes]
+    nodes = _agents(tmp_path, port, "mismatch", [["-c", str(config), "--set", f"data.limit_train={n}"] for n in (2000, 2400)])
+    errs = [err for _, err in _finish(nodes)]
     assert all(node.returncode != 0 for node in nodes)
     assert any("started with different configs (data.limit_train: 2000 on rank 0, 2400 on rank 1" in e or
                "started with different configs (data.limit_train: 2400 on rank 0, 2000 on rank 1" in e for e in errs), errs
