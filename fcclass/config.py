@@ -286,7 +286,7 @@ class TrainConfig(Strict):
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     runs_dir: str = "runs"
-    threads: Annotated[int, Field(gt=0, le=1024)] | None = None  # CPU threads; None: all cores (torchrun: shared among its processes)
+    threads: Annotated[int, Field(gt=0, le=1024)] | None = None  # CPU threads; None: OMP_NUM_THREADS, else all cores
     sync_batchnorm: bool = False  # torchrun on GPUs: BatchNormalization statistics over the whole job's batch (SyncBatchNorm)
 
     @field_validator("device")

@@ -44,6 +44,11 @@ class Dist:
         return self.rank == 0
 
     @property
+    def nodes(self) -> int:
+        """Machines in the job (torchrun starts the same number of processes on each)."""
+        return max(1, self.world // self.local_world)
+
+    @property
     def label(self) -> str:
         return f"rank {self.rank} of {self.world}" if self.enabled else "single process"
 
@@ -72,11 +77,13 @@ def from_env() -> Dist:
     return Dist(rank, world, local_rank, local_world)
 
 
-def current() -> Dist:
-    """This process's place, once the process group is up (SINGLE otherwise)."""
-    import torch.distributed as dist
+def backend(device_type: str) -> str:
+    """The process group's backend for a device: nccl between GPUs, gloo between CPUs."""
+    return "nccl" if device_type == "cuda" else "gloo"
 
-    return from_env() if dist.is_available() and dist.is_initialized() else SINGLE
+
+SYNC_BATCHNORM_NEEDS_CUDA = ("train.sync_batchnorm needs CUDA GPUs (PyTorch's SyncBatchNorm does not run on the CPU); remove it "
+                             "to train on CPUs, where each process normalises its part of the batch.")
 
 
 def device_for(job: Dist, name: str) -> str:
@@ -108,15 +115,15 @@ def init(name: str) -> tuple[Dist, str]:
 
     device = device_for(job, name)
     if not dist.is_initialized():
-        backend = "nccl" if device.startswith("cuda") else "gloo"
+        kind = backend(torch.device(device).type)
         try:
-            if backend == "nccl":
+            if kind == "nccl":
                 torch.cuda.set_device(device)
-                dist.init_process_group(backend, device_id=torch.device(device))
+                dist.init_process_group(kind, device_id=torch.device(device))
             else:
-                dist.init_process_group(backend)
+                dist.init_process_group(kind)
         except (RuntimeError, ValueError) as e:
-            raise FcclassError(f"Cannot join the distributed job ({job.label}, backend {backend}): {str(e).splitlines()[0]}. "
+            raise FcclassError(f"Cannot join the distributed job ({job.label}, backend {kind}): {str(e).splitlines()[0]}. "
                                "Check that every node can reach --rdzv-endpoint (or MASTER_ADDR:MASTER_PORT) and that all "
                                "nodes were started with the same --nnodes and --nproc-per-node.") from None
     return job, device
@@ -201,9 +208,8 @@ def is_peer_error(error: BaseException) -> bool:
     """Whether an exception raised inside DDP's backward or a collective comes from the process group."""
     import torch.distributed as dist
 
-    kinds: Sequence[type] = tuple(k for k in (getattr(dist, "DistError", None),) if k is not None)
     text = str(error).lower()
-    return isinstance(error, kinds) or any(w in text for w in ("gloo", "nccl", "connection", "process group", "peer"))
+    return isinstance(error, dist.DistError) or any(w in text for w in ("gloo", "nccl", "connection", "process group", "peer"))
 
 
 def launch(nproc: int, fcclass_args: Sequence[str]) -> None:
@@ -212,15 +218,15 @@ def launch(nproc: int, fcclass_args: Sequence[str]) -> None:
     (torchrun stops them); the error names which ranks failed, whose own messages came before it."""
     if nproc > 1 and "OMP_NUM_THREADS" not in os.environ:  # torchrun would set 1 and warn; share the cores instead
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
-    os.environ.setdefault("LOGLEVEL", "CRITICAL")
     # `python -m fcclass` puts the current folder first on the processes' import path: a folder named fcclass there
     # (a clone, say) would be imported instead of this fcclass. Python 3.11+ leaves it out with PYTHONSAFEPATH.
-    os.environ["PYTHONSAFEPATH"] = "1"  # torchrun's agent logs (read when its modules load) repeat our messages
+    os.environ["PYTHONSAFEPATH"] = "1"
+    os.environ.setdefault("LOGLEVEL", "CRITICAL")  # torchrun's agent logs (read when its modules load) repeat our messages
+    import logging
+
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
-
-    import logging
 
     for name in list(logging.root.manager.loggerDict):  # loggers torch made before LOGLEVEL was read
         if name.startswith("torch.distributed"):

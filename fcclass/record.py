@@ -73,7 +73,9 @@ def _distributed(trainer: "Trainer") -> dict[str, Any] | None:
     job = getattr(trainer, "job", None)
     if job is None or not job.enabled:
         return None
-    return {"processes": job.world, "nodes": max(1, job.world // job.local_world), "backend": "nccl" if trainer.device.type == "cuda" else "gloo"}
+    from fcclass.distributed import backend
+
+    return {"processes": job.world, "nodes": job.nodes, "backend": backend(trainer.device.type)}
 
 
 def _precision(trainer: "Trainer") -> str:

@@ -40,8 +40,9 @@ def print_training_header(console: Console, trainer: Any) -> None:
     chosen = f"auto: {_precision_reason(trainer.device.type)}" if trainer.cfg.train.precision == "auto" else "train.precision"
     job = getattr(trainer, "job", None)
     if job is not None and job.enabled:  # torchrun: the job, and what one batch is split into
-        nodes = max(1, job.world // job.local_world)
-        resumed = (f"   DDP: {job.world} processes on {nodes} machine(s), {'nccl' if trainer.device.type == 'cuda' else 'gloo'}, "
+        from fcclass.distributed import backend
+
+        resumed = (f"   DDP: {job.world} processes on {job.nodes} machine(s), {backend(trainer.device.type)}, "
                    f"global batch {trainer.cfg.data.batch_size}" + resumed)
     console.print(f"Device: [bold]{trainer.device}[/bold] ({precision_name(trainer.amp_dtype)}, {chosen})   "
                   f"Run: [bold]{escape(shown(trainer.run_dir))}[/bold]{resumed}", highlight=False)

@@ -24,8 +24,8 @@ from fcclass.data import (BatchPreprocess, Dataset, SplitRecord, class_weights, 
                           describe, load_dataset, make_loader, normalization)
 from fcclass.data import data_root as data_location
 from fcclass.device import autocast, precision_name, select_device, select_precision
-from fcclass.distributed import (Dist, PeerFailed, all_sum, broadcast_buffers, check_same_config, from_env, init, is_peer_error,
-                                 loss_scale, main_first, peer_failed, shard, shutdown)
+from fcclass.distributed import (SYNC_BATCHNORM_NEEDS_CUDA, PeerFailed, all_sum, broadcast_buffers, check_same_config, from_env,
+                                 init, is_peer_error, loss_scale, main_first, peer_failed, shard, shutdown)
 from fcclass.errors import CheckpointError, FcclassError
 from fcclass.files import RunWriteError, atomic_write_text, os_error_reason
 from fcclass.inference import run_model
@@ -165,7 +165,8 @@ class Trainer:
         self.callbacks = list(callbacks) if self.job.is_main else []  # side effects (console, files, trackers): rank 0's
         self.resumed = resumed
         self.replanned = False  # resumed with another train.epochs: the LR schedule was re-planned
-        _set_threads(cfg.train.threads, self.job)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
         self.device = select_device(device)
         self.amp_dtype = select_precision(cfg.train.precision, self.device)
         torch.manual_seed(cfg.seed)  # the initial weights
@@ -206,8 +207,7 @@ class Trainer:
 
         if self.cfg.train.sync_batchnorm:
             if self.device.type != "cuda":
-                raise FcclassError("train.sync_batchnorm needs CUDA GPUs (PyTorch's SyncBatchNorm does not run on the CPU); "
-                                   "remove it to train on CPUs, where each process normalises its part of the batch.")
+                raise FcclassError(SYNC_BATCHNORM_NEEDS_CUDA)
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         try:
             return DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -598,17 +598,6 @@ def _repair_best(run_dir: Path, last: Checkpoint, state: TrainState) -> None:
     except OSError as e:
         raise RunWriteError(f"Cannot write {run_dir / BEST}: {os_error_reason(e)}. Free some space or make it writable, then "
                             "resume again.") from None
-
-
-def _set_threads(threads: int | None, job: Dist) -> None:
-    """train.threads, else under torchrun the machine's cores shared among its processes (never more busy threads than
-    cores), unless OMP_NUM_THREADS says otherwise."""
-    import os
-
-    if threads:
-        torch.set_num_threads(threads)
-    elif job.enabled and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // job.local_world))
 
 
 def resume_config(run_dir: str | Path, overrides: Sequence[str] = (), data_root: str | Path | None = None) -> Config:

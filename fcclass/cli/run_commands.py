@@ -101,9 +101,10 @@ def _launch(nproc: int, config: Optional[Path], set_: Optional[list[str]], resum
         from fcclass.config import load_config
 
         cfg = load_config(config, set_)  # a config mistake is reported once, here, rather than by every process
+        from fcclass.distributed import SYNC_BATCHNORM_NEEDS_CUDA
+
         if cfg.train.sync_batchnorm and not (cfg.train.device != "cpu" and _cuda_available()):
-            raise FcclassError("train.sync_batchnorm needs CUDA GPUs (PyTorch's SyncBatchNorm does not run on the CPU); "
-                               "remove it to train on CPUs, where each process normalises its part of the batch.")
+            raise FcclassError(SYNC_BATCHNORM_NEEDS_CUDA)
     from fcclass.distributed import launch
 
     launch(nproc, args)
