@@ -4,6 +4,7 @@ than the run directory (console output, curves, trackers) are callbacks. No Rich
 from __future__ import annotations
 
 import csv
+import gc
 import io
 import json
 import math
@@ -25,7 +26,7 @@ from fcclass.data import (BatchPreprocess, Dataset, SplitRecord, class_weights, 
 from fcclass.data import data_root as data_location
 from fcclass.device import autocast, precision_name, select_device, select_precision
 from fcclass.distributed import (SYNC_BATCHNORM_NEEDS_CUDA, PeerFailed, all_sum, broadcast_buffers, check_same_config, from_env,
-                                 init, is_peer_error, loss_scale, main_first, peer_failed, shard, shutdown)
+                                 barrier, init, is_peer_error, loss_scale, main_first, peer_failed, shard, shutdown)
 from fcclass.errors import CheckpointError, FcclassError
 from fcclass.files import RunWriteError, atomic_write_text, os_error_reason
 from fcclass.inference import run_model
@@ -542,6 +543,15 @@ class Trainer:
         clip = "" if train.grad_clip else ", or set train.grad_clip (e.g. 1.0)"
         return f"The weights became non-finite, so the optimizer's updates blew up: {'; '.join(suspects)}. {fix.capitalize()}{clip}."
 
+    def finish_job(self) -> None:
+        """Under torchrun, after a successful fit: wait until every rank is done (rank 0 tests the best model while the
+        others would already exit), then drop the DDP wrapper, which holds the process group, so that fit()'s
+        destroy_process_group really tears it down. Left to the interpreter's exit instead, gloo's threads were
+        sometimes destroyed unjoined: the rank died with SIGABRT ("terminate called without an active exception")."""
+        barrier(self.job)
+        self.net = self.model
+        gc.collect()
+
     def _release(self) -> None:
         if self.lock is not None:
             self.lock.close()
@@ -571,7 +581,10 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, override
     observers += [Curves(), RunRecord(), *callbacks, *([tracker] if tracker is not None else [])]  # last: logs the files the others wrote
     try:
         trainer = Trainer.resume(resume, overrides or (), observers, data_root) if resume is not None else Trainer.start(cfg, observers)
-        return trainer.fit()
+        result = trainer.fit()
+        if job.enabled:
+            trainer.finish_job()
+        return result
     except BaseException as e:
         if tracker is not None:
             tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
