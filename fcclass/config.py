@@ -287,6 +287,7 @@ class TrainConfig(Strict):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     runs_dir: str = "runs"
     threads: Annotated[int, Field(gt=0, le=1024)] | None = None  # CPU threads; None: OMP_NUM_THREADS, else all cores
+    keep_pruned: bool = False  # kernel weights that are exactly zero when training starts stay zero (fine-tuning after fcclass compress --prune)
     sync_batchnorm: bool = False  # torchrun on GPUs: BatchNormalization statistics over the whole job's batch (SyncBatchNorm)
 
     @field_validator("device")

@@ -17,6 +17,7 @@ from fcclass.data import LUMA
 from fcclass.errors import FcclassError
 from fcclass.inference import Inference, load_for_inference
 from fcclass.files import check_output, is_stream, write_output
+from fcclass.quantize import OnnxNet
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
 
@@ -44,6 +45,8 @@ def export_model(run: str | Path | None = None, checkpoint: str | Path | None = 
         raise FcclassError(f"--format must be one of {', '.join(FORMATS)}, not '{fmt}'.")
     inf = load_for_inference(run, checkpoint, runs_dir=runs_dir, device="cpu")
     shape = list(inf.image_shape)
+    if isinstance(inf.model, OnnxNet):
+        return _export_int8(inf, fmt, out)
     model = Deployable(inf.model.float(), list(inf.checkpoint.mean), list(inf.checkpoint.std)).eval()
     target = Path(out) if out is not None else inf.path.parent / FORMATS[fmt]
     sidecar = None if is_stream(target) else target.with_name(target.name + ".json")  # no /dev/null.json
@@ -62,6 +65,24 @@ def export_model(run: str | Path | None = None, checkpoint: str | Path | None = 
         write_output(target, scratch.read_bytes(), "the model")
     if sidecar is not None:
         write_output(sidecar, json.dumps(describe(inf, fmt, target.name), indent=2) + "\n", "the model's description")
+    return target, sidecar, inf.note
+
+
+def _export_int8(inf: Inference, fmt: str, out: str | Path | None) -> tuple[Path, Path | None, str | None]:
+    """A compressed run's int8 model is an ONNX file already: it is copied (with its description) to ``out``."""
+    assert isinstance(inf.model, OnnxNet)
+    if fmt != "onnx":
+        raise FcclassError(f"This run's model is int8 ONNX ({inf.model.path}), which has no {fmt} form. Export it with "
+                           f"--format onnx, or export its float weights: fcclass export --checkpoint {inf.path} --format {fmt}.")
+    target = Path(out) if out is not None else inf.model.path
+    sidecar = None if is_stream(target) else target.with_name(target.name + ".json")
+    if target.absolute() != inf.model.path.absolute():
+        check_output(target, "the model")
+        write_output(target, inf.model.path.read_bytes(), "the model")
+    if sidecar is not None:
+        source = inf.model.path.with_name(inf.model.path.name + ".json")
+        facts = json.loads(source.read_text(encoding="utf-8")) if source.is_file() else describe(inf, fmt, target.name)
+        write_output(sidecar, json.dumps(facts | {"file": target.name}, indent=2) + "\n", "the model's description")
     return target, sidecar, inf.note
 
 

@@ -318,6 +318,8 @@ class Trainer:
     def fit(self) -> TrainResult:
         assert self.run_dir is not None or not self.job.is_main
         self._emit("on_fit_start")
+        if self.cfg.train.keep_pruned:
+            keep_zeros(self.model)
         result = TrainResult(self.run_dir, self.state.history, None, None, device=str(self.device),
                              precision=precision_name(self.amp_dtype))
         try:
@@ -560,6 +562,17 @@ class Trainer:
     def _emit(self, hook: str, *args: Any) -> None:
         for callback in self.callbacks:
             getattr(callback, hook)(self, *args)
+
+
+def keep_zeros(model: nn.Module) -> None:
+    """train.keep_pruned: the kernel weights that are exactly zero now get zero gradients, so they stay zero (SGD's
+    momentum and weight decay, Adam's moments and AdamW's decay all leave a zero weight with zero gradients at zero):
+    fine-tuning keeps a pruned model's sparsity, resumed runs too, since the zeros are in the saved weights."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and module.weight.requires_grad:
+            mask = module.weight.detach() != 0
+            if not bool(mask.all()):
+                module.weight.register_hook(lambda grad, mask=mask: grad * mask)
 
 
 def fit(cfg: Config | None = None, *, resume: str | Path | None = None, overrides: Sequence[str] | None = None,

@@ -149,6 +149,7 @@ def _print_notes(console: Console, notes: list[str]) -> None:
 # Registers the commands, in the order --help lists them (they import app and the helpers above, so they come last).
 from fcclass.cli import run_commands  # noqa: E402,F401  isort: skip
 from fcclass.cli import model_commands  # noqa: E402,F401  isort: skip
+from fcclass.cli import compress_command  # noqa: E402,F401  isort: skip
 from fcclass.cli import bench_command  # noqa: E402,F401  isort: skip
 from fcclass.cli import runs_command  # noqa: E402,F401  isort: skip
 from fcclass.cli import sweep_command  # noqa: E402,F401  isort: skip
