@@ -29,6 +29,7 @@ from fcclass.files import RunWriteError, atomic_write_text, os_error_reason, wri
 from fcclass.inference import Inference, load_for_inference
 from fcclass.pruning import check_fraction, nonzero_parameters, prune_units, prune_weights
 from fcclass.quantize import INT8_MODEL, OnnxNet, quantize_int8
+from fcclass.record import SUMMARY, read_summary
 from fcclass.runs import BEST, Checkpoint, create_run_dir
 
 RECORD = "compress.json"
@@ -90,6 +91,7 @@ class Options:
     calibration: int = 1000
 
     def check(self) -> None:
+        self.quantize = self.quantize.lower() if self.quantize else None
         if self.quantize not in (None, "int8"):
             raise FcclassError(f"--quantize takes int8 (ONNX Runtime static quantization), not '{self.quantize}'.")
         if self.prune is not None:
@@ -124,15 +126,38 @@ def compress(run: str | Path | None, options: Options, *, out: str | Path | None
         if options.quantize:
             _quantize(target, sample)
         _measure(src, target, ds, options, result, console)
+        _summarize(target, src, result)
         write_json(target / RECORD, result.to_dict())
     except BaseException as e:
-        if not (target / BEST).is_file() or (options.finetune and not (target / "summary.json").is_file()):
-            shutil.rmtree(target, ignore_errors=True)  # nothing usable yet: leave no half-made run behind
-        elif isinstance(e, KeyboardInterrupt) and not isinstance(e, CompressInterrupted):
-            raise CompressInterrupted(f"Stopped before compress finished: {target} holds the pruned model (best.pt), with no int8 "
-                                      f"model or measurements; go on with `fcclass compress {target} --quantize int8`.") from None
+        if not (options.finetune and (target / BEST).is_file() and (target / SUMMARY).is_file()):
+            shutil.rmtree(target, ignore_errors=True)  # nothing that took long to make: leave no half-made run behind
+            raise
+        if isinstance(e, KeyboardInterrupt) and not isinstance(e, CompressInterrupted):
+            raise CompressInterrupted(f"Stopped before compress finished: {target} holds the fine-tuned model (best.pt), with no "
+                                      f"int8 model or measurements; go on with `fcclass compress {target} --quantize int8`.") from None
+        if isinstance(e, FcclassError):
+            raise type(e)(f"{e} The fine-tuned model is kept in {target} (best.pt); compress it from there "
+                          f"(e.g. `fcclass compress {target} --quantize int8`).") from None
         raise
     return result
+
+
+def _summarize(target: Path, src: Inference, result: CompressResult) -> None:
+    """The new run's summary.json, for `fcclass runs`: the fine-tuning's own record, or the source run's with this
+    run's facts; either way its test accuracy is that of its deployed model (the table's last row)."""
+    import sys
+
+    from fcclass.record import now
+
+    data = read_summary(target) or {**(read_summary(src.run_dir) or {}), "started": now(), "ended": now(), "wall_seconds": 0.0,
+                                     "state": "finished", "command": " ".join(["fcclass", *sys.argv[1:]])[:500]}
+    last = result.rows[-1]
+    state = Checkpoint.load(target / BEST).model_state  # torch's count, as for other runs: BatchNorm statistics aside
+    params = sum(t.numel() for k, t in state.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    data.update(name=f"{src.config.name}-compressed", run_dir=str(target.absolute()), params=params,
+                test={"accuracy": last.test_accuracy, "images": result.test_images, "model": last.model, "runtime": last.runtime},
+                compressed={"from": result.source, "change": result.change() if len(result.rows) > 1 else None})
+    write_json(target / SUMMARY, data)
 
 
 def _pruned(src: Inference, options: Options, result: CompressResult, sample: torch.Tensor) -> tuple[Config, torch.nn.Module]:
@@ -170,8 +195,12 @@ def finetune_config(cfg: Config, epochs: int, keep_pruned: bool, runs_dir: Path,
     """The pruned run's config: ``epochs`` of fine-tuning at a tenth of the learning rate (``--set`` changes it), with
     pruned weights kept at zero when the pruning was unstructured."""
     raw = cfg.to_dict()
-    raw["optimizer"]["lr"] = raw["optimizer"]["lr"] * FINETUNE_LR
-    raw["train"].update(epochs=max(epochs, 1), keep_pruned=keep_pruned, runs_dir=str(runs_dir))
+    raw["train"].update(keep_pruned=keep_pruned, runs_dir=str(runs_dir))
+    if epochs:
+        raw["optimizer"]["lr"] = raw["optimizer"]["lr"] * FINETUNE_LR
+        raw["train"]["epochs"] = epochs
+    elif overrides:
+        raise FcclassError("--set changes the fine-tuning's config; it goes with --finetune EPOCHS.")
     return config_from_dict(raw, source="the compressed run's config", overrides=list(overrides))
 
 

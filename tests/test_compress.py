@@ -90,6 +90,9 @@ def test_compress_structured_writes_a_run_of_the_smaller_model(trained_run: Path
     report = json.loads(runner.invoke(app, ["eval", str(out), "--json", "-", "--no-save"]).stdout)
     assert report["accuracy"] == pytest.approx(pruned["test_accuracy"], abs=1e-6)
     assert json.loads((out / "compress.json").read_text())["rows"] == data["rows"]
+    record = json.loads((out / "summary.json").read_text())  # what `fcclass runs` lists
+    assert record["state"] == "finished" and record["compressed"]["from"] == str(trained_run)
+    assert record["test"]["accuracy"] == pruned["test_accuracy"] and record["params"] == summary["trainable_params"]
 
 
 def test_unstructured_pruning_keeps_its_zeros_through_fine_tuning(trained_run: Path, tmp_path: Path) -> None:
@@ -142,6 +145,7 @@ def test_int8_model_runs_in_onnxruntime_and_agrees_with_the_float_model(trained_
     (["--structured"], "--structured goes with --prune"),
     (["--finetune", "2", "--quantize", "int8"], "--finetune goes with --prune"),
     (["--quantize", "int4"], "takes int8"),
+    (["--quantize", "int8", "--set", "optimizer.lr=0.01"], "goes with --finetune"),
 ])
 def test_compress_mistakes_are_named(trained_run: Path, tmp_path: Path, args: list[str], expected: str) -> None:
     res = runner.invoke(app, ["compress", str(trained_run), *args, "--out", str(tmp_path / "out")])
