@@ -24,12 +24,13 @@ import torch
 
 from fcclass.config import Config, config_from_dict
 from fcclass.data import Dataset, SplitRecord, make_loader
+from fcclass.data import data_root as data_location
 from fcclass.errors import FcclassError
 from fcclass.files import RunWriteError, atomic_write_text, os_error_reason, write_json
 from fcclass.inference import Inference, load_for_inference
 from fcclass.pruning import check_fraction, nonzero_parameters, prune_units, prune_weights
 from fcclass.quantize import INT8_MODEL, OnnxNet, quantize_int8
-from fcclass.record import SUMMARY, read_summary
+from fcclass.record import SUMMARY, now, read_summary
 from fcclass.runs import BEST, Checkpoint, create_run_dir
 
 RECORD = "compress.json"
@@ -62,10 +63,13 @@ class CompressResult:
     options: dict[str, Any]
     rows: list[Row] = field(default_factory=list)
     pruned_layers: dict[str, list[int]] = field(default_factory=dict)  # structured: layer -> [before, after]
+    conv_layers: list[str] = field(default_factory=list)  # those of pruned_layers that are Conv2D (filters, not units)
     zeroed_weights: int = 0  # unstructured
     finetune: dict[str, Any] | None = None
     threads: int = 1
     test_images: int = 0
+    started: str = ""
+    clock: float = field(default=0.0, repr=False)
     notes: list[str] = field(default_factory=list)
 
     def change(self) -> dict[str, float]:
@@ -78,7 +82,9 @@ class CompressResult:
                 "accuracy_points": round(100 * ((last.test_accuracy or 0.0) - (first.test_accuracy or 0.0)), 2)}
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"change": self.change() if len(self.rows) > 1 else None}
+        data = asdict(self)
+        data.pop("clock")
+        return data | {"change": self.change() if len(self.rows) > 1 else None}
 
 
 @dataclass
@@ -89,6 +95,7 @@ class Options:
     finetune: int = 0
     quantize: str | None = None
     calibration: int = 1000
+    rounds: int = 3  # latency: the median of this many timing rounds per model
 
     def check(self) -> None:
         self.quantize = self.quantize.lower() if self.quantize else None
@@ -101,6 +108,8 @@ class Options:
             raise FcclassError(f"{flag} goes with --prune FRACTION (it says how pruning is done or recovered from).")
         if self.prune is None and self.quantize is None:
             raise FcclassError("Nothing to do: give --prune FRACTION (e.g. --prune 0.5 --structured) and/or --quantize int8.")
+        if self.rounds < 1:
+            raise FcclassError("--rounds takes the number of timing rounds per model (at least 1; default 3).")
         if self.calibration < 1:
             raise FcclassError("--calibration takes the number of training images to calibrate int8 ranges on, e.g. 1000.")
 
@@ -111,18 +120,27 @@ def compress(run: str | Path | None, options: Options, *, out: str | Path | None
     """Compress the best model of ``run`` (default: the newest trained run) into a new run directory (``out``, or
     ``<runs folder>/<name>-compressed-<time>`` beside the source run) and measure it against the original."""
     options.check()
+    started, clock = now(), time.monotonic()
+    if run is not None and Path(run).is_file():
+        raise FcclassError(f"'{run}' is a file; fcclass compress takes a run directory (the folder with config.yaml, best.pt "
+                           f"and splits.json), e.g. fcclass compress {Path(run).parent}.")
     src = load_for_inference(run, runs_dir=runs_dir, device="cpu")
     if isinstance(src.model, OnnxNet) or src.run_dir is None:
         raise FcclassError(f"'{src.run_dir or src.path}' is already an int8 model; compress the run it was made from."
                            if src.run_dir is not None else "fcclass compress takes a run directory.")
     ds = src.dataset(("train", "val", "test"), data_root, progress=progress)
-    result = CompressResult(str(src.run_dir), "", asdict(options), threads=torch.get_num_threads(), notes=list(ds.notes))
+    result = CompressResult(str(src.run_dir), "", asdict(options), threads=torch.get_num_threads(),
+                            started=started, clock=clock, notes=[*([src.note] if src.note else []), *ds.notes])
+    if not options.quantize and options.calibration != Options.calibration and not options.structured:
+        result.notes.append("--calibration is used by --quantize int8 and --structured only; it was ignored.")
     sample = training_sample(ds, options.calibration, src.config.seed)
+    if len(sample) < options.calibration and (options.quantize or options.structured):
+        result.notes.append(f"The training split has {len(sample):,} images, so all of them calibrate (not {options.calibration:,}).")
     cfg, model = _pruned(src, options, result, sample)
     target = _new_run_dir(out, src)
     result.run_dir = str(target)
     try:
-        _write_run(target, src, cfg, model, options, ds, overrides, console, result)
+        _write_run(target, src, cfg, model, options, ds, overrides, console, result, data_root)
         if options.quantize:
             _quantize(target, sample)
         _measure(src, target, ds, options, result, console)
@@ -147,10 +165,10 @@ def _summarize(target: Path, src: Inference, result: CompressResult) -> None:
     run's facts; either way its test accuracy is that of its deployed model (the table's last row)."""
     import sys
 
-    from fcclass.record import now
-
-    data = read_summary(target) or {**(read_summary(src.run_dir) or {}), "started": now(), "ended": now(), "wall_seconds": 0.0,
-                                     "state": "finished", "command": " ".join(["fcclass", *sys.argv[1:]])[:500]}
+    data = read_summary(target) or {**(read_summary(src.run_dir) or {}), "started": result.started, "ended": now(),
+                                     "wall_seconds": round(time.monotonic() - result.clock, 1), "state": "finished",
+                                     "best": None, "last": None, "git": None,  # the original's validation figures are not this model's
+                                     "command": " ".join(["fcclass", *sys.argv[1:]])[:500]}
     last = result.rows[-1]
     state = Checkpoint.load(target / BEST).model_state  # torch's count, as for other runs: BatchNorm statistics aside
     params = sum(t.numel() for k, t in state.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
@@ -167,9 +185,13 @@ def _pruned(src: Inference, options: Options, result: CompressResult, sample: to
     if options.structured:
         cfg, model, plan = prune_units(model, cfg, options.prune, options.conv, src.preprocess(sample))
         result.pruned_layers = {name: list(sizes) for name, sizes in plan.sizes.items()}
+        names = [li.name for li in src.model.infos]
+        result.conv_layers = [names[i] for i in plan.keep if src.config.model.layers[i].type == "Conv2D"]
         result.notes += [f"left whole: {why}" for why in plan.skipped]
     else:
         result.zeroed_weights = prune_weights(model, cfg, options.prune, options.conv)
+        if result.zeroed_weights == 0:
+            result.notes.append(f"No weight was zeroed: the model already has {options.prune:.0%} or more of its weights at zero.")
         result.notes.append("Unstructured pruning zeroes weights but keeps the model's shape, so its file is as large and "
                             "about as fast; --structured removes whole units for a smaller, faster model, and --quantize int8 "
                             "makes the file 4x smaller.")
@@ -182,8 +204,9 @@ def _new_run_dir(out: str | Path | None, src: Inference) -> Path:
         return create_run_dir(src.run_dir.parent, f"{src.config.name}-compressed"[:100])
     path = Path(out)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise RunWriteError(f"--out '{path}' already exists and is not an empty folder; fcclass never writes over it. "
-                            "Give a new folder name.")
+        what = "a file" if not path.is_dir() else "a folder with files in it"
+        raise RunWriteError(f"--out '{path}' is {what}; fcclass writes the new run into a new (or empty) folder and never "
+                            "over anything. Give a new folder name.")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -205,11 +228,15 @@ def finetune_config(cfg: Config, epochs: int, keep_pruned: bool, runs_dir: Path,
 
 
 def _write_run(target: Path, src: Inference, cfg: Config, model: torch.nn.Module, options: Options, ds: Dataset,
-               overrides: Sequence[str], console: Any, result: CompressResult) -> None:
+               overrides: Sequence[str], console: Any, result: CompressResult, data_root: str | Path | None) -> None:
     record = SplitRecord.read(src.run_dir) if src.run_dir is not None else None
     if record is None:
         raise FcclassError(f"'{src.run_dir}' has no splits.json, so its test split is unknown; compress a run trained by this fcclass.")
     cfg = finetune_config(cfg, options.finetune, options.prune is not None and not options.structured, target.parent, overrides)
+    if data_root is not None:  # the data moved: the new run records where it is now, as a resumed run does
+        key = "path" if cfg.data.dataset == "imagefolder" else "root"
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={key: str(Path(data_root).absolute())})})
+        record.root = data_location(cfg.data)
     try:
         atomic_write_text(target / "config.yaml", cfg.to_yaml())
         atomic_write_text(target / "classes.json", json.dumps(src.class_names, indent=2) + "\n")
@@ -325,9 +352,13 @@ def _measure(src: Inference, target: Path, ds: Dataset, options: Options, result
         for row, predict in models:
             row.test_accuracy = _accuracy(predict, batches)
         pixels = np.concatenate([x for x, _ in batches])[:256]
-        for (row, _), (b1, b256) in zip(models, latencies([p for _, p in models], pixels)):
+        for (row, _), (b1, b256) in zip(models, latencies([p for _, p in models], pixels, options.rounds)):
             row.latency_ms_batch1, row.latency_ms_batch256 = b1, b256
     result.rows = [row for row, _ in models]
+    lost = 100 * ((result.rows[0].test_accuracy or 0.0) - (result.rows[-1].test_accuracy or 0.0))
+    if lost > 2.0:
+        result.notes.append(f"Test accuracy fell by {lost:.1f} points: prune a smaller fraction"
+                            + ("" if options.finetune else ", or fine-tune (--finetune 2)") + ".")
     if models[1:] and models[1][0].runtime == "onnxruntime fp32":
         result.rows[1].file = "(exported for comparison, not kept)"
 
@@ -357,7 +388,7 @@ def latencies(predicts: Sequence[Predict], pixels: np.ndarray, rounds: int = 3) 
     times: list[tuple[list[float], list[float]]] = [([], []) for _ in predicts]
     for _ in range(rounds):
         for predict, (t1, t256) in zip(predicts, times):
-            time.sleep(0.3)
+            time.sleep(0.2)
             for _ in range(3):
                 predict(one), predict(full)
             t1.append(_timed(predict, one, 100))

@@ -22,7 +22,7 @@ pytestmark = needs_fashion
 
 
 def _compress(*args: str) -> dict:
-    res = runner.invoke(app, ["compress", *args, "--json", "-"])
+    res = runner.invoke(app, ["compress", *args, "--rounds", "1", "--json", "-"])
     assert res.exit_code == 0, res.output
     return json.loads(res.stdout)
 
@@ -158,5 +158,23 @@ def test_compress_never_writes_into_an_existing_folder(trained_run: Path, tmp_pa
     taken.mkdir()
     (taken / "notes.txt").write_text("mine")
     res = runner.invoke(app, ["compress", str(trained_run), "--prune", "0.5", "--out", str(taken)])
-    assert res.exit_code == 1 and "already exists" in res.output
+    assert res.exit_code == 1 and "is a folder with files in it" in res.output
     assert [p.name for p in taken.iterdir()] == ["notes.txt"]
+
+
+def test_compress_names_the_run_it_took_and_warns_when_accuracy_collapses(trained_run: Path, tmp_path: Path) -> None:
+    res = runner.invoke(app, ["compress", "--runs-dir", str(trained_run.parent), "--prune", "0.99", "--structured", "--conv",
+                              "--rounds", "1", "--out", str(tmp_path / "tiny")])
+    assert res.exit_code == 0, res.output
+    assert f"Run: {trained_run}" in res.output and "(the newest trained run" in res.output
+    assert "Test accuracy fell by" in res.output and "--finetune 2" in res.output
+    assert "conv2d: 24 -> 1 filters" in res.output and "dense: 256 -> 3 units" in res.output
+
+
+def test_compress_refuses_a_checkpoint_file_and_an_out_file(trained_run: Path, tmp_path: Path) -> None:
+    res = runner.invoke(app, ["compress", str(trained_run / "best.pt"), "--prune", "0.5"])
+    assert res.exit_code == 1 and f"fcclass compress {trained_run}" in res.output
+    taken = tmp_path / "model.png"
+    taken.write_bytes(b"mine")
+    res = runner.invoke(app, ["compress", str(trained_run), "--prune", "0.5", "--out", str(taken)])
+    assert res.exit_code == 1 and "is a file" in res.output and taken.read_bytes() == b"mine"

@@ -22,6 +22,7 @@ def compress(
     finetune: int = typer.Option(0, "--finetune", min=0, metavar="EPOCHS", help="Train the pruned model this many epochs (the run's optimizer at a tenth of its learning rate; --set changes it)."),
     quantize: Optional[str] = typer.Option(None, "--quantize", help="int8: ONNX Runtime static quantization (QDQ, per-channel weights), calibrated on training images."),
     calibration: int = typer.Option(1000, "--calibration", min=1, help="Training images that calibrate the int8 ranges and rank units for --structured."),
+    rounds: int = typer.Option(3, "--rounds", min=1, help="Latency: time each model this many rounds and keep the median."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="The new run directory (default: RUNS/<name>-compressed-<time> beside the run)."),
     set_: Optional[list[str]] = SetOpt,
     json_out: Optional[str] = JsonOpt,
@@ -34,10 +35,10 @@ def compress(
     from fcclass.compress import CompressInterrupted, Options, compress as run_compress
 
     console = _human_console(json_out)
-    options = Options(prune, structured, conv, finetune, quantize, calibration)
+    options = Options(prune, structured, conv, finetune, quantize, calibration, rounds)
     try:
         result = run_compress(run_dir, options, out=out, runs_dir=runs_dir, data_root=data_root, overrides=set_ or [],
-                              console=console if json_out != "-" else None, progress=DecodeProgress(console))
+                              console=console, progress=DecodeProgress(console))
     except CompressInterrupted as e:
         err_console.print(f"[yellow]{escape(str(e))}[/yellow]", highlight=False)
         raise typer.Exit(130) from None
@@ -45,7 +46,8 @@ def compress(
     if json_out != "-":
         console.print(compress_table(result))
         for name, (before, after) in result.pruned_layers.items():
-            console.print(f"  {escape(name)}: {before} -> {after} units", highlight=False)
+            what = "filters" if name in result.conv_layers else "units"
+            console.print(f"  {escape(name)}: {before} -> {after} {what}", highlight=False)
         console.print(f"Wrote [bold]{escape(result.run_dir)}[/bold]. Next: fcclass eval {escape(result.run_dir)}", highlight=False)
     _emit_json(json_out, result.to_dict())
 
@@ -73,6 +75,6 @@ def _caption(result: Any) -> str:
     if len(result.rows) < 2:
         return ""
     c = result.change()
-    return (f"Last row against the first: {c['smaller_on_disk']:g}x smaller on disk, {c['faster_batch1']:g}x faster at "
-            f"batch 1, {c['faster_batch256']:g}x at batch 256, {c['accuracy_points']:+.2f} points of test accuracy "
+    return (f"Last row against the first: {c['smaller_on_disk']:.2f}x smaller on disk, {c['faster_batch1']:.2f}x faster at "
+            f"batch 1, {c['faster_batch256']:.2f}x at batch 256, {c['accuracy_points']:+.2f} points of test accuracy "
             f"({result.threads} CPU thread(s); the run's test split, {result.test_images:,} images).")
