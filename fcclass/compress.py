@@ -15,6 +15,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -28,6 +29,7 @@ from fcclass.data import data_root as data_location
 from fcclass.errors import FcclassError
 from fcclass.files import RunWriteError, atomic_write_text, os_error_reason, write_json
 from fcclass.inference import Inference, load_for_inference
+from fcclass.model import Network
 from fcclass.pruning import check_fraction, nonzero_parameters, prune_units, prune_weights
 from fcclass.quantize import INT8_MODEL, OnnxNet, quantize_int8
 from fcclass.record import SUMMARY, now, read_summary
@@ -84,7 +86,7 @@ class CompressResult:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("clock")
-        return data | {"change": self.change() if len(self.rows) > 1 else None}
+        return data | {"change": self.change()}
 
 
 @dataclass
@@ -125,9 +127,9 @@ def compress(run: str | Path | None, options: Options, *, out: str | Path | None
         raise FcclassError(f"'{run}' is a file; fcclass compress takes a run directory (the folder with config.yaml, best.pt "
                            f"and splits.json), e.g. fcclass compress {Path(run).parent}.")
     src = load_for_inference(run, runs_dir=runs_dir, device="cpu")
-    if isinstance(src.model, OnnxNet) or src.run_dir is None:
-        raise FcclassError(f"'{src.run_dir or src.path}' is already an int8 model; compress the run it was made from."
-                           if src.run_dir is not None else "fcclass compress takes a run directory.")
+    if isinstance(src.model, OnnxNet):
+        raise FcclassError(f"'{src.run_dir}' is already an int8 model; compress the run it was made from.")
+    assert src.run_dir is not None  # a run was resolved, never a bare checkpoint file
     ds = src.dataset(("train", "val", "test"), data_root, progress=progress)
     result = CompressResult(str(src.run_dir), "", asdict(options), threads=torch.get_num_threads(),
                             started=started, clock=clock, notes=[*([src.note] if src.note else []), *ds.notes])
@@ -141,10 +143,11 @@ def compress(run: str | Path | None, options: Options, *, out: str | Path | None
     result.run_dir = str(target)
     try:
         _write_run(target, src, cfg, model, options, ds, overrides, console, result, data_root)
+        small = load_for_inference(checkpoint=target / BEST, device="cpu")  # the new run's float model, from its file
         if options.quantize:
-            _quantize(target, sample)
-        _measure(src, target, ds, options, result, console)
-        _summarize(target, src, result)
+            _quantize(target, small, sample)
+        _measure(src, small if options.prune is not None else None, target, ds, options, result, console)
+        _summarize(target, src, small, result)
         write_json(target / RECORD, result.to_dict())
     except BaseException as e:
         if not (options.finetune and (target / BEST).is_file() and (target / SUMMARY).is_file()):
@@ -160,7 +163,7 @@ def compress(run: str | Path | None, options: Options, *, out: str | Path | None
     return result
 
 
-def _summarize(target: Path, src: Inference, result: CompressResult) -> None:
+def _summarize(target: Path, src: Inference, small: Inference, result: CompressResult) -> None:
     """The new run's summary.json, for `fcclass runs`: the fine-tuning's own record, or the source run's with this
     run's facts; either way its test accuracy is that of its deployed model (the table's last row)."""
     import sys
@@ -170,11 +173,10 @@ def _summarize(target: Path, src: Inference, result: CompressResult) -> None:
                                      "best": None, "last": None, "git": None,  # the original's validation figures are not this model's
                                      "command": " ".join(["fcclass", *sys.argv[1:]])[:500]}
     last = result.rows[-1]
-    state = Checkpoint.load(target / BEST).model_state  # torch's count, as for other runs: BatchNorm statistics aside
-    params = sum(t.numel() for k, t in state.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    params = sum(p.numel() for p in small.model.parameters())  # torch's count, as for other runs: BatchNorm statistics aside
     data.update(name=f"{src.config.name}-compressed", run_dir=str(target.absolute()), params=params,
                 test={"accuracy": last.test_accuracy, "images": result.test_images, "model": last.model, "runtime": last.runtime},
-                compressed={"from": result.source, "change": result.change() if len(result.rows) > 1 else None})
+                compressed={"from": result.source, "change": result.change()})
     write_json(target / SUMMARY, data)
 
 
@@ -199,7 +201,6 @@ def _pruned(src: Inference, options: Options, result: CompressResult, sample: to
 
 
 def _new_run_dir(out: str | Path | None, src: Inference) -> Path:
-    assert src.run_dir is not None
     if out is None:
         return create_run_dir(src.run_dir.parent, f"{src.config.name}-compressed"[:100])
     path = Path(out)
@@ -229,7 +230,7 @@ def finetune_config(cfg: Config, epochs: int, keep_pruned: bool, runs_dir: Path,
 
 def _write_run(target: Path, src: Inference, cfg: Config, model: torch.nn.Module, options: Options, ds: Dataset,
                overrides: Sequence[str], console: Any, result: CompressResult, data_root: str | Path | None) -> None:
-    record = SplitRecord.read(src.run_dir) if src.run_dir is not None else None
+    record = SplitRecord.read(src.run_dir)
     if record is None:
         raise FcclassError(f"'{src.run_dir}' has no splits.json, so its test split is unknown; compress a run trained by this fcclass.")
     cfg = finetune_config(cfg, options.finetune, options.prune is not None and not options.structured, target.parent, overrides)
@@ -285,14 +286,13 @@ def training_sample(ds: Dataset, n: int, seed: int) -> torch.Tensor:
     return torch.cat([x for x, _ in loader])
 
 
-def _quantize(target: Path, sample: torch.Tensor) -> None:
+def _quantize(target: Path, small: Inference, sample: torch.Tensor) -> None:
     from fcclass.export import describe, export_model
 
     with tempfile.TemporaryDirectory(prefix="fcclass-compress-") as tmp:
         float_onnx, _, _ = export_model(checkpoint=target / BEST, out=Path(tmp) / "float.onnx")
         quantize_int8(float_onnx, target / INT8_MODEL, sample.float().div_(255.0).numpy())
-    inf = load_for_inference(checkpoint=target / BEST, device="cpu")
-    sidecar = describe(inf, "onnx", INT8_MODEL) | {"quantization": quantization_facts(len(sample))}
+    sidecar = describe(small, "onnx", INT8_MODEL) | {"quantization": quantization_facts(len(sample))}
     write_json(target / (INT8_MODEL + ".json"), sidecar)
 
 
@@ -302,7 +302,7 @@ def quantization_facts(images: int) -> dict[str, Any]:
     return {"method": "ONNX Runtime static quantization, QDQ format", "weights": "int8, per output channel",
             "int8_operators": list(quantize.INT8_OPS),
             "activations": "uint8" if quantize.ACTIVATIONS == "QUInt8" else "int8", "calibration": quantize.CALIBRATION,
-            "calibration_images": images, "float_operators": "the others (normalisation, Relu, BatchNormalization, Softmax...)"}
+            "calibration_images": quantize.calibrated(images), "float_operators": "the others (normalisation, Relu, BatchNormalization, Softmax...)"}
 
 
 Predict = Callable[[np.ndarray], np.ndarray]
@@ -320,27 +320,29 @@ def _torch_predict(inf: Inference) -> Predict:
     return predict
 
 
-def _parameters(model: torch.nn.Module) -> tuple[int, int]:
-    stats = sum(b.numel() for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var")))
-    return sum(p.numel() for p in model.parameters()) + stats, nonzero_parameters(model)
+def _parameters(model: Network) -> tuple[int, int]:
+    """Keras's count (fcclass summary's Total params, BatchNorm statistics included) and how many are non-zero."""
+    return model.summary().total_params, nonzero_parameters(model)
 
 
-def _measure(src: Inference, target: Path, ds: Dataset, options: Options, result: CompressResult, console: Any) -> None:
+def _measure(src: Inference, small: Inference | None, target: Path, ds: Dataset, options: Options, result: CompressResult,
+             console: Any) -> None:
     """Every row of the table: size, parameters, test accuracy (all of the run's test split) and CPU latency."""
     from fcclass.export import export_model
 
     loader = make_loader(ds.splits["test"], 500, False, 0, ds.channels, ds.size)
     batches = [(x.float().div_(255.0).numpy(), y.numpy()) for x, y in loader]
     result.test_images = sum(len(y) for _, y in batches)
-    small = load_for_inference(checkpoint=target / BEST, device="cpu") if options.prune is not None else None
-    status = console.status("Measuring accuracy and latency...") if console is not None else _NoStatus()
+    status = console.status("Measuring accuracy and latency...") if console is not None else nullcontext()
     with status, tempfile.TemporaryDirectory(prefix="fcclass-compress-") as tmp:
         models: list[tuple[Row, Predict]] = []
         counts = _parameters(src.model)
         models.append((_row("original", "torch fp32", src.path, counts), _torch_predict(src)))
         if options.quantize:  # the same float model in ONNX Runtime: what the runtime alone gives, before int8
             reference, _, _ = export_model(checkpoint=src.path, out=Path(tmp) / "original.onnx")
-            models.append((_row("original", "onnxruntime fp32", reference, counts), OnnxNet(reference).probabilities))
+            row = _row("original", "onnxruntime fp32", reference, counts)
+            row.file = "(exported for comparison, not kept)"
+            models.append((row, OnnxNet(reference).probabilities))
         name = "pruned" + (" + fine-tuned" if options.finetune else "")
         if small is not None:
             counts = _parameters(small.model)
@@ -355,20 +357,10 @@ def _measure(src: Inference, target: Path, ds: Dataset, options: Options, result
         for (row, _), (b1, b256) in zip(models, latencies([p for _, p in models], pixels, options.rounds)):
             row.latency_ms_batch1, row.latency_ms_batch256 = b1, b256
     result.rows = [row for row, _ in models]
-    lost = 100 * ((result.rows[0].test_accuracy or 0.0) - (result.rows[-1].test_accuracy or 0.0))
+    lost = -result.change()["accuracy_points"]
     if lost > 2.0:
         result.notes.append(f"Test accuracy fell by {lost:.1f} points: prune a smaller fraction"
                             + ("" if options.finetune else ", or fine-tune (--finetune 2)") + ".")
-    if models[1:] and models[1][0].runtime == "onnxruntime fp32":
-        result.rows[1].file = "(exported for comparison, not kept)"
-
-
-class _NoStatus:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def _row(model: str, runtime: str, path: Path, counts: tuple[int, int]) -> Row:

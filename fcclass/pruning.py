@@ -29,14 +29,10 @@ def _kernel(block: nn.Module) -> nn.Linear | nn.Conv2d:
     return next(m for m in block.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
 
 
-def _layer_types(cfg: Config) -> list[str]:
-    return [layer.type for layer in cfg.model.layers]
-
-
 def prunable_layers(cfg: Config, conv: bool, structured: bool) -> list[int]:
     """Indices of the layers pruning touches: every Dense (the last one too, unless whole units are removed: it has one
     unit per class) and, with ``conv``, every Conv2D; frozen layers (trainable: false) are left as they are."""
-    types = _layer_types(cfg)
+    types = [layer.type for layer in cfg.model.layers]
     last_dense = max(i for i, t in enumerate(types) if t == "Dense")
     wanted = ("Dense", "Conv2D") if conv else ("Dense",)
     return [i for i, t in enumerate(types) if t in wanted and cfg.model.layers[i].trainable
@@ -89,7 +85,6 @@ def plan_units(model: Network, cfg: Config, fraction: float, conv: bool = False,
     (benchmarks/RESULTS.md)."""
     check_fraction(fraction)
     names = [li.name for li in model.infos]
-    in_shapes = [_first_input_shape(model)] + [tuple(li.output_shape) for li in model.infos[:-1]]
     plan, paths = StructuredPlan(), {}
     for i in prunable_layers(cfg, conv, structured=True):
         path = _consumers(cfg, i)
@@ -99,8 +94,8 @@ def plan_units(model: Network, cfg: Config, fraction: float, conv: bool = False,
             paths[i] = path
     stats = consumer_inputs(model, [names[j] for _, j in paths.values()], images) if images is not None else {}
     for i, (between, j) in paths.items():
-        spread = next((in_shapes[k][1] * in_shapes[k][2] for k in between  # Flatten keeps (channel, row, column) order
-                       if cfg.model.layers[k].type == "Flatten" and len(in_shapes[k]) == 3), 1)
+        flat = [model.infos[k - 1].output_shape for k in between if cfg.model.layers[k].type == "Flatten"]  # Flatten inputs
+        spread = next((shape[1] * shape[2] for shape in flat if len(shape) == 3), 1)  # Flatten keeps (channel, row, column) order
         reader = _kernel(getattr(model.body, names[j]))
         size = _unit_sizes(_kernel(getattr(model.body, names[i])), reader, spread, stats.get(names[j]))
         n = size.numel()
@@ -154,10 +149,6 @@ def consumer_inputs(model: Network, names: list[str], images: torch.Tensor) -> d
             handle.remove()
         model.train(was_training)
     return {name: (s / n, s2 / n) for name, (s, s2, n) in sums.items()}
-
-
-def _first_input_shape(model: Network) -> tuple[int, ...]:
-    return (int(torch.Size(model.input_shape).numel()),) if model.flatten_input else tuple(model.input_shape)
 
 
 def _consumers(cfg: Config, i: int) -> tuple[list[int], int] | str:

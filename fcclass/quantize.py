@@ -36,13 +36,19 @@ def _ort() -> Any:
     return onnxruntime
 
 
+def calibrated(images: int) -> int:
+    """How many of ``images`` calibration images are used: whole batches of 64 (all of them when fewer)."""
+    size = min(64, images)
+    return images // size * size if size else 0
+
+
 class _Calibration:
     """onnxruntime.quantization's CalibrationDataReader: the calibration images in batches of 64 (all of one size:
     the histogram calibrators stack them; a ragged remainder is left out)."""
 
     def __init__(self, images: np.ndarray, input_name: str) -> None:
         size = min(64, len(images))
-        self.batches: Iterator[np.ndarray] = (images[i:i + size] for i in range(0, len(images) - size + 1, size))
+        self.batches: Iterator[np.ndarray] = (images[i:i + size] for i in range(0, calibrated(len(images)), size))
         self.input_name = input_name
 
     def get_next(self) -> dict[str, np.ndarray] | None:

@@ -72,8 +72,6 @@ def _size(n: int) -> str:
 
 
 def _caption(result: Any) -> str:
-    if len(result.rows) < 2:
-        return ""
     c = result.change()
     return (f"Last row against the first: {c['smaller_on_disk']:.2f}x smaller on disk, {c['faster_batch1']:.2f}x faster at "
             f"batch 1, {c['faster_batch256']:.2f}x at batch 256, {c['accuracy_points']:+.2f} points of test accuracy "
