@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import fcclass.model as M
-from fcclass.config import load_config
+from fcclass.config.load import load_config
 
 
 def forward_backward(shape: tuple[int, ...], p: float, cls: type, reps: int = 200) -> float:

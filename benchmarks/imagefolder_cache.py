@@ -53,7 +53,7 @@ def make_folder(folder: Path, n: int, side: int) -> Path:
 def _source_images(n: int) -> tuple[np.ndarray, list[int]]:
     """Fashion-MNIST training images (28x28 gray) when installed, else random stripes whose angle is the class."""
     try:
-        from fcclass.config import DataConfig
+        from fcclass.config.sections import DataConfig
         from fcclass.data import load_dataset
 
         train = load_dataset(DataConfig(root=str(REPO / "data"), download=False, limit_train=n, val_split=0.0), 0, ("train",)).train
@@ -84,9 +84,9 @@ class EpochRates:
 def train(folder: Path, cache: str, cache_dir: Path, args: argparse.Namespace, runs: Path) -> tuple[list[float], float]:
     """One training run; returns (images/s per epoch, seconds spent building the cache)."""
     import fcclass.data.cache as cache_module
-    from fcclass.callbacks import Callback
-    from fcclass.config import load_config
-    from fcclass.train import fit
+    from fcclass.config.load import load_config
+    from fcclass.training.callbacks import Callback
+    from fcclass.training.fit import fit
 
     built = [0.0]
     real_build = cache_module._build

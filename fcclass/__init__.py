@@ -9,19 +9,18 @@ from __future__ import annotations
 from typing import Any
 
 from fcclass.errors import FcclassError
-
-__version__ = "0.1.0"
+from fcclass.version import __version__
 
 _LAZY = {
-    "Config": ("fcclass.config", "Config"),
-    "load_config": ("fcclass.config", "load_config"),
-    "build_model": ("fcclass.model", "build_model"),
-    "fit": ("fcclass.train", "fit"),
-    "evaluate": ("fcclass.evaluation", "evaluate"),
-    "predict": ("fcclass.prediction", "predict"),
+    "Config": ("fcclass.config.sections", "Config"),
+    "load_config": ("fcclass.config.load", "load_config"),
+    "build_model": ("fcclass.model.network", "build_model"),
+    "fit": ("fcclass.training.fit", "fit"),
+    "evaluate": ("fcclass.inference.evaluate", "evaluate"),
+    "predict": ("fcclass.inference.predict", "predict"),
     "load_dataset": ("fcclass.data", "load_dataset"),
-    "load_for_inference": ("fcclass.inference", "load_for_inference"),
-    "Callback": ("fcclass.callbacks", "Callback"),
+    "load_for_inference": ("fcclass.inference.load", "load_for_inference"),
+    "Callback": ("fcclass.training.callbacks", "Callback"),
 }
 
 
@@ -36,4 +35,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'fcclass' has no attribute {name!r}")
 
 
-__all__ = ["FcclassError", *_LAZY]
+__all__ = ["FcclassError", "__version__", *_LAZY]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,7 +34,8 @@ def select_device(name: str) -> torch.device:
         index = int(name.split(":")[1]) if ":" in name else 0
         count = torch.cuda.device_count()
         if index >= count:
-            raise FcclassError(f"The device is '{name}' (train.device or --device) but this machine has {count} CUDA device(s); use cuda:0 to cuda:{count - 1}.")
+            raise FcclassError(f"The device is '{name}' (train.device or --device) but this machine has {count} CUDA device(s); "
+                               f"use cuda:0 to cuda:{count - 1}.")
     if name == "mps" and not _mps_available():
         raise FcclassError("The device is 'mps' (train.device or --device) but MPS is not available on this machine; use auto or cpu.")
     return torch.device(name)
@@ -83,3 +85,33 @@ def precision_name(dtype: torch.dtype | None) -> str:
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the job (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def nodes(self) -> int:
+        """Machines in the job (torchrun starts the same number of processes on each)."""
+        return max(1, self.world // self.local_world)
+
+    @property
+    def label(self) -> str:
+        return f"rank {self.rank} of {self.world}" if self.enabled else "single process"
+
+
+SINGLE = Dist()

@@ -188,3 +188,12 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def shown(path: str | Path) -> str:
+    """A path as messages show it: relative to the current folder when it lies inside it (runs/x), else absolute."""
+    path = Path(path)
+    try:
+        return str(path.absolute().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)

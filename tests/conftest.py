@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from fcclass.callbacks import Callback
+from fcclass.training.callbacks import Callback
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_ROOT = ROOT / "data"
@@ -39,7 +39,8 @@ needs_fashion = pytest.mark.skipif(not fashion_available(), reason="Fashion-MNIS
 
 def small_config(tmp_path: Path, **overrides: object) -> "object":
     """The default model on a small stratified Fashion-MNIST subset, writing runs under tmp_path."""
-    from fcclass.config import apply_override, parse_yaml
+    from fcclass.config.load import apply_override
+    from fcclass.config.yaml_load import parse_yaml
 
     raw = parse_yaml((ROOT / "configs" / "fashion_mnist.yaml").read_text(), "default config")
     sets = {
@@ -59,7 +60,7 @@ def small_config(tmp_path: Path, **overrides: object) -> "object":
     }
     for key, value in sets.items():
         apply_override(raw, f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}")
-    from fcclass.config import config_from_dict
+    from fcclass.config.load import config_from_dict
 
     return config_from_dict(raw)
 
@@ -69,7 +70,7 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One real training run on 3,000 Fashion-MNIST images, shared by the eval/predict tests."""
     if not fashion_available():
         pytest.skip("Fashion-MNIST not installed")
-    from fcclass.train import fit
+    from fcclass.training.fit import fit
 
     tmp = tmp_path_factory.mktemp("trained")
     result = fit(small_config(tmp))
@@ -86,7 +87,7 @@ def clothes_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip("Fashion-MNIST not installed")
     from PIL import Image
 
-    from fcclass.config import DataConfig
+    from fcclass.config.sections import DataConfig
     from fcclass.data import load_dataset
 
     test = load_dataset(DataConfig(root=str(DATA_ROOT), download=False), 0, splits=("test",)).test

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-
+from conftest import DATA_ROOT, needs_fashion
 from typer.testing import CliRunner
 
-from conftest import DATA_ROOT, needs_fashion
-from fcclass.bench import MODELS, keras_available, keras_model
+from fcclass.bench.runner import MODELS, keras_available, keras_model
 from fcclass.cli import app
-from fcclass.config import load_config
-from fcclass.model import build_model
+from fcclass.config.load import load_config
+from fcclass.model.network import build_model
 
 runner = CliRunner(env={"COLUMNS": "200"})
 

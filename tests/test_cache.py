@@ -16,12 +16,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import SignalAt, folder_config
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import SignalAt, folder_config
 from fcclass.cli import app
-from fcclass.config import DataConfig, load_config
+from fcclass.config.load import load_config
+from fcclass.config.sections import DataConfig
 from fcclass.data import load_dataset, make_loader
 
 runner = CliRunner(env={"COLUMNS": "300"})
@@ -265,7 +266,7 @@ def test_two_processes_building_one_cache_build_it_once(tmp_path: Path, cache_di
 
 # ----------------------------------------------------------------------------- training, eval, resume
 def test_cached_training_matches_streaming_and_eval_and_resume_reuse_the_cache(tmp_path: Path, cache_dir: Path, decodes: list[Path]) -> None:
-    from fcclass.train import fit
+    from fcclass.training.fit import fit
 
     folder = make_folder(tmp_path / "imgs")
     cfg = folder_config(tmp_path, folder, epochs=2, workers=0)
@@ -288,7 +289,7 @@ def test_cached_training_matches_streaming_and_eval_and_resume_reuse_the_cache(t
 
 
 def test_a_cache_in_a_relative_folder_resolves_like_the_other_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from fcclass.resume import with_absolute_paths
+    from fcclass.runs.resume import with_absolute_paths
 
     monkeypatch.chdir(tmp_path)
     cfg = load_config(None, ["data.dataset=imagefolder", "data.path=imgs", "data.cache_dir=cache"])

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import DATA_ROOT, ROOT, needs_fashion
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import DATA_ROOT, ROOT, needs_fashion
 from fcclass.cli import app
 
 runner = CliRunner(env={"COLUMNS": "200"})  # wide enough that Rich does not wrap paths
@@ -69,8 +69,8 @@ def test_eval_table_names_labels_and_newest_run_is_default(trained_run: Path) ->
 
 @needs_fashion
 def test_predict_agrees_with_eval_on_the_same_images(trained_run: Path, tmp_path: Path) -> None:
-    from fcclass.evaluation import evaluate
-    from fcclass.inference import load_for_inference
+    from fcclass.inference.evaluate import evaluate
+    from fcclass.inference.load import load_for_inference
 
     report = evaluate(trained_run)
     model = load_for_inference(trained_run)

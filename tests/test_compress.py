@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import needs_fashion
 from typer.testing import CliRunner
 
-from conftest import needs_fashion
 from fcclass.cli import app
-from fcclass.inference import load_for_inference
-from fcclass.pruning import plan_units, prune_units
+from fcclass.compress.pruning import plan_units, prune_units
+from fcclass.inference.load import load_for_inference
 
 runner = CliRunner(env={"COLUMNS": "200"})
 pytestmark = needs_fashion

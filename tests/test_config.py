@@ -7,16 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fcclass.config import (
-    SHIPPED_CONFIGS,
-    Config,
-    OptimizerConfig,
-    SchedulerConfig,
-    config_from_dict,
-    load_config,
-    resolve_config_path,
-    shipped_configs,
-)
+from fcclass.config.load import SHIPPED_CONFIGS, config_from_dict, load_config, resolve_config_path, shipped_configs
+from fcclass.config.sections import Config, OptimizerConfig, SchedulerConfig
 from fcclass.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -7,12 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import DATA_ROOT, needs_fashion
 from PIL import Image
 
-from conftest import DATA_ROOT, needs_fashion
-from fcclass.config import AugmentConfig, DataConfig
-from fcclass.data import (BatchPreprocess, augment_batch, convert_channels, load_dataset, load_image, make_loader,
-                          stratified_take)
+from fcclass.config.sections import AugmentConfig, DataConfig
+from fcclass.data import BatchPreprocess, augment_batch, convert_channels, load_dataset, load_image, make_loader, stratified_take
 from fcclass.errors import DataError
 
 
@@ -52,8 +51,8 @@ def test_missing_dataset_says_how_to_get_it(tmp_path: Path) -> None:
 
 
 def test_debian_copy_is_unpacked_for_torchvision(tmp_path: Path) -> None:
+    from fcclass.config.registries import DATASETS
     from fcclass.data import unpack_debian_copy
-    from fcclass.registries import DATASETS
 
     source = DATASETS["fashion_mnist"]
     if not Path(source.debian_dir).is_dir():

@@ -13,15 +13,15 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import DATA_ROOT, needs_fashion
 
 FCCLASS = [sys.executable, "-m", "fcclass"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
-# fp32 (bf16's rounding differs with the split of the batch), no BatchNormalization, dropout or augmentation: with the same global batch and seed, the processes' summed
-# gradients equal one process's, so the runs agree to float rounding (BatchNorm normalises each process's part of
-# the batch, and dropout draws per process, which a model that has them turns into small differences).
+# fp32 (bf16's rounding differs with the split of the batch), no BatchNormalization, dropout or augmentation: with the
+# same global batch and seed, the processes' summed gradients equal one process's, so the runs agree to float rounding
+# (BatchNorm normalises each process's part of the batch, and dropout draws per process, which a model that has them
+# turns into small differences).
 PLAIN = """
 name: plain
 seed: 0
@@ -79,7 +79,8 @@ def _close(a: list[dict[str, float]], b: list[dict[str, float]]) -> None:
 # ----------------------------------------------------------------------------- sharding arithmetic
 def test_every_image_of_a_batch_goes_to_exactly_one_process() -> None:
     from fcclass.data.loaders import epoch_batches
-    from fcclass.distributed import Dist, loss_scale
+    from fcclass.device import Dist
+    from fcclass.training.distributed import loss_scale
 
     n, batch = 1003, 100
     for world in (1, 2, 3, 7):
@@ -97,8 +98,8 @@ def test_every_image_of_a_batch_goes_to_exactly_one_process() -> None:
 
 
 def test_torchrun_environment_mistakes_are_messages(monkeypatch: pytest.MonkeyPatch) -> None:
-    from fcclass.distributed import from_env
     from fcclass.errors import FcclassError
+    from fcclass.training.distributed import from_env
 
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(FcclassError, match="WORLD_SIZE='two' is not a number"):
@@ -114,8 +115,8 @@ def test_torchrun_environment_mistakes_are_messages(monkeypatch: pytest.MonkeyPa
 def test_two_processes_train_one_run_that_matches_one_process(tmp_path: Path) -> None:
     """`fcclass train --nproc-per-node 2` (torchrun, gloo): one run directory, written by rank 0, whose metrics match a
     single-process run with the same global batch (99, split 50/49) and seed."""
-    from fcclass.config import load_config
-    from fcclass.train import fit
+    from fcclass.config.load import load_config
+    from fcclass.training.fit import fit
 
     config = _config(tmp_path)
     single = fit(load_config(config, [f"train.runs_dir={tmp_path / 'single'}"]))
@@ -136,8 +137,8 @@ def test_two_processes_train_one_run_that_matches_one_process(tmp_path: Path) ->
 def test_two_torchrun_agents_meet_through_c10d_rendezvous(tmp_path: Path) -> None:
     """Two nodes simulated on localhost: two torchrun agents (--nnodes 2, one process each) find each other through
     the c10d rendezvous and train one run, as one process would."""
-    from fcclass.config import load_config
-    from fcclass.train import fit
+    from fcclass.config.load import load_config
+    from fcclass.training.fit import fit
 
     config = _config(tmp_path)
     single = fit(load_config(config, [f"train.runs_dir={tmp_path / 'single'}"]))

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import needs_fashion
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import needs_fashion
 from fcclass.cli import app
-from fcclass.evaluation import compute_report
+from fcclass.inference.evaluate import compute_report
 
 runner = CliRunner(env={"COLUMNS": "200"})
 
@@ -132,9 +132,9 @@ def test_predict_inputs_outputs_and_bad_files(trained_run: Path, tmp_path: Path)
 @needs_fashion
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_exported_model_predicts_like_predict(trained_run: Path, tmp_path: Path, fmt: str) -> None:
-    from fcclass.config import DataConfig
+    from fcclass.config.sections import DataConfig
     from fcclass.data import load_dataset
-    from fcclass.prediction import predict
+    from fcclass.inference.predict import predict
 
     out = tmp_path / ("m.onnx" if fmt == "onnx" else "m.pt")
     res = runner.invoke(app, ["export", str(trained_run), "--format", fmt, "--out", str(out)])

@@ -19,11 +19,11 @@ from typing import Any, Iterator
 
 import pytest
 import yaml
+from conftest import ROOT, needs_fashion
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from conftest import ROOT, needs_fashion
 from fcclass.cli import app
 
 # No shrinking by default: commands take a second or more, and shrinking a failure could run for many minutes in CI;

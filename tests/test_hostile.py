@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, folder_config, needs_fashion
 from typer.testing import CliRunner
 
-from conftest import ROOT, folder_config, needs_fashion
 from fcclass.cli import app
 
 runner = CliRunner(env={"COLUMNS": "250"})
@@ -182,7 +182,7 @@ def test_training_an_absurd_model_is_refused_with_the_figures(tmp_path: Path, se
 
 @needs_fashion
 def test_a_checkpoint_whose_config_claims_a_huge_model_allocates_nothing(trained_run: Path, tmp_path: Path) -> None:
-    from fcclass.runs import Checkpoint
+    from fcclass.runs.checkpoint import Checkpoint
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
@@ -324,7 +324,7 @@ def test_damaged_records_and_checkpoints_are_messages(trained_run: Path, tmp_pat
         assert res.exit_code == 1 and isinstance(res.exception, SystemExit) and "splits.json is damaged" in one_line(res.output)
     import torch
 
-    from fcclass.runs import Checkpoint
+    from fcclass.runs.checkpoint import Checkpoint
 
     for spoil, why in ((lambda c: c.model_state.update({k: v.double() for k, v in list(c.model_state.items())[:1]}), "not the dense float32"),
                        (lambda c: next(iter(c.model_state.values())).fill_(float("nan")), "NaN or infinite"),

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import CLOTHES, folder_config, needs_fashion
 from typer.testing import CliRunner
 
-from conftest import CLOTHES, folder_config, needs_fashion
 from fcclass.cli import app
 
 runner = CliRunner(env={"COLUMNS": "200"})  # wide enough that Rich does not wrap paths

@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 
-from fcclass.config import LAYER_CLASSES, ModelConfig
+from fcclass.config.layers import LAYER_CLASSES, Conv2D, LayerBase
+from fcclass.config.sections import ModelConfig
 from fcclass.errors import ModelError
-from fcclass.layers import BuildContext, Conv2D, LayerBase
-from fcclass.model import build_model
+from fcclass.model.layers import BuildContext
+from fcclass.model.network import build_model
 
 
 def model(layers: list[dict], shape=(1, 28, 28), classes: int = 10):
@@ -137,7 +138,7 @@ def test_softmax_is_applied_at_inference_not_in_the_logits() -> None:
 
 
 def test_l1_l2_regularizer_penalty_equals_keras_regularization_loss() -> None:
-    from fcclass.bench import _import_keras, keras_available
+    from fcclass.bench.runner import _import_keras, keras_available
 
     if not keras_available():
         pytest.skip("Keras is not installed (pip install -e '.[bench]')")

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import DATA_ROOT, ROOT, needs_fashion
 from typer.testing import CliRunner
 
-from conftest import DATA_ROOT, ROOT, needs_fashion
 from fcclass.cli import app
 
 runner = CliRunner(env={"COLUMNS": "200"})

@@ -10,11 +10,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import SignalAt, needs_fashion, small_config
 from typer.testing import CliRunner
 
-from conftest import SignalAt, needs_fashion, small_config
 from fcclass.cli import app
-from fcclass.train import TrainingDiverged, fit
+from fcclass.training.fit import fit
+from fcclass.training.state import TrainingDiverged
 
 runner = CliRunner(env={"COLUMNS": "250"})
 SMALL = {"data.limit_train": 400, "data.limit_test": 300, "train.epochs": 2, "train.test_at_end": True}
@@ -95,7 +96,7 @@ def test_interrupted_resumed_failed_and_killed_runs_say_so(tmp_path: Path) -> No
     data = summary(killed)
     data["state"] = "running"
     (killed / "summary.json").write_text(json.dumps(data))
-    from fcclass.runs import lock_run
+    from fcclass.runs.checkpoint import lock_run
 
     listed = {r["name"]: r["state"] for r in json.loads(runner.invoke(app, ["runs", "--runs-dir", str(tmp_path / "runs"), "--json", "-"]).stdout)}
     assert listed["killed"] == "interrupted"

@@ -13,14 +13,16 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import SignalAt, folder_config, needs_fashion, small_config
 from typer.testing import CliRunner
 
-from conftest import SignalAt, folder_config, needs_fashion, small_config
-from fcclass.callbacks import Callback, Curves
 from fcclass.cli import app
-from fcclass.config import load_config
-from fcclass.runs import Checkpoint, RunWriteError
-from fcclass.train import RunFinished, fit
+from fcclass.config.load import load_config
+from fcclass.files import RunWriteError
+from fcclass.runs.checkpoint import Checkpoint
+from fcclass.runs.resume import RunFinished
+from fcclass.training.callbacks import Callback, Curves
+from fcclass.training.fit import fit
 
 runner = CliRunner(env={"COLUMNS": "300"})
 TESTS = Path(__file__).resolve().parent
@@ -282,7 +284,7 @@ def test_resume_after_the_data_moved_keeps_working_from_anywhere(clothes_folder:
 @needs_fashion
 def test_a_run_being_trained_cannot_be_resumed_by_a_second_process(tmp_path: Path) -> None:
     from fcclass.errors import CheckpointError
-    from fcclass.runs import lock_run
+    from fcclass.runs.checkpoint import lock_run
 
     run_dir = fit(small_config(tmp_path, **{"data.limit_train": 500, "train.epochs": 1})).run_dir
     held = lock_run(run_dir)  # what the first process holds while it trains (released if it is killed)

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, needs_fashion
 from typer.testing import CliRunner
 
-from conftest import ROOT, needs_fashion
 from fcclass.cli import app
 from fcclass.errors import CheckpointError
-from fcclass.runs import Checkpoint, atomic_write_bytes, newest_trained_run, resolve_checkpoint
+from fcclass.files import atomic_write_bytes
+from fcclass.runs.checkpoint import Checkpoint, newest_trained_run, resolve_checkpoint
 
 runner = CliRunner(env={"COLUMNS": "200"})
 
@@ -156,9 +157,10 @@ def test_the_newest_run_means_the_last_one_trained(trained_run: Path, tmp_path: 
 
 def test_a_checkpoint_whose_config_stores_every_optimizer_key_still_loads(tmp_path: Path) -> None:
     # fcclass versions before the optimizer/scheduler key checks stored every key, e.g. momentum: 0.0 under adam
-    from fcclass.config import OptimizerConfig, SchedulerConfig, load_config
-    from fcclass.inference import load_for_inference
-    from fcclass.model import build_model
+    from fcclass.config.load import load_config
+    from fcclass.config.sections import OptimizerConfig, SchedulerConfig
+    from fcclass.inference.load import load_for_inference
+    from fcclass.model.network import build_model
 
     cfg = load_config(ROOT / "configs" / "mlp.yaml")
     stored = {**cfg.to_dict(), "optimizer": {key: getattr(cfg.optimizer, key) for key in OptimizerConfig.model_fields},

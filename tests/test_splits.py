@@ -7,9 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import CLOTHES, folder_config, needs_fashion
 from typer.testing import CliRunner
 
-from conftest import CLOTHES, folder_config, needs_fashion
 from fcclass.cli import app
 
 runner = CliRunner(env={"COLUMNS": "200"})
@@ -136,7 +136,8 @@ def test_train_val_test_folders_are_used_as_given(clothes_folder: Path, tmp_path
 @needs_fashion
 def test_predictions_on_a_recorded_torchvision_split_name_each_image_by_its_index(trained_run: Path) -> None:
     from conftest import DATA_ROOT
-    from fcclass.config import DataConfig
+
+    from fcclass.config.sections import DataConfig
     from fcclass.data import open_source
 
     res = runner.invoke(app, ["predict", "--split", "val", "--run", str(trained_run), "--json", "-", "-k", "1"])

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import DATA_ROOT, ROOT, needs_fashion, small_config
 from typer.testing import CliRunner
 
-from conftest import DATA_ROOT, ROOT, needs_fashion, small_config
 from fcclass.cli import app
 
 pytest.importorskip("optuna")
@@ -41,8 +41,8 @@ def test_a_sweep_trains_normal_runs_and_writes_a_best_config_that_reproduces(tmp
         assert f"units: {t['params']['model.layers.-3.units']}" in (run / "config.yaml").read_text()
     listed = runner.invoke(app, ["runs", "--runs-dir", out["sweep_dir"], "--json", "-"])
     assert len(json.loads(listed.stdout)) == 3
-    from fcclass.config import load_config
-    from fcclass.train import fit
+    from fcclass.config.load import load_config
+    from fcclass.training.fit import fit
 
     again = fit(load_config(out["best_config"]))
     assert again.best["val_accuracy"] == pytest.approx(trials[0]["value"], abs=1e-6)
@@ -82,8 +82,8 @@ def test_every_trial_config_is_checked_before_training(tmp_path: Path, args: lis
 
 @needs_fashion
 def test_a_pruned_trial_stops_training_and_its_run_says_pruned(tmp_path: Path) -> None:
-    from fcclass.sweep import ReportEpochs
-    from fcclass.train import fit
+    from fcclass.experiments.sweep import ReportEpochs
+    from fcclass.training.fit import fit
 
     class Trial:  # what ReportEpochs needs of an Optuna trial: the pruner says stop after the first report
         reports: list = []
@@ -119,8 +119,8 @@ def test_a_trial_whose_process_died_is_failed_and_retried(tmp_path: Path) -> Non
     study.set_user_attr("metric", "val_accuracy")
     dead = subprocess.Popen(["true"])
     dead.wait()
-    from fcclass.config import load_config
-    from fcclass.sweep import plan, sampler
+    from fcclass.config.load import load_config
+    from fcclass.experiments.sweep import plan, sampler
 
     made = plan(load_config(None, TINY[1::2]), ["optimizer.lr=0.001,0.002,0.003"], {"sampler": "grid"}, folder)
     study.sampler = sampler(made, 0)  # a grid trial, as fcclass makes them

@@ -16,15 +16,15 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+from conftest import DATA_ROOT, ROOT, needs_fashion, small_config
 from rich.console import Console
 from typer.testing import CliRunner
 
-from conftest import DATA_ROOT, ROOT, needs_fashion, small_config
 from fcclass.cli import app
+from fcclass.config.load import flatten
 from fcclass.errors import FcclassError
-from fcclass.tracking import (ENV_EXPERIMENT, ENV_URI, MlflowTracker, flatten, git_commit, mlflow_tracker, reason,
-                              without_password)
-from fcclass.train import fit
+from fcclass.training.fit import fit
+from fcclass.training.tracking import ENV_EXPERIMENT, ENV_URI, MlflowTracker, git_commit, mlflow_tracker, reason, without_password
 
 TINY = {"train.epochs": 2, "data.limit_train": 500, "data.limit_test": 100}
 
@@ -177,8 +177,8 @@ def test_without_mlflow_installed_the_error_says_how_to_install_it_before_traini
 
 def test_the_config_section_wins_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("mlflow")
-    from fcclass.config import MlflowConfig
-    from fcclass.tracking import resolve_target
+    from fcclass.config.sections import MlflowConfig
+    from fcclass.training.tracking import resolve_target
 
     monkeypatch.setenv(ENV_URI, "http://env:5000")
     monkeypatch.setenv(ENV_EXPERIMENT, "env-exp")

@@ -8,17 +8,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DATA_ROOT, ROOT, needs_fashion, small_config
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import DATA_ROOT, ROOT, needs_fashion, small_config
 from fcclass.cli import app
-from fcclass.config import OptimizerConfig, SchedulerConfig
+from fcclass.config.registries import OPTIMIZERS
+from fcclass.config.sections import OptimizerConfig, SchedulerConfig
 from fcclass.errors import FcclassError
-from fcclass.registries import OPTIMIZERS
-from fcclass.runs import Checkpoint
-from fcclass.schedule import LRSchedule
-from fcclass.train import TrainingDiverged, fit
+from fcclass.runs.checkpoint import Checkpoint
+from fcclass.training.fit import fit
+from fcclass.training.schedule import LRSchedule
+from fcclass.training.setup import start_trainer
+from fcclass.training.state import TrainingDiverged
 
 runner = CliRunner(env={"COLUMNS": "200"})
 
@@ -148,7 +150,7 @@ def test_early_stopping_and_best_checkpoint(tmp_path: Path) -> None:
     assert result.stopped_early and len(result.history) == 3  # epoch 1 sets the mark; 2 and 3 can't beat it by 1.0
     best_epoch = max(result.history, key=lambda r: r["val_accuracy"])["epoch"]
     assert Checkpoint.load(result.run_dir / "best.pt").epoch == best_epoch
-    from fcclass.evaluation import evaluate
+    from fcclass.inference.evaluate import evaluate
 
     assert evaluate(result.run_dir).checkpoint.endswith("best.pt")
 
@@ -224,7 +226,7 @@ def test_same_seed_gives_the_same_metrics(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def imbalanced(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Real Fashion-MNIST: T-shirt and Pullover with 300 training images each, Shirt with 30; 100 each to test."""
-    from fcclass.config import DataConfig
+    from fcclass.config.sections import DataConfig
     from fcclass.data import load_dataset
 
     if not (ROOT / "data").exists():
@@ -241,8 +243,8 @@ def imbalanced(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _shirt_recall(tmp_path: Path, folder: Path, **extra: object) -> float:
-    from fcclass.config import config_from_dict
-    from fcclass.evaluation import evaluate
+    from fcclass.config.load import config_from_dict
+    from fcclass.inference.evaluate import evaluate
 
     raw = {
         "name": "imb", "seed": 0,
@@ -339,7 +341,6 @@ def test_the_training_loop_computes_nothing_in_float64(tmp_path: Path) -> None:
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
 
-    from fcclass.train import Trainer
 
     class NoFloat64(TorchDispatchMode):
         def __init__(self) -> None:
@@ -354,7 +355,7 @@ def test_the_training_loop_computes_nothing_in_float64(tmp_path: Path) -> None:
 
     cfg = small_config(tmp_path, **{"data.limit_train": 300, "train.class_weight": "balanced", "train.label_smoothing": 0.1,
                                     "data.augment.rotation": 10, "data.augment.random_crop_padding": 2, "train.grad_clip": 1.0})
-    trainer = Trainer.start(cfg)
+    trainer = start_trainer(cfg)
     with NoFloat64() as watch:
         row = trainer.train_epoch(1)
         row |= trainer.validate()

@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 import typer
 
-from fcclass.cli import DeviceOpt, JsonOpt, SetOpt, _check_json_target, _emit_json, _handle_errors, _human_console, app
+from fcclass.cli.common import DeviceOpt, JsonOpt, SetOpt, _check_json_target, _emit_json, _handle_errors, _human_console, app
 from fcclass.errors import FcclassError
 
 
@@ -14,7 +14,8 @@ from fcclass.errors import FcclassError
 @_handle_errors
 def bench(
     mode: str = typer.Option("throughput", "--mode", help="throughput | tta (time to accuracy)"),
-    model: list[str] = typer.Option(["examples", "default"], "--model", help="examples (PyTorch-examples net) and/or default (configs/fashion_mnist.yaml); in tta mode also any config (fashion_mnist_best, or a YAML file)."),
+    model: list[str] = typer.Option(["examples", "default"], "--model", help="examples (PyTorch-examples net) and/or default (configs/fashion_mnist.yaml); in "
+                                                                             "tta mode also any config (fashion_mnist_best, or a YAML file)."),
     images: int = typer.Option(12_800, "--images", min=64, help="Training images timed per loop (throughput mode)."),
     repeats: int = typer.Option(1, "--repeats", min=1, help="Alternate the loops this often and keep each one's best (throughput mode)."),
     keras: bool = typer.Option(True, "--keras/--no-keras", help="Also time Keras's model.fit on the same model, when Keras is installed (throughput mode)."),
@@ -28,12 +29,12 @@ def bench(
     _check_json_target(json_out)
     import torch
 
-    from fcclass import bench as B
-    from fcclass.report import throughput_table, tta_table
+    from fcclass.bench import runner as B
+    from fcclass.cli.tables import throughput_table, tta_table
 
     unknown = [m for m in model if m not in B.MODELS]
     if unknown and mode == "tta":  # time to accuracy trains any config: a shipped name or a YAML file
-        from fcclass.config import resolve_config_path
+        from fcclass.config.load import resolve_config_path
 
         def found(name: str) -> bool:
             try:

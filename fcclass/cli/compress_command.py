@@ -8,19 +8,33 @@ from typing import Any, Optional
 import typer
 from rich.markup import escape
 
-from fcclass.cli import (DataRootOpt, JsonOpt, RunsDirOpt, SetOpt, _check_json_target, _emit_json, _handle_errors,
-                         _human_console, _print_notes, app, err_console)
+from fcclass.cli.common import (
+    DataRootOpt,
+    JsonOpt,
+    RunsDirOpt,
+    SetOpt,
+    _check_json_target,
+    _emit_json,
+    _handle_errors,
+    _human_console,
+    _print_notes,
+    app,
+    err_console,
+)
 
 
 @app.command()
 @_handle_errors
 def compress(
     run_dir: Optional[Path] = typer.Argument(None, help="Run directory (default: the newest trained run in --runs-dir)."),
-    prune: Optional[float] = typer.Option(None, "--prune", help="Remove this fraction (0-1) of the Dense weights by magnitude; with --structured, of the units (and filters)."),
+    prune: Optional[float] = typer.Option(None, "--prune", help="Remove this fraction (0-1) of the Dense weights by magnitude; with --structured, of the "
+                                                                "units (and filters)."),
     structured: bool = typer.Option(False, "--structured", help="Remove whole Dense units (with --conv, Conv2D filters too) and rebuild a smaller model."),
     conv: bool = typer.Option(False, "--conv", help="Prune Conv2D layers as well as Dense ones."),
-    finetune: int = typer.Option(0, "--finetune", min=0, metavar="EPOCHS", help="Train the pruned model this many epochs (the run's optimizer at a tenth of its learning rate; --set changes it)."),
-    quantize: Optional[str] = typer.Option(None, "--quantize", help="int8: ONNX Runtime static quantization (QDQ, per-channel weights), calibrated on training images."),
+    finetune: int = typer.Option(0, "--finetune", min=0, metavar="EPOCHS", help="Train the pruned model this many epochs (the run's optimizer at a tenth of "
+                                                                                "its learning rate; --set changes it)."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="int8: ONNX Runtime static quantization (QDQ, per-channel weights), calibrated on "
+                                                                    "training images."),
     calibration: int = typer.Option(1000, "--calibration", min=1, help="Training images that calibrate the int8 ranges and rank units for --structured."),
     rounds: int = typer.Option(3, "--rounds", min=1, help="Latency: time each model this many rounds and keep the median."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="The new run directory (default: RUNS/<name>-compressed-<time> beside the run)."),
@@ -31,8 +45,9 @@ def compress(
 ) -> None:
     """Make a smaller, faster copy of a trained run: pruning, fine-tuning, int8; measured before and after."""
     _check_json_target(json_out)
-    from fcclass.callbacks import DecodeProgress
-    from fcclass.compress import CompressInterrupted, Options, compress as run_compress
+    from fcclass.compress.run import CompressInterrupted, Options
+    from fcclass.compress.run import compress as run_compress
+    from fcclass.training.callbacks import DecodeProgress
 
     console = _human_console(json_out)
     options = Options(prune, structured, conv, finetune, quantize, calibration, rounds)

@@ -8,8 +8,24 @@ from typing import Any, Optional
 import typer
 from rich.markup import escape
 
-from fcclass.cli import (AllowChangedOpt, ConfigOpt, DataRootOpt, DeviceOpt, JsonOpt, RunsDirOpt, SetOpt, _check_json_target,
-                         _console, _emit_json, _handle_errors, _human_console, _print_notes, _write_file, app, err_console)
+from fcclass.cli.common import (
+    AllowChangedOpt,
+    ConfigOpt,
+    DataRootOpt,
+    DeviceOpt,
+    JsonOpt,
+    RunsDirOpt,
+    SetOpt,
+    _check_json_target,
+    _console,
+    _emit_json,
+    _handle_errors,
+    _human_console,
+    _print_notes,
+    _write_file,
+    app,
+    err_console,
+)
 from fcclass.errors import FcclassError
 
 
@@ -30,8 +46,8 @@ def eval_(
 ) -> None:
     """Evaluate the best checkpoint: per-label accuracy, precision, F1, confusion matrix, most confused pairs."""
     _check_json_target(json_out)
-    from fcclass.callbacks import DecodeProgress
-    from fcclass.evaluation import evaluate
+    from fcclass.inference.evaluate import evaluate
+    from fcclass.training.callbacks import DecodeProgress
 
     console = _human_console(json_out)
     report = evaluate(run_dir, checkpoint, split=split, runs_dir=runs_dir, data_root=data_root, device=device,
@@ -39,7 +55,7 @@ def eval_(
                       progress=DecodeProgress(console))
     _print_notes(console, report.notes)
     if json_out != "-":
-        from fcclass.report import confused_pairs_table, confusion_table, eval_table
+        from fcclass.cli.tables import confused_pairs_table, confusion_table, eval_table
 
         console.print(f"Checkpoint: [bold]{escape(report.checkpoint)}[/bold]", highlight=False)
         console.print(eval_table(report))
@@ -57,7 +73,8 @@ def predict(
     images: Optional[list[str]] = typer.Argument(None, metavar="[IMAGES]...", help="Image files, folders (searched recursively) or glob patterns."),
     run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: the newest trained run)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Use this checkpoint file."),
-    split: Optional[str] = typer.Option(None, "--split", help="Instead of IMAGES: every image of the run's recorded train, val or test split, with its true label."),
+    split: Optional[str] = typer.Option(None, "--split", help="Instead of IMAGES: every image of the run's recorded train, val or test split, with its true "
+                                                              "label."),
     top_k: int = typer.Option(3, "--top-k", "-k", help="How many labels to show per image."),
     json_out: Optional[str] = JsonOpt,
     csv_out: Optional[Path] = typer.Option(None, "--csv", help="Also write the predictions as CSV to FILE."),
@@ -74,15 +91,15 @@ def predict(
     if bool(images) == (split is not None):
         raise FcclassError("Give image files, folders or patterns to predict, or --split train|val|test for a split the run "
                            "recorded (not both).")
-    from fcclass.runs import is_run_dir
+    from fcclass.runs.checkpoint import is_run_dir
 
     for item in images or []:
         if is_run_dir(Path(item)) and (Path(item) / "config.yaml").is_file():  # eval and export take RUN this way
             raise FcclassError(f"'{item}' is a run directory, not a folder of images to predict; give it with --run: "
                                f"fcclass predict IMAGES --run {item}")
-    from fcclass.inference import load_for_inference
-    from fcclass.prediction import predict as run_predict
-    from fcclass.prediction import predict_split, predictions_csv
+    from fcclass.inference.load import load_for_inference
+    from fcclass.inference.predict import predict as run_predict
+    from fcclass.inference.predict import predict_split, predictions_csv
 
     model = load_for_inference(run, checkpoint, runs_dir=runs_dir, device=device)
     console = _human_console(json_out, csv_out)
@@ -93,7 +110,7 @@ def predict(
         preds = run_predict(images or [], top_k=top_k, batch_size=batch_size, model=model)
     shown = max((len(p.top_k) for p in preds), default=1) or 1
     if json_out != "-":
-        from fcclass.report import predict_table
+        from fcclass.cli.tables import predict_table
 
         console.print(predict_table(preds, shown))
     if csv_out is not None:
@@ -118,11 +135,11 @@ def summary(
 ) -> None:
     """Print the model's layers, output shapes and parameter counts (Keras-style)."""
     _check_json_target(json_out)
-    from fcclass.config import load_config
+    from fcclass.config.load import load_config
 
     cfg = load_config(config, set_)
     from fcclass.data import describe
-    from fcclass.model import build_model
+    from fcclass.model.network import build_model
 
     if cfg.model.input_shape is not None:
         input_shape = list(cfg.model.input_shape)
@@ -136,7 +153,7 @@ def summary(
     if json_out != "-":
         from fcclass.errors import ModelError
         from fcclass.memory import check_training
-        from fcclass.report import summary_table
+        from fcclass.training.console import summary_table
 
         _console().print(summary_table(result, title=f"Model: {cfg.name}"))
         try:
@@ -155,8 +172,8 @@ def plot(
 ) -> None:
     """Redraw a run's training curves: loss and accuracy (train vs val) and the learning rate per epoch."""
     from fcclass.files import is_stdout
-    from fcclass.plots import plot_curves
-    from fcclass.runs import newest_trained_run
+    from fcclass.runs.checkpoint import newest_trained_run
+    from fcclass.runs.plots import plot_curves
 
     to_stdout = out is not None and is_stdout(out)
     path = plot_curves(run_dir if run_dir is not None else newest_trained_run(runs_dir)[0], _stdout_path(out))
@@ -173,8 +190,8 @@ def export(
     runs_dir: Path = RunsDirOpt,
 ) -> None:
     """Export the best checkpoint as a deployable model (pixels in [0, 1] in, probabilities out) plus a JSON description."""
-    from fcclass.export import export_model
     from fcclass.files import is_stdout
+    from fcclass.inference.export import export_model
 
     console = err_console if out is not None and is_stdout(out) else _console()  # the model itself may be going to stdout
     model_path, sidecar, note = export_model(run_dir, checkpoint, fmt=fmt, out=_stdout_path(out), runs_dir=runs_dir)
@@ -201,7 +218,7 @@ def _num_classes_from_data(cfg: Any) -> int:
 
 def _num_classes_without_data(cfg: Any) -> int | None:
     """The class count when the last Dense states it, so `summary` needs no dataset."""
-    from fcclass.config import Dense
+    from fcclass.config.layers import Dense
 
     dense = [layer for layer in cfg.model.layers if isinstance(layer, Dense)]
     return dense[-1].units if dense and dense[-1].units else None

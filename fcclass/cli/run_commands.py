@@ -11,8 +11,19 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from fcclass.cli import (ConfigOpt, JsonOpt, SetOpt, _check_json_target, _console, _emit_json, _handle_errors, _human_console,
-                         _write_file, app, err_console)
+from fcclass.cli.common import (
+    ConfigOpt,
+    JsonOpt,
+    SetOpt,
+    _check_json_target,
+    _console,
+    _emit_json,
+    _handle_errors,
+    _human_console,
+    _write_file,
+    app,
+    err_console,
+)
 from fcclass.errors import FcclassError
 
 
@@ -26,7 +37,8 @@ def train(
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="With --resume: where the run's data is now, if it moved (the image "
                                              "folder for imagefolder runs, the dataset root otherwise)."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the fully resolved config (YAML) and exit without training."),
-    log_interval: float = typer.Option(10.0, "--log-interval", min=0, help="Written to a file or pipe: a progress line every N seconds during an epoch (0: none)."),
+    log_interval: float = typer.Option(10.0, "--log-interval", min=0, help="Written to a file or pipe: a progress line every N seconds during an epoch (0: "
+                                                                           "none)."),
     test: bool = typer.Option(True, "--test/--no-test", help="At the end, evaluate the best checkpoint on the test split "
                               "(eval.json, confusion_matrix.png, the test figures in summary.json); same as train.test_at_end."),
     nproc: Optional[int] = typer.Option(None, "--nproc-per-node", min=1, max=1024, help="Train with N processes on this machine "
@@ -50,10 +62,11 @@ def train(
     if print_config:
         _print_config(_resolved_config(config, set_, resume, data_root), json_out)
         return
-    from fcclass.config import load_config
+    from fcclass.config.load import load_config
 
     cfg = None if resume is not None else load_config(config, set_)
-    from fcclass.train import RunFinished, fit
+    from fcclass.runs.resume import RunFinished
+    from fcclass.training.fit import fit
 
     rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports; the others train quietly
     console = _human_console(json_out) if rank0 else Console(quiet=True)
@@ -73,14 +86,14 @@ def train(
         raise typer.Exit(130)
     best = result.best or {}
     if best:
-        from fcclass.report import best_line
+        from fcclass.training.console import best_line
 
         console.print(best_line(result), highlight=False)
     if result.test is not None:
         t = result.test
         console.print(f"Test split ({t['images']:,} images, best epoch {t['epoch']}): accuracy [bold]{t['accuracy']:.2%}[/bold], "
                       f"loss {t['loss']:.4f}", highlight=False)
-    from fcclass.report import rounded_row
+    from fcclass.runs.metrics import rounded_row
 
     _emit_json(json_out, {"run_dir": str(result.run_dir), "epochs": len(result.history), "best_epoch": result.best_epoch,
                           "best": rounded_row(best) if best else {}, "stopped_early": result.stopped_early,
@@ -98,14 +111,14 @@ def _launch(nproc: int, config: Optional[Path], set_: Optional[list[str]], resum
             *(["--resume", str(resume)] if resume is not None else []), *(["--data-root", str(data_root)] if data_root else []),
             f"--log-interval={log_interval}", *([] if test else ["--no-test"]), *(["--json", json_out] if json_out else [])]
     if resume is None:
-        from fcclass.config import load_config
+        from fcclass.config.load import load_config
 
         cfg = load_config(config, set_)  # a config mistake is reported once, here, rather than by every process
-        from fcclass.distributed import SYNC_BATCHNORM_NEEDS_CUDA
+        from fcclass.training.distributed import SYNC_BATCHNORM_NEEDS_CUDA
 
         if cfg.train.sync_batchnorm and not (cfg.train.device != "cpu" and _cuda_available()):
             raise FcclassError(SYNC_BATCHNORM_NEEDS_CUDA)
-    from fcclass.distributed import launch
+    from fcclass.training.distributed import launch
 
     launch(nproc, args)
 
@@ -119,10 +132,10 @@ def _cuda_available() -> bool:
 def _resolved_config(config: Optional[Path], set_: Optional[list[str]], run: Optional[Path], data_root: Optional[Path] = None) -> Any:
     """The config a command would use: a run's (with resume's --set), or -c/--set (default: the shipped default)."""
     if run is not None:
-        from fcclass.train import resume_config
+        from fcclass.training.fit import resume_config
 
         return resume_config(run, set_ or [], data_root)
-    from fcclass.config import load_config
+    from fcclass.config.load import load_config
 
     return load_config(config, set_)
 
@@ -149,7 +162,7 @@ def config_(
     if run_dir is not None and set_:
         raise FcclassError("--set does not apply to a run's config; to see what a resume would use: fcclass train --resume RUN --set ... --print-config.")
     if run_dir is not None:
-        from fcclass.runs import run_config
+        from fcclass.runs.checkpoint import run_config
 
         _print_config(run_config(run_dir), json_out)
     else:
@@ -160,11 +173,12 @@ def config_(
 @_handle_errors
 def init(
     directory: Path = typer.Argument(Path("."), help="Folder to write the config into (created if needed)."),
-    template: str = typer.Option("fashion_mnist", "--template", "-t", help="Which shipped config to start from (see the list in the error for an unknown name)."),
+    template: str = typer.Option("fashion_mnist", "--template", "-t", help="Which shipped config to start from (see the list in the error for an "
+                                  "unknown name)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
 ) -> None:
     """Write an editable starter config (a commented copy of a shipped config) and say how to train it."""
-    from fcclass.config import shipped_configs
+    from fcclass.config.load import shipped_configs
 
     configs = shipped_configs()
     if template not in configs:

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from fcclass.cli import JsonOpt, RunsDirOpt, _check_json_target, _emit_json, _handle_errors, _human_console, app, err_console
+from fcclass.cli.common import JsonOpt, RunsDirOpt, _check_json_target, _emit_json, _handle_errors, _human_console, app, err_console
 
 runs_app = typer.Typer(help="List the runs of a folder (name, data, size, epochs, accuracy, time, state); "
                             "`fcclass runs compare RUN RUN...` compares runs.", invoke_without_command=True,
@@ -33,11 +33,11 @@ def runs(
     if ctx.invoked_subcommand is not None:
         return
     _check_json_target(json_out)
-    from fcclass.history import count_runs, list_runs
+    from fcclass.runs.listing import count_runs, list_runs
 
     rows = list_runs(runs_dir, filters, sort, descending)
     if json_out != "-":
-        from fcclass.report import runs_table
+        from fcclass.cli.tables import runs_table
 
         console = _human_console(json_out)
         console.print(runs_table(rows, runs_dir, total=None if not filters else count_runs(runs_dir)))
@@ -56,15 +56,15 @@ def compare(
 ) -> None:
     """Compare runs: the config keys that differ, the metrics side by side, their validation curves in one PNG."""
     _check_json_target(json_out)
-    from fcclass.history import config_differences, resolve_runs, run_row
-    from fcclass.plots import plot_comparison
+    from fcclass.runs.listing import config_differences, resolve_runs, run_row
+    from fcclass.runs.plots import plot_comparison
 
     paths = resolve_runs(runs, runs_dir)
     diffs = config_differences(paths)
     rows = [run_row(p) for p in paths]
     figure = plot_comparison(paths, out)
     if json_out != "-":
-        from fcclass.report import compare_tables
+        from fcclass.cli.tables import compare_tables
 
         console = _human_console(json_out)
         for table in compare_tables(rows, diffs):

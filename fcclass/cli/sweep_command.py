@@ -9,7 +9,7 @@ from typing import Any, Optional
 import typer
 from rich.markup import escape
 
-from fcclass.cli import ConfigOpt, JsonOpt, SetOpt, _check_json_target, _emit_json, _handle_errors, _human_console, app
+from fcclass.cli.common import ConfigOpt, JsonOpt, SetOpt, _check_json_target, _emit_json, _handle_errors, _human_console, app
 from fcclass.errors import FcclassError
 
 
@@ -23,7 +23,8 @@ def sweep(
     trials: Optional[int] = typer.Option(None, "--trials", "-n", help="How many trials the study runs in all (default 20); a rerun continues to it."),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="grid | random | tpe (default tpe)"),
     pruner: Optional[str] = typer.Option(None, "--pruner", help="none | median | hyperband (default median): stop trials that fall behind."),
-    metric: Optional[str] = typer.Option(None, "--metric", help="val_accuracy (default) | val_loss | train_accuracy | train_loss: the best epoch's value is the trial's."),
+    metric: Optional[str] = typer.Option(None, "--metric", help="val_accuracy (default) | val_loss | train_accuracy | train_loss: the best epoch's value is "
+                                                                "the trial's."),
     seed: Optional[int] = typer.Option(None, "--seed", help="The sampler's seed: the same command proposes the same trials (default 0)."),
     storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage shared by several machines: an RDB URL (postgresql://..., "
                                           "sqlite:///...) or a journal file on a shared disk (default: SWEEP_DIR/study.db)."),
@@ -38,9 +39,9 @@ def sweep(
     if os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1"):
         raise FcclassError("fcclass sweep does not run under torchrun: each trial is one process. Run trials in parallel "
                            "with --workers K, or start `fcclass sweep` on several machines with one shared --storage.")
-    from fcclass.config import load_config
-    from fcclass.sweep import open_study, plan
-    from fcclass.sweep_run import leaderboard, run, write_best
+    from fcclass.config.load import load_config
+    from fcclass.experiments.sweep import open_study, plan
+    from fcclass.experiments.sweep_run import leaderboard, run, write_best
 
     cli: dict[str, Any] = {"trials": trials, "sampler": sampler, "pruner": pruner, "metric": metric, "seed": seed,
                            "storage": storage, "study": study, "workers": workers}
@@ -57,7 +58,7 @@ def sweep(
     board = leaderboard(found, plan_.direction)
     best = write_best(plan_, board) if board else None
     if json_out != "-":
-        from fcclass.report import leaderboard_table
+        from fcclass.cli.tables import leaderboard_table
 
         console.print(leaderboard_table(board, plan_))
         if best is not None:

@@ -12,17 +12,29 @@ from typing import Any, Sequence
 
 import torch
 
-from fcclass.config import DataConfig
+from fcclass.config.registries import DATASETS, TorchvisionSet
+from fcclass.config.sections import DataConfig
 from fcclass.data.augment import BatchPreprocess, augment_batch, rotate
 from fcclass.data.cache import Progress, cache_folder, cached_pools
-from fcclass.data.images import (IMAGE_EXTENSIONS, LUMA, MAX_IMAGE_PIXELS, convert_channels, decode_threads, describe_bad_files,
-                                 image_size, is_image_name, list_images, load_image, load_resized, resize_uint8, unreadable)
+from fcclass.data.images import (
+    IMAGE_EXTENSIONS,
+    LUMA,
+    MAX_IMAGE_PIXELS,
+    convert_channels,
+    decode_threads,
+    describe_bad_files,
+    image_size,
+    is_image_name,
+    list_images,
+    load_image,
+    load_resized,
+    resize_uint8,
+    unreadable,
+)
 from fcclass.data.loaders import FileLoader, TensorLoader, channel_stats, epoch_seed, make_loader
 from fcclass.data.sources import Source, data_root, imagefolder_source, open_source, unpack_debian_copy
-from fcclass.data.splits import (SPLIT_NAMES, Split, SplitRecord, check_files, class_counts, draw_splits,
-                                 stratified_take, tensor_split)
+from fcclass.data.splits import SPLIT_NAMES, Split, SplitRecord, check_files, class_counts, draw_splits, stratified_take, tensor_split
 from fcclass.errors import DataError
-from fcclass.registries import DATASETS, TorchvisionSet
 
 __all__ = [
     "BatchPreprocess", "DataInfo", "Dataset", "FileLoader", "IMAGE_EXTENSIONS", "LUMA", "MAX_IMAGE_PIXELS", "Progress", "Split",

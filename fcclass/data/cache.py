@@ -41,9 +41,8 @@ import torch
 
 from fcclass.data.images import decode_threads, describe_bad_files, load_resized
 from fcclass.errors import DataError
-from fcclass.files import atomic_write_chunks, os_error_reason
+from fcclass.files import atomic_write_chunks, os_error_reason, shown
 from fcclass.memory import human
-from fcclass.runs import shown
 
 FORMAT = 1
 MAGIC = b"fcclass decoded images\n"

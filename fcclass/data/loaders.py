@@ -12,7 +12,7 @@ import torch
 
 from fcclass.data.images import describe_bad_files, load_resized, unreadable
 from fcclass.data.splits import Split
-from fcclass.distributed import SINGLE, Dist
+from fcclass.device import SINGLE, Dist
 from fcclass.errors import DataError
 
 

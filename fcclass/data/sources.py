@@ -14,11 +14,11 @@ from typing import Any, Sequence
 
 import torch
 
-from fcclass.config import DataConfig
+from fcclass.config.registries import DATASETS, TorchvisionSet
+from fcclass.config.sections import DataConfig
 from fcclass.data.images import list_images
 from fcclass.data.splits import Split
 from fcclass.errors import DataError
-from fcclass.registries import DATASETS, TorchvisionSet
 
 SPLIT_FOLDERS = ("train", "val", "test")
 

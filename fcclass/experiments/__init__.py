@@ -1,0 +1,1 @@
+"""Experiments across runs: hyperparameter sweeps on Optuna."""

@@ -1,0 +1,182 @@
+"""Evaluation: inference over a split and the per-label report built from it (torchmetrics)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fcclass.data import make_loader
+from fcclass.errors import FcclassError
+from fcclass.inference.load import load_for_inference
+
+
+@dataclass
+class EvalReport:
+    accuracy: float
+    loss: float
+    per_class: dict[str, dict[str, float | int]]  # accuracy (= recall), precision, f1, support
+    num_samples: int
+    class_names: list[str]
+    predictions: torch.Tensor = field(repr=False)
+    labels: torch.Tensor = field(repr=False)
+    confusion: torch.Tensor = field(repr=False)  # [true, predicted] counts
+    macro: dict[str, float] = field(default_factory=dict)
+    weighted: dict[str, float] = field(default_factory=dict)
+    top5_accuracy: float | None = None
+    checkpoint: str = ""
+    split: str = "test"
+    files: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # how the run was chosen, data that changed since training
+
+    def confused_pairs(self, n: int = 5) -> list[dict[str, Any]]:
+        """The ``n`` largest off-diagonal cells: which label is most often taken for which."""
+        off = self.confusion.clone()
+        off.fill_diagonal_(0)
+        flat = off.flatten()
+        order = torch.argsort(flat, descending=True, stable=True)[:n]
+        k = len(self.class_names)
+        pairs = []
+        for idx in order.tolist():
+            count = int(flat[idx])
+            if count == 0:
+                break
+            t, p = divmod(idx, k)
+            support = int(self.confusion[t].sum())
+            pairs.append({"true": self.class_names[t], "predicted": self.class_names[p], "count": count,
+                          "fraction_of_true": count / support if support else 0.0})
+        return pairs
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "accuracy": self.accuracy,
+            "loss": self.loss,
+            "per_class": self.per_class,
+            "num_samples": self.num_samples,
+            "split": self.split,
+            "checkpoint": self.checkpoint,
+            "top5_accuracy": self.top5_accuracy,
+            "macro_avg": self.macro,
+            "weighted_avg": self.weighted,
+            "labels": self.class_names,
+            "confusion_matrix": self.confusion.tolist(),
+            "most_confused": self.confused_pairs(10),
+            "notes": self.notes,
+        }
+
+
+def _r(x: Any) -> float:
+    """A metric as a Python float without float32 noise (0.9239, not 0.9239000082015991)."""
+    return round(float(x), 6)
+
+
+def compute_report(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> EvalReport:
+    """Every figure of the report, computed with torchmetrics from the logits and the true labels."""
+    from torchmetrics.functional.classification import (
+        multiclass_accuracy,
+        multiclass_confusion_matrix,
+        multiclass_f1_score,
+        multiclass_precision,
+        multiclass_recall,
+    )
+
+    k = len(class_names)
+    preds = logits.argmax(1)
+    args = {"num_classes": k}
+    recall = multiclass_recall(preds, labels, average=None, **args)
+    precision = multiclass_precision(preds, labels, average=None, **args)
+    f1 = multiclass_f1_score(preds, labels, average=None, **args)
+    support = torch.bincount(labels, minlength=k)
+    per_class = {
+        name: {"accuracy": _r(recall[i]), "precision": _r(precision[i]), "f1": _r(f1[i]), "support": int(support[i])}
+        for i, name in enumerate(class_names)
+    }
+    averages = {}
+    for average in ("macro", "weighted"):
+        averages[average] = {
+            "precision": _r(multiclass_precision(preds, labels, average=average, **args)),
+            "recall": _r(multiclass_recall(preds, labels, average=average, **args)),
+            "f1": _r(multiclass_f1_score(preds, labels, average=average, **args)),
+        }
+    top5 = _r(multiclass_accuracy(logits, labels, average="micro", top_k=5, **args)) if k > 5 else None
+    return EvalReport(
+        accuracy=_r(multiclass_accuracy(preds, labels, average="micro", **args)),
+        loss=_r(nn.functional.cross_entropy(logits, labels)),
+        per_class=per_class,
+        num_samples=int(labels.numel()),
+        class_names=class_names,
+        predictions=preds,
+        labels=labels,
+        confusion=multiclass_confusion_matrix(preds, labels, **args),
+        macro=averages["macro"],
+        weighted=averages["weighted"],
+        top5_accuracy=top5,
+    )
+
+
+def evaluate(run: str | Path | None = None, checkpoint: str | Path | None = None, *, split: str = "test",
+             runs_dir: str | Path = "runs", data_root: str | Path | None = None, device: str = "auto",
+             batch_size: int = 256, save: bool = False, misclassified: int = 0, allow_changed_data: bool = False,
+             progress: Any = None) -> EvalReport:
+    """Evaluate the best checkpoint of ``run`` (default: the newest trained run) or ``checkpoint`` on the split the run
+    recorded (``data_root``: where the run's data is now, if it moved; ``allow_changed_data``: use the recorded files
+    as they are now, skipping vanished ones, instead of refusing).
+
+    ``save`` writes ``eval.json`` and ``confusion_matrix.png`` beside the checkpoint (``eval-val.json``... for the
+    validation split); ``misclassified`` > 0 also draws that many misclassified images to ``misclassified.png``.
+    ``progress`` (a data.cache.Progress) shows an image folder being decoded into its cache.
+    """
+    if split not in ("test", "val"):
+        raise FcclassError(f"--split must be test or val, not '{split}'.")
+    inf = load_for_inference(run, checkpoint, runs_dir=runs_dir, device=device)
+    ds = inf.dataset((split,), data_root, allow_changed_data, progress)
+    part = ds.splits[split]
+    if len(part) == 0:
+        why = " (data.val_split was 0)" if split == "val" else ""
+        raise FcclassError(f"The {split} split of this run is empty{why}; evaluate another split.")
+    cfg = inf.config
+    loader = make_loader(part, batch_size, False, cfg.seed, ds.channels, ds.size, device=inf.device, num_workers=cfg.data.num_workers)
+    logits, labels = inf.run_loader(loader)
+    report = compute_report(logits, labels, inf.class_names)
+    report.checkpoint, report.split = str(inf.path), split
+    report.notes = [n for n in (inf.note, *ds.notes) if n]
+    if save or misclassified:
+        _save_artifacts(report, part, ds, inf.path.parent, save, misclassified)
+    return report
+
+
+def _save_artifacts(report: EvalReport, part: Any, ds: Any, out_dir: Path, save: bool, misclassified: int) -> None:
+    from fcclass.files import write_json
+    from fcclass.runs.plots import plot_confusion, plot_image_grid
+
+    suffix = "" if report.split == "test" else f"-{report.split}"
+    targets = {}
+    try:
+        if misclassified:
+            wrong = (report.predictions != report.labels).nonzero().flatten()[:misclassified]
+            images = _split_images(part, wrong, ds)
+            names = report.class_names
+            captions = [f"true: {names[int(report.labels[i])]}\npred: {names[int(report.predictions[i])]}" for i in wrong.tolist()]
+            targets["misclassified"] = plot_image_grid(images, captions, out_dir / f"misclassified{suffix}.png",
+                                                       f"{len(captions)} misclassified {report.split} images")
+        if save:
+            targets["confusion_matrix"] = plot_confusion(report, out_dir / f"confusion_matrix{suffix}.png")
+            targets["eval_json"] = out_dir / f"eval{suffix}.json"
+            write_json(targets["eval_json"], report.to_dict())
+    except OSError as e:
+        raise FcclassError(f"Cannot write evaluation files into '{out_dir}': {e.strerror}. Make it writable or pass --no-save.") from None
+    report.files = {k: str(v) for k, v in targets.items()}
+
+
+def _split_images(part: Any, idx: torch.Tensor, ds: Any) -> torch.Tensor:
+    """uint8 (N, C, H, W) images of a split, as the model saw them before normalisation."""
+    from fcclass.data import load_resized
+
+    if part.images is not None:
+        return part.take(idx)
+    if not len(idx):
+        return torch.zeros(0, ds.channels, *ds.size, dtype=torch.uint8)
+    return torch.stack([load_resized(part.files[i], ds.channels, ds.size) for i in idx.tolist()])

@@ -1,0 +1,70 @@
+"""metrics.csv, the run's epoch rows: written after every epoch and parsed by one reader (curves, listings,
+comparisons), and a row rounded as the human output shows it."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any, Sequence
+from fcclass.errors import CheckpointError
+
+METRIC_FIELDS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds"]
+
+
+def metrics_csv(history: Sequence[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: ("" if v is None else f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    return buf.getvalue()
+
+
+def rounded_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A metrics row for JSON, rounded as the human output shows it: losses and accuracies to 4 decimals
+    (accuracy 0.9293 = 92.93%), the learning rate to 3 significant digits, seconds to 0.1."""
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        if not isinstance(value, float):
+            out[key] = value
+        elif key == "lr":
+            out[key] = float(f"{value:.3g}")
+        else:
+            out[key] = round(value, 1 if key == "seconds" else 4)
+    return out
+
+
+METRICS = "metrics.csv"
+
+
+def _parse(path: Path) -> list[dict[str, float]]:
+    """The one parser of metrics.csv: a row per epoch, its filled cells as numbers (empty: the value was None)."""
+    with path.open(newline="", encoding="utf-8") as f:
+        return [{k: float(v) for k, v in row.items() if k and v not in (None, "")} for row in csv.DictReader(f)]
+
+
+def metrics_rows(run_dir: Path) -> list[dict[str, float]]:
+    """metrics.csv as numbers; an unreadable or damaged file reads as no epochs (listing must never fail on one run)."""
+    try:
+        return _parse(Path(run_dir) / METRICS)
+    except (OSError, ValueError, TypeError, csv.Error, UnicodeDecodeError):
+        return []
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, float]]:
+    """metrics.csv as numbers, for curves: a missing, damaged or empty file is a CheckpointError saying how to fix it."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        raise CheckpointError(f"'{run_dir}' has no metrics.csv; give a run directory made by `fcclass train` that finished an epoch.")
+    try:
+        rows = _parse(path)
+    except (ValueError, TypeError, csv.Error, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is damaged ({str(e)[:100]}); fcclass writes it at the end of every epoch, so resuming "
+                              "the run (`fcclass train --resume RUN`) or training again rewrites it.") from None
+    if not rows:
+        raise CheckpointError(f"{path} has no epochs yet; train at least one epoch first.")
+    missing = [k for k in ("epoch", "train_loss", "train_accuracy", "lr") if any(k not in r for r in rows)]
+    if missing:
+        raise CheckpointError(f"{path} is damaged: it lacks {', '.join(missing)}. Resuming the run or training again rewrites it.")
+    return rows

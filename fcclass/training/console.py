@@ -1,0 +1,107 @@
+"""The trainer's human output through Rich: the header (model, data, device, precision, job) and the epoch lines."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from fcclass.files import shown
+
+
+def print_training_header(console: Console, trainer: Any) -> None:
+    """The model table, device and run, and the data table (counts per label, class weights) before training."""
+    from fcclass.device import precision_name
+
+    console.print(summary_table(trainer.model.summary()))
+    resumed = ""
+    if trainer.resumed:
+        resumed = f"   [yellow]resuming after epoch {trainer.state.epoch}[/yellow]"
+        if trainer.replanned:
+            resumed += f" [yellow](train.epochs is now {trainer.cfg.train.epochs}: the LR schedule is re-planned)[/yellow]"
+    chosen = f"auto: {precision_reason(trainer.device.type)}" if trainer.cfg.train.precision == "auto" else "train.precision"
+    job = getattr(trainer, "job", None)
+    if job is not None and job.enabled:  # torchrun: the job, and what one batch is split into
+        from fcclass.training.distributed import backend
+
+        resumed = (f"   DDP: {job.world} processes on {job.nodes} machine(s), {backend(trainer.device.type)}, "
+                   f"global batch {trainer.cfg.data.batch_size}" + resumed)
+    console.print(f"Device: [bold]{trainer.device}[/bold] ({precision_name(trainer.amp_dtype)}, {chosen})   "
+                  f"Run: [bold]{escape(shown(trainer.run_dir))}[/bold]{resumed}", highlight=False)
+    info, weights = trainer.data.info, trainer.class_weights
+    table = Table(title=f"Data: {escape(trainer.cfg.data.dataset)}", title_justify="left")
+    table.add_column("Label")
+    table.add_column("Train", justify="right")
+    table.add_column("Val", justify="right")
+    test = bool(info.test_counts)
+    if test:
+        table.add_column("Test (held out)", justify="right")
+    if weights is not None:
+        table.add_column("Class weight", justify="right")
+    for i, name in enumerate(info.class_names):
+        row = [escape(name), f"{info.train_counts[i]:,}", f"{info.val_counts[i]:,}", *([f"{info.test_counts[i]:,}"] if test else [])]
+        if weights is not None:
+            row.append(f"{float(weights[i]):.3f}")
+        table.add_row(*row)
+    table.add_section()
+    table.add_row("[bold]Total[/bold]", f"{sum(info.train_counts):,}", f"{sum(info.val_counts):,}",
+                  *([f"{sum(info.test_counts):,}"] if test else []), *([""] if weights is not None else []))
+    console.print(table)
+    if trainer.val_loader is None:
+        t = trainer.cfg.train
+        console.print(f"[yellow]No validation split (data.val_split is 0): best.pt keeps the epoch with the best "
+                      f"{trainer.monitor_name(t.checkpoint.monitor)} and early stopping follows "
+                      f"{trainer.monitor_name(t.early_stopping.monitor)} instead.[/yellow]")
+    for note in trainer.data.notes:
+        console.print(f"[yellow]{escape(note)}[/yellow]")
+
+
+def print_epoch(console: Console, row: dict[str, Any], epochs: int, is_best: bool) -> None:
+    val = (f"val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.2%}  " if row.get("val_loss") is not None else "")
+    console.print(
+        f"epoch {row['epoch']:>{len(str(epochs))}}/{epochs}  "
+        f"train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.2%}  {val}"
+        f"lr {row['lr']:.2e}  {row['seconds']:.1f}s" + ("  [green]* best[/green]" if is_best else ""),
+        highlight=False,
+    )
+
+
+def best_line(result: Any) -> str:
+    """The closing line of `fcclass train`: the best epoch, where the run is, what to do next."""
+    best = result.best
+    val = (f"val accuracy {best['val_accuracy']:.2%}, val loss {best['val_loss']:.4f}" if best.get("val_loss") is not None
+           else f"train accuracy {best['train_accuracy']:.2%}, train loss {best['train_loss']:.4f} (no validation split)")
+    return (f"[bold]Best epoch {result.best_epoch}[/bold]: {val}. Run saved in [bold]{escape(shown(result.run_dir))}[/bold]\n"
+            f"Next: fcclass eval {escape(shown(result.run_dir))}")
+
+
+def precision_reason(device: str) -> str:
+    """Why train.precision: auto chose what it did on ``device``, for captions and headers."""
+    if device.startswith("cuda"):
+        return "bf16 where the GPU supports it"
+    if not device.startswith("cpu"):
+        return "fp32"
+    import os
+
+    from fcclass.device import cpu_bf16_native
+
+    if os.environ.get("FCCLASS_CPU_BF16", "").strip():
+        return f"FCCLASS_CPU_BF16={os.environ['FCCLASS_CPU_BF16'].strip()}"
+    return "this CPU has native bf16, AVX512-BF16/AMX" if cpu_bf16_native() else "this CPU has no native bf16"
+
+
+def summary_table(summary: Any, title: str = "Model") -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column("Layer (type)")
+    table.add_column("Output Shape")
+    table.add_column("Param #", justify="right")
+    table.add_row("input", "(None, " + ", ".join(str(s) for s in summary.input_shape) + ")", "0")
+    for li in summary.layers:
+        table.add_row(escape(f"{li.name} ({li.type})"), "(None, " + ", ".join(str(s) for s in li.output_shape) + ")", f"{li.params:,}")
+    table.add_section()
+    table.add_row("[bold]Total params[/bold]", "", f"[bold]{summary.total_params:,}[/bold]")
+    table.add_row("Trainable params", "", f"{summary.trainable_params:,}")
+    table.add_row("Non-trainable params", "", f"{summary.non_trainable_params:,}")
+    return table

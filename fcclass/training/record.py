@@ -1,0 +1,145 @@
+"""RunRecord: the callback that keeps a run's summary.json (fcclass.runs.summary) up to date as the trainer goes: at
+the start, after every epoch, and when it stops (finished, interrupted, failed, pruned)."""
+
+from __future__ import annotations
+
+import platform
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fcclass.runs.summary import FORMAT, SUMMARY, _program, git_state, now, read_summary
+from fcclass.training.callbacks import Callback
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fcclass.training.trainer import Trainer, TrainResult
+
+
+def environment(trainer: "Trainer") -> dict[str, Any]:
+    import torch
+    import torchvision
+
+    from fcclass.version import __version__
+
+    return {
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+                     "fcclass": __version__},
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "device": str(trainer.device),
+        "precision": _precision(trainer),
+        "threads": torch.get_num_threads(),
+        "distributed": _distributed(trainer),
+        "command": " ".join(_program(a) if i == 0 else a for i, a in enumerate(sys.argv))[:500],
+    }
+
+
+def _distributed(trainer: "Trainer") -> dict[str, Any] | None:
+    """torchrun's job (processes, machines, backend), or None for one process."""
+    job = getattr(trainer, "job", None)
+    if job is None or not job.enabled:
+        return None
+    from fcclass.training.distributed import backend
+
+    return {"processes": job.world, "nodes": job.nodes, "backend": backend(trainer.device.type)}
+
+
+def _precision(trainer: "Trainer") -> str:
+    from fcclass.device import precision_name
+
+    return precision_name(trainer.amp_dtype)
+
+
+def _round(row: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not row:
+        return None
+    from fcclass.runs.metrics import rounded_row
+
+    return rounded_row(row)
+
+
+class RunRecord(Callback):
+    """Keeps RUN_DIR/summary.json up to date while a run trains. A failed write is a warning, never a failed run."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, Any] = {}
+        self.session_start = 0.0
+        self.previous_wall = 0.0
+        self.warned = False
+
+    # ------------------------------------------------------------------------- hooks
+    def on_fit_start(self, trainer: "Trainer") -> None:
+        old = read_summary(trainer.run_dir) or {}
+        self.session_start = time.monotonic()
+        self.previous_wall = float(old.get("wall_seconds") or 0.0)
+        params = sum(p.numel() for p in trainer.model.parameters())
+        cfg = trainer.cfg
+        self.data = {
+            "format": FORMAT,
+            "name": cfg.name,
+            "run_dir": str(Path(trainer.run_dir).absolute()),
+            "state": "running",
+            "started": old.get("started") or now(),
+            "ended": None,
+            "wall_seconds": self.previous_wall,
+            "sessions": int(old.get("sessions") or 0) + 1,
+            "git": git_state(),
+            **environment(trainer),
+            "dataset": cfg.data.dataset,
+            "data": cfg.data.path if cfg.data.dataset == "imagefolder" else cfg.data.root,
+            "params": params,
+            "trainable_params": sum(p.numel() for p in trainer.params),
+            "epochs": {"planned": cfg.train.epochs, "done": trainer.state.epoch},
+            "best": self._best(trainer),
+            "last": _round(trainer.state.history[-1]) if trainer.state.history else None,
+            "test": old.get("test"),
+            "stopped_early": trainer.state.stopped_early,
+            "error": None,
+        }
+        self._write(trainer)
+
+    def on_epoch_end(self, trainer: "Trainer", row: dict[str, Any], is_best: bool) -> None:
+        self.data["epochs"]["done"] = trainer.state.epoch
+        self.data["best"] = self._best(trainer)
+        self.data["last"] = _round(row)
+        self.data["stopped_early"] = trainer.state.stopped_early
+        self.data["test"] = None if is_best else self.data.get("test")  # a new best checkpoint: its test is not measured yet
+        self._write(trainer)
+
+    def on_interrupt(self, trainer: "Trainer", signal_name: str, epoch: int) -> None:
+        self.data.update(state="interrupted", error=f"{signal_name} in epoch {epoch}")
+
+    def on_fit_error(self, trainer: "Trainer", error: BaseException) -> None:
+        self.data.update(state="failed", error=str(error)[:1000] or type(error).__name__)
+        self._finish(trainer)
+
+    def on_fit_end(self, trainer: "Trainer", result: "TrainResult") -> None:
+        if result.removed:
+            return
+        if self.data.get("state") == "running":
+            self.data["state"] = result.stopped_by or "finished"
+        if result.test is not None:
+            self.data["test"] = result.test
+        self._finish(trainer, result)
+
+    # ------------------------------------------------------------------------- writing
+    def _best(self, trainer: "Trainer") -> dict[str, Any] | None:
+        best = _round(trainer.state.best)
+        return {"epoch": trainer.state.best_epoch, **best} if best else None
+
+    def _finish(self, trainer: "Trainer", result: "TrainResult | None" = None) -> None:
+        self.data["ended"] = now()
+        self._write(trainer, result)
+
+    def _write(self, trainer: "Trainer", result: "TrainResult | None" = None) -> None:
+        from fcclass.files import write_json
+
+        self.data["wall_seconds"] = round(self.previous_wall + time.monotonic() - self.session_start, 1)
+        try:
+            write_json(Path(trainer.run_dir) / SUMMARY, self.data)
+        except (OSError, ValueError) as e:
+            if not self.warned and result is not None:
+                result.warnings.append(f"{SUMMARY} was not written: {e}")
+            self.warned = True
