@@ -26,7 +26,7 @@ from fcclass.data import (BatchPreprocess, Dataset, SplitRecord, class_weights, 
 from fcclass.data import data_root as data_location
 from fcclass.device import autocast, precision_name, select_device, select_precision
 from fcclass.distributed import (SYNC_BATCHNORM_NEEDS_CUDA, PeerFailed, all_sum, broadcast_buffers, check_same_config, from_env,
-                                 barrier, init, is_peer_error, loss_scale, main_first, peer_failed, shard, shutdown)
+                                 barrier, batch_loss, init, is_peer_error, main_first, peer_failed, shard, shutdown)
 from fcclass.errors import CheckpointError, FcclassError
 from fcclass.files import RunWriteError, atomic_write_text, os_error_reason
 from fcclass.inference import run_model
@@ -394,8 +394,8 @@ class Trainer:
         for batch, (x, y) in enumerate(self._batches(), 1):
             lr_sum += self.schedule.lr
             whole = self.train_loader.global_size(batch - 1)  # the job's batch, of which this rank has its part
-            loss, logits, y = self.step(x, y, loss_scale(y.numel(), whole, self.job))
-            loss_sum += loss * y.numel()
+            loss, logits, y = self.step(x, y, whole)
+            loss_sum += loss * whole  # summed over the ranks: the whole batch's mean loss times its images
             correct += (logits.argmax(1) == y).sum()
             seen, images = seen + y.numel(), images + whole
             if batch % self.sync_every == 0 or batch == batches:
@@ -432,9 +432,10 @@ class Trainer:
             if self._stop["signal"] is None:
                 raise FcclassError(f"{e} Out of memory? Lower data.num_workers or data.batch_size.") from None
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def step(self, x: torch.Tensor, y: torch.Tensor, whole: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One optimisation step on a uint8 batch; returns the (detached) loss, logits and labels on the device.
-        ``scale``: this rank's share of the job's batch (distributed.loss_scale), applied to the gradient only."""
+        ``whole``: the images of the job's batch, of which this rank has its part; its loss is this rank's part of the
+        whole batch's loss (distributed.batch_loss)."""
         x = self.train_prep(x.to(self.device, non_blocking=True), train=True)
         y = y.to(self.device, non_blocking=True)
         with autocast(self.device, self.amp_dtype):
@@ -444,9 +445,9 @@ class Trainer:
                 raise FcclassError(f"{e}. BatchNormalization needs more than one value per channel while training: set "
                                    "data.batch_size so that the training split does not leave a last batch of one image, or "
                                    "move BatchNormalization before the layer that shrinks the feature map to 1x1.") from None
-            loss = self.loss_fn(logits.float(), y)
+            loss = batch_loss(self.loss_fn, logits.float(), y, whole, self.job)
         reg = self.model.regularization_loss()
-        total = loss * scale if scale != 1.0 else loss
+        total = loss * self.job.world if self.job.enabled else loss  # DDP averages the ranks' gradients
         total = total + reg if reg is not None else total
         self.optimizer.zero_grad(set_to_none=True)
         clip = self.cfg.train.grad_clip
