@@ -67,9 +67,9 @@ import os, signal, sys
 sys.path.insert(0, {tests!r})
 from pathlib import Path
 from conftest import small_config
-from fcclass.callbacks import Callback
+from fcclass.training.callbacks import Callback
 from fcclass.config import load_config
-from fcclass.train import fit
+from fcclass.training.fit import fit
 
 class Kill(Callback):
     def on_batch_end(self, trainer, info):
@@ -208,9 +208,9 @@ def test_a_full_or_read_only_disk_stops_cleanly_and_the_run_resumes(small_disk: 
 
 @needs_fashion
 def test_a_failed_best_checkpoint_write_is_repaired_on_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import fcclass.runs
+    import fcclass.runs.checkpoint
 
-    real = fcclass.runs.atomic_write_bytes
+    real = fcclass.runs.checkpoint.atomic_write_bytes
     writes = {"best.pt": 0}
 
     def flaky(path: Path, data: bytes) -> None:
@@ -220,7 +220,7 @@ def test_a_failed_best_checkpoint_write_is_repaired_on_resume(tmp_path: Path, mo
                 raise OSError(errno.ENOSPC, "No space left on device")
         real(path, data)
 
-    monkeypatch.setattr(fcclass.runs, "atomic_write_bytes", flaky)
+    monkeypatch.setattr(fcclass.runs.checkpoint, "atomic_write_bytes", flaky)
     with pytest.raises(RunWriteError, match=r"Cannot write best.pt .* no space left on the device") as e:
         fit(small_config(tmp_path, **{**IN_MEMORY, "train.epochs": 5}))  # the 2nd improvement comes before the last epoch
     monkeypatch.undo()
@@ -236,9 +236,9 @@ def test_a_failed_best_checkpoint_write_is_repaired_on_resume(tmp_path: Path, mo
 @needs_fashion
 def test_a_best_checkpoint_lost_in_the_last_epoch_is_repaired_even_though_the_run_is_finished(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import fcclass.runs
+    import fcclass.runs.checkpoint
 
-    real = fcclass.runs.atomic_write_bytes
+    real = fcclass.runs.checkpoint.atomic_write_bytes
     writes = {"best.pt": 0}
 
     def flaky(path: Path, data: bytes) -> None:
@@ -248,7 +248,7 @@ def test_a_best_checkpoint_lost_in_the_last_epoch_is_repaired_even_though_the_ru
                 raise OSError(errno.ENOSPC, "No space left on device")
         real(path, data)
 
-    monkeypatch.setattr(fcclass.runs, "atomic_write_bytes", flaky)
+    monkeypatch.setattr(fcclass.runs.checkpoint, "atomic_write_bytes", flaky)
     with pytest.raises(RunWriteError, match="Cannot write best.pt"):
         fit(small_config(tmp_path, **{"data.limit_train": 1000, "train.epochs": 2}))
     monkeypatch.undo()

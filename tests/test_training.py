@@ -368,10 +368,10 @@ def test_the_training_loop_imports_no_rendering_and_runs_no_model_builder() -> N
     import subprocess
     import sys
 
-    code = ("import sys, fcclass.train; bad = [m for m in ('rich', 'matplotlib') if m in sys.modules]; "
-            "import fcclass.runs; print(bad)")
+    code = ("import sys, fcclass.training.trainer; bad = [m for m in ('rich', 'matplotlib') if m in sys.modules]; "
+            "import fcclass.runs.checkpoint; print(bad)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
-    code = "import sys, fcclass.runs; print([m for m in ('fcclass.model', 'torch') if m in sys.modules])"
+    code = "import sys, fcclass.runs.checkpoint; print([m for m in ('fcclass.model', 'torch') if m in sys.modules])"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
 
 

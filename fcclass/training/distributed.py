@@ -129,10 +129,17 @@ def shard(idx: torch.Tensor, job: Dist) -> torch.Tensor:
     return torch.tensor_split(idx, job.world)[job.rank] if job.enabled else idx
 
 
-def loss_scale(local: int, global_: int, job: Dist) -> float:
-    """The factor on a rank's mean loss that makes DDP's averaged gradient the gradient of the global batch's mean loss
-    (1.0 when the batch divides evenly)."""
-    return local * job.world / global_ if job.enabled and global_ else 1.0
+def batch_loss(loss_fn: torch.nn.CrossEntropyLoss, logits: torch.Tensor, y: torch.Tensor, global_: int, job: Dist) -> torch.Tensor:
+    """This rank's part of the mean loss of the job's whole batch of ``global_`` images (the loss itself with one
+    process): the parts add up to it over the ranks, so DDP's averaged gradient of ``part * world`` is its gradient.
+    The mean is over the whole batch's images, or with class weights over the sum of its labels' weights, as torch's
+    weighted mean (label smoothing included): sum_i w_{y_i} l_i / sum_i w_{y_i}, that sum taken over every rank (one
+    scalar), not this rank's part alone."""
+    if not job.enabled:
+        return loss_fn(logits, y)
+    total = torch.nn.functional.cross_entropy(logits, y, weight=loss_fn.weight, reduction="sum",
+                                              label_smoothing=loss_fn.label_smoothing)
+    return total / (global_ if loss_fn.weight is None else all_sum(loss_fn.weight[y].sum(), job))
 
 
 def all_sum(values: torch.Tensor, job: Dist) -> torch.Tensor:

@@ -37,10 +37,10 @@ from fcclass.training.distributed import (
     PeerFailed,
     all_sum,
     barrier,
+    batch_loss,
     broadcast_buffers,
     init,
     is_peer_error,
-    loss_scale,
     peer_failed,
     shard,
 )
@@ -215,8 +215,8 @@ class Trainer:
         for batch, (x, y) in enumerate(self._batches(), 1):
             lr_sum += self.schedule.lr
             whole = self.train_loader.global_size(batch - 1)  # the job's batch, of which this rank has its part
-            loss, logits, y = self.step(x, y, loss_scale(y.numel(), whole, self.job))
-            loss_sum += loss * y.numel()
+            loss, logits, y = self.step(x, y, whole)
+            loss_sum += loss * whole  # summed over the ranks: the whole batch's mean loss times its images
             correct += (logits.argmax(1) == y).sum()
             seen, images = seen + y.numel(), images + whole
             synced = batch % self.sync_every == 0 or batch == batches
@@ -253,9 +253,10 @@ class Trainer:
             if self._stop["signal"] is None:
                 raise FcclassError(f"{e} Out of memory? Lower data.num_workers or data.batch_size.") from None
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def step(self, x: torch.Tensor, y: torch.Tensor, whole: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One optimisation step on a uint8 batch; returns the (detached) loss, logits and labels on the device.
-        ``scale``: this rank's share of the job's batch (distributed.loss_scale), applied to the gradient only."""
+        ``whole``: the images of the job's batch, of which this rank has its part; its loss is this rank's part of the
+        whole batch's loss (distributed.batch_loss)."""
         x = self.train_prep(x.to(self.device, non_blocking=True), train=True)
         y = y.to(self.device, non_blocking=True)
         with autocast(self.device, self.amp_dtype):
@@ -265,9 +266,9 @@ class Trainer:
                 raise FcclassError(f"{e}. BatchNormalization needs more than one value per channel while training: set "
                                    "data.batch_size so that the training split does not leave a last batch of one image, or "
                                    "move BatchNormalization before the layer that shrinks the feature map to 1x1.") from None
-            loss = self.loss_fn(logits.float(), y)
+            loss = batch_loss(self.loss_fn, logits.float(), y, whole, self.job)
         reg = self.model.regularization_loss()
-        total = loss * scale if scale != 1.0 else loss
+        total = loss * self.job.world if self.job.enabled else loss  # DDP averages the ranks' gradients
         total = total + reg if reg is not None else total
         self.optimizer.zero_grad(set_to_none=True)
         clip = self.cfg.train.grad_clip
