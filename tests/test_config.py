@@ -61,7 +61,7 @@ def test_shipped_configs_are_found_by_name_from_any_folder(tmp_path: Path, monke
 
 def test_config_and_layer_types_load_without_torch() -> None:
     # config errors must be instant: the layer classes import torch only when they build
-    code = "import sys; from fcclass import layers; from fcclass.config import load_config; load_config(sys.argv[1]); print('torch' in sys.modules)"
+    code = "import sys; from fcclass.config import layers; from fcclass.config import load_config; load_config(sys.argv[1]); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code, str(ROOT / "configs" / "fashion_mnist.yaml")], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
 
