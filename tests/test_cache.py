@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -238,10 +237,22 @@ from fcclass.config import DataConfig
 from fcclass.data import load_dataset
 
 real = cache.load_resized
-cache.load_resized = lambda *a: (time.sleep(0.1), real(*a))[1]  # a slow build, so the other process arrives during it
-go = Path(sys.argv[2])
-while not go.exists():
-    time.sleep(0.005)
+here, peer = Path(sys.argv[2] + "." + sys.argv[3]), Path(sys.argv[2] + "." + str(1 - int(sys.argv[3])))
+
+
+def wait_for(path):
+    deadline = time.monotonic() + 60
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+def building(*args):  # whichever process builds waits until the other is at its load_dataset call too
+    wait_for(peer)
+    return real(*args)
+
+
+cache.load_resized = building
+here.touch()
 ds = load_dataset(DataConfig(dataset="imagefolder", path=sys.argv[1], image_size=[8, 8], channels=1), 0, splits=("train",))
 print(int(ds.train.images.long().sum()), [n for n in ds.notes if "Decoded images" in n][0])
 """
@@ -249,12 +260,10 @@ print(int(ds.train.images.long().sum()), [n for n in ds.notes if "Decoded images
 
 def test_two_processes_building_one_cache_build_it_once(tmp_path: Path, cache_dir: Path) -> None:
     folder = make_folder(tmp_path / "imgs")
-    go = tmp_path / "go"
+    arrived = tmp_path / "arrived"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", BUILDER, str(folder), str(go)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=env) for _ in range(2)]
-    time.sleep(0.5)
-    go.touch()
+    procs = [subprocess.Popen([sys.executable, "-c", BUILDER, str(folder), str(arrived), str(i)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
     sums, notes = zip(*(out.strip().split(" ", 1) for out, _ in outs))

@@ -39,6 +39,29 @@ def one_line(text: str) -> str:
 
 
 # ----------------------------------------------------------------------------- 1. outputs never replace special files
+def _read_fifo(fifo: Path, reading: threading.Event, received: list[bytes]) -> None:
+    """Open the FIFO for reading without waiting for a writer, say so, then read all a writer sends. On Linux, poll()
+    on a FIFO that never had a writer waits for one (no POLLHUP before), so nothing is read as an early end."""
+    import select
+
+    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    reading.set()
+    chunks = []
+    try:
+        while True:
+            select.select([fd], [], [], 30)
+            try:
+                chunk = os.read(fd, 1 << 20)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    received.append(b"".join(chunks))
+
+
 def test_export_into_a_fifo_writes_through_it_and_leaves_it_a_fifo(trained_run: Path, tmp_path: Path) -> None:
     fifo = tmp_path / "model.onnx"
     os.mkfifo(fifo)
@@ -47,9 +70,10 @@ def test_export_into_a_fifo_writes_through_it_and_leaves_it_a_fifo(trained_run: 
     assert res.exit_code == 1 and "nothing is reading from the pipe" in one_line(res.output)
     assert time.monotonic() - started < 60
     received: list[bytes] = []
-    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()))
+    reading = threading.Event()
+    reader = threading.Thread(target=_read_fifo, args=(fifo, reading, received))
     reader.start()
-    time.sleep(0.2)
+    assert reading.wait(30)  # the reader holds the FIFO open: the export below finds it there
     res = runner.invoke(app, ["export", str(trained_run), "-o", str(fifo)])
     reader.join(30)
     assert res.exit_code == 0, res.output

@@ -109,8 +109,9 @@ def _untrained_copy(trained_run: Path, runs: Path) -> Path:
 @needs_fashion
 def test_a_run_with_no_completed_epoch_is_refused_and_skipped(trained_run: Path, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
-    shutil.copytree(trained_run, runs / trained_run.name)
-    time.sleep(0.01)
+    copy = shutil.copytree(trained_run, runs / trained_run.name)
+    for name in ("best.pt", "last.pt"):  # trained an hour ago: the killed run below is the newest
+        os.utime(copy / name, (time.time() - 3600, time.time() - 3600))
     killed = _untrained_copy(trained_run, runs)  # the newest run, but with random weights
     for args in (["eval", str(killed)], ["predict", "x.png", "--run", str(killed)], ["export", str(killed)],
                  ["eval", "--checkpoint", str(killed / "last.pt")]):
