@@ -19,7 +19,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from fcclass.callbacks import BatchEnd, Callback, ConsoleProgress, Curves, decode_progress
+from fcclass.callbacks import BatchEnd, Callback, ConsoleProgress, Curves, decode_progress, monitored
 from fcclass.config import Config, load_config
 from fcclass.data import (BatchPreprocess, Dataset, SplitRecord, class_weights, dataset_from_record, epoch_seed,
                           describe, load_dataset, make_loader, normalization)
@@ -312,7 +312,7 @@ class Trainer:
 
     def monitor_name(self, name: str) -> str:
         """The metric actually monitored: without a validation split, train_* stands in for val_*."""
-        return name if self.val_loader is not None else name.replace("val_", "train_")
+        return monitored(name, self.val_loader is not None)
 
     # ------------------------------------------------------------------------- the loop
     def fit(self) -> TrainResult:
