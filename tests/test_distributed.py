@@ -163,7 +163,7 @@ WEIGHTS = ", label_smoothing: 0.1, class_weight: {Shirt: 10.0, Sandal: 0.1, Bag:
 def test_two_processes_with_class_weights_match_one_process(tmp_path: Path) -> None:
     """With class weights (and label smoothing) the batch's loss is sum_i w_i l_i / sum_i w_i over the whole global
     batch: two processes (batch 99 split 50/49) train and report the run one process does, losses within 2e-3."""
-    from fcclass.config import load_config
+    from fcclass.config.load import load_config
     from fcclass.training.fit import fit
 
     config = _config(tmp_path, epochs=1, extra=WEIGHTS)

@@ -108,34 +108,53 @@ def test_a_pruned_trial_stops_training_and_its_run_says_pruned(tmp_path: Path) -
 
 
 @needs_fashion
-def test_a_trial_whose_process_died_is_failed_and_retried(tmp_path: Path) -> None:
+def test_a_trial_whose_worker_died_is_failed_by_its_heartbeat_and_run_again(tmp_path: Path) -> None:
+    """A grid trial left running by a worker that died (on this machine: SQLite): its heartbeat stops, the next
+    worker fails it and runs its grid point again; the grid is run once, exactly N trials count."""
     import optuna
 
-    spec = ["-p", "optimizer.lr=0.001,0.002,0.003", "--sampler", "grid", "--pruner", "none", "-n", "3"]
     folder = tmp_path / "sw"
     folder.mkdir()
-    study = optuna.create_study(storage=f"sqlite:///{folder / 'study.db'}", study_name="fashion-cnn", direction="maximize")
-    study.set_user_attr("space", {"optimizer.lr": "0.001, 0.002, 0.003"})
+    url = f"sqlite:///{folder / 'study.db'}"
+    study = optuna.create_study(storage=optuna.storages.RDBStorage(url), study_name="fashion-cnn", direction="maximize")
+    study.set_user_attr("space", {"optimizer.lr": "0.001, 0.002"})
     study.set_user_attr("metric", "val_accuracy")
-    dead = subprocess.Popen(["true"])
-    dead.wait()
     from fcclass.config.load import load_config
     from fcclass.experiments.sweep import plan, sampler
 
-    made = plan(load_config(None, TINY[1::2]), ["optimizer.lr=0.001,0.002,0.003"], {"sampler": "grid"}, folder)
+    made = plan(load_config(None, TINY[1::2]), ["optimizer.lr=0.001,0.002"], {"sampler": "grid"}, folder)
     study.sampler = sampler(made, 0)  # a grid trial, as fcclass makes them
-    ghost = study.ask({"optimizer.lr": optuna.distributions.CategoricalDistribution([0.001, 0.002, 0.003])})
-    import socket
+    ghost = study.ask({"optimizer.lr": optuna.distributions.CategoricalDistribution([0.001, 0.002])})
+    study._storage.record_heartbeat(ghost._trial_id)  # its worker's last sign of life, then it was killed
+    out = sweep(tmp_path, "-p", "optimizer.lr=0.001,0.002", "--sampler", "grid", "--pruner", "none", "-n", "2", "--heartbeat", "1",
+                "--sweep-dir", str(folder))
+    assert len(out["trials"]) == 2 and all(t["state"] == "complete" for t in out["trials"])
+    assert sorted(t["params"]["optimizer.lr"] for t in out["trials"]) == [0.001, 0.002]  # the grid, each point once
+    trials = optuna.load_study(study_name="fashion-cnn", storage=url).trials
+    assert trials[0].state.name == "FAIL"
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == 0]
+    assert len(retry) == 1 and retry[0].params == trials[0].params and retry[0].state.name == "COMPLETE"
+    assert [t["retry_of"] for t in out["trials"] if t["number"] == retry[0].number] == [0]
 
-    ghost.set_user_attr("host", socket.gethostname())
-    ghost.set_user_attr("pid", dead.pid)  # a worker killed in the middle of this trial
-    out = sweep(tmp_path, *spec, "--sweep-dir", str(folder))
-    assert len(out["trials"]) == 3 and all(t["state"] == "complete" for t in out["trials"])
-    trials = optuna.load_study(study_name="fashion-cnn", storage=f"sqlite:///{folder / 'study.db'}").trials
-    assert trials[0].state.name == "FAIL" and trials[0].user_attrs["retried"]
-    retry = [t for t in trials if t.user_attrs.get("retry_of") == 0]
-    assert len(retry) == 1 and retry[0].params == trials[0].params
-    assert sorted(t["params"]["optimizer.lr"] for t in out["trials"]) == [0.001, 0.002, 0.003]  # the grid, each once
+
+@needs_fashion
+def test_a_trial_interrupted_by_ctrl_c_runs_again_with_its_parameters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fcclass.experiments import sweep_run
+
+    def interrupted(self: object, trial: object, values: object) -> float:
+        raise KeyboardInterrupt
+
+    spec = ["-p", "optimizer.lr=loguniform(1e-4,1e-2)", "--sampler", "random", "-n", "1"]
+    with monkeypatch.context() as m:
+        m.setattr(sweep_run.Objective, "train", interrupted)
+        res = runner.invoke(app, ["sweep", *TINY, "--set", f"train.runs_dir={tmp_path / 'runs'}", *spec])
+    assert res.exit_code == 130 and "Interrupted" in res.output
+    out = sweep(tmp_path, *spec)  # the rerun runs it, with the same parameters
+    import optuna
+
+    trials = optuna.load_study(study_name="fashion-cnn", storage=f"sqlite:///{out['sweep_dir']}/study.db").trials
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"] and trials[1].params == trials[0].params
+    assert len(out["trials"]) == 1 and out["trials"][0]["retry_of"] == 0 and out["trials"][0]["state"] == "complete"
 
 
 @needs_fashion
@@ -161,3 +180,33 @@ def test_two_workers_on_one_storage_finish_exactly_n_trials(tmp_path: Path) -> N
     out = sweep(tmp_path, "-p", "optimizer.lr=loguniform(1e-4,1e-2)", "--sampler", "random", "--pruner", "none", "-n", "2",
                 "--workers", "2", "--sweep-dir", str(tmp_path / "local"))
     assert len(out["trials"]) == 2 and all(t["state"] == "complete" for t in out["trials"])
+
+
+@needs_fashion
+def test_without_a_validation_split_trials_complete_ranked_by_the_training_metric(tmp_path: Path) -> None:
+    args = ["--set", "data.val_split=0", "-p", "optimizer.lr=loguniform(1e-4,1e-2)", "--sampler", "random", "--pruner", "median",
+            "-n", "2", "--sweep-dir", str(tmp_path / "sw")]
+    res = runner.invoke(app, ["sweep", *TINY, "--set", f"train.runs_dir={tmp_path / 'runs'}", *args])
+    assert res.exit_code == 0, res.output
+    assert "2 of 2 trials, by train_accuracy" in res.output and "complete  train_accuracy 0." in res.output
+    out = json.loads(runner.invoke(app, ["sweep", "--sweep-dir", str(tmp_path / "sw"), "--status", "--json", "-"]).stdout)
+    trials = out["trials"]
+    assert [t["state"] for t in trials] == ["complete", "complete"] and {t["metric"] for t in trials} == {"train_accuracy"}
+    assert trials[0]["value"] >= trials[1]["value"]  # ranked best first
+    for t in trials:  # the value is the best epoch's training accuracy, as its run recorded it
+        row = json.loads((Path(t["run_dir"]) / "summary.json").read_text())
+        assert t["value"] == pytest.approx(row["best"]["train_accuracy"], abs=1e-4)
+
+
+@needs_fashion
+def test_a_diverging_trial_fails_and_says_why(tmp_path: Path) -> None:
+    args = ["-p", "optimizer.lr=0.003,1.0e+20", "--sampler", "grid", "--pruner", "none", "-n", "2", "--sweep-dir", str(tmp_path / "sw")]
+    res = runner.invoke(app, ["sweep", *TINY, "--set", f"train.runs_dir={tmp_path / 'runs'}", *args])
+    assert res.exit_code == 0, res.output
+    assert "fail  The training loss became nan in epoch 1" in res.output  # its progress line
+    table = res.output[res.output.index("2 of 2 trials"):]
+    assert "Note" in table and "The training loss became nan" in table and "optimizer.lr is 1e+20" in " ".join(table.split())
+    trials = json.loads(runner.invoke(app, ["sweep", "--sweep-dir", str(tmp_path / "sw"), "--status", "--json", "-"]).stdout)["trials"]
+    assert [(t["params"]["optimizer.lr"], t["state"]) for t in trials] == [(0.003, "complete"), (1e20, "fail")]
+    assert trials[1]["fail_reason"].startswith("The training loss became nan in epoch 1") and trials[1]["run_dir"] is None
+    assert trials[0]["fail_reason"] is None

@@ -9,7 +9,7 @@ from typing import Any, Optional
 import typer
 from rich.markup import escape
 
-from fcclass.cli.common import ConfigOpt, JsonOpt, SetOpt, _check_json_target, _emit_json, _handle_errors, _human_console, app
+from fcclass.cli.common import ConfigOpt, JsonOpt, SetOpt, _check_json_target, _emit_json, _handle_errors, _human_console, app, err_console
 from fcclass.errors import FcclassError
 
 
@@ -30,6 +30,8 @@ def sweep(
                                           "sqlite:///...) or a journal file on a shared disk (default: SWEEP_DIR/study.db)."),
     study: Optional[str] = typer.Option(None, "--study", help="The study's name (default: the config's name)."),
     workers: Optional[int] = typer.Option(None, "--workers", "-w", help="Trials run at once on this machine, each with cores/K threads (default 1)."),
+    heartbeat: Optional[int] = typer.Option(None, "--heartbeat", metavar="SECONDS", help="RDB storages: a running trial's heartbeat interval (default 60, "
+                                            "recorded by the study); a trial silent for twice that (its worker lost, on any machine) is failed and run again."),
     sweep_dir: Optional[Path] = typer.Option(None, "--sweep-dir", help="Where the trials' runs go (default: RUNS_DIR/sweep-STUDY)."),
     status: bool = typer.Option(False, "--status", help="Show the study's leaderboard without training."),
     json_out: Optional[str] = JsonOpt,
@@ -40,27 +42,29 @@ def sweep(
         raise FcclassError("fcclass sweep does not run under torchrun: each trial is one process. Run trials in parallel "
                            "with --workers K, or start `fcclass sweep` on several machines with one shared --storage.")
     from fcclass.config.load import load_config
-    from fcclass.experiments.sweep import open_study, plan
+    from fcclass.experiments.sweep import is_rdb, open_study, plan, storage_warnings
     from fcclass.experiments.sweep_run import leaderboard, run, write_best
 
     cli: dict[str, Any] = {"trials": trials, "sampler": sampler, "pruner": pruner, "metric": metric, "seed": seed,
-                           "storage": storage, "study": study, "workers": workers}
+                           "storage": storage, "study": study, "workers": workers, "heartbeat": heartbeat}
     plan_ = plan(load_config(config, set_), param or [], cli, sweep_dir, status=status)
     console = _human_console(json_out)
-    if status:
-        found = open_study(plan_)
-    else:
+    for warning in storage_warnings(plan_) if not status else []:
+        err_console.print(f"[yellow]Warning: {escape(warning)}[/yellow]", highlight=False)
+    found = open_study(plan_)  # before any worker starts: a study that searches something else stops the command here
+    if not status:
         space = ", ".join(f"{p.key} in {p.describe()}" for p in plan_.params)
+        beat = f", heartbeat {plan_.opts.heartbeat} s" if plan_.opts.heartbeat and is_rdb(plan_) else ""
         console.print(f"Sweep '{escape(plan_.name)}': {plan_.opts.trials} trials of {escape(space)}; {plan_.opts.sampler} sampler, "
-                      f"{plan_.opts.pruner} pruner, {plan_.opts.metric}, seed {plan_.opts.seed}, {plan_.opts.workers} worker(s). "
-                      f"Runs in {escape(str(plan_.folder))}", highlight=False)
+                      f"{plan_.opts.pruner} pruner, {plan_.opts.metric}, seed {plan_.opts.seed}, {plan_.opts.workers} worker(s)"
+                      f"{beat}. Runs in {escape(str(plan_.folder))}", highlight=False)
         found = run(plan_, lambda e: console.print(_trial_line(e, plan_), highlight=False))
     board = leaderboard(found, plan_.direction)
     best = write_best(plan_, board) if board else None
     if json_out != "-":
         from fcclass.cli.tables import leaderboard_table
 
-        console.print(leaderboard_table(board, plan_))
+        console.print(leaderboard_table(board, plan_, ranked_by(board, plan_.opts.metric)))
         if best is not None:
             console.print(f"Best config: [bold]{escape(str(best))}[/bold] (reproduce with: fcclass train -c {escape(str(best))})",
                           highlight=False)
@@ -70,9 +74,23 @@ def sweep(
 
 def _trial_line(e: Any, plan_: Any) -> str:
     params = "  ".join(f"{k}={_short(v)}" for k, v in e.params.items())
-    value = f"{plan_.opts.metric} {e.value:.4f}" if e.value is not None else (e.error or "")[:120]
+    value = f"{e.metric or plan_.opts.metric} {e.value:.4f}" if e.value is not None else _clip(e.fail_reason or "", 160)
     took = f"  {e.seconds:.0f}s" if e.seconds is not None else ""
-    return f"trial {e.number}  {escape(params)}  {e.state}  {escape(value)}{took}"
+    retry = f" (retry of {e.retry_of})" if e.retry_of is not None else ""
+    return f"trial {e.number}{retry}  {escape(params)}  {e.state}  {escape(value)}{took}"
+
+
+def ranked_by(board: list[Any], metric: str) -> str:
+    """What the trials' values are: the sweep's metric, or the training metric that stands in for it where a trial
+    had no validation split (all of them: its name; some: both names)."""
+    other = sorted({e.metric for e in board if e.metric} - {metric})
+    if not other:
+        return metric
+    return other[0] if all(e.metric in (None, other[0]) for e in board) else f"{metric} ({other[0]} without a validation split)"
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:width - 3].rstrip() + "..."
 
 
 def _short(v: Any) -> str:

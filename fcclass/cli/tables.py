@@ -193,17 +193,21 @@ def _value(v: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def leaderboard_table(board: list[Any], sweep: Any) -> Table:
-    """A sweep's trials, the best first."""
-    table = Table(title=f"Sweep '{escape(sweep.name)}': {len(board)} of {sweep.opts.trials} trials, by {sweep.opts.metric}",
+def leaderboard_table(board: list[Any], sweep: Any, metric: str | None = None) -> Table:
+    """A sweep's trials, the best first; ``metric``: what their values are (default: the sweep's metric). A Note
+    column gives a failed trial's reason and what a retry runs again."""
+    metric = metric or sweep.opts.metric
+    table = Table(title=f"Sweep '{escape(sweep.name)}': {len(board)} of {sweep.opts.trials} trials, by {escape(metric)}",
                   title_justify="left")
     keys = [p.key for p in sweep.params]
-    for name, justify in [("#", "right"), *((k, "right") for k in keys), (sweep.opts.metric, "right"), ("State", "left"),
-                          ("Epochs", "right"), ("Time", "right"), ("Run", "left")]:
+    notes = [e.fail_reason or (f"retry of trial {e.retry_of}" if e.retry_of is not None else "") for e in board]
+    for name, justify in [("#", "right"), *((k, "right") for k in keys), (metric.split(" ")[0], "right"), ("State", "left"),
+                          ("Epochs", "right"), ("Time", "right"), ("Run", "left"), *([("Note", "left")] if any(notes) else [])]:
         table.add_column(escape(name), justify=justify)  # type: ignore[arg-type]
-    for e in board:
+    for e, note in zip(board, notes, strict=True):
         params = [escape(f"{e.params[k]:.4g}" if isinstance(e.params.get(k), float) else str(e.params.get(k, "-"))) for k in keys]
         style = {"complete": "green", "pruned": "magenta", "fail": "red"}.get(e.state, "cyan")
         table.add_row(str(e.number), *params, f"{e.value:.4f}" if e.value is not None else "-", f"[{style}]{e.state}[/{style}]",
-                      str(e.epochs or "-"), _duration(e.seconds), escape(Path(e.run_dir).name if e.run_dir else "-"))
+                      str(e.epochs or "-"), _duration(e.seconds), escape(Path(e.run_dir).name if e.run_dir else "-"),
+                      *([escape(note)] if any(notes) else []))
     return table

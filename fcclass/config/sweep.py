@@ -102,6 +102,7 @@ class SweepConfig(Strict):
     storage: str | None = None  # an Optuna RDB URL (sqlite:///..., postgresql://...) or a journal file path
     study: str | None = None  # default: the config's name
     workers: int = Field(1, ge=1, le=64)
+    heartbeat: int | None = Field(None, ge=1, le=86_400)  # seconds; None: the study's recorded interval, or 60
 
     @field_validator("params")
     @classmethod

@@ -4,21 +4,19 @@ TPE sampler) and stops the bad ones (median or Hyperband pruner); fcclass turns 
 validates it, and trains it as a normal run in the sweep folder, reporting the metric after every epoch.
 
 Reproducible: trial n's sampler is seeded from (seed, n), so the same command proposes the same trials, also when a
-rerun continues a study. Resumable: a rerun continues to N trials; a trial whose process died (same host, its pid
-gone) is marked failed and its parameters queued again. Parallel: K worker processes share the study, each with
-cores/K threads; several machines share it through --storage. Exactly N trials count: a worker whose trial number
-lands past N marks that trial surplus without training it."""
+rerun continues a study. This module plans the sweep and makes its Optuna pieces (storage, samplers, pruner, study);
+fcclass.sweep_run runs its workers (Optuna's optimize loop, with a heartbeat on RDB storages)."""
 
 from __future__ import annotations
 
 import copy
 import math
-import os
-import socket
+import re
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -27,7 +25,7 @@ from fcclass.config.sections import Config
 from fcclass.config.sweep import Param, SweepConfig, parse_param
 from fcclass.data.loaders import epoch_seed
 from fcclass.errors import ConfigError, FcclassError
-from fcclass.training.callbacks import Callback
+from fcclass.training.callbacks import Callback, monitor_value
 
 
 @dataclass
@@ -105,16 +103,34 @@ def trial_config(base: dict[str, Any], values: dict[str, Any], name: str, folder
 
 
 # ----------------------------------------------------------------------------- Optuna pieces
-def storage(sweep: Sweep) -> Any:
+HEARTBEAT = 60  # seconds between a running trial's heartbeats by default; Optuna fails it after twice that without one
+MAX_RETRIES = 2  # a trial whose worker is lost that often (killed for lack of memory each time?) fails for good
+NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "fuse.sshfs", "9p", "ceph", "fuse.ceph-fuse",
+                                 "glusterfs", "fuse.glusterfs", "lustre", "gpfs", "beegfs", "afs", "ocfs2", "gfs2"})
+
+
+def storage_url(sweep: Sweep) -> str:
+    """The study's storage as given: an RDB URL or a journal file path (default: sqlite:///SWEEP_DIR/study.db)."""
+    return sweep.opts.storage or f"sqlite:///{sweep.folder / 'study.db'}"
+
+
+def is_rdb(sweep: Sweep) -> bool:
+    return "://" in storage_url(sweep)
+
+
+def storage(sweep: Sweep, worker: bool = False) -> Any:
+    """The study's storage. ``worker``: for a process that runs trials, on an RDB storage: each running trial sends a
+    heartbeat every sweep.opts.heartbeat seconds, and before each new trial Optuna fails the running trials silent for
+    twice that (its default grace period: their worker was lost, on any machine) and queues their parameters again
+    (RetryHeartbeatStaleTrialCallback). Optuna's journal storage has no heartbeat."""
     import optuna
 
-    url = sweep.opts.storage
-    if url is None:
+    url = storage_url(sweep)
+    if sweep.opts.storage is None:
         sweep.folder.mkdir(parents=True, exist_ok=True)
-        url = f"sqlite:///{sweep.folder / 'study.db'}"
     try:
         if "://" in url:
-            return _rdb(url)
+            return _rdb(url, sweep.opts.heartbeat if worker else None)
         from optuna.storages.journal import JournalFileBackend
 
         Path(url).parent.mkdir(parents=True, exist_ok=True)
@@ -124,19 +140,66 @@ def storage(sweep: Sweep) -> Any:
                            "(sqlite:///path.db, postgresql://user@host/db) or a journal file path.") from None
 
 
-def _rdb(url: str) -> Any:
+def _rdb(url: str, heartbeat: int | None) -> Any:
     """An RDB storage. Workers started together race to create its tables; the losers find them made and retry."""
     import optuna
 
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
-    for attempt in range(5):
-        try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
-        except Exception:  # noqa: BLE001 - sqlalchemy's IntegrityError/OperationalError of the race; the last one is reported
-            if attempt == 4:
-                raise
-            time.sleep(0.5 + attempt)
+    with warnings.catch_warnings():  # the heartbeat and its retry callback are 'experimental' in Optuna
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        beat: dict[str, Any] = {}
+        if heartbeat:  # grace_period None: Optuna's default, twice the interval
+            beat = {"heartbeat_interval": heartbeat, "grace_period": None,
+                    "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(MAX_RETRIES)}
+        for attempt in range(5):
+            try:
+                return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, **beat)
+            except Exception:  # noqa: BLE001 - sqlalchemy's IntegrityError/OperationalError of the race; the last one is reported
+                if attempt == 4:
+                    raise
+                time.sleep(0.5 + attempt)
     raise AssertionError  # pragma: no cover
+
+
+def network_filesystem(folder: Path, mounts: str) -> str | None:
+    """The type of the network filesystem that ``folder`` (absolute, symlinks resolved) lies on, read from the text
+    of /proc/mounts: the deepest mount point above it, the last one mounted there; None for a local filesystem."""
+    point: Path | None = None
+    kind = None
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        mount = Path(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1]))  # \040 is a space
+        if (mount == folder or mount in folder.parents) and (point is None or len(mount.parts) >= len(point.parts)):
+            point, kind = mount, fields[2]
+    return kind if kind in NETWORK_FILESYSTEMS else None
+
+
+def read_mounts() -> str:
+    """The text of /proc/mounts ("" where there is none: not Linux)."""
+    try:
+        return Path("/proc/mounts").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def storage_warnings(sweep: Sweep) -> list[str]:
+    """What to warn about the storage: a SQLite file on a network filesystem, --heartbeat with a journal file."""
+    notes = []
+    db = storage_url(sweep).removeprefix("sqlite:///").split("?")[0] if storage_url(sweep).startswith("sqlite:///") else ""
+    if db not in ("", ":memory:"):
+        kind = network_filesystem(Path(db).absolute().parent.resolve(), read_mounts())
+        if kind is not None:
+            notes.append(f"The sweep's SQLite file {db} is on a network filesystem ({kind}), where SQLite's locking is "
+                         "unreliable: workers on several machines can corrupt the study. Across machines use a journal file "
+                         "on the shared disk (--storage /shared/study.log) or an RDB server (--storage "
+                         "postgresql://user@host/db); on one machine, a SQLite file on a local disk.")
+    if sweep.opts.heartbeat is not None and not is_rdb(sweep):
+        notes.append("--heartbeat has no effect on a journal storage (Optuna's has no heartbeat): a trial whose worker is "
+                     "lost stays 'running' and is not run again. An RDB storage (sqlite:///... on one machine, "
+                     "postgresql://... across machines) retries it.")
+    return notes
 
 
 def sampler(sweep: Sweep, number: int) -> Any:
@@ -152,6 +215,39 @@ def sampler(sweep: Sweep, number: int) -> Any:
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, sweep.opts.trials // 4)), constant_liar=True)
 
 
+def seeded_sampler(sweep: Sweep) -> Any:
+    """The sampler of a worker's optimize loop: it hands each trial to sampler(sweep, the trial's number), made afresh,
+    so trial n's proposals depend on (seed, n) only: not on the worker that runs it, nor on what ran before in this
+    process (a rerun that continues a study proposes what an uninterrupted one would). The storage hands each number
+    out once, so two workers asking at the same moment never share a seed."""
+    from optuna.samplers import BaseSampler
+
+    class Seeded(BaseSampler):
+        number, current = -1, None
+
+        def _for(self, trial: Any) -> Any:
+            if trial.number != self.number:
+                self.number, self.current = trial.number, sampler(sweep, trial.number)
+            return self.current
+
+        def infer_relative_search_space(self, study: Any, trial: Any) -> Any:
+            return self._for(trial).infer_relative_search_space(study, trial)
+
+        def sample_relative(self, study: Any, trial: Any, search_space: Any) -> Any:
+            return self._for(trial).sample_relative(study, trial, search_space)
+
+        def sample_independent(self, study: Any, trial: Any, name: str, distribution: Any) -> Any:
+            return self._for(trial).sample_independent(study, trial, name, distribution)
+
+        def before_trial(self, study: Any, trial: Any) -> None:
+            self._for(trial).before_trial(study, trial)
+
+        def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
+            self._for(trial).after_trial(study, trial, state, values)  # the grid sampler's study.stop() at the grid's end
+
+    return Seeded()
+
+
 def pruner(sweep: Sweep) -> Any:
     import optuna
 
@@ -163,6 +259,8 @@ def pruner(sweep: Sweep) -> Any:
 
 
 def open_study(sweep: Sweep) -> Any:
+    """The study, created or continued; checks that it searches what this command searches, and settles the heartbeat
+    interval all its workers use (sweep.opts.heartbeat: None on a journal storage)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -180,7 +278,32 @@ def open_study(sweep: Sweep) -> Any:
         raise FcclassError(f"The study '{sweep.name}' in this storage searched {recorded} for {study.user_attrs.get('metric')}; "
                            f"this command searches {space} for {sweep.opts.metric}. Name a new study with --study NAME "
                            "(or another --sweep-dir) to search something else.")
+    if is_rdb(sweep):
+        _agree_heartbeat(sweep, study)
     return study
+
+
+def _agree_heartbeat(sweep: Sweep, study: Any) -> None:
+    """All workers of a study beat at one interval (a worker that judged with a shorter grace period would fail the
+    live trials of slower-beating ones): the first command records it, the others take it or must give the same."""
+    recorded, wanted = study.user_attrs.get("heartbeat"), sweep.opts.heartbeat
+    if recorded is None:
+        recorded = wanted or HEARTBEAT
+        study.set_user_attr("heartbeat", recorded)
+    elif wanted is not None and wanted != recorded:
+        raise FcclassError(f"The study '{sweep.name}' runs with --heartbeat {recorded}: all its workers must beat at the same "
+                           f"interval (a worker judging by {wanted} s would fail the others' live trials, or miss lost ones "
+                           f"late). Leave --heartbeat out, or give {recorded}.")
+    sweep.opts = sweep.opts.model_copy(update={"heartbeat": recorded})
+
+
+def worker_study(sweep: Sweep) -> Any:
+    """The study as a worker runs trials of it: the heartbeat storage, the per-trial seeded sampler, the pruner."""
+    import optuna
+
+    open_study(sweep)  # checks and records the space, metric, N and heartbeat
+    return optuna.load_study(study_name=sweep.name, storage=storage(sweep, worker=True), sampler=seeded_sampler(sweep),
+                             pruner=pruner(sweep))
 
 
 def _recorded_study(sweep: Sweep) -> Any:
@@ -202,46 +325,13 @@ def _recorded_study(sweep: Sweep) -> Any:
 
 
 def suggest(trial: Any, p: Param) -> Any:
+    """The trial's value of ``p``: proposed by the sampler, or the one it already has (a retried trial keeps the
+    parameters of the trial it runs again: Optuna hands back a parameter the trial already holds)."""
     if p.kind == "choice":
         return trial.suggest_categorical(p.key, list(p.choices))
     if p.kind == "int":
         return trial.suggest_int(p.key, int(p.low), int(p.high))
     return trial.suggest_float(p.key, p.low, p.high, log=p.kind == "loguniform")
-
-
-# ----------------------------------------------------------------------------- which trials count
-def counts(trial: Any) -> bool:
-    """A trial that counts toward N: not surplus, not replaced by a retry, and asked already."""
-    from optuna.trial import TrialState
-
-    attrs = trial.user_attrs
-    return trial.state != TrialState.WAITING and not attrs.get("surplus") and not attrs.get("retried")
-
-
-def recover_dead(study: Any) -> int:
-    """Trials left running by a process of this host that no longer exists: marked failed and queued again."""
-    from optuna.trial import TrialState
-
-    host, recovered = socket.gethostname(), 0
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        pid = t.user_attrs.get("pid")
-        if t.user_attrs.get("host") != host or pid is None or _alive(int(pid)):
-            continue
-        study._storage.set_trial_user_attr(t._trial_id, "retried", True)
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
-        recovered += 1
-    return recovered
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class ReportEpochs(Callback):
@@ -252,67 +342,13 @@ class ReportEpochs(Callback):
 
     def on_fit_start(self, trainer: Any) -> None:
         self.trial.set_user_attr("run_dir", str(trainer.run_dir))
+        self.trial.set_user_attr("metric", trainer.monitor_name(self.metric))  # train_* without a validation split
 
     def on_epoch_end(self, trainer: Any, row: dict[str, Any], is_best: bool) -> None:
-        value = row.get(self.metric, row.get(self.metric.replace("val_", "train_")))
+        self.trial.set_user_attr("epochs", row["epoch"])
+        value = monitor_value(row, self.metric)
         if value is None:
             return
         self.trial.report(float(value), row["epoch"])
         if row["epoch"] < trainer.cfg.train.epochs and self.trial.should_prune():  # at the last epoch, nothing is saved
             trainer.stopped_by = "pruned"
-
-
-# ----------------------------------------------------------------------------- the worker loop
-def work(sweep: Sweep, threads: int | None, on_trial: Callable[[Any], None] | None = None) -> None:
-    """Run trials of the study until N count, in this process."""
-    from optuna.trial import TrialState
-
-    study = open_study(sweep)
-    recover_dead(study)
-    while True:
-        if sum(counts(t) for t in study.get_trials(deepcopy=False)) >= sweep.opts.trials:
-            return
-        study.sampler = sampler(sweep, len(study.get_trials(deepcopy=False)))
-        trial = study.ask()
-        study.sampler = sampler(sweep, trial.number)  # the suggestions below: seeded by the trial's own number, which
-        # the storage hands out once, so two workers asking at the same moment never share a seed
-        trial.set_user_attr("host", socket.gethostname())
-        trial.set_user_attr("pid", os.getpid())
-        ahead = sum(counts(t) for t in study.get_trials(deepcopy=False) if t.number < trial.number)
-        if ahead >= sweep.opts.trials:  # another worker took the last place first
-            trial.set_user_attr("surplus", True)
-            study.tell(trial, state=TrialState.FAIL)
-            return
-        values = {p.key: suggest(trial, p) for p in sweep.params}
-        state, value = _train(sweep, trial, values, threads)
-        try:
-            study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
-        except RuntimeError as e:  # the grid sampler calls study.stop() when the grid is done, which only works inside
-            if "Study.stop" not in str(e):  # study.optimize; the trial's state is stored before that (optuna's tell)
-                raise
-        if on_trial is not None:
-            on_trial(study.trials[trial.number])
-
-
-def _train(sweep: Sweep, trial: Any, values: dict[str, Any], threads: int | None) -> tuple[Any, float | None]:
-    from optuna.trial import TrialState
-
-    from fcclass.training.fit import fit
-
-    started = time.monotonic()
-    try:
-        cfg = trial_config(sweep.base, values, f"trial-{trial.number:04d}", sweep.folder, threads)
-        result = fit(cfg, callbacks=[ReportEpochs(trial, sweep.opts.metric)])
-    except FcclassError as e:
-        trial.set_user_attr("error", str(e)[:500])
-        return TrialState.FAIL, None
-    finally:
-        trial.set_user_attr("seconds", round(time.monotonic() - started, 1))
-    if result.interrupted:
-        raise KeyboardInterrupt
-    best = result.best or {}
-    value = best.get(sweep.opts.metric, best.get(sweep.opts.metric.replace("val_", "train_")))
-    trial.set_user_attr("epochs", len(result.history))
-    if result.stopped_by == "pruned":
-        return TrialState.PRUNED, None
-    return (TrialState.COMPLETE, float(value)) if value is not None else (TrialState.FAIL, None)

@@ -31,7 +31,7 @@ from fcclass.memory import check_training
 from fcclass.model.network import Network, build_model
 from fcclass.runs.checkpoint import Checkpoint
 from fcclass.training.builtin import builtin_callbacks
-from fcclass.training.callbacks import BatchEnd, Callback
+from fcclass.training.callbacks import BatchEnd, Callback, monitored
 from fcclass.training.distributed import (
     SYNC_BATCHNORM_NEEDS_CUDA,
     PeerFailed,
@@ -138,7 +138,7 @@ class Trainer:
 
     def monitor_name(self, name: str) -> str:
         """The metric actually monitored: without a validation split, train_* stands in for val_*."""
-        return name if self.val_loader is not None else name.replace("val_", "train_")
+        return monitored(name, self.val_loader is not None)
 
     # ------------------------------------------------------------------------- the loop
     def fit(self) -> TrainResult:

@@ -1,0 +1,117 @@
+"""`fcclass sweep`'s storage: a worker lost on another machine (heartbeat and retry), the heartbeat all workers
+share, the warning for a SQLite file on a network filesystem."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, needs_fashion
+from test_sweep import TINY, sweep
+from typer.testing import CliRunner
+
+from fcclass.cli import app
+
+pytest.importorskip("optuna")
+runner = CliRunner(env={"COLUMNS": "250"})
+
+
+def _running_trial(url: str) -> object | None:
+    """The study's trial that is training (running, its run folder made), if it has one yet."""
+    import optuna
+
+    try:
+        trials = optuna.load_study(study_name="fashion-cnn", storage=url).get_trials(deepcopy=False)
+    except Exception:  # noqa: BLE001 - the worker has not created the study (or its tables) yet
+        return None
+    return next((t for t in trials if t.state.name == "RUNNING" and t.user_attrs.get("run_dir")), None)
+
+
+@pytest.mark.skipif(not (hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("unshare")),
+                    reason="a host of its own (a UTS namespace) needs root and unshare")
+@needs_fashion
+def test_a_worker_killed_on_another_host_has_its_trial_failed_by_heartbeat_and_run_again(tmp_path: Path) -> None:
+    import optuna
+
+    folder = tmp_path / "sw"
+    url = f"sqlite:///{folder / 'study.db'}"
+    spec = ["-p", "optimizer.lr=0.001,0.002", "--sampler", "grid", "--pruner", "none", "-n", "2", "--sweep-dir", str(folder)]
+    # The lost worker: a host name of its own, a 1 s heartbeat, and trials long enough to be killed in the middle of one.
+    cmd = [sys.executable, "-m", "fcclass", "sweep", *TINY, "--set", "train.epochs=200", "--set", "train.threads=1",
+           "--set", f"train.runs_dir={tmp_path / 'runs'}", "--heartbeat", "1", *spec]
+    lost = subprocess.Popen(["unshare", "--uts", "sh", "-c", 'hostname other-host && exec "$@"', "sh", *cmd], cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while (trial := _running_trial(url)) is None:
+            assert lost.poll() is None, lost.stderr.read() if lost.stderr else ""
+            assert time.monotonic() < deadline, "the worker never started training"
+            time.sleep(0.2)
+        assert trial.user_attrs["host"] == "other-host"
+    finally:
+        lost.kill()
+        lost.wait()
+    out = sweep(tmp_path, *spec)  # a worker here, with the study's heartbeat (1 s): it fails the lost trial and runs it again
+    trials = optuna.load_study(study_name="fashion-cnn", storage=url).trials
+    assert trials[trial.number].state.name == "FAIL"
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == trial.number]
+    assert len(retry) == 1 and retry[0].params == trial.params and retry[0].user_attrs["host"] != "other-host"
+    assert sum(t.state.name == "COMPLETE" for t in trials) == 2  # exactly N complete trials
+    assert sorted(t["params"]["optimizer.lr"] for t in out["trials"]) == [0.001, 0.002]  # the grid, each point once
+    assert all(t["state"] == "complete" for t in out["trials"]) and [t["retry_of"] for t in out["trials"]].count(trial.number) == 1
+
+
+def test_the_heartbeat_is_the_studys_all_its_workers_beat_alike(tmp_path: Path) -> None:
+    from fcclass.config.load import load_config
+    from fcclass.errors import FcclassError
+    from fcclass.experiments.sweep import open_study, plan
+
+    def opened(heartbeat: int | None, storage: str | None = None) -> object:
+        made = plan(load_config(None, TINY[1::2]), ["optimizer.lr=0.1,0.01"], {"heartbeat": heartbeat, "storage": storage}, tmp_path)
+        open_study(made)
+        return made.opts.heartbeat
+
+    assert opened(None) == 60  # the default, recorded by the study
+    assert opened(None) == 60 and opened(60) == 60
+    with pytest.raises(FcclassError, match="runs with --heartbeat 60"):
+        opened(5)
+    assert opened(None, str(tmp_path / "journal.log")) is None  # a journal storage: no heartbeat
+
+
+def test_network_filesystems_are_found_from_the_mount_table() -> None:
+    from fcclass.experiments.sweep import network_filesystem
+
+    mounts = "\n".join(["/dev/sda1 / ext4 rw 0 0", "server:/export /mnt/shared nfs4 rw,relatime 0 0",
+                        "/dev/sdb1 /mnt/shared/local xfs rw 0 0", "//nas/team /mnt/our\\040team cifs rw 0 0",
+                        "tmpfs /mnt/over tmpfs rw 0 0", "host:/x /mnt/over fuse.sshfs rw 0 0", "bad line"])
+    assert network_filesystem(Path("/mnt/shared"), mounts) == "nfs4"
+    assert network_filesystem(Path("/mnt/shared/sweeps/a"), mounts) == "nfs4"
+    assert network_filesystem(Path("/mnt/shared/local/sweeps"), mounts) is None  # a local disk mounted inside it
+    assert network_filesystem(Path("/mnt/our team/sweeps"), mounts) == "cifs"  # \040: a space in the mount point
+    assert network_filesystem(Path("/mnt/over/x"), mounts) == "fuse.sshfs"  # the last mount on a point hides the first
+    assert network_filesystem(Path("/mnt/sharedness"), mounts) is None and network_filesystem(Path("/home/me"), mounts) is None
+
+
+def test_a_sqlite_study_on_a_network_filesystem_is_warned_about(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import optuna
+
+    from fcclass.experiments import sweep as sweep_module
+
+    monkeypatch.setattr(sweep_module, "read_mounts", lambda: f"/dev/sda1 / ext4 rw 0 0\nserver:/home {tmp_path} nfs rw 0 0\n")
+    folder = tmp_path / "sw"
+    folder.mkdir()
+    study = optuna.create_study(storage=f"sqlite:///{folder / 'study.db'}", study_name="fashion-cnn")
+    study.set_user_attr("space", {"optimizer.lr": "0.5"})  # another search: the command stops before training anything
+    res = runner.invoke(app, ["sweep", *TINY, "-p", "optimizer.lr=0.1,0.01", "--sweep-dir", str(folder), "--json", "-"])
+    assert res.exit_code == 1 and "searched {'optimizer.lr': '0.5'}" in res.stderr
+    warning = " ".join(res.stderr.split())
+    assert f"Warning: The sweep's SQLite file {folder / 'study.db'} is on a network filesystem (nfs)" in warning
+    assert "--storage /shared/study.log" in warning and "postgresql://" in warning and res.stdout == ""
+    monkeypatch.setattr(sweep_module, "read_mounts", lambda: "/dev/sda1 / ext4 rw 0 0\n")
+    res = runner.invoke(app, ["sweep", *TINY, "-p", "optimizer.lr=0.1,0.01", "--sweep-dir", str(folder)])
+    assert res.exit_code == 1 and "Warning" not in res.output
