@@ -42,13 +42,14 @@ class Entry:
     retry_of: int | None  # the trial it runs again, with the same parameters
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        # "error": the key --json gave the reason under before fail_reason; kept so that scripts reading it still work
+        return dict(self.__dict__) | {"error": self.fail_reason}
 
 
 def entry(t: Any) -> Entry:
     a = t.user_attrs
     state = t.state.name.lower()
-    reason = a.get("fail_reason") or ("its worker stopped without finishing it (killed, or its machine lost)"
+    reason = a.get("fail_reason") or a.get("error") or ("its worker stopped without finishing it (killed, or its machine lost)"
                                       if state == "fail" else None)
     return Entry(t.number, state, t.value, dict(t.params), a.get("epochs"), a.get("seconds"), a.get("run_dir"), reason,
                  a.get("metric"), t.system_attrs.get("failed_trial"))
