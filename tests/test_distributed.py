@@ -38,16 +38,6 @@ train: {{epochs: {epochs}, threads: 1, precision: fp32, test_at_end: false, runs
 """
 
 
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    """The in-process reference runs set train.threads=1, which torch keeps for the whole test process."""
-    import torch
-
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def _config(tmp_path: Path, n: int = 2000, epochs: int = 2, extra: str = "") -> Path:
     path = tmp_path / "plain.yaml"
     path.write_text(PLAIN.format(root=DATA_ROOT, n=n, epochs=epochs, extra=extra))

@@ -213,6 +213,20 @@ def test_trains_on_cuda_with_bf16(tmp_path: Path) -> None:  # pragma: no cover -
 
 
 @needs_fashion
+def test_fit_leaves_the_callers_thread_count_and_matplotlib_backend_as_it_found_them(tmp_path: Path) -> None:
+    """A library user's process is theirs: train.threads applies while fit() trains, and drawing curves.png does not
+    switch matplotlib's backend (it used to set Agg for the whole process)."""
+    import matplotlib
+
+    matplotlib.use("svg")
+    threads = torch.get_num_threads()
+    wanted = 1 if threads != 1 else 2
+    result = fit(small_config(tmp_path, **{"data.limit_train": 300, "train.epochs": 1, "train.threads": wanted}))
+    assert (result.run_dir / "curves.png").is_file()
+    assert torch.get_num_threads() == threads and matplotlib.get_backend() == "svg"
+
+
+@needs_fashion
 def test_same_seed_gives_the_same_metrics(tmp_path: Path) -> None:
     over = {"train.epochs": 2, "data.limit_train": 800, "data.augment.random_crop_padding": 2}
     a = fit(small_config(tmp_path / "a", **over)).history
