@@ -32,6 +32,7 @@ from fcclass.data import data_root as data_location
 from fcclass.errors import FcclassError
 from fcclass.files import RunWriteError, atomic_write_text, os_error_reason, write_json
 from fcclass.inference.load import Inference, load_for_inference
+from fcclass.inference.metrics import Score, score
 from fcclass.inference.onnx import INT8_MODEL, OnnxNet
 from fcclass.model.network import Network
 from fcclass.runs.checkpoint import BEST, Checkpoint, create_run_dir
@@ -370,8 +371,8 @@ def _row(model: str, runtime: str, path: Path, counts: tuple[int, int]) -> Row:
 
 
 def _accuracy(predict: Predict, batches: list[tuple[np.ndarray, np.ndarray]]) -> float:
-    correct = sum(int((predict(x).argmax(1) == y).sum()) for x, y in batches)
-    return round(correct / max(1, sum(len(y) for _, y in batches)), 6)
+    total = sum((score(torch.from_numpy(predict(x)).clamp_min(1e-30).log(), torch.from_numpy(y)) for x, y in batches), Score())  # log: OnnxNet's logits
+    return round(total.accuracy, 6) if total.images else 0.0
 
 
 def latencies(predicts: Sequence[Predict], pixels: np.ndarray, rounds: int = 3) -> list[tuple[float, float]]:
