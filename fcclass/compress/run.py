@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from fcclass.compress.pruning import check_fraction, nonzero_parameters, prune_units, prune_weights
-from fcclass.compress.quantize import quantize_int8
+from fcclass.compress.quantize import calibration_notes, quantize_int8
 from fcclass.config.load import config_from_dict
 from fcclass.config.sections import Config
 from fcclass.data import Dataset, SplitRecord, make_loader
@@ -139,8 +139,7 @@ def compress(run: str | Path | None, options: Options, *, out: str | Path | None
     if not options.quantize and options.calibration != Options.calibration and not options.structured:
         result.notes.append("--calibration is used by --quantize int8 and --structured only; it was ignored.")
     sample = training_sample(ds, options.calibration, src.config.seed)
-    if len(sample) < options.calibration and (options.quantize or options.structured):
-        result.notes.append(f"The training split has {len(sample):,} images, so all of them calibrate (not {options.calibration:,}).")
+    result.notes += calibration_notes(len(sample), options.calibration, options.structured, bool(options.quantize))
     cfg, model = _pruned(src, options, result, sample)
     target = _new_run_dir(out, src)
     result.run_dir = str(target)
