@@ -175,8 +175,8 @@ def _summarize(target: Path, src: Inference, small: Inference, result: CompressR
                                      "best": None, "last": None, "git": None,  # the original's validation figures are not this model's
                                      "command": " ".join(["fcclass", *sys.argv[1:]])[:500]}
     last = result.rows[-1]
-    params = sum(p.numel() for p in small.model.parameters())  # torch's count, as for other runs: BatchNorm statistics aside
-    data.update(name=f"{src.config.name}-compressed", run_dir=str(target.absolute()), params=params,
+    counts = small.model.summary()  # Keras's counts, as fcclass summary and the table show them (BatchNorm statistics included)
+    data.update(name=f"{src.config.name}-compressed", run_dir=str(target.absolute()), params=counts.total_params, trainable_params=counts.trainable_params,
                 test={"accuracy": last.test_accuracy, "images": result.test_images, "model": last.model, "runtime": last.runtime},
                 compressed={"from": result.source, "change": result.change()})
     write_json(target / SUMMARY, data)
