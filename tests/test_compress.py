@@ -92,7 +92,7 @@ def test_compress_structured_writes_a_run_of_the_smaller_model(trained_run: Path
     assert json.loads((out / "compress.json").read_text())["rows"] == data["rows"]
     record = json.loads((out / "summary.json").read_text())  # what `fcclass runs` lists
     assert record["state"] == "finished" and record["compressed"]["from"] == str(trained_run)
-    assert record["test"]["accuracy"] == pruned["test_accuracy"] and record["params"] == summary["trainable_params"]
+    assert record["test"]["accuracy"] == pruned["test_accuracy"] and record["params"] == summary["total_params"]
 
 
 def test_unstructured_pruning_keeps_its_zeros_through_fine_tuning(trained_run: Path, tmp_path: Path) -> None:

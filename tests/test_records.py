@@ -50,7 +50,7 @@ def test_a_run_records_everything_in_summary_json(tmp_path: Path, monkeypatch: p
                              "fcclass": __version__}
     assert s["host"] and s["device"] == "cpu" and s["threads"] == torch.get_num_threads()
     assert s["started"] <= s["ended"] and s["wall_seconds"] > 0
-    assert s["params"] == 615_690  # the default model, as `fcclass summary` counts it (less BatchNorm's 96 statistics)
+    assert s["params"] == 615_786  # the default model, as `fcclass summary` counts it (BatchNorm's 96 statistics included)
     assert s["epochs"] == {"planned": 2, "done": 2} and s["best"]["epoch"] == result.best_epoch
     # the test figures are those `fcclass eval` gives for the same checkpoint and split
     ev = runner.invoke(app, ["eval", str(result.run_dir), "--json", "-", "--no-save"])
@@ -116,7 +116,7 @@ def test_runs_lists_sorts_filters_and_compares(tmp_path: Path, trained_run: Path
     (runs / "not-a-run").mkdir()
     res = runner.invoke(app, ["runs", "--runs-dir", str(runs)])
     assert res.exit_code == 0, res.output
-    assert f"Runs in {runs}: 3" in res.output and a.name in res.output and "615,690" in res.output and "finished" in res.output
+    assert f"Runs in {runs}: 3" in res.output and a.name in res.output and "615,786" in res.output and "finished" in res.output
     rows = json.loads(runner.invoke(app, ["runs", "--runs-dir", str(runs), "--json", "-", "--sort", "val_accuracy", "--desc"]).stdout)
     assert [r["val_accuracy"] for r in rows] == sorted((r["val_accuracy"] for r in rows), reverse=True)
     assert {r["name"]: r["epochs_done"] for r in rows} == {a.name: 2, b.name: 3, legacy.name: 3}

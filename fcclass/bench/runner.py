@@ -308,6 +308,7 @@ def time_to_accuracy(model_name: str, targets: list[float], data_root: str = "da
     from fcclass.data import load_dataset, make_loader
     from fcclass.device import select_device
     from fcclass.inference.load import run_model
+    from fcclass.inference.metrics import score
 
     sets = [f"train.device={device}", *(overrides or [])]
     cfg = _config(model_name, data_root, sets)
@@ -320,7 +321,7 @@ def time_to_accuracy(model_name: str, targets: list[float], data_root: str = "da
     class TestAfterEpoch(Callback):
         def on_epoch_end(self, trainer: Any, row: dict[str, Any], is_best: bool) -> None:
             logits, labels = run_model(trainer.model, loader, trainer.eval_prep, trainer.device, None)  # fp32, as fcclass eval
-            acc = float((logits.argmax(1) == labels).float().mean())
+            acc = score(logits, labels).accuracy
             seconds = sum(e["seconds"] for e in clock.epochs)
             epochs.append({"epoch": row["epoch"], "test_accuracy": acc, "train_seconds_cumulative": seconds})
             for t in targets:

@@ -27,6 +27,18 @@ def calibrated(images: int) -> int:
     return images // size * size if size else 0
 
 
+def calibration_notes(images: int, asked: int, structured: bool, quantize: bool) -> list[str]:
+    """What a training split of fewer than ``asked`` (--calibration) images means: every one of them ranks units for
+    --structured, and ``calibrated(images)`` of them, as the int8 model's record says, calibrate --quantize int8."""
+    if images >= asked or not (structured or quantize):
+        return []
+    used = calibrated(images)
+    uses = [*(["all of them rank the units to prune"] if structured else []),
+            *([("all of them" if used == images else f"{used:,} of them (whole batches of 64)") + " calibrate the int8 ranges"]
+              if quantize else [])]
+    return [f"The training split has {images:,} images, fewer than --calibration {asked:,}: {' and '.join(uses)}."]
+
+
 class _Calibration:
     """onnxruntime.quantization's CalibrationDataReader: the calibration images in batches of 64 (all of one size:
     the histogram calibrators stack them; a ragged remainder is left out)."""

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from fcclass.compress.pruning import check_fraction, nonzero_parameters, prune_units, prune_weights
-from fcclass.compress.quantize import quantize_int8
+from fcclass.compress.quantize import calibration_notes, quantize_int8
 from fcclass.config.load import config_from_dict
 from fcclass.config.sections import Config
 from fcclass.data import Dataset, SplitRecord, make_loader
@@ -32,6 +32,7 @@ from fcclass.data import data_root as data_location
 from fcclass.errors import FcclassError
 from fcclass.files import RunWriteError, atomic_write_text, os_error_reason, write_json
 from fcclass.inference.load import Inference, load_for_inference
+from fcclass.inference.metrics import Score, score
 from fcclass.inference.onnx import INT8_MODEL, OnnxNet
 from fcclass.model.network import Network
 from fcclass.runs.checkpoint import BEST, Checkpoint, create_run_dir
@@ -138,8 +139,7 @@ def compress(run: str | Path | None, options: Options, *, out: str | Path | None
     if not options.quantize and options.calibration != Options.calibration and not options.structured:
         result.notes.append("--calibration is used by --quantize int8 and --structured only; it was ignored.")
     sample = training_sample(ds, options.calibration, src.config.seed)
-    if len(sample) < options.calibration and (options.quantize or options.structured):
-        result.notes.append(f"The training split has {len(sample):,} images, so all of them calibrate (not {options.calibration:,}).")
+    result.notes += calibration_notes(len(sample), options.calibration, options.structured, bool(options.quantize))
     cfg, model = _pruned(src, options, result, sample)
     target = _new_run_dir(out, src)
     result.run_dir = str(target)
@@ -175,8 +175,8 @@ def _summarize(target: Path, src: Inference, small: Inference, result: CompressR
                                      "best": None, "last": None, "git": None,  # the original's validation figures are not this model's
                                      "command": " ".join(["fcclass", *sys.argv[1:]])[:500]}
     last = result.rows[-1]
-    params = sum(p.numel() for p in small.model.parameters())  # torch's count, as for other runs: BatchNorm statistics aside
-    data.update(name=f"{src.config.name}-compressed", run_dir=str(target.absolute()), params=params,
+    counts = small.model.summary()  # Keras's counts, as fcclass summary and the table show them (BatchNorm statistics included)
+    data.update(name=f"{src.config.name}-compressed", run_dir=str(target.absolute()), params=counts.total_params, trainable_params=counts.trainable_params,
                 test={"accuracy": last.test_accuracy, "images": result.test_images, "model": last.model, "runtime": last.runtime},
                 compressed={"from": result.source, "change": result.change()})
     write_json(target / SUMMARY, data)
@@ -370,8 +370,8 @@ def _row(model: str, runtime: str, path: Path, counts: tuple[int, int]) -> Row:
 
 
 def _accuracy(predict: Predict, batches: list[tuple[np.ndarray, np.ndarray]]) -> float:
-    correct = sum(int((predict(x).argmax(1) == y).sum()) for x, y in batches)
-    return round(correct / max(1, sum(len(y) for _, y in batches)), 6)
+    total = sum((score(torch.from_numpy(predict(x)).clamp_min(1e-30).log(), torch.from_numpy(y)) for x, y in batches), Score())  # log: OnnxNet's logits
+    return round(total.accuracy, 6) if total.images else 0.0
 
 
 def latencies(predicts: Sequence[Predict], pixels: np.ndarray, rounds: int = 3) -> list[tuple[float, float]]:

@@ -15,6 +15,7 @@ import yaml
 from pydantic import Field, field_validator
 
 from fcclass.config.schema import Strict
+from fcclass.config.yaml_load import parse_yaml
 from fcclass.errors import ConfigError
 
 SAMPLERS = ("grid", "random", "tpe")
@@ -85,8 +86,8 @@ def _number(text: str, where: str) -> float:
 
 def _value(text: str, where: str) -> Any:
     try:
-        return yaml.safe_load(text.strip())
-    except yaml.YAMLError:
+        return parse_yaml(text.strip(), where)
+    except ConfigError:
         raise ConfigError(f"{where}: '{text.strip()}' is not a valid YAML value.") from None
 
 

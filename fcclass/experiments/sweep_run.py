@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import yaml
 
+from fcclass.config.yaml_load import parse_yaml
 from fcclass.errors import FcclassError
 from fcclass.experiments.sweep import ReportEpochs, Sweep, is_rdb, open_study, suggest, trial_config, worker_study
 from fcclass.training.callbacks import monitor_value
@@ -260,7 +261,7 @@ def write_best(sweep: Sweep, board: list[Entry]) -> Path | None:
     best = next((e for e in board if e.state == "complete" and e.run_dir), None)
     if best is None:
         return None
-    raw = yaml.safe_load((Path(best.run_dir) / "config.yaml").read_text(encoding="utf-8"))
+    raw = parse_yaml((Path(best.run_dir) / "config.yaml").read_text(encoding="utf-8"), str(Path(best.run_dir) / "config.yaml"))
     raw["name"] = f"{sweep.base['name']}-best"
     raw["train"]["runs_dir"] = sweep.base["train"]["runs_dir"]
     raw.pop("sweep", None)

@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from fcclass.data import make_loader
 from fcclass.errors import FcclassError
 from fcclass.inference.load import load_for_inference
+from fcclass.inference.metrics import predicted, score
 
 
 @dataclass
@@ -74,7 +74,8 @@ def _r(x: Any) -> float:
 
 
 def compute_report(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> EvalReport:
-    """Every figure of the report, computed with torchmetrics from the logits and the true labels."""
+    """Every figure of the report from the logits and the true labels: accuracy and loss as everywhere else
+    (fcclass.inference.metrics), the per-label and averaged figures with torchmetrics."""
     from torchmetrics.functional.classification import (
         multiclass_accuracy,
         multiclass_confusion_matrix,
@@ -84,7 +85,8 @@ def compute_report(logits: torch.Tensor, labels: torch.Tensor, class_names: list
     )
 
     k = len(class_names)
-    preds = logits.argmax(1)
+    preds = predicted(logits)
+    total = score(logits, labels)  # plain cross-entropy: the loss of a model, whatever label smoothing it trained with
     args = {"num_classes": k}
     recall = multiclass_recall(preds, labels, average=None, **args)
     precision = multiclass_precision(preds, labels, average=None, **args)
@@ -103,10 +105,10 @@ def compute_report(logits: torch.Tensor, labels: torch.Tensor, class_names: list
         }
     top5 = _r(multiclass_accuracy(logits, labels, average="micro", top_k=5, **args)) if k > 5 else None
     return EvalReport(
-        accuracy=_r(multiclass_accuracy(preds, labels, average="micro", **args)),
-        loss=_r(nn.functional.cross_entropy(logits, labels)),
+        accuracy=_r(total.accuracy),
+        loss=_r(total.loss),
         per_class=per_class,
-        num_samples=int(labels.numel()),
+        num_samples=total.images,
         class_names=class_names,
         predictions=preds,
         labels=labels,

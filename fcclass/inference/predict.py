@@ -64,8 +64,11 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path | tuple[Path, str]]
     return out
 
 
-def _fill(preds: Sequence[Prediction], probs: torch.Tensor, names: list[str], k: int) -> None:
-    top_p, top_i = probs.topk(k, dim=1)
+def _fill(preds: Sequence[Prediction], logits: torch.Tensor, names: list[str], k: int) -> None:
+    """The ``k`` most probable labels of each image, ranked by logit with argmax's rule for ties (the first label), so
+    that the top one is the prediction eval and compress count (inference.metrics.predicted)."""
+    top_i = logits.argsort(dim=1, descending=True, stable=True)[:, :k]
+    top_p = torch.softmax(logits, dim=1).gather(1, top_i)
     for pred, ps, idx in zip(preds, top_p.tolist(), top_i.tolist()):
         pred.top_k = [{"label": names[i], "probability": round(p, 6)} for p, i in zip(ps, idx)]
         pred.label, pred.probability = names[idx[0]], pred.top_k[0]["probability"]
@@ -111,7 +114,7 @@ def predict(inputs: Sequence[str | Path], run: str | Path | None = None, checkpo
     for preds, images in _decoded(inf, expand_inputs(inputs), batch_size):
         results += preds
         if images:
-            _fill([p for p in preds if p.error is None], inf.probabilities(torch.stack(images)), names, k)
+            _fill([p for p in preds if p.error is None], inf.logits(torch.stack(images)), names, k)
     return results
 
 
@@ -129,7 +132,7 @@ def predict_split(split: str, run: str | Path | None = None, checkpoint: str | P
     loader = make_loader(part, batch_size, False, inf.config.seed, ds.channels, ds.size, num_workers=inf.config.data.num_workers)
     logits, labels = inf.run_loader(loader)
     preds = [Prediction(path, true_label=names[int(y)]) for path, y in zip(paths, labels.tolist())]
-    _fill(preds, torch.softmax(logits, dim=1), names, min(top_k, len(names)))
+    _fill(preds, logits, names, min(top_k, len(names)))
     return preds
 
 

@@ -10,9 +10,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from fcclass.errors import FcclassError
+from fcclass.config.yaml_load import parse_yaml
+from fcclass.errors import ConfigError, FcclassError
 from fcclass.runs.metrics import metrics_rows
 from fcclass.runs.summary import SUMMARY, live_state, read_summary
 
@@ -63,8 +62,8 @@ def run_row(run_dir: Path) -> RunRow:
 def _row_without_summary(run_dir: Path) -> RunRow:
     """A run trained before summary.json was written: what its config and metrics say."""
     try:
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        cfg = parse_yaml((run_dir / "config.yaml").read_text(encoding="utf-8"), str(run_dir / "config.yaml")) or {}
+    except (OSError, ConfigError, UnicodeDecodeError):
         cfg = {}
     cfg = cfg if isinstance(cfg, dict) else {}
     rows = metrics_rows(run_dir)
@@ -119,8 +118,8 @@ def resolve_runs(runs: list[str], runs_dir: str | Path) -> list[Path]:
 def flat_config(run_dir: Path) -> dict[str, Any]:
     """config.yaml as dotted keys: {'optimizer.lr': 0.001, 'model.layers.0.filters': 32, ...}."""
     try:
-        raw = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
+        raw = parse_yaml((run_dir / "config.yaml").read_text(encoding="utf-8"), str(run_dir / "config.yaml"))
+    except (OSError, ConfigError, UnicodeDecodeError) as e:
         raise FcclassError(f"Cannot read {run_dir / 'config.yaml'}: {e}") from None
     from fcclass.config.load import flatten
 

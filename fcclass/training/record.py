@@ -74,7 +74,7 @@ class RunRecord(Callback):
         old = read_summary(trainer.run_dir) or {}
         self.session_start = time.monotonic()
         self.previous_wall = float(old.get("wall_seconds") or 0.0)
-        params = sum(p.numel() for p in trainer.model.parameters())
+        counts = trainer.model.summary()  # Keras's counts, as fcclass summary shows them (BatchNorm statistics included)
         cfg = trainer.cfg
         self.data = {
             "format": FORMAT,
@@ -89,8 +89,8 @@ class RunRecord(Callback):
             **environment(trainer),
             "dataset": cfg.data.dataset,
             "data": cfg.data.path if cfg.data.dataset == "imagefolder" else cfg.data.root,
-            "params": params,
-            "trainable_params": sum(p.numel() for p in trainer.params),
+            "params": counts.total_params,
+            "trainable_params": counts.trainable_params,
             "epochs": {"planned": cfg.train.epochs, "done": trainer.state.epoch},
             "best": self._best(trainer),
             "last": _round(trainer.state.history[-1]) if trainer.state.history else None,

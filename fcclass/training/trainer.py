@@ -27,6 +27,7 @@ from fcclass.data import (
 from fcclass.device import autocast, precision_name, select_device, select_precision
 from fcclass.errors import FcclassError
 from fcclass.inference.load import run_model
+from fcclass.inference.metrics import Score, count_correct, score
 from fcclass.memory import check_training
 from fcclass.model.network import Network, build_model
 from fcclass.runs.checkpoint import Checkpoint
@@ -217,7 +218,7 @@ class Trainer:
             whole = self.train_loader.global_size(batch - 1)  # the job's batch, of which this rank has its part
             loss, logits, y = self.step(x, y, whole)
             loss_sum += loss * whole  # summed over the ranks: the whole batch's mean loss times its images
-            correct += (logits.argmax(1) == y).sum()
+            correct += count_correct(logits, y)
             seen, images = seen + y.numel(), images + whole
             synced = batch % self.sync_every == 0 or batch == batches
             if synced:
@@ -293,16 +294,10 @@ class Trainer:
             return {"val_loss": None, "val_accuracy": None}
         broadcast_buffers(self.model, self.job)  # every rank validates with rank 0's BatchNorm statistics
         logits, labels = run_model(self.model, self.val_loader, self.eval_prep, self.device, self.amp_dtype)
-        if not self.job.enabled:
-            loss = nn.functional.cross_entropy(logits, labels, label_smoothing=self.cfg.train.label_smoothing)
-            return {"val_loss": float(loss), "val_accuracy": float((logits.argmax(1) == labels).float().mean())}
-        sums = torch.zeros(3)  # this rank's shard of the val split: loss sum, correct, images
-        if labels.numel():
-            sums += torch.tensor([float(nn.functional.cross_entropy(logits, labels, reduction="sum",
-                                                                    label_smoothing=self.cfg.train.label_smoothing)),
-                                  float((logits.argmax(1) == labels).sum()), float(labels.numel())])
-        loss_sum, correct, n = all_sum(sums.to(self.device), self.job).tolist()
-        return {"val_loss": loss_sum / n, "val_accuracy": correct / n}
+        total = score(logits, labels, self.cfg.train.label_smoothing)  # under torchrun: this rank's shard of the val split
+        if self.job.enabled:
+            total = Score.from_tensor(all_sum(total.to_tensor(self.device), self.job))
+        return {"val_loss": total.loss, "val_accuracy": total.accuracy}
 
     def end_epoch(self, row: dict[str, Any]) -> bool:
         """Record the epoch and step the schedule; then the built-in callbacks judge it (early stopping, the best

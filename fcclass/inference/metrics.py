@@ -1,0 +1,62 @@
+"""The loss and accuracy of a model over a split, computed in one place: validation, `fcclass eval` (and the test
+pass at the end of training), bench's time-to-accuracy and compress's table all call ``score``, so the same model on
+the same images shows the same numbers wherever they appear."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Score:
+    """Sums over a split (or a part of it: scores of parts add up, e.g. the shards of DDP ranks)."""
+
+    loss_sum: float = 0.0  # cross-entropy summed over the images
+    correct: int = 0  # images whose prediction (``predicted``) is their label
+    images: int = 0
+
+    def __add__(self, other: Score) -> Score:
+        return Score(self.loss_sum + other.loss_sum, self.correct + other.correct, self.images + other.images)
+
+    @property
+    def loss(self) -> float:
+        """The mean loss per image (nan without images)."""
+        return self.loss_sum / self.images if self.images else float("nan")
+
+    @property
+    def accuracy(self) -> float:
+        """The fraction of images predicted right, 0..1 (nan without images)."""
+        return self.correct / self.images if self.images else float("nan")
+
+    def to_tensor(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """[loss_sum, correct, images] as float32 (MPS has no float64; counts are exact to 16 million), for a sum over
+        processes (distributed.all_sum)."""
+        return torch.tensor([self.loss_sum, float(self.correct), float(self.images)], device=device)
+
+    @classmethod
+    def from_tensor(cls, sums: torch.Tensor) -> Score:
+        loss_sum, correct, images = sums.tolist()
+        return cls(loss_sum, round(correct), round(images))
+
+
+def predicted(logits: torch.Tensor) -> torch.Tensor:
+    """The predicted label of each row: torch.argmax, so of tied highest logits the first (lowest label) wins."""
+    return logits.argmax(1)
+
+
+def count_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """How many rows are predicted right, as a 0-d tensor on the logits' device (no wait for a GPU)."""
+    return (predicted(logits) == labels).sum()
+
+
+def score(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> Score:
+    """The loss sum, correct count and image count of ``logits`` (N x classes; log-probabilities work too) against
+    ``labels``. The loss is cross-entropy, summed in float32 (Apple's MPS has no float64), with ``label_smoothing``
+    and without class weights: Keras's val_loss uses the training loss function that way; `fcclass eval` reports
+    plain cross-entropy (0.0)."""
+    if not labels.numel():
+        return Score()
+    loss = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum", label_smoothing=label_smoothing)
+    return Score(float(loss), int(count_correct(logits, labels)), int(labels.numel()))
