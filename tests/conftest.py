@@ -14,7 +14,10 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA_ROOT = ROOT / "data"
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 
-os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+# pytest-xdist runs the suite in one worker per core (pyproject's addopts: -n auto): each worker, and what it starts,
+# gets its share of the cores, so there are never more busy threads than cores.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
 
 @pytest.fixture(scope="session", autouse=True)

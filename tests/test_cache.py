@@ -230,7 +230,7 @@ def test_bad_pixel_data_in_the_splits_is_the_error_streaming_gives(tmp_path: Pat
 
 # ----------------------------------------------------------------------------- two processes
 BUILDER = """
-import sys, time
+import os, sys, time
 from pathlib import Path
 import fcclass.data.cache as cache
 from fcclass.config import DataConfig
@@ -238,21 +238,25 @@ from fcclass.data import load_dataset
 
 real = cache.load_resized
 here, peer = Path(sys.argv[2] + "." + sys.argv[3]), Path(sys.argv[2] + "." + str(1 - int(sys.argv[3])))
+waited = []
 
 
-def wait_for(path):
-    deadline = time.monotonic() + 60
-    while not path.exists() and time.monotonic() < deadline:
-        time.sleep(0.005)
+def peer_waits_on_the_lock():  # /proc/locks lists a blocked flock request as '->' with the waiting pid
+    pid = peer.read_text() if peer.exists() else ""
+    return pid and any("->" in line and f" {pid} " in line for line in Path("/proc/locks").read_text().splitlines())
 
 
-def building(*args):  # whichever process builds waits until the other is at its load_dataset call too
-    wait_for(peer)
+def building(*args):  # whoever builds holds its first decode until the other process waits on the cache's lock
+    if not waited:
+        deadline = time.monotonic() + 60
+        while not peer_waits_on_the_lock() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        waited.append(True)
     return real(*args)
 
 
 cache.load_resized = building
-here.touch()
+here.write_text(str(os.getpid()))
 ds = load_dataset(DataConfig(dataset="imagefolder", path=sys.argv[1], image_size=[8, 8], channels=1), 0, splits=("train",))
 print(int(ds.train.images.long().sum()), [n for n in ds.notes if "Decoded images" in n][0])
 """

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from fcclass.cli import app
 
-runner = CliRunner(env={"COLUMNS": "200"})  # wide enough that Rich does not wrap paths
+runner = CliRunner(env={"COLUMNS": "300"})  # wide enough that Rich does not cut paths (xdist workers have longer tmp paths)
 
 
 def run(*args: str):
