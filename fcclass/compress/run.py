@@ -27,7 +27,7 @@ from fcclass.compress.pruning import check_fraction, nonzero_parameters, prune_u
 from fcclass.compress.quantize import quantize_int8
 from fcclass.config.load import config_from_dict
 from fcclass.config.sections import Config
-from fcclass.data import Dataset, SplitRecord, make_loader
+from fcclass.data import Dataset, make_loader
 from fcclass.data import data_root as data_location
 from fcclass.errors import FcclassError
 from fcclass.files import RunWriteError, atomic_write_text, os_error_reason, write_json
@@ -35,6 +35,7 @@ from fcclass.inference.load import Inference, load_for_inference
 from fcclass.inference.onnx import INT8_MODEL, OnnxNet
 from fcclass.model.network import Network
 from fcclass.runs.checkpoint import BEST, Checkpoint, create_run_dir
+from fcclass.runs.splits import read_splits, write_splits
 from fcclass.runs.summary import SUMMARY, now, read_summary
 
 RECORD = "compress.json"
@@ -232,7 +233,7 @@ def finetune_config(cfg: Config, epochs: int, keep_pruned: bool, runs_dir: Path,
 
 def _write_run(target: Path, src: Inference, cfg: Config, model: torch.nn.Module, options: Options, ds: Dataset,
                overrides: Sequence[str], console: Any, result: CompressResult, data_root: str | Path | None) -> None:
-    record = SplitRecord.read(src.run_dir)
+    record = read_splits(src.run_dir)
     if record is None:
         raise FcclassError(f"'{src.run_dir}' has no splits.json, so its test split is unknown; compress a run trained by this fcclass.")
     cfg = finetune_config(cfg, options.finetune, options.prune is not None and not options.structured, target.parent, overrides)
@@ -243,7 +244,7 @@ def _write_run(target: Path, src: Inference, cfg: Config, model: torch.nn.Module
     try:
         atomic_write_text(target / "config.yaml", cfg.to_yaml())
         atomic_write_text(target / "classes.json", json.dumps(src.class_names, indent=2) + "\n")
-        record.write(target)
+        write_splits(target, record)
     except OSError as e:
         raise RunWriteError(f"Cannot write the new run '{target}': {os_error_reason(e)}.") from None
     if options.finetune:
