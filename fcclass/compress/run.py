@@ -36,7 +36,7 @@ from fcclass.inference.onnx import INT8_MODEL, OnnxNet
 from fcclass.model.network import Network
 from fcclass.runs.checkpoint import BEST, Checkpoint, create_run_dir
 from fcclass.runs.splits import read_splits, write_splits
-from fcclass.runs.summary import SUMMARY, now, read_summary
+from fcclass.runs.summary import SUMMARY, Summary, TestFigures, now, read_summary, write_summary
 
 RECORD = "compress.json"
 FINETUNE_LR = 0.1  # fine-tuning starts from trained weights: the run's optimizer at a tenth of its learning rate
@@ -171,16 +171,18 @@ def _summarize(target: Path, src: Inference, small: Inference, result: CompressR
     run's facts; either way its test accuracy is that of its deployed model (the table's last row)."""
     import sys
 
-    data = read_summary(target) or {**(read_summary(src.run_dir) or {}), "started": result.started, "ended": now(),
-                                     "wall_seconds": round(time.monotonic() - result.clock, 1), "state": "finished",
-                                     "best": None, "last": None, "git": None,  # the original's validation figures are not this model's
-                                     "command": " ".join(["fcclass", *sys.argv[1:]])[:500]}
+    summary = read_summary(target)
+    if summary is None:  # not fine-tuned
+        summary = read_summary(src.run_dir) or Summary()
+        summary.started, summary.ended, summary.state = result.started, now(), "finished"
+        summary.wall_seconds, summary.command = round(time.monotonic() - result.clock, 1), " ".join(["fcclass", *sys.argv[1:]])[:500]
+        summary.best = summary.last = summary.git = None  # the original's validation figures are not this model's
     last = result.rows[-1]
     params = sum(p.numel() for p in small.model.parameters())  # torch's count, as for other runs: BatchNorm statistics aside
-    data.update(name=f"{src.config.name}-compressed", run_dir=str(target.absolute()), params=params,
-                test={"accuracy": last.test_accuracy, "images": result.test_images, "model": last.model, "runtime": last.runtime},
-                compressed={"from": result.source, "change": result.change()})
-    write_json(target / SUMMARY, data)
+    summary.name, summary.run_dir, summary.params = f"{src.config.name}-compressed", str(target.absolute()), params
+    summary.test = TestFigures(accuracy=last.test_accuracy, images=result.test_images, model=last.model, runtime=last.runtime)
+    summary.compressed = {"from": result.source, "change": result.change()}
+    write_summary(target, summary)
 
 
 def _pruned(src: Inference, options: Options, result: CompressResult, sample: torch.Tensor) -> tuple[Config, torch.nn.Module]:

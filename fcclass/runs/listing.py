@@ -13,8 +13,9 @@ from typing import Any
 import yaml
 
 from fcclass.errors import FcclassError
+from fcclass.runs.layout import SUMMARY
 from fcclass.runs.metrics import metrics_rows
-from fcclass.runs.summary import SUMMARY, live_state, read_summary
+from fcclass.runs.summary import Best, Epochs, TestFigures, live_state, read_summary
 
 SORT_KEYS = ("started", "name", "dataset", "params", "epochs", "val_accuracy", "test_accuracy", "wall_seconds", "state")
 FILTER_KEYS = ("name", "dataset", "state")
@@ -53,15 +54,14 @@ def run_row(run_dir: Path) -> RunRow:
     summary = read_summary(run_dir)
     if summary is None:
         return _row_without_summary(run_dir)
-    best, test, epochs = summary.get("best") or {}, summary.get("test") or {}, summary.get("epochs") or {}
-    return RunRow(run_dir.name, str(run_dir), summary.get("started"), summary.get("dataset"), summary.get("params"),
-                  int(epochs.get("done") or 0), epochs.get("planned"), best.get("epoch"), best.get("val_accuracy"),
-                  best.get("val_loss"), test.get("accuracy"), test.get("loss"), summary.get("wall_seconds"),
+    best, test, epochs = summary.best or Best(), summary.test or TestFigures(), summary.epochs or Epochs()
+    return RunRow(run_dir.name, str(run_dir), summary.started, summary.dataset, summary.params, epochs.done, epochs.planned,
+                  best.epoch, best.val_accuracy, best.val_loss, test.accuracy, test.loss, summary.wall_seconds,
                   live_state(run_dir, summary))
 
 
 def _row_without_summary(run_dir: Path) -> RunRow:
-    """A run trained before summary.json was written: what its config and metrics say."""
+    """A run trained before summary.json was written (or whose summary.json is damaged): what its config and metrics say."""
     try:
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError, UnicodeDecodeError):
