@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from fcclass.errors import FcclassError
-from fcclass.runs.layout import SUMMARY
+from fcclass.runs.layout import CONFIG, is_run_dir
 from fcclass.runs.metrics import metrics_rows
 from fcclass.runs.summary import Best, Epochs, TestFigures, live_state, read_summary
 
@@ -46,10 +46,6 @@ class RunRow:
         return (value is None, value if value is not None else 0)  # missing values last
 
 
-def is_run(path: Path) -> bool:
-    return path.is_dir() and ((path / SUMMARY).is_file() or (path / "config.yaml").is_file())
-
-
 def run_row(run_dir: Path) -> RunRow:
     summary = read_summary(run_dir)
     if summary is None:
@@ -63,7 +59,7 @@ def run_row(run_dir: Path) -> RunRow:
 def _row_without_summary(run_dir: Path) -> RunRow:
     """A run trained before summary.json was written (or whose summary.json is damaged): what its config and metrics say."""
     try:
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+        cfg = yaml.safe_load((run_dir / CONFIG).read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError, UnicodeDecodeError):
         cfg = {}
     cfg = cfg if isinstance(cfg, dict) else {}
@@ -84,13 +80,13 @@ def list_runs(runs_dir: str | Path, filters: list[str] | None = None, sort: str 
     if sort not in SORT_KEYS:
         raise FcclassError(f"--sort must be one of {', '.join(SORT_KEYS)}, not '{sort}'.")
     wanted = [_parse_filter(f) for f in filters or []]
-    rows = [run_row(p) for p in sorted(base.iterdir()) if is_run(p)]
+    rows = [run_row(p) for p in sorted(base.iterdir()) if is_run_dir(p)]
     rows = [r for r in rows if all(fnmatch.fnmatchcase(str(getattr(r, key) or ""), pattern) for key, pattern in wanted)]
     return sorted(rows, key=lambda r: r.sort_value(sort), reverse=descending)
 
 
 def count_runs(runs_dir: str | Path) -> int:
-    return sum(1 for p in Path(runs_dir).iterdir() if is_run(p))
+    return sum(1 for p in Path(runs_dir).iterdir() if is_run_dir(p))
 
 
 def _parse_filter(text: str) -> tuple[str, str]:
@@ -107,7 +103,7 @@ def resolve_runs(runs: list[str], runs_dir: str | Path) -> list[Path]:
     out = []
     for run in runs:
         path = Path(run) if Path(run).is_dir() else Path(runs_dir) / run
-        if not is_run(path):
+        if not is_run_dir(path):
             raise FcclassError(f"'{run}' is not a run directory (looked for it as given and in {runs_dir}). "
                                "`fcclass runs` lists the runs.")
         out.append(path)
@@ -119,9 +115,9 @@ def resolve_runs(runs: list[str], runs_dir: str | Path) -> list[Path]:
 def flat_config(run_dir: Path) -> dict[str, Any]:
     """config.yaml as dotted keys: {'optimizer.lr': 0.001, 'model.layers.0.filters': 32, ...}."""
     try:
-        raw = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+        raw = yaml.safe_load((run_dir / CONFIG).read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
-        raise FcclassError(f"Cannot read {run_dir / 'config.yaml'}: {e}") from None
+        raise FcclassError(f"Cannot read {run_dir / CONFIG}: {e}") from None
     from fcclass.config.load import flatten
 
     return flatten(raw)
