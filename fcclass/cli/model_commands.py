@@ -91,10 +91,10 @@ def predict(
     if bool(images) == (split is not None):
         raise FcclassError("Give image files, folders or patterns to predict, or --split train|val|test for a split the run "
                            "recorded (not both).")
-    from fcclass.runs.checkpoint import is_run_dir
+    from fcclass.runs.layout import is_run_dir
 
     for item in images or []:
-        if is_run_dir(Path(item)) and (Path(item) / "config.yaml").is_file():  # eval and export take RUN this way
+        if is_run_dir(Path(item)):  # eval and export take RUN this way
             raise FcclassError(f"'{item}' is a run directory, not a folder of images to predict; give it with --run: "
                                f"fcclass predict IMAGES --run {item}")
     from fcclass.inference.load import load_for_inference

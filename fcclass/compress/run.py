@@ -10,7 +10,6 @@ here, on the run's own test split and on this machine's CPU.
 from __future__ import annotations
 
 import copy
-import json
 import shutil
 import statistics
 import tempfile
@@ -27,16 +26,19 @@ from fcclass.compress.pruning import check_fraction, nonzero_parameters, prune_u
 from fcclass.compress.quantize import calibration_notes, quantize_int8
 from fcclass.config.load import config_from_dict
 from fcclass.config.sections import Config
-from fcclass.data import Dataset, SplitRecord, make_loader
+from fcclass.data import Dataset, make_loader
 from fcclass.data import data_root as data_location
 from fcclass.errors import FcclassError
-from fcclass.files import RunWriteError, atomic_write_text, os_error_reason, write_json
+from fcclass.files import RunWriteError, os_error_reason, write_json
 from fcclass.inference.load import Inference, load_for_inference
 from fcclass.inference.metrics import Score, score
 from fcclass.inference.onnx import INT8_MODEL, OnnxNet
 from fcclass.model.network import Network
-from fcclass.runs.checkpoint import BEST, Checkpoint, create_run_dir
-from fcclass.runs.summary import SUMMARY, now, read_summary
+from fcclass.runs.checkpoint import Checkpoint
+from fcclass.runs.create import create_run_dir, start_run
+from fcclass.runs.layout import BEST, SPLITS, SUMMARY
+from fcclass.runs.splits import read_splits
+from fcclass.runs.summary import Summary, TestFigures, now, read_summary, write_summary
 
 RECORD = "compress.json"
 FINETUNE_LR = 0.1  # fine-tuning starts from trained weights: the run's optimizer at a tenth of its learning rate
@@ -170,16 +172,19 @@ def _summarize(target: Path, src: Inference, small: Inference, result: CompressR
     run's facts; either way its test accuracy is that of its deployed model (the table's last row)."""
     import sys
 
-    data = read_summary(target) or {**(read_summary(src.run_dir) or {}), "started": result.started, "ended": now(),
-                                     "wall_seconds": round(time.monotonic() - result.clock, 1), "state": "finished",
-                                     "best": None, "last": None, "git": None,  # the original's validation figures are not this model's
-                                     "command": " ".join(["fcclass", *sys.argv[1:]])[:500]}
+    summary = read_summary(target)
+    if summary is None:  # not fine-tuned
+        summary = read_summary(src.run_dir) or Summary()
+        summary.started, summary.ended, summary.state = result.started, now(), "finished"
+        summary.wall_seconds, summary.command = round(time.monotonic() - result.clock, 1), " ".join(["fcclass", *sys.argv[1:]])[:500]
+        summary.best = summary.last = summary.git = None  # the original's validation figures are not this model's
     last = result.rows[-1]
     counts = small.model.summary()  # Keras's counts, as fcclass summary and the table show them (BatchNorm statistics included)
-    data.update(name=f"{src.config.name}-compressed", run_dir=str(target.absolute()), params=counts.total_params, trainable_params=counts.trainable_params,
-                test={"accuracy": last.test_accuracy, "images": result.test_images, "model": last.model, "runtime": last.runtime},
-                compressed={"from": result.source, "change": result.change()})
-    write_json(target / SUMMARY, data)
+    summary.name, summary.run_dir = f"{src.config.name}-compressed", str(target.absolute())
+    summary.params, summary.trainable_params = counts.total_params, counts.trainable_params
+    summary.test = TestFigures(accuracy=last.test_accuracy, images=result.test_images, model=last.model, runtime=last.runtime)
+    summary.compressed = {"from": result.source, "change": result.change()}
+    write_summary(target, summary)
 
 
 def _pruned(src: Inference, options: Options, result: CompressResult, sample: torch.Tensor) -> tuple[Config, torch.nn.Module]:
@@ -232,32 +237,28 @@ def finetune_config(cfg: Config, epochs: int, keep_pruned: bool, runs_dir: Path,
 
 def _write_run(target: Path, src: Inference, cfg: Config, model: torch.nn.Module, options: Options, ds: Dataset,
                overrides: Sequence[str], console: Any, result: CompressResult, data_root: str | Path | None) -> None:
-    record = SplitRecord.read(src.run_dir)
+    record = read_splits(src.run_dir)
     if record is None:
-        raise FcclassError(f"'{src.run_dir}' has no splits.json, so its test split is unknown; compress a run trained by this fcclass.")
+        raise FcclassError(f"'{src.run_dir}' has no {SPLITS}, so its test split is unknown; compress a run trained by this fcclass.")
     cfg = finetune_config(cfg, options.finetune, options.prune is not None and not options.structured, target.parent, overrides)
     if data_root is not None:  # the data moved: the new run records where it is now, as a resumed run does
         key = "path" if cfg.data.dataset == "imagefolder" else "root"
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={key: str(Path(data_root).absolute())})})
         record.root = data_location(cfg.data)
-    try:
-        atomic_write_text(target / "config.yaml", cfg.to_yaml())
-        atomic_write_text(target / "classes.json", json.dumps(src.class_names, indent=2) + "\n")
-        record.write(target)
-    except OSError as e:
-        raise RunWriteError(f"Cannot write the new run '{target}': {os_error_reason(e)}.") from None
+    c = src.checkpoint
+    best = None if options.finetune else Checkpoint(model_state=model.state_dict(), config=cfg.to_dict(), class_names=list(c.class_names),
+                                                    input_shape=list(c.input_shape), mean=list(c.mean), std=list(c.std),
+                                                    epoch=int(c.epoch), metrics=None)
+    start_run(target, cfg, src.class_names, record, best=best)
     if options.finetune:
         result.finetune = _finetune(target, cfg, model, src, ds, console)
-        return
-    c = src.checkpoint
-    Checkpoint(model_state=model.state_dict(), config=cfg.to_dict(), class_names=list(c.class_names), input_shape=list(c.input_shape),
-               mean=list(c.mean), std=list(c.std), epoch=int(c.epoch), metrics=None).save(target / BEST)
 
 
 def _finetune(target: Path, cfg: Config, model: torch.nn.Module, src: Inference, ds: Dataset, console: Any) -> dict[str, Any]:
     """Train the pruned weights for cfg.train.epochs in ``target`` with fcclass's own trainer: progress, checkpoints,
     the best epoch by validation, a resumable last.pt and the test at the end, as in any run."""
-    from fcclass.runs.checkpoint import LAST, lock_run
+    from fcclass.runs.checkpoint import lock_run
+    from fcclass.runs.layout import LAST
     from fcclass.training.callbacks import ConsoleProgress, Curves
     from fcclass.training.record import RunRecord
     from fcclass.training.trainer import Trainer, TrainState

@@ -39,7 +39,8 @@ from fcclass.errors import DataError
 __all__ = [
     "BatchPreprocess", "DataInfo", "Dataset", "FileLoader", "IMAGE_EXTENSIONS", "LUMA", "MAX_IMAGE_PIXELS", "Progress", "Split",
     "SplitRecord", "TensorLoader", "augment_batch", "cache_folder", "channel_stats", "class_counts", "convert_channels", "data_root",
-    "class_weights", "dataset_from_record", "decode_threads", "describe", "normalization", "epoch_seed", "is_image_name", "list_images", "load_dataset", "load_image", "load_resized",
+    "class_weights", "dataset_from_record", "decode_threads", "describe", "normalization", "epoch_seed", "is_image_name",
+    "list_images", "load_dataset", "load_image", "load_resized",
     "make_loader", "resize_uint8", "rotate", "stratified_take", "unpack_debian_copy",
 ]
 

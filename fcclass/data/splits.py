@@ -1,12 +1,11 @@
 """Train/val/test splits: drawn once (stratified, seeded) when a run starts, recorded in the run directory
-(``splits.json``), and read back from there by evaluation, prediction on a split and resume, so the images a
-model was tested on can never silently change. Image-folder records name each file relative to the folder, with
+(``splits.json``, read and written by fcclass.runs.splits), and read back from there by evaluation, prediction on a
+split and resume, so the images a model was tested on can never silently change. Image-folder records name each file relative to the folder, with
 its size, modification time and content hash; torchvision records hold indices into the dataset's sets."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +15,6 @@ import torch
 
 from fcclass.errors import DataError
 
-RECORD_FILE = "splits.json"
-RECORD_FORMAT = 1
 SPLIT_NAMES = ("train", "val", "test")
 
 
@@ -154,7 +151,8 @@ def _labels_digest(labels: torch.Tensor) -> str:
 
 @dataclass
 class SplitRecord:
-    """What ``splits.json`` holds: the dataset, its root when the run started, and every split's members."""
+    """What a run records of its splits (its ``splits.json``): the dataset, its root when the run started, and every
+    split's members."""
 
     dataset: str
     root: Path
@@ -191,54 +189,6 @@ class SplitRecord:
         if "labels" in split:
             return class_counts(torch.tensor(split["labels"], dtype=torch.long), len(self.class_names))
         return split.get("counts")
-
-    def to_json(self) -> str:
-        return json.dumps({"format": RECORD_FORMAT, "dataset": self.dataset, "root": str(self.root),
-                           "class_names": self.class_names, "channels": self.channels, "size": self.size,
-                           "splits": self.splits}, separators=(",", ":")) + "\n"
-
-    def write(self, run_dir: Path) -> None:
-        from fcclass.files import atomic_write_text
-
-        atomic_write_text(Path(run_dir) / RECORD_FILE, self.to_json())
-
-    @classmethod
-    def read(cls, run_dir: Path) -> "SplitRecord | None":
-        """The run's record, or None for a run made before splits were recorded."""
-        path = Path(run_dir) / RECORD_FILE
-        if not path.is_file():
-            return None
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(raw, dict) or raw.get("format") != RECORD_FORMAT:
-                raise ValueError(f"format {raw.get('format') if isinstance(raw, dict) else type(raw).__name__}")
-            record = cls(raw["dataset"], Path(raw["root"]), list(raw["class_names"]), int(raw["channels"]),
-                         list(raw["size"]), dict(raw["splits"]))
-            record.check()
-            return record
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
-            raise DataError(f"{path} is damaged ({str(e)[:200]}); the run's recorded splits cannot be read. Restore it from a "
-                            "copy of the run (fcclass writes it once, when the run starts).") from None
-
-    def check(self) -> None:
-        """Every split well formed: labels in range, one per file or index, indices and sizes that can be used."""
-        k = len(self.class_names)
-        if self.channels not in (1, 3) or len(self.size) != 2 or not all(isinstance(s, int) and 0 < s <= 65536 for s in self.size):
-            raise ValueError("channels or size out of range")
-        for name in ("train", "val", "test"):
-            split = self.splits[name]
-            labels = split["labels"] if "labels" in split else None
-            members = split.get("files", split.get("indices"))
-            if not isinstance(split, dict) or not isinstance(members, list):
-                raise ValueError(f"split {name} has no files or indices")
-            if labels is not None and (len(labels) != len(members) or not all(type(v) is int and 0 <= v < k for v in labels)):
-                raise ValueError(f"split {name}: labels must be one per entry, from 0 to {k - 1}")
-            if "indices" in split and split.get("pool") not in ("train", "test"):
-                raise ValueError(f"split {name}: pool must be train or test")
-            if "indices" in split and not all(type(v) is int and 0 <= v < 2**40 for v in members):
-                raise ValueError(f"split {name}: indices must be whole numbers >= 0")
-            if "files" in split and not all(isinstance(v, str) for v in members):
-                raise ValueError(f"split {name}: files must be paths")
 
 
 # ----------------------------------------------------------------------------- checking a recorded file split

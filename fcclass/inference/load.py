@@ -13,11 +13,12 @@ import torch
 
 from fcclass.config.load import config_from_dict
 from fcclass.config.sections import Config
-from fcclass.data import BatchPreprocess, Dataset, SplitRecord, dataset_from_record, load_dataset
+from fcclass.data import BatchPreprocess, Dataset, dataset_from_record, load_dataset
 from fcclass.device import autocast, select_device, select_precision
 from fcclass.errors import CheckpointError, DataError, FcclassError
 from fcclass.model.network import Network, build_model
 from fcclass.runs.checkpoint import Checkpoint, resolve_checkpoint, untrained_message
+from fcclass.runs.splits import read_splits
 
 
 @contextmanager
@@ -94,7 +95,7 @@ class Inference:
                 progress: Any = None) -> Dataset:
         """The run's recorded splits, read from the data as it is now (``data_root``: where the data is now;
         ``progress``: a data.cache.Progress shown while an image folder is decoded into its cache)."""
-        record = SplitRecord.read(self.run_dir) if self.run_dir is not None else None
+        record = read_splits(self.run_dir) if self.run_dir is not None else None
         if record is not None:
             try:
                 ds = dataset_from_record(self.config.data, record, splits, root=data_root, allow_changed=allow_changed,

@@ -1,13 +1,12 @@
-"""Run directories and the one checkpoint schema: safe (weights-only) loading, finding runs.
+"""The run's lock, the one checkpoint schema (safe, weights-only loading) and finding runs.
 
-A run directory is self-contained: config.yaml (resolved), classes.json, splits.json (the recorded splits),
-metrics.csv, best.pt (the best epoch so far) and last.pt (the last completed epoch, with everything resume needs;
-epoch 0 until the first epoch completes). A run is *trained* once an epoch has completed: best.pt exists."""
+A run directory is self-contained (fcclass.runs.layout names its files): best.pt holds the best epoch so far and
+last.pt the last completed epoch, with everything resume needs (epoch 0 until the first epoch completes). A run is
+*trained* once an epoch has completed: best.pt exists."""
 
 from __future__ import annotations
 
 import pickle
-import time
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -15,32 +14,9 @@ from typing import Any
 
 from fcclass.errors import CheckpointError
 from fcclass.files import RunWriteError, atomic_write_bytes, os_error_reason
+from fcclass.runs.layout import BEST, CONFIG, LAST, LOCK, is_run_dir, is_trained
 
 CHECKPOINT_FORMAT = 2  # 1: fcclass 0.1 (kept loadable for evaluation; not resumable)
-BEST, LAST = "best.pt", "last.pt"
-
-
-def create_run_dir(runs_dir: str | Path, name: str) -> Path:
-    """A fresh ``runs/<name>-<YYYYmmdd-HHMMSS>`` directory (suffixed if that second is taken)."""
-    base = Path(runs_dir)
-    blocker = next((p for p in (base, *base.absolute().parents) if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
-        raise RunWriteError(f"Cannot create a run directory in train.runs_dir '{base}': '{blocker}' is a file, not a folder. "
-                            "Set train.runs_dir to a folder (e.g. --set train.runs_dir=runs).")
-    try:
-        base.mkdir(parents=True, exist_ok=True)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        for i in range(1000):
-            path = base / (f"{name}-{stamp}" if i == 0 else f"{name}-{stamp}-{i}")
-            try:
-                path.mkdir()
-                return path
-            except FileExistsError:
-                continue
-    except OSError as e:
-        raise RunWriteError(f"Cannot create a run directory in train.runs_dir '{base}': {os_error_reason(e)}. "
-                            "Set train.runs_dir to a writable folder (e.g. --set train.runs_dir=/tmp/runs).") from None
-    raise RunWriteError(f"Cannot create a run directory under '{base}': too many runs named '{name}' this second.")
 
 
 def lock_run(run_dir: Path) -> Any:
@@ -48,7 +24,7 @@ def lock_run(run_dir: Path) -> Any:
     closed or the process ends, kill -9 included): two processes training one run would overwrite each other."""
     import fcntl
 
-    path = Path(run_dir) / ".lock"
+    path = Path(run_dir) / LOCK
     try:
         path.touch(exist_ok=True)
         f = open(path)  # read-only: a lock held open for writing would keep the file system from going read-only
@@ -167,28 +143,22 @@ def _safe_torch_load(path: Path) -> Any:
     except pickle.UnpicklingError as e:
         text = str(e)
         if "weights only load failed" not in text.lower():
-            raise CheckpointError(f"Cannot read checkpoint '{path}': the file is truncated or corrupt. Use another checkpoint of the run (last.pt or best.pt).") from None
+            raise CheckpointError(f"Cannot read checkpoint '{path}': the file is truncated or corrupt. Use another checkpoint of "
+                                  "the run (last.pt or best.pt).") from None
         culprit = next((line.strip() for line in text.splitlines() if "GLOBAL" in line or "Unsupported" in line), "")
         raise CheckpointError(
             f"Refused to load '{path}': it holds Python objects that safe (weights-only) loading does not allow"
             f"{f' ({culprit[:160]})' if culprit else ''}. Only checkpoints written by `fcclass train` can be loaded; nothing in the file was run."
         ) from None
     except Exception:  # noqa: BLE001 - truncated zip, bad records, I/O errors: all mean a damaged file
-        raise CheckpointError(f"Cannot read checkpoint '{path}': the file is truncated or corrupt. Use another checkpoint of the run (last.pt or best.pt).") from None
+        raise CheckpointError(f"Cannot read checkpoint '{path}': the file is truncated or corrupt. Use another checkpoint of the "
+                              "run (last.pt or best.pt).") from None
 
 
 # ----------------------------------------------------------------------------- finding runs
-def is_run_dir(path: Path) -> bool:
-    return path.is_dir() and ((path / BEST).is_file() or (path / LAST).is_file())
-
-
-def is_trained(path: Path) -> bool:
-    """An epoch has completed: best.pt is written at the end of the first epoch, never before."""
-    return (path / BEST).is_file()
-
-
 def _trained_at(run_dir: Path) -> float:
-    return max((run_dir / name).stat().st_mtime for name in (BEST, LAST) if (run_dir / name).is_file())
+    """When training last wrote a checkpoint of the run (0: never, its first one is not written yet)."""
+    return max(((run_dir / name).stat().st_mtime for name in (BEST, LAST) if (run_dir / name).is_file()), default=0.0)
 
 
 def newest_trained_run(runs_dir: str | Path = "runs") -> tuple[Path, list[Path]]:
@@ -219,7 +189,7 @@ def resolve_checkpoint(run: str | Path | None = None, checkpoint: str | Path | N
     """``checkpoint`` if given; else the best checkpoint of ``run``, or of the newest trained run in ``runs_dir``."""
     if checkpoint is not None:
         path = Path(checkpoint)
-        return Resolved(path, path.parent if (path.parent / "config.yaml").is_file() else None)
+        return Resolved(path, path.parent if (path.parent / CONFIG).is_file() else None)
     note = None
     if run is None:
         run_dir, skipped = newest_trained_run(runs_dir)
@@ -237,8 +207,9 @@ def resolve_checkpoint(run: str | Path | None = None, checkpoint: str | Path | N
         return Resolved(run_dir / BEST, run_dir, note)
     if (run_dir / LAST).is_file():
         raise CheckpointError(untrained_message(run_dir))
-    if not (run_dir / "config.yaml").is_file():
-        raise CheckpointError(f"'{run_dir}' is not a run directory (no {BEST}, {LAST} or config.yaml). Pass a folder made by `fcclass train`, e.g. one in {runs_dir}/.")
+    if not (run_dir / CONFIG).is_file():
+        raise CheckpointError(f"'{run_dir}' is not a run directory (no {BEST}, {LAST} or {CONFIG}). Pass a folder made by `fcclass train`, e.g. one in "
+                              f"{runs_dir}/.")
     raise CheckpointError(f"'{run_dir}' has no checkpoint ({BEST} or {LAST}); its training never started an epoch. Train again or name another run.")
 
 
@@ -247,9 +218,9 @@ def run_config(run_dir: str | Path) -> Any:
     from fcclass.config.load import config_from_dict
     from fcclass.config.yaml_load import parse_yaml
 
-    path = Path(run_dir) / "config.yaml"
+    path = Path(run_dir) / CONFIG
     if not path.is_file():
-        raise CheckpointError(f"'{run_dir}' is not a run directory (no config.yaml). Pass a folder made by `fcclass train`.")
+        raise CheckpointError(f"'{run_dir}' is not a run directory (no {CONFIG}). Pass a folder made by `fcclass train`.")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:

@@ -12,8 +12,9 @@ from typing import Any
 
 from fcclass.config.yaml_load import parse_yaml
 from fcclass.errors import ConfigError, FcclassError
+from fcclass.runs.layout import CONFIG, is_run_dir
 from fcclass.runs.metrics import metrics_rows
-from fcclass.runs.summary import SUMMARY, live_state, read_summary
+from fcclass.runs.summary import Best, Epochs, TestFigures, live_state, read_summary
 
 SORT_KEYS = ("started", "name", "dataset", "params", "epochs", "val_accuracy", "test_accuracy", "wall_seconds", "state")
 FILTER_KEYS = ("name", "dataset", "state")
@@ -44,25 +45,20 @@ class RunRow:
         return (value is None, value if value is not None else 0)  # missing values last
 
 
-def is_run(path: Path) -> bool:
-    return path.is_dir() and ((path / SUMMARY).is_file() or (path / "config.yaml").is_file())
-
-
 def run_row(run_dir: Path) -> RunRow:
     summary = read_summary(run_dir)
     if summary is None:
         return _row_without_summary(run_dir)
-    best, test, epochs = summary.get("best") or {}, summary.get("test") or {}, summary.get("epochs") or {}
-    return RunRow(run_dir.name, str(run_dir), summary.get("started"), summary.get("dataset"), summary.get("params"),
-                  int(epochs.get("done") or 0), epochs.get("planned"), best.get("epoch"), best.get("val_accuracy"),
-                  best.get("val_loss"), test.get("accuracy"), test.get("loss"), summary.get("wall_seconds"),
+    best, test, epochs = summary.best or Best(), summary.test or TestFigures(), summary.epochs or Epochs()
+    return RunRow(run_dir.name, str(run_dir), summary.started, summary.dataset, summary.params, epochs.done, epochs.planned,
+                  best.epoch, best.val_accuracy, best.val_loss, test.accuracy, test.loss, summary.wall_seconds,
                   live_state(run_dir, summary))
 
 
 def _row_without_summary(run_dir: Path) -> RunRow:
-    """A run trained before summary.json was written: what its config and metrics say."""
+    """A run trained before summary.json was written (or whose summary.json is damaged): what its config and metrics say."""
     try:
-        cfg = parse_yaml((run_dir / "config.yaml").read_text(encoding="utf-8"), str(run_dir / "config.yaml")) or {}
+        cfg = parse_yaml((run_dir / CONFIG).read_text(encoding="utf-8"), str(run_dir / CONFIG)) or {}
     except (OSError, ConfigError, UnicodeDecodeError):
         cfg = {}
     cfg = cfg if isinstance(cfg, dict) else {}
@@ -83,13 +79,13 @@ def list_runs(runs_dir: str | Path, filters: list[str] | None = None, sort: str 
     if sort not in SORT_KEYS:
         raise FcclassError(f"--sort must be one of {', '.join(SORT_KEYS)}, not '{sort}'.")
     wanted = [_parse_filter(f) for f in filters or []]
-    rows = [run_row(p) for p in sorted(base.iterdir()) if is_run(p)]
+    rows = [run_row(p) for p in sorted(base.iterdir()) if is_run_dir(p)]
     rows = [r for r in rows if all(fnmatch.fnmatchcase(str(getattr(r, key) or ""), pattern) for key, pattern in wanted)]
     return sorted(rows, key=lambda r: r.sort_value(sort), reverse=descending)
 
 
 def count_runs(runs_dir: str | Path) -> int:
-    return sum(1 for p in Path(runs_dir).iterdir() if is_run(p))
+    return sum(1 for p in Path(runs_dir).iterdir() if is_run_dir(p))
 
 
 def _parse_filter(text: str) -> tuple[str, str]:
@@ -106,7 +102,7 @@ def resolve_runs(runs: list[str], runs_dir: str | Path) -> list[Path]:
     out = []
     for run in runs:
         path = Path(run) if Path(run).is_dir() else Path(runs_dir) / run
-        if not is_run(path):
+        if not is_run_dir(path):
             raise FcclassError(f"'{run}' is not a run directory (looked for it as given and in {runs_dir}). "
                                "`fcclass runs` lists the runs.")
         out.append(path)
@@ -118,9 +114,9 @@ def resolve_runs(runs: list[str], runs_dir: str | Path) -> list[Path]:
 def flat_config(run_dir: Path) -> dict[str, Any]:
     """config.yaml as dotted keys: {'optimizer.lr': 0.001, 'model.layers.0.filters': 32, ...}."""
     try:
-        raw = parse_yaml((run_dir / "config.yaml").read_text(encoding="utf-8"), str(run_dir / "config.yaml"))
+        raw = parse_yaml((run_dir / CONFIG).read_text(encoding="utf-8"), str(run_dir / CONFIG))
     except (OSError, ConfigError, UnicodeDecodeError) as e:
-        raise FcclassError(f"Cannot read {run_dir / 'config.yaml'}: {e}") from None
+        raise FcclassError(f"Cannot read {run_dir / CONFIG}: {e}") from None
     from fcclass.config.load import flatten
 
     return flatten(raw)

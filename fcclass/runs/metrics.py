@@ -7,9 +7,17 @@ import csv
 import io
 from pathlib import Path
 from typing import Any, Sequence
+
 from fcclass.errors import CheckpointError
+from fcclass.files import atomic_write_text
+from fcclass.runs.layout import METRICS
 
 METRIC_FIELDS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds"]
+
+
+def write_metrics(run_dir: Path, history: Sequence[dict[str, Any]]) -> None:
+    """The run's metrics.csv, a row per epoch of ``history``, atomically; raises OSError."""
+    atomic_write_text(Path(run_dir) / METRICS, metrics_csv(history))
 
 
 def metrics_csv(history: Sequence[dict[str, Any]]) -> str:
@@ -33,9 +41,6 @@ def rounded_row(row: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = round(value, 1 if key == "seconds" else 4)
     return out
-
-
-METRICS = "metrics.csv"
 
 
 def _parse(path: Path) -> list[dict[str, float]]:

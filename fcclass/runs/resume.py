@@ -8,7 +8,8 @@ from typing import Any, Sequence
 from fcclass.config.load import config_from_dict
 from fcclass.config.sections import Config
 from fcclass.errors import CheckpointError, ConfigError, FcclassError
-from fcclass.runs.checkpoint import LAST, Checkpoint, is_run_dir
+from fcclass.runs.checkpoint import Checkpoint
+from fcclass.runs.layout import CONFIG, LAST, is_trained
 
 # What `--set` may change when resuming: nothing that alters the data, the model or the optimisation already done.
 RESUMABLE_KEYS = ("train.epochs", "train.early_stopping.patience", "train.early_stopping.min_delta", "train.device",
@@ -24,7 +25,7 @@ def resumable_checkpoint(run_dir: Path) -> Checkpoint:
     if not run_dir.is_dir():
         raise CheckpointError(f"Cannot resume '{run_dir}': no such run directory.")
     if not (run_dir / LAST).is_file():
-        what = "it has best.pt but no last.pt" if is_run_dir(run_dir) else "it is not a run directory made by `fcclass train` (no last.pt)"
+        what = "it has best.pt but no last.pt" if is_trained(run_dir) else "it is not a run directory made by `fcclass train` (no last.pt)"
         raise CheckpointError(f"Cannot resume '{run_dir}': {what}.")
     ckpt = Checkpoint.load(run_dir / LAST)
     if not ckpt.resumable:
@@ -42,7 +43,7 @@ def config_for_resume(run_dir: Path, ckpt: Checkpoint, overrides: Sequence[str],
         if key not in RESUMABLE_KEYS:
             raise ConfigError(f"--set {key} cannot change when resuming a run: only {', '.join(RESUMABLE_KEYS)} can "
                               f"(the rest would change the data, the model or the optimisation already done). "
-                              f"To train with other settings, start a new run: fcclass train -c {run_dir / 'config.yaml'} --set {item}")
+                              f"To train with other settings, start a new run: fcclass train -c {run_dir / CONFIG} --set {item}")
     cfg = config_from_dict(ckpt.config, source=f"the config of {run_dir}", stored=True, overrides=list(overrides))
     if data_root is not None:
         key = "path" if cfg.data.dataset == "imagefolder" else "root"

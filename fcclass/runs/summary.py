@@ -9,18 +9,80 @@ killed, and is shown as interrupted."""
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import subprocess
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:  # pragma: no cover
-    pass
+from fcclass.runs.layout import LOCK, SUMMARY
+from fcclass.runs.records import DamagedRecord, Record, read_record, write_record
 
-SUMMARY = "summary.json"
 FORMAT = 1
 STATES = ("running", "finished", "interrupted", "failed", "pruned")
+LIMIT = 16 << 20  # bytes; a record is a few KB
+
+
+class GitState(Record):
+    commit: str
+    dirty: bool
+    root: str
+
+
+class Epochs(Record):
+    planned: int | None = None
+    done: int = 0
+
+
+class Best(Record):
+    """The best epoch's metrics row (rounded as shown), with its number."""
+
+    epoch: int | None = None
+    val_accuracy: float | None = None
+    val_loss: float | None = None
+
+
+class TestFigures(Record):
+    """The test split's figures for the run's model: the trainer's end-of-training pass, or compress's measurement."""
+
+    epoch: int | None = None
+    accuracy: float | None = None
+    loss: float | None = None
+    images: int | None = None
+    top5_accuracy: float | None = None
+
+
+class Summary(Record):
+    """RUN_DIR/summary.json. Every key is optional on read: runs of earlier versions lack some, and `fcclass runs`
+    lists whatever a record holds; the keys are written in this order."""
+
+    format: int = FORMAT
+    name: str | None = None
+    run_dir: str | None = None
+    state: str | None = None  # one of STATES; another value reads as failed
+    started: str | None = None
+    ended: str | None = None
+    wall_seconds: float | None = None  # over all sessions
+    sessions: int | None = None
+    git: GitState | None = None
+    versions: dict[str, str] | None = None
+    host: str | None = None
+    platform: str | None = None
+    device: str | None = None
+    precision: str | None = None
+    threads: int | None = None
+    distributed: dict[str, Any] | None = None  # torchrun's processes, nodes, backend
+    command: str | None = None
+    dataset: str | None = None
+    data: str | None = None  # the data's root or folder
+    params: int | None = None
+    trainable_params: int | None = None
+    epochs: Epochs | None = None
+    best: Best | None = None
+    last: dict[str, Any] | None = None  # the last epoch's metrics row
+    test: TestFigures | None = None
+    stopped_early: bool | None = None
+    error: str | None = None
+    compressed: dict[str, Any] | None = None  # made by fcclass compress: from which run, and the change
 
 
 def now() -> str:
@@ -43,16 +105,21 @@ def git_state(folder: Path | None = None) -> dict[str, Any] | None:
     return {"commit": commit, "dirty": dirty, "root": root}
 
 
-# ----------------------------------------------------------------------------- reading
-def read_summary(run_dir: str | Path | None) -> dict[str, Any] | None:
-    """A run's summary.json, or None when it has none (runs from before fcclass wrote it) or it is unreadable."""
+# ----------------------------------------------------------------------------- reading and writing
+def read_summary(run_dir: str | Path | None) -> Summary | None:
+    """A run's summary.json, or None when it has none (runs from before fcclass wrote it) or it is damaged (not JSON,
+    a key of the wrong type, not a regular file, huge): such a run is described as if it had none."""
     if run_dir is None:
         return None
     try:
-        data = json.loads((Path(run_dir) / SUMMARY).read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
+        return read_record(Path(run_dir) / SUMMARY, Summary, LIMIT)
+    except DamagedRecord:
         return None
-    return data if isinstance(data, dict) else None
+
+
+def write_summary(run_dir: str | Path, summary: Summary) -> None:
+    """Atomically; raises OSError (or ValueError for a value JSON cannot hold)."""
+    write_record(Path(run_dir) / SUMMARY, summary)
 
 
 def lock_is_held(run_dir: Path) -> bool:
@@ -60,7 +127,7 @@ def lock_is_held(run_dir: Path) -> bool:
     import fcntl
 
     try:
-        with open(Path(run_dir) / ".lock") as f:
+        with open(Path(run_dir) / LOCK) as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -71,9 +138,9 @@ def lock_is_held(run_dir: Path) -> bool:
     return False
 
 
-def live_state(run_dir: Path, summary: dict[str, Any]) -> str:
+def live_state(run_dir: Path, summary: Summary) -> str:
     """The state a run is in now: a record that says running, of a run whose lock is free, was killed."""
-    state = summary.get("state") if summary.get("state") in STATES else "failed"
+    state = summary.state if summary.state in STATES else "failed"
     if state == "running" and not lock_is_held(run_dir):
         return "interrupted"
     return state

@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fcclass.errors import FcclassError
-from fcclass.files import RunWriteError, atomic_write_text, os_error_reason
+from fcclass.files import RunWriteError, os_error_reason
 from fcclass.runs.checkpoint import BEST, LAST
-from fcclass.runs.metrics import metrics_csv
+from fcclass.runs.layout import METRICS
+from fcclass.runs.metrics import write_metrics
 from fcclass.training.callbacks import BatchEnd, Callback
 from fcclass.training.state import TrainingDiverged, improved
 
@@ -95,8 +96,8 @@ class ModelCheckpoint(Callback):
             what = BEST
             if is_best:
                 trainer.checkpoint(row, training=False).save(run_dir / BEST)
-            what = "metrics.csv"
-            atomic_write_text(run_dir / "metrics.csv", metrics_csv(trainer.state.history))
+            what = METRICS
+            write_metrics(run_dir, trainer.state.history)
         except OSError as e:
             epoch = trainer.state.epoch
             kept = epoch - (1 if what == LAST else 0)

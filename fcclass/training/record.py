@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fcclass.runs.summary import FORMAT, SUMMARY, _program, git_state, now, read_summary
+from fcclass.runs.layout import SUMMARY
+from fcclass.runs.summary import FORMAT, Best, Epochs, Summary, _program, git_state, now, read_summary, write_summary
 from fcclass.training.callbacks import Callback
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -64,81 +65,79 @@ class RunRecord(Callback):
     """Keeps RUN_DIR/summary.json up to date while a run trains. A failed write is a warning, never a failed run."""
 
     def __init__(self) -> None:
-        self.data: dict[str, Any] = {}
+        self.summary = Summary()
         self.session_start = 0.0
         self.previous_wall = 0.0
         self.warned = False
 
     # ------------------------------------------------------------------------- hooks
     def on_fit_start(self, trainer: "Trainer") -> None:
-        old = read_summary(trainer.run_dir) or {}
+        old = read_summary(trainer.run_dir) or Summary()
         self.session_start = time.monotonic()
-        self.previous_wall = float(old.get("wall_seconds") or 0.0)
+        self.previous_wall = old.wall_seconds or 0.0
         counts = trainer.model.summary()  # Keras's counts, as fcclass summary shows them (BatchNorm statistics included)
         cfg = trainer.cfg
-        self.data = {
-            "format": FORMAT,
-            "name": cfg.name,
-            "run_dir": str(Path(trainer.run_dir).absolute()),
-            "state": "running",
-            "started": old.get("started") or now(),
-            "ended": None,
-            "wall_seconds": self.previous_wall,
-            "sessions": int(old.get("sessions") or 0) + 1,
-            "git": git_state(),
+        self.summary = Summary(
+            format=FORMAT,
+            name=cfg.name,
+            run_dir=str(Path(trainer.run_dir).absolute()),
+            state="running",
+            started=old.started or now(),
+            ended=None,
+            wall_seconds=self.previous_wall,
+            sessions=(old.sessions or 0) + 1,
+            git=git_state(),
             **environment(trainer),
-            "dataset": cfg.data.dataset,
-            "data": cfg.data.path if cfg.data.dataset == "imagefolder" else cfg.data.root,
-            "params": counts.total_params,
-            "trainable_params": counts.trainable_params,
-            "epochs": {"planned": cfg.train.epochs, "done": trainer.state.epoch},
-            "best": self._best(trainer),
-            "last": _round(trainer.state.history[-1]) if trainer.state.history else None,
-            "test": old.get("test"),
-            "stopped_early": trainer.state.stopped_early,
-            "error": None,
-        }
+            dataset=cfg.data.dataset,
+            data=cfg.data.path if cfg.data.dataset == "imagefolder" else cfg.data.root,
+            params=counts.total_params,
+            trainable_params=counts.trainable_params,
+            epochs=Epochs(planned=cfg.train.epochs, done=trainer.state.epoch),
+            best=self._best(trainer),
+            last=_round(trainer.state.history[-1]) if trainer.state.history else None,
+            test=old.test,
+            stopped_early=trainer.state.stopped_early,
+            error=None,
+        )
         self._write(trainer)
 
     def on_epoch_end(self, trainer: "Trainer", row: dict[str, Any], is_best: bool) -> None:
-        self.data["epochs"]["done"] = trainer.state.epoch
-        self.data["best"] = self._best(trainer)
-        self.data["last"] = _round(row)
-        self.data["stopped_early"] = trainer.state.stopped_early
-        self.data["test"] = None if is_best else self.data.get("test")  # a new best checkpoint: its test is not measured yet
+        s = self.summary
+        assert s.epochs is not None  # set by on_fit_start
+        s.epochs.done, s.best, s.last = trainer.state.epoch, self._best(trainer), _round(row)
+        s.stopped_early = trainer.state.stopped_early
+        s.test = None if is_best else s.test  # a new best checkpoint: its test is not measured yet
         self._write(trainer)
 
     def on_interrupt(self, trainer: "Trainer", signal_name: str, epoch: int) -> None:
-        self.data.update(state="interrupted", error=f"{signal_name} in epoch {epoch}")
+        self.summary.state, self.summary.error = "interrupted", f"{signal_name} in epoch {epoch}"
 
     def on_fit_error(self, trainer: "Trainer", error: BaseException) -> None:
-        self.data.update(state="failed", error=str(error)[:1000] or type(error).__name__)
+        self.summary.state, self.summary.error = "failed", str(error)[:1000] or type(error).__name__
         self._finish(trainer)
 
     def on_fit_end(self, trainer: "Trainer", result: "TrainResult") -> None:
         if result.removed:
             return
-        if self.data.get("state") == "running":
-            self.data["state"] = result.stopped_by or "finished"
+        if self.summary.state == "running":
+            self.summary.state = result.stopped_by or "finished"
         if result.test is not None:
-            self.data["test"] = result.test
+            self.summary.test = result.test
         self._finish(trainer, result)
 
     # ------------------------------------------------------------------------- writing
-    def _best(self, trainer: "Trainer") -> dict[str, Any] | None:
+    def _best(self, trainer: "Trainer") -> Best | None:
         best = _round(trainer.state.best)
-        return {"epoch": trainer.state.best_epoch, **best} if best else None
+        return Best.model_validate({"epoch": trainer.state.best_epoch, **best}) if best else None
 
     def _finish(self, trainer: "Trainer", result: "TrainResult | None" = None) -> None:
-        self.data["ended"] = now()
+        self.summary.ended = now()
         self._write(trainer, result)
 
     def _write(self, trainer: "Trainer", result: "TrainResult | None" = None) -> None:
-        from fcclass.files import write_json
-
-        self.data["wall_seconds"] = round(self.previous_wall + time.monotonic() - self.session_start, 1)
+        self.summary.wall_seconds = round(self.previous_wall + time.monotonic() - self.session_start, 1)
         try:
-            write_json(Path(trainer.run_dir) / SUMMARY, self.data)
+            write_summary(trainer.run_dir, self.summary)
         except (OSError, ValueError) as e:
             if not self.warned and result is not None:
                 result.warnings.append(f"{SUMMARY} was not written: {e}")

@@ -3,28 +3,28 @@ config, recorded splits and last checkpoint, after repairing a best.pt lost to a
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 from typing import Sequence
 
 from fcclass.config.registries import DATASETS, TorchvisionSet
 from fcclass.config.sections import Config
+from fcclass.data import data_root as data_location
 from fcclass.data import (
-    SplitRecord,
     dataset_from_record,
     describe,
     load_dataset,
     normalization,
 )
-from fcclass.data import data_root as data_location
 from fcclass.device import select_device
 from fcclass.errors import CheckpointError
-from fcclass.files import RunWriteError, atomic_write_text, os_error_reason
+from fcclass.files import RunWriteError, os_error_reason
 from fcclass.memory import check_training
 from fcclass.model.network import build_model
-from fcclass.runs.checkpoint import BEST, LAST, Checkpoint, create_run_dir, lock_run
+from fcclass.runs.checkpoint import BEST, Checkpoint, lock_run
+from fcclass.runs.create import create_run_dir, start_run, write_config
+from fcclass.runs.layout import SPLITS
 from fcclass.runs.resume import check_more_to_train, config_for_resume, resumable_checkpoint, with_absolute_paths
+from fcclass.runs.splits import read_splits, write_splits
 from fcclass.training.callbacks import Callback, decode_progress
 from fcclass.training.distributed import (
     check_same_config,
@@ -81,15 +81,8 @@ def start_trainer(cfg: Config, callbacks: Sequence[Callback] = ()) -> Trainer:
     record = data.record()
     run_dir = trainer.run_dir = create_run_dir(cfg.train.runs_dir, cfg.name)
     trainer.lock = lock_run(run_dir)
-    try:
-        for name, text in (("config.yaml", cfg.to_yaml()), ("classes.json", json.dumps(data.info.class_names, indent=2) + "\n"),
-                           ("splits.json", record.to_json())):
-            atomic_write_text(run_dir / name, text)
-        trainer.checkpoint(None, training=True).save(run_dir / LAST)  # epoch 0: a run killed in epoch 1 can resume
-    except OSError as e:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        raise RunWriteError(f"Cannot write the new run directory '{run_dir}': {os_error_reason(e)}. "
-                            "Set train.runs_dir to a writable folder with free space.") from None
+    start_run(run_dir, cfg, data.info.class_names, record, last=trainer.checkpoint(None, training=True),
+              fix="Set train.runs_dir to a writable folder with free space.")
     return trainer
 
 def resume_trainer(run_dir: str | Path, overrides: Sequence[str] = (), callbacks: Sequence[Callback] = (),
@@ -109,9 +102,9 @@ def resume_trainer(run_dir: str | Path, overrides: Sequence[str] = (), callbacks
     if job.is_main:
         repair_best(run_dir, ckpt, state)
     check_more_to_train(run_dir, cfg, state)
-    record = SplitRecord.read(run_dir)
+    record = read_splits(run_dir)
     if record is None:
-        raise CheckpointError(f"Cannot resume '{run_dir}': its splits.json is missing, so the data it trained on is unknown.")
+        raise CheckpointError(f"Cannot resume '{run_dir}': its {SPLITS} is missing, so the data it trained on is unknown.")
     with main_first(job):
         data = dataset_from_record(cfg.data, record, ("train", "val"), root=data_location(cfg.data), fetch=data_root is None,
                                    progress=decode_progress(callbacks))
@@ -122,10 +115,10 @@ def resume_trainer(run_dir: str | Path, overrides: Sequence[str] = (), callbacks
         return trainer
     try:
         if cfg.to_dict() != ckpt.config:
-            atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+            write_config(run_dir, cfg)
         if data_location(cfg.data) != record.root:  # the data moved: eval and later resumes find it there
             record.root = data_location(cfg.data)
-            record.write(run_dir)
+            write_splits(run_dir, record)
     except OSError as e:
         raise RunWriteError(f"Cannot write to '{run_dir}': {os_error_reason(e)}. Free some space or make it writable, then resume again.") from None
     return trainer

@@ -9,7 +9,6 @@ the run directory (``tracking.json``), so ``fcclass train --resume`` continues t
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -21,13 +20,14 @@ from urllib.parse import urlsplit, urlunsplit
 
 from fcclass.config.load import flatten
 from fcclass.errors import FcclassError
+from fcclass.runs.layout import TRACKING
+from fcclass.runs.tracking import TrackingRecord, read_tracking, write_tracking
 from fcclass.training.callbacks import Callback
 
 if TYPE_CHECKING:  # pragma: no cover
     from fcclass.config.sections import Config, MlflowConfig
     from fcclass.training.trainer import Trainer, TrainResult
 
-RECORD = "tracking.json"
 ENV_URI, ENV_EXPERIMENT = "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"
 ARTIFACTS = ("config.yaml", "curves.png", "confusion_matrix.png", "eval.json")
 EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds")
@@ -47,7 +47,7 @@ def mlflow_tracker(cfg: "Config | None", resume: str | Path | None = None, overr
     if resume is not None:
         cfg = _recorded_config(Path(resume))
     in_config = (cfg is not None and cfg.tracking.mlflow is not None) or any(o.startswith("tracking.") for o in overrides or ())
-    tracked_before = resume is not None and (Path(resume) / RECORD).is_file()
+    tracked_before = resume is not None and (Path(resume) / TRACKING).is_file()
     if not in_config and not tracked_before and not os.environ.get(ENV_URI) and not os.environ.get(ENV_EXPERIMENT):
         return None
     try:
@@ -55,7 +55,7 @@ def mlflow_tracker(cfg: "Config | None", resume: str | Path | None = None, overr
     except ImportError as e:
         why = ["tracking.mlflow is set in the config"] if in_config else []
         why += [f"{key} is set" for key in (ENV_URI, ENV_EXPERIMENT) if os.environ.get(key)]
-        why += [f"the run was logged to MLflow before ({Path(str(resume)) / RECORD})"] if tracked_before else []
+        why += [f"the run was logged to MLflow before ({Path(str(resume)) / TRACKING})"] if tracked_before else []
         raise FcclassError(f"This run is to be logged to MLflow ({'; '.join(why)}), but MLflow cannot be imported ({e}). "
                            "Install it with: pip install 'fcclass[track]'") from None
     return MlflowTracker(console)
@@ -80,34 +80,26 @@ class Target:
     run_id: str | None = None  # of a run already logged there (resume)
     experiment_id: str | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"tracking_uri": self.uri, "experiment": self.experiment, "experiment_id": self.experiment_id, "run_id": self.run_id}
+    def record(self) -> TrackingRecord:
+        assert self.run_id is not None
+        return TrackingRecord(tracking_uri=self.uri, experiment=self.experiment, experiment_id=self.experiment_id, run_id=self.run_id)
 
 
-def resolve_target(section: "MlflowConfig | None", name: str, record: dict[str, Any] | None = None) -> Target:
+def resolve_target(section: "MlflowConfig | None", name: str, record: TrackingRecord | None = None) -> Target:
     """The config section's values, else the environment's, else those ``record``ed by the run's earlier sessions
     (tracking.json), else MLflow's default store and the config's name."""
     import mlflow
 
-    recorded = record or {}
+    recorded_uri, recorded_experiment = (record.tracking_uri, record.experiment) if record is not None else (None, None)
     if section is not None and section.uri:
         uri = section.uri
-    elif os.environ.get(ENV_URI) or not recorded.get("tracking_uri"):
+    elif os.environ.get(ENV_URI) or not recorded_uri:
         uri = mlflow.get_tracking_uri()  # the environment's, else MLflow's default
     else:
-        uri = recorded["tracking_uri"]
+        uri = recorded_uri
     experiment = ((section.experiment if section is not None else None) or os.environ.get(ENV_EXPERIMENT)
-                  or recorded.get("experiment") or name)
+                  or recorded_experiment or name)
     return Target(str(uri), experiment)
-
-
-def read_record(run_dir: Path) -> dict[str, Any] | None:
-    """The run directory's tracking.json (written when its MLflow run was made), if readable."""
-    try:
-        raw = json.loads((run_dir / RECORD).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return raw if isinstance(raw, dict) and isinstance(raw.get("run_id"), str) else None
 
 
 @contextmanager
@@ -247,12 +239,12 @@ class MlflowTracker(Callback):
         from mlflow.tracking.context.registry import resolve_tags
 
         assert trainer.run_dir is not None
-        record = read_record(trainer.run_dir) if trainer.resumed else None
+        record = read_tracking(trainer.run_dir) if trainer.resumed else None
         self.target = target = resolve_target(trainer.cfg.tracking.mlflow, trainer.cfg.name, record)
         self.client = client = MlflowClient(tracking_uri=target.uri)  # may refuse the URI
-        if record is not None and record.get("tracking_uri") == target.uri:  # another store: a new run there
-            target.run_id, target.experiment_id = record["run_id"], record.get("experiment_id")
-            target.experiment = record.get("experiment") or target.experiment  # where the run is, whatever is set now
+        if record is not None and record.tracking_uri == target.uri:  # another store: a new run there
+            target.run_id, target.experiment_id = record.run_id, record.experiment_id
+            target.experiment = record.experiment or target.experiment  # where the run is, whatever is set now
             client.update_run(target.run_id, status="RUNNING")
             logged.update(client.get_run(target.run_id).data.params)
             return
@@ -294,13 +286,13 @@ class MlflowTracker(Callback):
 
     # ------------------------------------------------------------------------- local
     def _write_record(self, run_dir: Path) -> None:
-        from fcclass.files import os_error_reason, write_json
+        from fcclass.files import os_error_reason
 
         assert self.target is not None
         try:
-            write_json(run_dir / RECORD, self.target.to_dict())
+            write_tracking(run_dir, self.target.record())
         except OSError as e:
-            self.notes.append(f"{RECORD} was not written in {run_dir} ({os_error_reason(e)}): resuming the run will start a "
+            self.notes.append(f"{TRACKING} was not written in {run_dir} ({os_error_reason(e)}): resuming the run will start a "
                               "new MLflow run.")
 
     def _where(self) -> str:
