@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import DATA_ROOT, needs_fashion
@@ -16,6 +17,7 @@ from fcclass.model.network import build_model
 runner = CliRunner(env={"COLUMNS": "200"})
 
 
+@pytest.mark.slow  # Keras and two loops besides fcclass's: 20 s; test_throughput_on_a_named_device_without_keras covers the mode
 @needs_fashion
 def test_throughput_mode_compares_three_ways() -> None:
     res = runner.invoke(app, ["bench", "--images", "128", "--data-root", str(DATA_ROOT), "--json", "-"])
@@ -38,7 +40,8 @@ def test_throughput_mode_compares_three_ways() -> None:
 @needs_fashion
 def test_time_to_accuracy_mode_reports_per_epoch_test_accuracy() -> None:
     res = runner.invoke(app, ["bench", "--mode", "tta", "--model", "default", "--data-root", str(DATA_ROOT), "--target", "0.3",
-                              "--target", "0.999", "--set", "data.limit_train=2000", "--set", "train.epochs=2", "--set", "data.batch_size=128",
+                              "--target", "0.999", "--set", "data.limit_train=2000", "--set", "data.limit_test=2000", "--set", "train.epochs=2",
+                              "--set", "data.batch_size=128",
                               "--set", "optimizer={name: adam, lr: 0.003}", "--json", "-"])
     assert res.exit_code == 0, res.output
     (r,) = json.loads(res.stdout)["results"]
@@ -69,17 +72,15 @@ def test_keras_leg_builds_the_same_model_as_fcclass(name: str) -> None:
 
 
 @needs_fashion
-def test_throughput_on_a_named_device_without_keras() -> None:
+def test_throughput_on_a_named_device_without_keras(tmp_path: Path) -> None:
     res = runner.invoke(app, ["bench", "--images", "64", "--model", "default", "--device", "cpu", "--no-keras",
-                              "--data-root", str(DATA_ROOT), "--json", "-"])
+                              "--data-root", str(DATA_ROOT), "--json", str(tmp_path / "bench.json")])
     assert res.exit_code == 0, res.output
-    (r,) = json.loads(res.stdout)["results"]
+    (r,) = json.loads((tmp_path / "bench.json").read_text())["results"]
     from fcclass.device import cpu_bf16_native
 
     native = cpu_bf16_native()  # train.precision auto: bf16 on CPUs with native bf16, and the peak measured in it
     assert "keras" not in r and r["device"] == "cpu"
     assert (r["matmul_peak_dtype"], r["fcclass"]["precision"]) == (("bfloat16", "bf16") if native else ("float32", "fp32"))
-    res = runner.invoke(app, ["bench", "--images", "64", "--model", "default", "--device", "cpu", "--no-keras", "--data-root", str(DATA_ROOT)])
-    assert res.exit_code == 0, res.output
     caption = " ".join(res.output.split())  # the table's caption wraps at the table's width
     assert "Device: cpu" in caption and "pip install -e '.[bench]'" in caption  # Rich markup escaped

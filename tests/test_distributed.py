@@ -123,6 +123,7 @@ def test_torchrun_environment_mistakes_are_messages(monkeypatch: pytest.MonkeyPa
 
 
 # ----------------------------------------------------------------------------- real jobs
+@pytest.mark.slow  # the class-weighted equivalence test below covers the same path in the default suite
 @needs_fashion
 def test_two_processes_train_one_run_that_matches_one_process(tmp_path: Path) -> None:
     """`fcclass train --nproc-per-node 2` (torchrun, gloo): one run directory, written by rank 0, whose metrics match a

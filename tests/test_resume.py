@@ -90,6 +90,7 @@ def _config_file(tmp_path: Path, kind: str, clothes_folder: Path | None) -> Path
     return path
 
 
+@pytest.mark.slow  # 15-20 s each (three trainings, two of them in fresh processes); Ctrl-C and full-disk resumes stay fast
 @needs_fashion
 @pytest.mark.parametrize("kind", ["in-memory", "imagefolder"])
 def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:

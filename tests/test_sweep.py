@@ -157,6 +157,7 @@ def test_a_trial_interrupted_by_ctrl_c_runs_again_with_its_parameters(tmp_path: 
     assert len(out["trials"]) == 1 and out["trials"][0]["retry_of"] == 0 and out["trials"][0]["state"] == "complete"
 
 
+@pytest.mark.slow  # 25 s: the heartbeat test in test_sweep_storage.py also ends with exactly N trials from two workers
 @needs_fashion
 def test_two_workers_on_one_storage_finish_exactly_n_trials(tmp_path: Path) -> None:
     """Two processes (as on two machines) share one study through --storage; then --workers 2 in one command."""

@@ -273,6 +273,7 @@ def _shirt_recall(tmp_path: Path, folder: Path, **extra: object) -> float:
     return evaluate(result.run_dir).per_class["Shirt"]["accuracy"]
 
 
+@pytest.mark.slow  # four trainings and evaluations: 12 s; the header test below checks the weights reach the loss
 @needs_fashion
 def test_class_weights_and_balanced_sampler_raise_minority_recall(imbalanced: Path, tmp_path: Path) -> None:
     plain = _shirt_recall(tmp_path / "plain", imbalanced)
