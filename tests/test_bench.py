@@ -40,7 +40,7 @@ def test_throughput_mode_compares_three_ways() -> None:
 @needs_fashion
 def test_time_to_accuracy_mode_reports_per_epoch_test_accuracy() -> None:
     res = runner.invoke(app, ["bench", "--mode", "tta", "--model", "default", "--data-root", str(DATA_ROOT), "--target", "0.3",
-                              "--target", "0.999", "--set", "data.limit_train=2000", "--set", "data.limit_test=2000", "--set", "train.epochs=2",
+                              "--target", "0.999", "--set", "data.limit_train=1000", "--set", "data.limit_test=1000", "--set", "train.epochs=2",
                               "--set", "data.batch_size=128",
                               "--set", "optimizer={name: adam, lr: 0.003}", "--json", "-"])
     assert res.exit_code == 0, res.output

@@ -190,7 +190,7 @@ def test_output_to_a_pipe_is_not_wrapped_at_80_columns(tmp_path: Path) -> None:
 
 @needs_fashion
 def test_a_pipe_or_log_file_gets_progress_lines_during_an_epoch_and_json_is_rounded(tmp_path: Path) -> None:
-    args = [sys.executable, "-m", "fcclass.cli", "train", "--set", "data.limit_train=3000", "--set", "train.epochs=1",
+    args = [sys.executable, "-m", "fcclass.cli", "train", "--set", "data.limit_train=1500", "--set", "train.epochs=1",
             "--set", f"data.root={DATA_ROOT}", "--set", f"train.runs_dir={tmp_path}", "--log-interval", "0.05", "--no-test"]
     out = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr

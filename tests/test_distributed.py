@@ -157,7 +157,7 @@ def test_two_processes_with_class_weights_match_one_process(tmp_path: Path) -> N
     from fcclass.config.load import load_config
     from fcclass.training.fit import fit
 
-    config = _config(tmp_path, epochs=1, extra=WEIGHTS)
+    config = _config(tmp_path, n=1000, epochs=1, extra=WEIGHTS)
     single = fit(load_config(config, [f"train.runs_dir={tmp_path / 'single'}"]))
     out = subprocess.run([*FCCLASS, "train", "-c", str(config), "--nproc-per-node", "2"], cwd=tmp_path, env=_env(),
                          capture_output=True, text=True, timeout=180)
