@@ -202,7 +202,7 @@ TARGETS = ["fifo.png", "adir", "notes.txt/x", "/dev/null", "/dev/full", "out/new
 
 
 @needs_fashion
-@settings(max_examples=600 if DEEP else 10)
+@settings(max_examples=600 if DEEP else 6)
 @given(command=st.sampled_from(["predict", "export", "plot", "eval", "export-format", "predict-split"]),
        inputs=st.lists(st.sampled_from(INPUTS) | st.text(max_size=10), min_size=1, max_size=3),
        target=st.sampled_from(TARGETS) | st.text(min_size=1, max_size=10).map(lambda t: "out/" + t),
