@@ -301,6 +301,7 @@ def test_every_write_goes_through_the_safe_writer() -> None:
     ], offenders
 
 
+@pytest.mark.slow  # a fresh process's first ONNX export: 7 s; the FIFO and character-device tests stream exports in-process
 def test_a_model_or_figure_sent_to_stdout_is_all_that_stdout_gets(trained_run: Path, tmp_path: Path) -> None:
     for args, magic in ((["export", str(trained_run), "-o", "-"], None),):
         proc = subprocess.run([sys.executable, "-m", "fcclass.cli", *args], cwd=tmp_path, capture_output=True, timeout=120)
