@@ -1,6 +1,6 @@
 """`fcclass compress`: a smaller, faster copy of a trained run, in a new run directory of its own.
 
-Pruning (fcclass.pruning) and its optional fine-tuning make the float model; int8 quantization (fcclass.quantize)
+Pruning (compress.pruning) and its optional fine-tuning make the float model; int8 quantization (compress.quantize)
 makes an ONNX Runtime model from it. The new run has its own config (with the pruned sizes), classes, splits and
 best.pt, so eval, predict, export, summary and resume treat it like any other run; with an int8 model,
 ``compress.json`` names it and eval, predict and export use it. Every figure of the before/after table is measured

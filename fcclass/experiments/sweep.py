@@ -5,7 +5,7 @@ validates it, and trains it as a normal run in the sweep folder, reporting the m
 
 Reproducible: trial n's sampler is seeded from (seed, n), so the same command proposes the same trials, also when a
 rerun continues a study. This module plans the sweep and makes its Optuna pieces (storage, samplers, pruner, study);
-fcclass.sweep_run runs its workers (Optuna's optimize loop, with a heartbeat on RDB storages)."""
+fcclass.experiments.sweep_run runs its workers (Optuna's optimize loop, with a heartbeat on RDB storages)."""
 
 from __future__ import annotations
 

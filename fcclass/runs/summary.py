@@ -146,7 +146,7 @@ def live_state(run_dir: Path, summary: Summary) -> str:
     return state
 
 
-def _program(argv0: str) -> str:
+def program_name(argv0: str) -> str:
     """How the command was started, as the user would type it (``python -m fcclass`` and torchrun's processes show
     the package's __main__.py)."""
     name = os.path.basename(argv0)

@@ -70,7 +70,7 @@ class EarlyStopping(Callback):
             st.es_best, st.es_wait = row[monitor], 0
         else:
             st.es_wait += 1
-        st.stopped_early = es.patience is not None and st.es_wait >= es.patience
+        st.stopped_early = st.out_of_patience(es.patience)
 
 
 class ModelCheckpoint(Callback):

@@ -27,7 +27,7 @@ def fit(cfg: Config | None = None, *, resume: str | Path | None = None, override
     """Train ``cfg`` (or resume the run directory ``resume``) and return the run's result.
 
     ``console`` (a Rich Console) receives the header, progress and per-epoch lines; None trains silently.
-    ``callbacks`` observe the loop (see fcclass.callbacks). ``overrides``: ``--set`` items (for resume: RESUMABLE_KEYS).
+    ``callbacks`` observe the loop (see fcclass.training.callbacks). ``overrides``: ``--set`` items (for resume: RESUMABLE_KEYS).
     ``data_root``: on resume, where the run's data is now (the image folder, or the torchvision root), if it moved.
     """
     if resume is None and data_root is not None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fcclass.runs.layout import SUMMARY
-from fcclass.runs.summary import FORMAT, Best, Epochs, Summary, _program, git_state, now, read_summary, write_summary
+from fcclass.runs.summary import FORMAT, Best, Epochs, Summary, git_state, now, program_name, read_summary, write_summary
 from fcclass.training.callbacks import Callback
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -33,7 +33,7 @@ def environment(trainer: "Trainer") -> dict[str, Any]:
         "precision": _precision(trainer),
         "threads": torch.get_num_threads(),
         "distributed": _distributed(trainer),
-        "command": " ".join(_program(a) if i == 0 else a for i, a in enumerate(sys.argv))[:500],
+        "command": " ".join(program_name(a) if i == 0 else a for i, a in enumerate(sys.argv))[:500],
     }
 
 

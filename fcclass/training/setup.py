@@ -85,8 +85,9 @@ def start_trainer(cfg: Config, callbacks: Sequence[Callback] = ()) -> Trainer:
               fix="Set train.runs_dir to a writable folder with free space.")
     return trainer
 
+
 def resume_trainer(run_dir: str | Path, overrides: Sequence[str] = (), callbacks: Sequence[Callback] = (),
-               data_root: str | Path | None = None) -> Trainer:
+                   data_root: str | Path | None = None) -> Trainer:
     """Continue a run from its last completed epoch, with the config it was trained with (and the ``--set``
     changes RESUMABLE_KEYS allows); the recorded splits, so the data is the same (``data_root``: where it is now,
     if it moved)."""
@@ -97,8 +98,7 @@ def resume_trainer(run_dir: str | Path, overrides: Sequence[str] = (), callbacks
     check_same_config(job, cfg.to_dict())
     lock = lock_run(run_dir) if job.is_main else None
     state = TrainState.from_dict(ckpt.train_state or {})
-    es = cfg.train.early_stopping
-    state.stopped_early = es.patience is not None and state.es_wait >= es.patience
+    state.stopped_early = state.out_of_patience(cfg.train.early_stopping.patience)  # --set may have changed the patience
     if job.is_main:
         repair_best(run_dir, ckpt, state)
     check_more_to_train(run_dir, cfg, state)

@@ -34,6 +34,10 @@ class TrainState:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def out_of_patience(self, patience: int | None) -> bool:
+        """Early stopping's rule: its monitor has not improved for ``patience`` epochs (never, without a patience)."""
+        return patience is not None and self.es_wait >= patience
+
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "TrainState":
         return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})

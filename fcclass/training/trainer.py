@@ -51,8 +51,9 @@ from fcclass.training.state import TrainResult, TrainState, keep_zeros, stop_on_
 
 # ----------------------------------------------------------------------------- the trainer
 class Trainer:
-    """One run's training. Build it with ``Trainer.start(cfg)`` (a new run directory) or ``Trainer.resume(run_dir)``,
-    then ``fit()``. Callbacks observe every step; the trainer itself writes only the run directory."""
+    """One run's training. Build it with ``setup.start_trainer(cfg)`` (a new run directory) or
+    ``setup.resume_trainer(run_dir)``, then ``fit()``. Callbacks observe every step; the trainer itself writes only the
+    run directory, through its built-in callbacks."""
 
     def __init__(self, cfg: Config, run_dir: Path | None, data: Dataset, mean: list[float], std: list[float],
                  state: TrainState, callbacks: Sequence[Callback] = (), resumed: bool = False) -> None:
