@@ -36,11 +36,10 @@ from fcclass.inference.onnx import INT8_MODEL, OnnxNet
 from fcclass.model.network import Network
 from fcclass.runs.checkpoint import Checkpoint
 from fcclass.runs.create import create_run_dir, start_run
-from fcclass.runs.layout import BEST, SPLITS, SUMMARY
+from fcclass.runs.layout import BEST, COMPRESSED, SPLITS, SUMMARY
 from fcclass.runs.splits import read_splits
 from fcclass.runs.summary import Summary, TestFigures, now, read_summary, write_summary
 
-RECORD = "compress.json"
 FINETUNE_LR = 0.1  # fine-tuning starts from trained weights: the run's optimizer at a tenth of its learning rate
 
 
@@ -152,7 +151,7 @@ def compress(run: str | Path | None, options: Options, *, out: str | Path | None
             _quantize(target, small, sample)
         _measure(src, small if options.prune is not None else None, target, ds, options, result, console)
         _summarize(target, src, small, result)
-        write_json(target / RECORD, result.to_dict())
+        write_json(target / COMPRESSED, result.to_dict())
     except BaseException as e:
         if not (options.finetune and (target / BEST).is_file() and (target / SUMMARY).is_file()):
             shutil.rmtree(target, ignore_errors=True)  # nothing that took long to make: leave no half-made run behind

@@ -23,7 +23,6 @@ from typing import Any, Callable
 
 import yaml
 
-from fcclass.config.yaml_load import parse_yaml
 from fcclass.errors import FcclassError
 from fcclass.experiments.sweep import ReportEpochs, Sweep, is_rdb, open_study, suggest, trial_config, worker_study
 from fcclass.training.callbacks import monitor_value
@@ -257,11 +256,12 @@ def write_best(sweep: Sweep, board: list[Entry]) -> Path | None:
     """The best trial's config (as it trained: its parameters, seed and threads) as SWEEP_DIR/best.yaml, named after
     the sweep and writing its runs where the original config does."""
     from fcclass.files import atomic_write_text
+    from fcclass.runs.checkpoint import run_config
 
     best = next((e for e in board if e.state == "complete" and e.run_dir), None)
     if best is None:
         return None
-    raw = parse_yaml((Path(best.run_dir) / "config.yaml").read_text(encoding="utf-8"), str(Path(best.run_dir) / "config.yaml"))
+    raw = run_config(best.run_dir).to_dict()  # the run's config.yaml, read and validated by the run directory's owner
     raw["name"] = f"{sweep.base['name']}-best"
     raw["train"]["runs_dir"] = sweep.base["train"]["runs_dir"]
     raw.pop("sweep", None)

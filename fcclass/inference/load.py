@@ -18,6 +18,7 @@ from fcclass.device import autocast, select_device, select_precision
 from fcclass.errors import CheckpointError, DataError, FcclassError
 from fcclass.model.network import Network, build_model
 from fcclass.runs.checkpoint import Checkpoint, resolve_checkpoint, untrained_message
+from fcclass.runs.layout import COMPRESSED
 from fcclass.runs.splits import read_splits
 
 
@@ -156,7 +157,7 @@ def _int8_model(run_dir: Path, note: str | None) -> tuple[Any, str] | None:
     other runs. compress.json is written last, so a compression that did not finish is never used."""
     from fcclass.inference.onnx import INT8_MODEL, OnnxNet
 
-    if not ((run_dir / INT8_MODEL).is_file() and (run_dir / "compress.json").is_file()):
+    if not ((run_dir / INT8_MODEL).is_file() and (run_dir / COMPRESSED).is_file()):
         return None
     said = f"Model: {run_dir / INT8_MODEL} (int8, ONNX Runtime on the CPU); its float weights: --checkpoint {run_dir / 'best.pt'}"
     return OnnxNet(run_dir / INT8_MODEL), f"{note}. {said}" if note else said

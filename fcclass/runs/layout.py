@@ -12,6 +12,7 @@ from pathlib import Path
 CONFIG, CLASSES, SPLITS = "config.yaml", "classes.json", "splits.json"
 SUMMARY, METRICS, TRACKING = "summary.json", "metrics.csv", "tracking.json"
 BEST, LAST, LOCK = "best.pt", "last.pt", ".lock"
+COMPRESSED = "compress.json"  # a compressed run's before/after record; with model.int8.onnx, its deployed model
 
 
 def is_run_dir(path: Path) -> bool:
