@@ -261,6 +261,9 @@ class TrainConfig(Strict):
     threads: Annotated[int, Field(gt=0, le=1024)] | None = None  # CPU threads; None: OMP_NUM_THREADS, else all cores
     keep_pruned: bool = False  # kernel weights that are exactly zero when training starts stay zero (fine-tuning after fcclass compress --prune)
     sync_batchnorm: bool = False  # torchrun on GPUs: BatchNormalization statistics over the whole job's batch (SyncBatchNorm)
+    # A run of fewer optimizer steps than this at data.batch_size (a quick try) halves its batch, down to 16, and scales
+    # the learning rate with it (training.schedule.plan_batch); 0: always data.batch_size
+    short_run_steps: NonNegativeInt = 0
 
     @field_validator("device")
     @classmethod

@@ -70,6 +70,7 @@ class Summary(Record):
     device: str | None = None
     precision: str | None = None
     threads: int | None = None
+    batch_size: int | None = None  # the (global) batch trained with: data.batch_size, or smaller for a short run
     distributed: dict[str, Any] | None = None  # torchrun's processes, nodes, backend
     command: str | None = None
     dataset: str | None = None

@@ -54,6 +54,11 @@ def print_training_header(console: Console, trainer: Any) -> None:
         console.print(f"[yellow]No validation split (data.val_split is 0): best.pt keeps the epoch with the best "
                       f"{trainer.monitor_name(t.checkpoint.monitor)} and early stopping follows "
                       f"{trainer.monitor_name(t.early_stopping.monitor)} instead.[/yellow]")
+    plan = trainer.batch
+    if plan.adapted:
+        cfg = trainer.cfg
+        console.print(plan.describe(len(trainer.data.train), cfg.train.epochs, cfg.scheduler.max_lr or cfg.optimizer.lr,
+                                    trainer.resumed), highlight=False)
     for note in trainer.data.notes:
         console.print(f"[yellow]{escape(note)}[/yellow]")
 

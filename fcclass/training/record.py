@@ -32,6 +32,7 @@ def environment(trainer: "Trainer") -> dict[str, Any]:
         "device": str(trainer.device),
         "precision": _precision(trainer),
         "threads": torch.get_num_threads(),
+        "batch_size": trainer.batch.batch_size,
         "distributed": _distributed(trainer),
         "command": " ".join(program_name(a) if i == 0 else a for i, a in enumerate(sys.argv))[:500],
     }

@@ -3,12 +3,14 @@ or per epoch, and re-planned when a resumed run is given a different number of e
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
 from fcclass.config.registries import SCHEDULERS
-from fcclass.config.sections import SchedulerConfig
+from fcclass.config.sections import OptimizerConfig, SchedulerConfig
 
 
 class LRSchedule:
@@ -77,3 +79,60 @@ class LRSchedule:
                 for _ in range(self.steps_per_epoch):
                     self.after_batch()
                 self.after_epoch(monitored(epoch))
+
+
+SHORT_RUN_MIN_BATCH = 16  # the smallest a short run's batch is halved to (benchmarks/RESULTS.md: 16 beat 32 on 3,000 images)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """The batch a run trains with and the factor its learning rate is scaled by (``train.short_run_steps``)."""
+
+    batch_size: int  # the (global) batch training uses
+    configured: int  # data.batch_size
+    steps_configured: int  # the optimizer steps the run would take at data.batch_size
+    threshold: int  # train.short_run_steps
+
+    @property
+    def adapted(self) -> bool:
+        return self.batch_size != self.configured
+
+    @property
+    def lr_scale(self) -> float:
+        """The linear scaling rule: the learning rate per image stays what the config tuned at data.batch_size."""
+        return self.batch_size / self.configured
+
+    def scaled_optimizer(self, cfg: OptimizerConfig) -> OptimizerConfig:
+        return cfg if not self.adapted else cfg.model_copy(update={"lr": cfg.lr * self.lr_scale})
+
+    def scaled_scheduler(self, cfg: SchedulerConfig) -> SchedulerConfig:
+        """scheduler.max_lr and min_lr scale with optimizer.lr (the warm-up and one-cycle shapes stay)."""
+        if not self.adapted:
+            return cfg
+        return cfg.model_copy(update={"max_lr": cfg.max_lr * self.lr_scale if cfg.max_lr is not None else None,
+                                      "min_lr": cfg.min_lr * self.lr_scale})
+
+    def describe(self, images: int, epochs: int, lr: float, resumed: bool) -> str:
+        """The training header's line on an adapted batch (``lr``: the configured peak learning rate)."""
+        scaled = f"the learning rate scaled to {lr * self.lr_scale:.3g} ({lr:.3g} x {self.batch_size}/{self.configured})"
+        if resumed:
+            return (f"Short run: training at batch {self.batch_size}, with {scaled}, as this run started (it was too "
+                    f"short for data.batch_size {self.configured}; a resumed run keeps its batch).")
+        return (f"Short run: {images:,} images x {epochs} epoch(s) would be {self.steps_configured} optimizer steps at "
+                f"data.batch_size {self.configured}, under train.short_run_steps {self.threshold}: training at batch "
+                f"{self.batch_size} with {scaled}. Set train.short_run_steps=0 to train at batch {self.configured}.")
+
+
+def plan_batch(configured: int, short_run_steps: int, images: int, epochs: int, recorded: int | None = None) -> BatchPlan:
+    """A run that would take fewer than ``short_run_steps`` optimizer steps at ``configured`` (a quick try on a few
+    thousand images: a dozen steps at 256, too few for a schedule tuned for thousands) halves its batch, down to
+    SHORT_RUN_MIN_BATCH, until it takes at least that many; its learning rate is scaled by the same factor. Only
+    ever smaller, so a resumed run keeps the batch it started with (``recorded``, from its checkpoint)."""
+    steps = epochs * math.ceil(images / configured) if images else 0
+    batch = configured
+    if recorded is not None:
+        batch = recorded
+    elif short_run_steps:
+        while batch > SHORT_RUN_MIN_BATCH and epochs * math.ceil(images / batch) < short_run_steps:
+            batch = max(SHORT_RUN_MIN_BATCH, batch // 2)
+    return BatchPlan(batch, configured, steps, short_run_steps)

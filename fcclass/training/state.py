@@ -30,6 +30,7 @@ class TrainState:
     es_best: float | None = None  # early stopping: best value of its monitor so far
     es_wait: int = 0  # early stopping: epochs since it improved
     stopped_early: bool = False
+    batch_size: int | None = None  # the batch the run trains with (train.short_run_steps may have made it smaller)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -54,6 +55,7 @@ class TrainResult:
     removed: bool = False  # interrupted before any epoch completed: the run directory was removed
     device: str = "cpu"
     precision: str = "fp32"
+    batch_size: int | None = None  # the batch trained with (train.short_run_steps may have made it smaller)
     warnings: list[str] = field(default_factory=list)
     test: dict[str, Any] | None = None  # the best checkpoint on the test split (train.test_at_end): accuracy, loss...
     stopped_by: str | None = None  # what ended training early besides early stopping (a sweep's pruner: "pruned")

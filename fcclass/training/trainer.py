@@ -45,7 +45,7 @@ from fcclass.training.distributed import (
     peer_failed,
     shard,
 )
-from fcclass.training.schedule import LRSchedule
+from fcclass.training.schedule import LRSchedule, plan_batch
 from fcclass.training.state import TrainResult, TrainState, keep_zeros, stop_on_signals
 
 
@@ -74,7 +74,9 @@ class Trainer:
         self.net = self._wrap_ddp()  # what training steps call: the model itself, or its DDP wrapper under torchrun
         self.class_weights = class_weights(cfg.train.class_weight, data.info)
         d = cfg.data
-        self.train_loader = make_loader(data.train, d.batch_size, True, cfg.seed, data.channels, data.size,
+        self.batch = plan_batch(d.batch_size, cfg.train.short_run_steps, len(data.train), cfg.train.epochs, state.batch_size)
+        state.batch_size = self.batch.batch_size
+        self.train_loader = make_loader(data.train, self.batch.batch_size, True, cfg.seed, data.channels, data.size,
                                         balanced=d.sampler == "balanced", device=self.device, num_workers=d.num_workers, job=self.job)
         val = data.val.subset(shard(torch.arange(len(data.val)), self.job)) if self.job.enabled else data.val
         self.val_loader = (make_loader(val, 256, False, cfg.seed, data.channels, data.size, device=self.device,
@@ -85,8 +87,8 @@ class Trainer:
         if not params:
             raise FcclassError("Every layer is frozen (trainable: false), so there is nothing to train; unfreeze at least one layer.")
         self.params = params
-        self.optimizer = OPTIMIZERS[cfg.optimizer.name](params, cfg.optimizer)
-        self.schedule = LRSchedule(self.optimizer, cfg.scheduler, cfg.train.epochs, len(self.train_loader))
+        self.optimizer = OPTIMIZERS[cfg.optimizer.name](params, self.batch.scaled_optimizer(cfg.optimizer))
+        self.schedule = LRSchedule(self.optimizer, self.batch.scaled_scheduler(cfg.scheduler), cfg.train.epochs, len(self.train_loader))
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         weight = self.class_weights.to(self.device) if self.class_weights is not None else None
         self.loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.train.label_smoothing)
@@ -160,7 +162,7 @@ class Trainer:
         if self.cfg.train.keep_pruned:
             keep_zeros(self.model)
         result = TrainResult(self.run_dir, self.state.history, None, None, device=str(self.device),
-                             precision=precision_name(self.amp_dtype))
+                             precision=precision_name(self.amp_dtype), batch_size=self.batch.batch_size)
         try:
             with stop_on_signals() as stop:
                 self._stop = stop
