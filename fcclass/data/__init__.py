@@ -39,7 +39,7 @@ from fcclass.errors import DataError
 __all__ = [
     "BatchPreprocess", "DataInfo", "Dataset", "FileLoader", "IMAGE_EXTENSIONS", "LUMA", "MAX_IMAGE_PIXELS", "Progress", "Split",
     "SplitRecord", "TensorLoader", "augment_batch", "cache_folder", "channel_stats", "class_counts", "convert_channels", "data_root",
-    "class_weights", "dataset_from_record", "decode_threads", "describe", "normalization", "epoch_seed", "is_image_name",
+    "class_weights", "dataset_from_record", "record_differences", "decode_threads", "describe", "normalization", "epoch_seed", "is_image_name",
     "list_images", "load_dataset", "load_image", "load_resized",
     "make_loader", "resize_uint8", "rotate", "stratified_take", "unpack_debian_copy",
 ]
@@ -201,17 +201,16 @@ def dataset_from_record(cfg: DataConfig, record: SplitRecord, splits: Sequence[s
 def _file_splits(record: SplitRecord, splits: Sequence[str], base: Path, allow_changed: bool) -> tuple[dict[str, Split], list[str]]:
     if not base.is_dir():
         raise DataError(f"The run's image folder '{base}' is not there any more (moved or deleted). "
-                        "Point the run at the folder's new place with --data-root DIR.")
+                        "Point the run at the folder's new place with --data-root DIR, or record that place once for every "
+                        "later command: fcclass runs relocate RUN --data-root DIR.")
     parts, notes = {}, []
     for name in splits:
         rec = record.splits[name]
         check = check_files(rec, base)
         if (check.vanished or check.changed) and not allow_changed:
             raise DataError(
-                f"The {name} split recorded for this run has changed under '{base}' since training: "
-                + "; ".join(f"{len(files)} file(s) {what} ({', '.join(files[:5])}{', ...' if len(files) > 5 else ''})"
-                            for what, files in (("vanished", check.vanished), ("changed", check.changed)) if files)
-                + ". Restore them, point --data-root at the copy the run was trained on, or pass --allow-changed-data to use "
+                f"The {name} split recorded for this run has changed under '{base}' since training: {check.describe()}. "
+                "Restore them, point --data-root at the copy the run was trained on, or pass --allow-changed-data to use "
                 "the files as they are now (vanished ones skipped).")
         if check.vanished or check.changed:
             notes.append(f"--allow-changed-data: of the {len(rec['files']):,} recorded {name} files, {len(check.vanished)} vanished "
@@ -225,6 +224,26 @@ def _file_splits(record: SplitRecord, splits: Sequence[str], base: Path, allow_c
         notes.append(f"{added:,} image(s) in '{base}' are not in any split recorded for this run (added after training); "
                      "they are left out.")
     return parts, notes
+
+
+def record_differences(cfg: DataConfig, record: SplitRecord, root: str | Path) -> list[str]:
+    """How the data at ``root`` differs from the splits a run recorded, one line per difference (empty: it is the same
+    data): an image folder's vanished or changed files, per split; a torchvision set that is missing there, or whose
+    sets or labels are not those recorded. Reads only what the checks need (no decoding, no cache)."""
+    base = Path(root).expanduser().absolute()
+    if record.kind == "files":
+        return [f"the {name} split: {check.describe()}" for name in SPLIT_NAMES if name in record.splits
+                for check in [check_files(record.splits[name], base)] if check.vanished or check.changed]
+    pools = {split["pool"] for split in record.splits.values()}
+    try:
+        source = open_source(cfg.model_copy(update={"dataset": record.dataset}).moved_to(base), pools=sorted(pools), fetch=False)
+        for name, split in record.splits.items():
+            tensor_split(record, name, source.pools[split["pool"]])
+    except DataError as e:
+        return [str(e)]
+    if source.class_names != record.class_names:
+        return [f"its labels are {source.class_names}, the run's {record.class_names}"]
+    return []
 
 
 def _recorded_pools(base: Path, parts: dict[str, Split]) -> tuple[dict[str, list[Path]], dict[str, tuple[str, torch.Tensor]]]:
