@@ -84,3 +84,25 @@ def test_throughput_on_a_named_device_without_keras(tmp_path: Path) -> None:
     assert (r["matmul_peak_dtype"], r["fcclass"]["precision"]) == (("bfloat16", "bf16") if native else ("float32", "fp32"))
     caption = " ".join(res.output.split())  # the table's caption wraps at the table's width
     assert "Device: cpu" in caption and "pip install -e '.[bench]'" in caption  # Rich markup escaped
+    out = json.loads((tmp_path / "bench.json").read_text())  # one repeat: no spread of the loops, the peak's may warn
+    assert r["spread"] == {"reference": 0.0, "fcclass": 0.0} and r["warnings"] == [] and len(r["repeat_images_per_s"]["fcclass"]) == 1
+    assert all(w["measurement"].startswith("the matmul peak") for w in out["warnings"])
+    assert all(f"Warning: {w['measurement']} varied by" in caption for w in out["warnings"])
+
+
+def test_repeats_that_disagree_by_more_than_a_fifth_are_named_with_their_spread() -> None:
+    from fcclass.bench.runner import ThroughputResult, spread, spread_warnings
+
+    assert spread([100.0]) == 0.0 and spread([]) == 0.0 and spread([100.0, 100.0]) == 0.0
+    assert spread([100.0, 75.0, 90.0]) == pytest.approx(0.25)  # the slowest 25% below the fastest
+    assert spread_warnings({"steady": [100.0, 81.0], "one": [5.0]}, "images/s") == []  # 19%: within a quiet machine's noise
+    (w,) = spread_warnings({"steady": [100.0, 95.0], "busy": [1000.0, 600.0, 950.0]}, "images/s")
+    assert (w["measurement"], w["repeats"], w["spread"], w["slowest"], w["fastest"]) == ("busy", 3, 0.4, 600.0, 1000.0)
+    assert w["message"].startswith("busy varied by 40% over its 3 repeats (600 to 1,000 images/s")
+    assert "probably busy" in w["message"] and "nothing else running" in w["message"]
+    result = ThroughputResult("default", {"images_per_s": 900.0}, {"images_per_s": 100.0}, 1e6, 50.0,
+                              repeat_rates={"reference": [100.0, 98.0], "fcclass": [900.0, 500.0]})
+    out = result.to_dict()
+    assert out["spread"] == {"reference": 0.02, "fcclass": 0.4444}
+    (w,) = out["warnings"]
+    assert w["measurement"] == "fcclass's loop (default model)" and w["message"].startswith("fcclass's loop (default model) varied by 44%")

@@ -236,3 +236,29 @@ def test_each_epoch_order_depends_only_on_seed_and_epoch() -> None:
     assert order(a) == order(b) and sorted(order(a)) == list(range(50))
     a.set_epoch(3)
     assert order(a) != order(b)
+
+
+# ----------------------------------------------------------------------------- train.class_weight keys
+def test_class_weight_keys_are_label_names_or_keras_indices_unless_labels_are_numbers() -> None:
+    from fcclass.data import DataInfo, class_weights
+
+    fashion = DataInfo(["T-shirt/top", "Trouser", "Pullover"], (1, 28, 28))
+    assert class_weights({"0": 5.0}, fashion).tolist() == [5.0, 1.0, 1.0]  # Keras: {0: 5.0} is the first label
+    assert class_weights({"Pullover": 2.0, "1": 3.0}, fashion).tolist() == [1.0, 3.0, 2.0]
+    digits = DataInfo(["3", "8"], (1, 28, 28))
+    assert class_weights({"8": 5.0}, digits).tolist() == [1.0, 5.0]  # labels that are numbers: the folder name, not index 8
+    cases = [
+        (fashion, {"3": 2.0}, ["index 3 is out of range", "0 to 2", "0: T-shirt/top, 1: Trouser, 2: Pullover"]),
+        (fashion, {"-1": 2.0}, ["index -1 is out of range"]),
+        (fashion, {"0": 2.0, "T-shirt/top": 3.0}, ["'0' and 'T-shirt/top' both name label 'T-shirt/top'"]),
+        (fashion, {"Shirts": 2.0, "Coat": 1.0}, ["unknown label 'Shirts'", "unknown label 'Coat'", "T-shirt/top, Trouser, Pullover",
+                                                 "or their indices, 0 to 2"]),
+        (digits, {"0": 2.0}, ["'0' is not a label", "the labels are 3, 8", "never by index"]),
+        (DataInfo(["cat", "7"], (3, 8, 8)), {"1": 2.0}, ["'1' is not a label", "some of them are numbers (7)"]),
+    ]
+    for info, spec, parts in cases:
+        with pytest.raises(DataError) as caught:
+            class_weights(spec, info)
+        assert str(caught.value).startswith("train.class_weight: ")
+        for part in parts:
+            assert part in str(caught.value), (spec, str(caught.value))

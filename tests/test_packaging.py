@@ -123,3 +123,55 @@ def test_version_and_plain_help() -> None:
     assert res.exit_code == 0 and res.stdout.strip() == f"fcclass {__version__}"
     res = runner.invoke(app, ["train", "--help"])
     assert "--print-config " in res.stdout and "<bool>" not in res.stdout  # flags take no value
+
+
+# ----------------------------------------------------------------------------- setup.sh, dry: fake python, pip and apt-get
+FAKE_PYTHON = """#!/usr/bin/env bash
+case "$1" in
+  --version) echo "Python 3.11.2" ;;
+  -m) if [ "$2" = venv ]; then mkdir -p "$3/bin" && cp "$0" "$3/bin/python"; exit 0; fi
+      case " $* " in *" --upgrade pip "*) exit 0 ;; esac
+      cat "$FAKE_PIP_OUTPUT"; exit "$FAKE_PIP_STATUS" ;;
+esac
+"""
+PIP_OUTPUT = """Obtaining file:///src
+Collecting torch>=2.2 (from fcclass==0.4.0)
+  Downloading torch-2.5.1-cp311-cp311-manylinux1_x86_64.whl (906.4 MB)
+Collecting rich
+  Downloading rich-13.9.4-py3-none-any.whl (242 kB)
+Collecting small
+  Downloading small-1.0-py3-none-any.whl (5.1 MB)
+ERROR: pip's last words
+Successfully installed fcclass-0.4.0 rich-13.9.4 small-1.0 torch-2.5.1
+"""
+
+
+def _setup(tmp_path: Path, status: int) -> subprocess.CompletedProcess[str]:
+    """./setup.sh in a copy of its own, with a python whose venv's pip prints PIP_OUTPUT and exits with ``status``
+    (and an apt-get and sudo that only fail, should this machine lack Debian's Fashion-MNIST)."""
+    (tmp_path / "bin").mkdir(exist_ok=True)
+    for name, text in (("python3", FAKE_PYTHON), ("apt-get", "#!/bin/sh\nexit 1\n"), ("sudo", "#!/bin/sh\nexec \"$@\"\n")):
+        (tmp_path / "bin" / name).write_text(text)
+        (tmp_path / "bin" / name).chmod(0o755)
+    (tmp_path / "setup.sh").write_bytes((ROOT / "setup.sh").read_bytes())
+    (tmp_path / "pip.out").write_text(PIP_OUTPUT)
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "FAKE_PIP_OUTPUT": str(tmp_path / "pip.out"),
+           "FAKE_PIP_STATUS": str(status)}
+    env.pop("PYTHON", None)
+    return subprocess.run(["bash", str(tmp_path / "setup.sh")], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_setup_sh_says_what_it_does_and_keeps_pips_exit_status(tmp_path: Path) -> None:
+    done = _setup(tmp_path, 0)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "==> Creating .venv with python3 (Python 3.11.2)" and lines[-1].startswith("Ready in ")
+    assert "==> Installing fcclass and its dependencies" in done.stdout and "      installed 4 packages" in lines
+    assert "      downloading torch-2.5.1-cp311-cp311-manylinux1_x86_64.whl (906.4 MB)" in lines
+    assert "rich" not in done.stdout and "small-1.0" not in done.stdout  # small downloads are left out
+    assert "ERROR: pip's last words" in done.stderr  # pip's warnings and errors still show
+    assert (tmp_path / ".venv" / "pip-install.log").read_text() == PIP_OUTPUT  # all of pip's output, kept
+    failed = _setup(tmp_path, 3)
+    assert failed.returncode == 3 and "Ready" not in failed.stdout
+    assert "==> Using the existing .venv (Python 3.11.2)" in failed.stdout
+    assert "error: pip failed (exit status 3)" in failed.stderr and "Collecting torch" in failed.stderr

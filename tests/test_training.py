@@ -304,6 +304,31 @@ def test_training_header_shows_device_counts_and_class_weights(imbalanced: Path,
     assert "7.000" in res.output and "0.700" in res.output  # 567 / (3 x 27) and 567 / (3 x 270), worked by hand
 
 
+@needs_fashion
+def test_training_header_says_the_balanced_sampler_is_on_and_what_it_draws(imbalanced: Path, tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"data: {{dataset: imagefolder, path: '{imbalanced}', channels: 1, num_workers: 0, sampler: balanced}}\n"
+        "model: {layers: [{type: Flatten}, {type: Dense}]}\n"
+        f"train: {{epochs: 1, runs_dir: '{tmp_path / 'runs'}'}}\n"
+    )
+    res = runner.invoke(app, ["train", "-c", str(cfg)])
+    assert res.exit_code == 0, res.output
+    out = " ".join(res.output.split())
+    # 270 + 270 + 27 training images: an epoch draws 567, 189 of each label on average
+    assert "Drawn / epoch" in res.output and res.output.count("≈189") == 4  # three rows and the note
+    assert "Balanced sampler (data.sampler: balanced): each epoch draws 567 training images with replacement" in out
+    assert "every label equally often (≈189 each" in out and "applies on top" not in out
+
+
+def test_balanced_draws_leave_out_labels_without_images() -> None:
+    from fcclass.training.console import balanced_draws, balanced_sampler_line
+
+    assert balanced_draws([270, 270, 27]) == [189.0, 189.0, 189.0]
+    assert balanced_draws([10, 0, 20]) == [15.0, 0.0, 15.0] and balanced_draws([0, 0]) == [0.0, 0.0]
+    assert "train.class_weight applies on top of it" in balanced_sampler_line([10, 20], weighted=True)
+
+
 def test_unknown_label_in_class_weight_mapping_is_an_error(imbalanced: Path, tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -227,28 +227,63 @@ def train_flops_per_image(model_name: str, data_root: str) -> float:
     return counter.get_total_flops() / 16
 
 
-def matmul_peak_gflops(device: torch.device | None = None, dtype: torch.dtype = torch.float32, repeats: int = 10) -> float:
-    """Best GFLOP/s of a square matmul in ``dtype`` on ``device`` (2048 on the CPU, 8192 on a GPU)."""
+class Peak(NamedTuple):
+    gflops: float  # the best repeat's
+    dtype: str
+    repeats: list[float]  # GFLOP/s of each timed repeat, for their spread
+
+
+def matmul_repeats(device: torch.device | None = None, dtype: torch.dtype = torch.float32, repeats: int = 10) -> list[float]:
+    """GFLOP/s of each of ``repeats`` square matmuls in ``dtype`` on ``device`` (2048 on the CPU, 8192 on a GPU), after
+    one untimed warm-up."""
     device = device or torch.device("cpu")
     size = 2048 if device.type == "cpu" else 8192
     a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
     a @ b
     _sync(device)
-    best = float("inf")
+    rates = []
     for _ in range(repeats):
         t = time.perf_counter()
         a @ b
         _sync(device)
-        best = min(best, time.perf_counter() - t)
-    return 2 * size**3 / best / 1e9
+        rates.append(2 * size**3 / (time.perf_counter() - t) / 1e9)
+    return rates
 
 
-def training_peak(device: torch.device) -> tuple[float, str]:
-    """The matmul peak in the precision fcclass trains in on ``device`` (bf16 autocast on CUDA, else fp32), and its name."""
+def training_peak(device: torch.device) -> Peak:
+    """The matmul peak in the precision fcclass trains in on ``device`` (bf16 autocast on CUDA, else fp32), its name,
+    and every repeat's figure."""
     from fcclass.device import select_precision
 
     dtype = select_precision("auto", device) or torch.float32
-    return matmul_peak_gflops(device, dtype), str(dtype).removeprefix("torch.")
+    rates = matmul_repeats(device, dtype)
+    return Peak(max(rates), str(dtype).removeprefix("torch."), rates)
+
+
+# ----------------------------------------------------------------------------- repeats that disagree
+SPREAD_LIMIT = 0.20  # the slowest repeat this far below the fastest: the machine was busy, the figures are unreliable
+LOOP_NAMES = {"reference": "the PyTorch-examples loop", "keras": "Keras's model.fit", "fcclass": "fcclass's loop"}
+
+
+def spread(rates: Sequence[float]) -> float:
+    """How far the slowest of repeated measurements fell below the fastest, as a fraction of the fastest (0 for one)."""
+    return 0.0 if len(rates) < 2 or max(rates) <= 0 else 1 - min(rates) / max(rates)
+
+
+def spread_warnings(measurements: dict[str, Sequence[float]], unit: str) -> list[dict[str, Any]]:
+    """One warning for each measurement whose repeats disagree by more than SPREAD_LIMIT: which one, by how much,
+    what that means and what to do."""
+    out = []
+    for name, rates in measurements.items():
+        s = spread(rates)
+        if s > SPREAD_LIMIT:
+            out.append({"measurement": name, "repeats": len(rates), "spread": round(s, 4), "slowest": min(rates),
+                        "fastest": max(rates), "unit": unit,
+                        "message": f"{name} varied by {s:.0%} over its {len(rates)} repeats ({min(rates):,.0f} to {max(rates):,.0f} "
+                                   f"{unit}, more than the {SPREAD_LIMIT:.0%} a quiet machine stays within): the machine was "
+                                   "probably busy with other work, so the figures that use it are unreliable. Re-run the "
+                                   "benchmark with nothing else running."})
+    return out
 
 
 @dataclass
@@ -260,6 +295,11 @@ class ThroughputResult:
     peak_gflops: float
     keras: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    repeat_rates: dict[str, list[float]] = field(default_factory=dict)  # images/s of every repeat of each loop
+
+    @property
+    def warnings(self) -> list[dict[str, Any]]:
+        return spread_warnings({f"{LOOP_NAMES[name]} ({self.model} model)": rates for name, rates in self.repeat_rates.items()}, "images/s")
 
     @property
     def speedup(self) -> float:
@@ -274,14 +314,16 @@ class ThroughputResult:
         if self.keras is not None:
             out |= {"keras": self.keras, "speedup_vs_keras": self.fcclass["images_per_s"] / self.keras["images_per_s"]}
         return out | {"train_gflop_per_image": self.flops_per_image / 1e9, "achieved_gflops": self.achieved_gflops,
-                      "matmul_peak_gflops": self.peak_gflops, "fraction_of_peak": self.achieved_gflops / self.peak_gflops}
+                      "matmul_peak_gflops": self.peak_gflops, "fraction_of_peak": self.achieved_gflops / self.peak_gflops,
+                      "repeat_images_per_s": self.repeat_rates,
+                      "spread": {name: round(spread(rates), 4) for name, rates in self.repeat_rates.items()}, "warnings": self.warnings}
 
 
-def throughput(model_name: str, data_root: str = "data", images: int = 12_800, peak: tuple[float, str] | None = None,
+def throughput(model_name: str, data_root: str = "data", images: int = 12_800, peak: Peak | None = None,
                repeats: int = 1, keras: bool = True, device: str = "auto") -> ThroughputResult:
     """Alternate the reference, Keras (when installed, ``keras`` and it trains on the same device) and fcclass
-    ``repeats`` times on ``device``; keep each one's best run (machines are noisy). ``peak``: a training_peak() to
-    reuse across models."""
+    ``repeats`` times on ``device``; keep each one's best run (machines are noisy) and every run's figure, whose spread
+    says how noisy (``ThroughputResult.warnings``). ``peak``: a training_peak() to reuse across models."""
     from fcclass.device import select_device
 
     dev = select_device(device)
@@ -292,14 +334,17 @@ def throughput(model_name: str, data_root: str = "data", images: int = 12_800, p
     if keras and keras_runs_on(dev):
         loops["keras"] = lambda: keras_loop(model_name, data_root, images)
     best: dict[str, dict[str, Any]] = {}
+    rates: dict[str, list[float]] = {name: [] for name in loops}
     for _ in range(repeats):
         for name, run in loops.items():
             result = run()
+            rates[name].append(result["images_per_s"])
             if name not in best or result["images_per_s"] > best[name]["images_per_s"]:
                 best[name] = result
-    peak_gflops, peak_dtype = peak if peak is not None else training_peak(dev)
+    peak_gflops, peak_dtype, _ = peak if peak is not None else training_peak(dev)
     return ThroughputResult(model_name, best["fcclass"], best["reference"], train_flops_per_image(model_name, data_root),
-                            peak_gflops, best.get("keras"), {"repeats": repeats, "device": str(dev), "matmul_peak_dtype": peak_dtype})
+                            peak_gflops, best.get("keras"), {"repeats": repeats, "device": str(dev), "matmul_peak_dtype": peak_dtype},
+                            rates)
 
 
 def time_to_accuracy(model_name: str, targets: list[float], data_root: str = "data", overrides: list[str] | None = None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import typer
+from rich.markup import escape
 
 from fcclass.cli.common import DeviceOpt, JsonOpt, SetOpt, _check_json_target, _emit_json, _handle_errors, _human_console, app
 from fcclass.errors import FcclassError
@@ -54,6 +55,7 @@ def bench(
     dev = select_device(device)
     console = _human_console(json_out)
     results: list[dict[str, Any]] = []
+    warnings: list[dict[str, Any]] = []  # repeats that disagree (throughput mode)
     if mode == "throughput":
         peak = B.training_peak(dev)
         with_keras = keras and B.keras_runs_on(dev)
@@ -63,8 +65,11 @@ def bench(
             loops = "the PyTorch-examples loop, Keras and fcclass" if with_keras else "the PyTorch-examples loop and fcclass"
             console.print(f"[bold]{name}[/bold]: timing {loops} on {images:,} images ({dev})...")
             results.append(B.throughput(name, data_root, images, peak=peak, repeats=repeats, keras=with_keras, device=device).to_dict())
+        warnings = B.spread_warnings({f"the matmul peak ({peak.dtype})": peak.repeats}, "GFLOP/s") + [w for r in results for w in r["warnings"]]
         if json_out != "-":
             console.print(throughput_table(results))
+        for warning in warnings:  # on stderr with --json -
+            console.print(f"[yellow]Warning: {escape(warning['message'])}[/yellow]", highlight=False)
     else:
         for name in model:
             console.print(f"[bold]{name}[/bold]: training until the end of its config, testing after each epoch...")
@@ -75,4 +80,4 @@ def bench(
 
     _emit_json(json_out, {"mode": mode, "machine": {"processor": platform.processor() or platform.machine(),
                                                      "cpu_threads": torch.get_num_threads(), "torch": torch.__version__},
-                          "results": results})
+                          "results": results, **({"warnings": warnings} if mode == "throughput" else {})})

@@ -1,5 +1,5 @@
-"""`fcclass runs` (list the runs of a folder) and `fcclass runs compare` (their config differences, metrics and
-validation curves side by side)."""
+"""`fcclass runs` (list the runs of a folder), `fcclass runs compare` (their config differences, metrics and
+validation curves side by side) and `fcclass runs relocate` (record where a run's data is now)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from rich.markup import escape
 from fcclass.cli.common import JsonOpt, RunsDirOpt, _check_json_target, _emit_json, _handle_errors, _human_console, app, err_console
 
 runs_app = typer.Typer(help="List the runs of a folder (name, data, size, epochs, accuracy, time, state); "
-                            "`fcclass runs compare RUN RUN...` compares runs.", invoke_without_command=True,
+                            "`fcclass runs compare RUN RUN...` compares runs; `fcclass runs relocate RUN --data-root DIR` "
+                            "records where a run's data is now.", invoke_without_command=True,
                        no_args_is_help=False, rich_markup_mode=None)
 app.add_typer(runs_app, name="runs")
 
@@ -74,3 +75,32 @@ def compare(
         err_console.print(f"Wrote {escape(str(figure))}", highlight=False)
     _emit_json(json_out, {"runs": [r.to_dict() for r in rows], "config_differences": {k: v for k, v in diffs},
                           "figure": str(figure)})
+
+
+@runs_app.command()
+@_handle_errors
+def relocate(
+    run: str = typer.Argument(..., metavar="RUN", help="A run directory, or a run name in --runs-dir."),
+    data_root: Path = typer.Option(..., "--data-root", help="Where the run's data is now: the image folder (data.path) for "
+                                   "imagefolder runs, the dataset root (data.root) for torchvision sets."),
+    runs_dir: Path = RunsDirOpt,
+    json_out: Optional[str] = JsonOpt,
+) -> None:
+    """Record where a run's data is now, after it moved: checks that the new place holds the run's recorded splits
+    unchanged, then rewrites the run's records, so eval, predict and train --resume find it without --data-root."""
+    _check_json_target(json_out)
+    from fcclass.runs.listing import resolve_run
+    from fcclass.runs.relocate import relocate as record_place
+
+    moved = record_place(resolve_run(run, runs_dir), data_root)
+    if json_out != "-":
+        console = _human_console(json_out)
+        checked = f"the {moved.checked:,} images of its recorded splits are there, unchanged"
+        if moved.rewritten:
+            console.print(f"Relocated [bold]{escape(moved.run_dir)}[/bold]: {moved.key} {escape(moved.old)} → {escape(moved.new)} "
+                          f"({checked}). Rewrote {', '.join(moved.rewritten)}; eval, predict and train --resume now find the "
+                          "data there without --data-root.", highlight=False)
+        else:
+            console.print(f"[bold]{escape(moved.run_dir)}[/bold] already records {moved.key} {escape(moved.new)} ({checked}); "
+                          "nothing to change.", highlight=False)
+    _emit_json(json_out, moved.to_dict())

@@ -241,8 +241,7 @@ def _write_run(target: Path, src: Inference, cfg: Config, model: torch.nn.Module
         raise FcclassError(f"'{src.run_dir}' has no {SPLITS}, so its test split is unknown; compress a run trained by this fcclass.")
     cfg = finetune_config(cfg, options.finetune, options.prune is not None and not options.structured, target.parent, overrides)
     if data_root is not None:  # the data moved: the new run records where it is now, as a resumed run does
-        key = "path" if cfg.data.dataset == "imagefolder" else "root"
-        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={key: str(Path(data_root).absolute())})})
+        cfg = cfg.model_copy(update={"data": cfg.data.moved_to(data_root)})
         record.root = data_location(cfg.data)
     c = src.checkpoint
     best = None if options.finetune else Checkpoint(model_state=model.state_dict(), config=cfg.to_dict(), class_names=list(c.class_names),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 from typing import Annotated, Any, ClassVar, Iterable, Literal
 
 import yaml
@@ -126,6 +127,15 @@ class DataConfig(Strict):
     cache_dir: str | None = None  # null: $FCCLASS_CACHE_DIR, else $XDG_CACHE_HOME/fcclass, else ~/.cache/fcclass
     cache_max_gb: float = Field(8.0, gt=0)  # a larger cache is not built: the images are decoded every epoch instead
 
+    @property
+    def location_key(self) -> str:
+        """The key that says where the data is: data.path for an image folder, data.root for torchvision sets."""
+        return "path" if self.dataset == "imagefolder" else "root"
+
+    def moved_to(self, place: str | Path) -> "DataConfig":
+        """This config with the data at ``place`` (made absolute): how --data-root and `fcclass runs relocate` apply."""
+        return self.model_copy(update={self.location_key: str(Path(place).expanduser().absolute())})
+
     @model_validator(mode="after")
     def _imagefolder_needs_path(self) -> "DataConfig":
         if self.dataset == "imagefolder" and not self.path:
@@ -233,7 +243,9 @@ class CheckpointConfig(Strict):
 
 def _class_weight(value: Any) -> str | dict[str, float] | None:
     """balanced or {label: weight}. Labels are folder names, hence strings, but YAML reads {3: 5.0} with a number
-    for key: the keys become strings. Checked here, before the annotation's union, to give one line per mistake."""
+    for key: the keys become strings (which label a key means, a name or an index as in Keras, is resolved against
+    the data's labels: fcclass.data.label_position). Checked here, before the annotation's union, to give one line
+    per mistake."""
     if value is None or (isinstance(value, str) and value == "balanced"):
         return value
     if not isinstance(value, dict):

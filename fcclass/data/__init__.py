@@ -6,6 +6,7 @@ splits (``splits``), the batch loaders (``loaders``) and batch preprocessing on 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -39,7 +40,7 @@ from fcclass.errors import DataError
 __all__ = [
     "BatchPreprocess", "DataInfo", "Dataset", "FileLoader", "IMAGE_EXTENSIONS", "LUMA", "MAX_IMAGE_PIXELS", "Progress", "Split",
     "SplitRecord", "TensorLoader", "augment_batch", "cache_folder", "channel_stats", "class_counts", "convert_channels", "data_root",
-    "class_weights", "dataset_from_record", "decode_threads", "describe", "normalization", "epoch_seed", "is_image_name",
+    "class_weights", "dataset_from_record", "record_differences", "decode_threads", "describe", "normalization", "epoch_seed", "is_image_name",
     "list_images", "load_dataset", "load_image", "load_resized",
     "make_loader", "resize_uint8", "rotate", "stratified_take", "unpack_debian_copy",
 ]
@@ -201,17 +202,16 @@ def dataset_from_record(cfg: DataConfig, record: SplitRecord, splits: Sequence[s
 def _file_splits(record: SplitRecord, splits: Sequence[str], base: Path, allow_changed: bool) -> tuple[dict[str, Split], list[str]]:
     if not base.is_dir():
         raise DataError(f"The run's image folder '{base}' is not there any more (moved or deleted). "
-                        "Point the run at the folder's new place with --data-root DIR.")
+                        "Point the run at the folder's new place with --data-root DIR, or record that place once for every "
+                        "later command: fcclass runs relocate RUN --data-root DIR.")
     parts, notes = {}, []
     for name in splits:
         rec = record.splits[name]
         check = check_files(rec, base)
         if (check.vanished or check.changed) and not allow_changed:
             raise DataError(
-                f"The {name} split recorded for this run has changed under '{base}' since training: "
-                + "; ".join(f"{len(files)} file(s) {what} ({', '.join(files[:5])}{', ...' if len(files) > 5 else ''})"
-                            for what, files in (("vanished", check.vanished), ("changed", check.changed)) if files)
-                + ". Restore them, point --data-root at the copy the run was trained on, or pass --allow-changed-data to use "
+                f"The {name} split recorded for this run has changed under '{base}' since training: {check.describe()}. "
+                "Restore them, point --data-root at the copy the run was trained on, or pass --allow-changed-data to use "
                 "the files as they are now (vanished ones skipped).")
         if check.vanished or check.changed:
             notes.append(f"--allow-changed-data: of the {len(rec['files']):,} recorded {name} files, {len(check.vanished)} vanished "
@@ -225,6 +225,26 @@ def _file_splits(record: SplitRecord, splits: Sequence[str], base: Path, allow_c
         notes.append(f"{added:,} image(s) in '{base}' are not in any split recorded for this run (added after training); "
                      "they are left out.")
     return parts, notes
+
+
+def record_differences(cfg: DataConfig, record: SplitRecord, root: str | Path) -> list[str]:
+    """How the data at ``root`` differs from the splits a run recorded, one line per difference (empty: it is the same
+    data): an image folder's vanished or changed files, per split; a torchvision set that is missing there, or whose
+    sets or labels are not those recorded. Reads only what the checks need (no decoding, no cache)."""
+    base = Path(root).expanduser().absolute()
+    if record.kind == "files":
+        return [f"the {name} split: {check.describe()}" for name in SPLIT_NAMES if name in record.splits
+                for check in [check_files(record.splits[name], base)] if check.vanished or check.changed]
+    pools = {split["pool"] for split in record.splits.values()}
+    try:
+        source = open_source(cfg.model_copy(update={"dataset": record.dataset}).moved_to(base), pools=sorted(pools), fetch=False)
+        for name, split in record.splits.items():
+            tensor_split(record, name, source.pools[split["pool"]])
+    except DataError as e:
+        return [str(e)]
+    if source.class_names != record.class_names:
+        return [f"its labels are {source.class_names}, the run's {record.class_names}"]
+    return []
 
 
 def _recorded_pools(base: Path, parts: dict[str, Split]) -> tuple[dict[str, list[Path]], dict[str, tuple[str, torch.Tensor]]]:
@@ -277,14 +297,43 @@ def normalization(cfg: DataConfig, ds: Dataset) -> tuple[list[float], list[float
 
 def class_weights(spec: Any, info: DataInfo) -> torch.Tensor | None:
     """train.class_weight as one float32 weight per label: balanced (n / (labels x count), from the training split),
-    a {label: weight} mapping (1 for labels left out), or None."""
+    a {label: weight} mapping (1 for labels left out; a key is a label's name or, as in Keras, its index: see
+    ``label_position``), or None."""
     if spec is None:
         return None
     names = info.class_names
     if spec == "balanced":
         counts = torch.tensor(info.train_counts, dtype=torch.float32)
         return counts.sum() / (len(names) * counts.clamp_min(1))
-    unknown = [k for k in spec if k not in names]
-    if unknown:
-        raise DataError(f"train.class_weight names unknown label(s) {unknown}; the labels are: {', '.join(names)}.")
-    return torch.tensor([float(spec.get(n, 1.0)) for n in names])
+    weights, given, problems = [1.0] * len(names), {}, []
+    for key, weight in spec.items():
+        try:
+            i = label_position(str(key), names)
+        except DataError as e:
+            problems.append(str(e))
+            continue
+        if i in given:
+            problems.append(f"{given[i]!r} and {key!r} both name label {names[i]!r}; give its weight once")
+        given[i], weights[i] = key, float(weight)
+    if problems:
+        raise DataError(f"train.class_weight: {'; '.join(problems)}.")
+    return torch.tensor(weights)
+
+
+def label_position(key: str, names: Sequence[str]) -> int:
+    """Which label a train.class_weight key means: the label of that name; else, when no label is a number, the label
+    at that index (Keras's class_weight is {index: weight}), so {0: 5.0} is Fashion-MNIST's T-shirt/top. When labels
+    are numbers (folders 3 and 8), a number always names a label, never an index: {3: 5.0} is folder 3."""
+    if key in names:
+        return list(names).index(key)
+    listed, last = ", ".join(names), len(names) - 1
+    if re.fullmatch(r"[+-]?\d+", key.strip()):
+        numbered = [n for n in names if re.fullmatch(r"[+-]?\d+", n.strip())]
+        if numbered:
+            raise DataError(f"{key!r} is not a label; the labels are {listed}, and as some of them are numbers "
+                            f"({', '.join(numbered[:5])}), a number names a label by its name, never by index")
+        if 0 <= int(key) <= last:
+            return int(key)
+        raise DataError(f"index {key} is out of range: label indices go from 0 to {last} "
+                        f"({', '.join(f'{i}: {n}' for i, n in enumerate(names))})")
+    raise DataError(f"unknown label {key!r}; the labels are {listed} (or their indices, 0 to {last})")

@@ -38,7 +38,7 @@ class Source:
 
 def data_root(cfg: DataConfig) -> Path:
     """The folder a run's data lives in, absolute: data.path for imagefolder, data.root otherwise."""
-    return Path(cfg.path if cfg.dataset == "imagefolder" else cfg.root).expanduser().absolute()
+    return Path(getattr(cfg, cfg.location_key)).expanduser().absolute()
 
 
 def open_source(cfg: DataConfig, pools: Sequence[str] = ("train", "test"), fetch: bool = True) -> Source:

@@ -198,6 +198,11 @@ class FileCheck:
     vanished: list[str]
     changed: list[str]
 
+    def describe(self) -> str:
+        """E.g. '2 file(s) vanished (a.png, b.png); 1 file(s) changed (c.png)'; empty when none did."""
+        return "; ".join(f"{len(files)} file(s) {what} ({', '.join(files[:5])}{', ...' if len(files) > 5 else ''})"
+                         for what, files in (("vanished", self.vanished), ("changed", self.changed)) if files)
+
 
 def check_files(split: dict[str, Any], root: Path) -> FileCheck:
     """Compare a recorded file split with the folder now: a file whose size and mtime match is unchanged; one whose

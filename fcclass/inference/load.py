@@ -117,7 +117,7 @@ class Inference:
         again from the config, as that run's training did."""
         update: dict[str, Any] = {}
         if data_root is not None:
-            update["path" if self.config.data.dataset == "imagefolder" else "root"] = str(data_root)
+            update[self.config.data.location_key] = str(data_root)
         if len(self.checkpoint.input_shape) == 3:
             c, h, w = self.image_shape
             update |= {"channels": c, "image_size": [h, w]}

@@ -97,15 +97,18 @@ def _parse_filter(text: str) -> tuple[str, str]:
 
 
 # ----------------------------------------------------------------------------- comparing runs
+def resolve_run(run: str | Path, runs_dir: str | Path) -> Path:
+    """RUN as given (a path), or by name inside ``runs_dir``; a folder that is not a run directory is refused."""
+    path = Path(run) if Path(run).is_dir() else Path(runs_dir) / run
+    if not is_run_dir(path):
+        raise FcclassError(f"'{run}' is not a run directory (looked for it as given and in {runs_dir}). "
+                           "`fcclass runs` lists the runs.")
+    return path
+
+
 def resolve_runs(runs: list[str], runs_dir: str | Path) -> list[Path]:
     """Each RUN as given (a path), or by name inside ``runs_dir``."""
-    out = []
-    for run in runs:
-        path = Path(run) if Path(run).is_dir() else Path(runs_dir) / run
-        if not is_run_dir(path):
-            raise FcclassError(f"'{run}' is not a run directory (looked for it as given and in {runs_dir}). "
-                               "`fcclass runs` lists the runs.")
-        out.append(path)
+    out = [resolve_run(run, runs_dir) for run in runs]
     if len(out) < 2:
         raise FcclassError("Give at least two runs to compare.")
     return out

@@ -46,8 +46,7 @@ def config_for_resume(run_dir: Path, ckpt: Checkpoint, overrides: Sequence[str],
                               f"To train with other settings, start a new run: fcclass train -c {run_dir / CONFIG} --set {item}")
     cfg = config_from_dict(ckpt.config, source=f"the config of {run_dir}", stored=True, overrides=list(overrides))
     if data_root is not None:
-        key = "path" if cfg.data.dataset == "imagefolder" else "root"
-        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={key: str(data_root)})})
+        cfg = cfg.model_copy(update={"data": cfg.data.moved_to(data_root)})
     return with_absolute_paths(cfg)
 
 

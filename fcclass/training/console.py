@@ -12,7 +12,8 @@ from fcclass.files import shown
 
 
 def print_training_header(console: Console, trainer: Any) -> None:
-    """The model table, device and run, and the data table (counts per label, class weights) before training."""
+    """The model table, device and run, and the data table (counts per label, class weights, the balanced sampler's
+    draws) before training."""
     from fcclass.device import precision_name
 
     console.print(summary_table(trainer.model.summary()))
@@ -30,25 +31,9 @@ def print_training_header(console: Console, trainer: Any) -> None:
                    f"global batch {trainer.cfg.data.batch_size}" + resumed)
     console.print(f"Device: [bold]{trainer.device}[/bold] ({precision_name(trainer.amp_dtype)}, {chosen})   "
                   f"Run: [bold]{escape(shown(trainer.run_dir))}[/bold]{resumed}", highlight=False)
-    info, weights = trainer.data.info, trainer.class_weights
-    table = Table(title=f"Data: {escape(trainer.cfg.data.dataset)}", title_justify="left")
-    table.add_column("Label")
-    table.add_column("Train", justify="right")
-    table.add_column("Val", justify="right")
-    test = bool(info.test_counts)
-    if test:
-        table.add_column("Test (held out)", justify="right")
-    if weights is not None:
-        table.add_column("Class weight", justify="right")
-    for i, name in enumerate(info.class_names):
-        row = [escape(name), f"{info.train_counts[i]:,}", f"{info.val_counts[i]:,}", *([f"{info.test_counts[i]:,}"] if test else [])]
-        if weights is not None:
-            row.append(f"{float(weights[i]):.3f}")
-        table.add_row(*row)
-    table.add_section()
-    table.add_row("[bold]Total[/bold]", f"{sum(info.train_counts):,}", f"{sum(info.val_counts):,}",
-                  *([f"{sum(info.test_counts):,}"] if test else []), *([""] if weights is not None else []))
-    console.print(table)
+    console.print(data_table(trainer))
+    if trainer.cfg.data.sampler == "balanced":
+        console.print(balanced_sampler_line(trainer.data.info.train_counts, trainer.class_weights is not None), highlight=False)
     if trainer.val_loader is None:
         t = trainer.cfg.train
         console.print(f"[yellow]No validation split (data.val_split is 0): best.pt keeps the epoch with the best "
@@ -61,6 +46,48 @@ def print_training_header(console: Console, trainer: Any) -> None:
                                     trainer.resumed), highlight=False)
     for note in trainer.data.notes:
         console.print(f"[yellow]{escape(note)}[/yellow]")
+
+
+def data_table(trainer: Any) -> Table:
+    """Images per label in each split; with train.class_weight, each label's weight; with the balanced sampler, how
+    many of each label an epoch draws."""
+    info, weights = trainer.data.info, trainer.class_weights
+    drawn = balanced_draws(info.train_counts) if trainer.cfg.data.sampler == "balanced" else None
+    table = Table(title=f"Data: {escape(trainer.cfg.data.dataset)}", title_justify="left")
+    test = bool(info.test_counts)
+    for name, wanted in (("Label", True), ("Train", True), ("Val", True), ("Test (held out)", test),
+                         ("Class weight", weights is not None), ("Drawn / epoch", drawn is not None)):
+        if wanted:
+            table.add_column(name, justify="left" if name == "Label" else "right")
+    for i, name in enumerate(info.class_names):
+        row = [escape(name), f"{info.train_counts[i]:,}", f"{info.val_counts[i]:,}", *([f"{info.test_counts[i]:,}"] if test else [])]
+        if weights is not None:
+            row.append(f"{float(weights[i]):.3f}")
+        if drawn is not None:
+            row.append(f"≈{drawn[i]:,.0f}")
+        table.add_row(*row)
+    table.add_section()
+    table.add_row("[bold]Total[/bold]", f"{sum(info.train_counts):,}", f"{sum(info.val_counts):,}",
+                  *([f"{sum(info.test_counts):,}"] if test else []), *([""] if weights is not None else []),
+                  *([f"{sum(info.train_counts):,}"] if drawn is not None else []))
+    return table
+
+
+def balanced_draws(train_counts: list[int]) -> list[float]:
+    """How many images of each label an epoch of the balanced sampler draws, on average: as many draws as training
+    images, with replacement, every label that has images equally likely (data.loaders.balanced_weights)."""
+    present = sum(1 for c in train_counts if c > 0)
+    return [sum(train_counts) / present if c > 0 else 0.0 for c in train_counts] if present else [0.0] * len(train_counts)
+
+
+def balanced_sampler_line(train_counts: list[int], weighted: bool) -> str:
+    """The header's note that data.sampler: balanced is on, and what it does."""
+    drawn = max(balanced_draws(train_counts), default=0.0)
+    both = (" train.class_weight applies on top of it, so a rare label counts more twice over (once drawn more often, "
+            "once weighted more)." if weighted else "")
+    return (f"Balanced sampler (data.sampler: balanced): each epoch draws {sum(train_counts):,} training images with replacement, "
+            f"every label equally often (≈{drawn:,.0f} each, the 'Drawn / epoch' column), so rare labels' images repeat and "
+            f"common ones' are partly left out.{both}")
 
 
 def print_epoch(console: Console, row: dict[str, Any], epochs: int, is_best: bool) -> None:

@@ -90,7 +90,7 @@ class RunRecord(Callback):
             git=git_state(),
             **environment(trainer),
             dataset=cfg.data.dataset,
-            data=cfg.data.path if cfg.data.dataset == "imagefolder" else cfg.data.root,
+            data=getattr(cfg.data, cfg.data.location_key),
             params=counts.total_params,
             trainable_params=counts.trainable_params,
             epochs=Epochs(planned=cfg.train.epochs, done=trainer.state.epoch),
