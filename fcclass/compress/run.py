@@ -37,6 +37,7 @@ from fcclass.model.network import Network
 from fcclass.runs.checkpoint import Checkpoint
 from fcclass.runs.create import create_run_dir, start_run
 from fcclass.runs.layout import BEST, COMPRESSED, SPLITS, SUMMARY
+from fcclass.runs.metrics import rounded_row
 from fcclass.runs.splits import read_splits
 from fcclass.runs.summary import Summary, TestFigures, now, read_summary, write_summary
 
@@ -276,7 +277,7 @@ def _finetune(target: Path, cfg: Config, model: torch.nn.Module, src: Inference,
             + (f"The pruned run is kept in {target}: finish it with `fcclass train --resume {target}`, then compress it further "
                f"(e.g. `fcclass compress {target} --quantize int8`)." if done else "No epoch completed, so nothing was kept."))
     return {"epochs": cfg.train.epochs, "lr": cfg.optimizer.lr, "best_epoch": fitted.best_epoch,
-            "best_val": fitted.best, "keep_pruned": cfg.train.keep_pruned}
+            "best_val": rounded_row(fitted.best) if fitted.best else None, "keep_pruned": cfg.train.keep_pruned}
 
 
 def training_sample(ds: Dataset, n: int, seed: int) -> torch.Tensor:
