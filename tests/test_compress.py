@@ -133,8 +133,17 @@ def test_int8_model_runs_in_onnxruntime_and_agrees_with_the_float_model(trained_
     assert res.exit_code == 0 and "int8, ONNX Runtime" in res.output
     report = json.loads(runner.invoke(app, ["eval", str(out), "--json", "-", "--no-save"]).stdout)
     assert report["accuracy"] == pytest.approx(int8_row["test_accuracy"], abs=1e-6)
+    files = [out / "model.int8.onnx", out / "model.int8.onnx.json"]
+    stamps = lambda: [(f.stat().st_ino, f.stat().st_mtime_ns) for f in files]  # noqa: E731
+    before = stamps()
+    res = runner.invoke(app, ["export", str(out)])  # where the model already is: nothing is written, and it says so
+    assert res.exit_code == 0 and "Wrote" not in res.output and "Nothing rewritten" in res.output, res.output
+    assert f"{out / 'model.int8.onnx'} is this run's model" in " ".join(res.output.split())
+    assert stamps() == before
+    assert not (out / "model.onnx").exists()
     exported = tmp_path / "deploy.onnx"
-    assert runner.invoke(app, ["export", str(out), "-o", str(exported)]).exit_code == 0
+    res = runner.invoke(app, ["export", str(out), "-o", str(exported)])
+    assert res.exit_code == 0 and f"Wrote {exported} and {exported}.json" in " ".join(res.output.split()), res.output
     assert exported.read_bytes() == (out / "model.int8.onnx").read_bytes()
     assert json.loads((tmp_path / "deploy.onnx.json").read_text())["quantization"]["weights"] == "int8, per output channel"
     refused = runner.invoke(app, ["export", str(out), "--format", "torchscript"])

@@ -293,7 +293,7 @@ def _quantize(target: Path, small: Inference, sample: torch.Tensor) -> None:
     from fcclass.inference.export import describe, export_model
 
     with tempfile.TemporaryDirectory(prefix="fcclass-compress-") as tmp:
-        float_onnx, _, _ = export_model(checkpoint=target / BEST, out=Path(tmp) / "float.onnx")
+        float_onnx = export_model(checkpoint=target / BEST, out=Path(tmp) / "float.onnx").model
         quantize_int8(float_onnx, target / INT8_MODEL, sample.float().div_(255.0).numpy())
     sidecar = describe(small, "onnx", INT8_MODEL) | {"quantization": quantization_facts(len(sample))}
     write_json(target / (INT8_MODEL + ".json"), sidecar)
@@ -342,7 +342,7 @@ def _measure(src: Inference, small: Inference | None, target: Path, ds: Dataset,
         counts = _parameters(src.model)
         models.append((_row("original", "torch fp32", src.path, counts), _torch_predict(src)))
         if options.quantize:  # the same float model in ONNX Runtime: what the runtime alone gives, before int8
-            reference, _, _ = export_model(checkpoint=src.path, out=Path(tmp) / "original.onnx")
+            reference = export_model(checkpoint=src.path, out=Path(tmp) / "original.onnx").model
             row = _row("original", "onnxruntime fp32", reference, counts)
             row.file = "(exported for comparison, not kept)"
             models.append((row, OnnxNet(reference).probabilities))
