@@ -31,8 +31,9 @@ from fcclass.inference.metrics import Score, count_correct, score
 from fcclass.memory import check_training
 from fcclass.model.network import Network, build_model
 from fcclass.runs.checkpoint import Checkpoint
+from fcclass.runs.metrics import monitored
 from fcclass.training.builtin import builtin_callbacks
-from fcclass.training.callbacks import BatchEnd, Callback, monitored
+from fcclass.training.callbacks import BatchEnd, Callback
 from fcclass.training.distributed import (
     SYNC_BATCHNORM_NEEDS_CUDA,
     PeerFailed,
