@@ -39,7 +39,7 @@ from fcclass.runs.create import create_run_dir, start_run
 from fcclass.runs.layout import BEST, COMPRESSED, SPLITS, SUMMARY
 from fcclass.runs.metrics import rounded_row
 from fcclass.runs.splits import read_splits
-from fcclass.runs.summary import Summary, TestFigures, now, read_summary, write_summary
+from fcclass.runs.summary import Summary, TestFigures, command_line, now, read_summary, write_summary
 
 FINETUNE_LR = 0.1  # fine-tuning starts from trained weights: the run's optimizer at a tenth of its learning rate
 
@@ -170,13 +170,11 @@ def compress(run: str | Path | None, options: Options, *, out: str | Path | None
 def _summarize(target: Path, src: Inference, small: Inference, result: CompressResult) -> None:
     """The new run's summary.json, for `fcclass runs`: the fine-tuning's own record, or the source run's with this
     run's facts; either way its test accuracy is that of its deployed model (the table's last row)."""
-    import sys
-
     summary = read_summary(target)
     if summary is None:  # not fine-tuned
         summary = read_summary(src.run_dir) or Summary()
         summary.started, summary.ended, summary.state = result.started, now(), "finished"
-        summary.wall_seconds, summary.command = round(time.monotonic() - result.clock, 1), " ".join(["fcclass", *sys.argv[1:]])[:500]
+        summary.wall_seconds, summary.command = round(time.monotonic() - result.clock, 1), command_line()
         summary.best = summary.last = summary.git = None  # the original's validation figures are not this model's
     last = result.rows[-1]
     counts = small.model.summary()  # Keras's counts, as fcclass summary and the table show them (BatchNorm statistics included)
