@@ -120,6 +120,25 @@ def folder_config(tmp_path: Path, folder: Path | str, epochs: int = 2, workers: 
     return cfg
 
 
+def floats(data: object, key: str = "") -> list[tuple[str, float]]:
+    """Every float of a JSON document, with the key it is under."""
+    if isinstance(data, dict):
+        return [f for k, v in data.items() for f in floats(v, k)]
+    if isinstance(data, list):
+        return [f for v in data for f in floats(v, key)]
+    return [(key, data)] if isinstance(data, float) else []
+
+
+def assert_rounded_as_shown(data: object) -> None:
+    """The README's promise for train's (and sweep's) JSON: losses and accuracies to 4 decimals, the learning rate to
+    3 significant digits, seconds to 0.1."""
+    found = floats(data)
+    assert found
+    for key, value in found:
+        want = float(f"{value:.3g}") if key == "lr" else round(value, 1 if key == "seconds" else 4)
+        assert value == want, (key, value)
+
+
 class SignalAt(Callback):
     """Sends ``sig`` to this process when batch ``batch`` of epoch ``epoch`` ends: a deterministic interruption."""
 

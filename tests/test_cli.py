@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import DATA_ROOT, ROOT, needs_fashion
+from conftest import DATA_ROOT, ROOT, assert_rounded_as_shown, floats, needs_fashion
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -55,6 +55,7 @@ def test_eval_json_reports_per_label_accuracy_well_above_chance(trained_run: Pat
     assert all(v["support"] == 50 for v in report["per_class"].values())
     assert abs(np.mean([v["accuracy"] for v in report["per_class"].values()]) - report["accuracy"]) < 1e-6  # balanced test set
     assert 0 < report["loss"] < 2.3
+    assert all(v == round(v, 6) for _, v in floats(report))  # as the README says: figures to 6 decimals
 
 
 @needs_fashion
@@ -197,11 +198,12 @@ def test_a_pipe_or_log_file_gets_progress_lines_during_an_epoch_and_json_is_roun
     progress = [line for line in out.stdout.splitlines() if line.startswith("epoch 1/1  batch ")]
     assert progress, out.stdout  # not minutes of silence in CI logs
     assert all(" loss " in line and " acc " in line for line in progress)
-    js = runner.invoke(app, [*args[3:], "--set", "data.limit_train=1000", "--json", "-"])  # in this process: the same CLI
-    row = json.loads(js.stdout)["history"][0]
-    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
-        assert row[key] == round(row[key], 4)
-    assert row["seconds"] == round(row["seconds"], 1) and row["lr"] == float(f"{row['lr']:.3g}")
+    js = runner.invoke(app, [*args[3:-1], "--set", "data.limit_train=1000", "--set", "data.limit_test=300", "--json", "-"])  # in this process: the same CLI
+    out = json.loads(js.stdout)
+    row = out["history"][0]
+    assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds"} <= set(row)
+    assert {"accuracy", "loss"} <= set(out["test"]) and out["test"]["images"] == 300  # the test pass: rounded too
+    assert_rounded_as_shown([out["best"], out["test"], out["history"]])
     assert "train_seconds" not in row and "train_images" not in row  # no benchmark-only fields in training rows
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import needs_fashion
+from conftest import assert_rounded_as_shown, needs_fashion
 from typer.testing import CliRunner
 
 from fcclass.cli import app
@@ -79,6 +79,7 @@ def test_compress_structured_writes_a_run_of_the_smaller_model(trained_run: Path
     assert pruned["file_bytes"] < 0.6 * original["file_bytes"] and pruned["file_bytes"] == (out / "best.pt").stat().st_size
     for row in data["rows"]:
         assert 0.5 < row["test_accuracy"] <= 1 and row["latency_ms_batch1"] > 0 and row["latency_ms_batch256"] > 0
+        assert row["test_accuracy"] == round(row["test_accuracy"], 6)  # as eval's figures (README)
     # Predictions come from the smaller network: eval and predict load it, and agree with a forward pass through it.
     small = load_for_inference(out, device="cpu")
     assert small.model.body.dense[0].out_features == 128
@@ -100,6 +101,7 @@ def test_unstructured_pruning_keeps_its_zeros_through_fine_tuning(trained_run: P
     data = _compress(str(trained_run), "--prune", "0.7", "--finetune", "1", "--out", str(out))
     original, tuned = data["rows"]
     assert tuned["model"] == "pruned + fine-tuned" and data["finetune"]["epochs"] == 1
+    assert_rounded_as_shown(data["finetune"]["best_val"])  # the fine-tuning's best epoch, as train --json gives it
     kernels = [t for k, t in torch.load(out / "best.pt", weights_only=True)["model_state"].items()
                if k.startswith(("body.dense.", "body.dense_1.")) and k.endswith("weight")]
     zeros = sum(int((t == 0).sum()) for t in kernels) / sum(t.numel() for t in kernels)
@@ -131,8 +133,17 @@ def test_int8_model_runs_in_onnxruntime_and_agrees_with_the_float_model(trained_
     assert res.exit_code == 0 and "int8, ONNX Runtime" in res.output
     report = json.loads(runner.invoke(app, ["eval", str(out), "--json", "-", "--no-save"]).stdout)
     assert report["accuracy"] == pytest.approx(int8_row["test_accuracy"], abs=1e-6)
+    files = [out / "model.int8.onnx", out / "model.int8.onnx.json"]
+    stamps = lambda: [(f.stat().st_ino, f.stat().st_mtime_ns) for f in files]  # noqa: E731
+    before = stamps()
+    res = runner.invoke(app, ["export", str(out)])  # where the model already is: nothing is written, and it says so
+    assert res.exit_code == 0 and "Wrote" not in res.output and "Nothing rewritten" in res.output, res.output
+    assert f"{out / 'model.int8.onnx'} is this run's model" in " ".join(res.output.split())
+    assert stamps() == before
+    assert not (out / "model.onnx").exists()
     exported = tmp_path / "deploy.onnx"
-    assert runner.invoke(app, ["export", str(out), "-o", str(exported)]).exit_code == 0
+    res = runner.invoke(app, ["export", str(out), "-o", str(exported)])
+    assert res.exit_code == 0 and f"Wrote {exported} and {exported}.json" in " ".join(res.output.split()), res.output
     assert exported.read_bytes() == (out / "model.int8.onnx").read_bytes()
     assert json.loads((tmp_path / "deploy.onnx.json").read_text())["quantization"]["weights"] == "int8, per output channel"
     refused = runner.invoke(app, ["export", str(out), "--format", "torchscript"])

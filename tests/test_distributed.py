@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -122,6 +123,34 @@ def test_torchrun_environment_mistakes_are_messages(monkeypatch: pytest.MonkeyPa
         from_env()
 
 
+def test_the_run_record_keeps_the_command_as_typed_nproc_per_node_included(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun's processes get `fcclass train` with rebuilt arguments and without --nproc-per-node; the record keeps
+    the command the user typed, which the launcher hands them (torchrun itself is faked here: the real job is below)."""
+    import torch.distributed.run
+    from typer.testing import CliRunner
+
+    from fcclass.cli import app
+    from fcclass.runs.summary import LAUNCH_COMMAND, command_line
+
+    typed = ["train", "--nproc-per-node", "2", "--set", "optimizer={name: adam, lr: 0.003}", "--set", "train.epochs=1"]
+    as_typed = "fcclass train --nproc-per-node 2 --set 'optimizer={name: adam, lr: 0.003}' --set train.epochs=1"
+    main = str(Path(__import__("fcclass").__file__).with_name("__main__.py"))  # python -m fcclass, as torchrun starts it
+    assert command_line([main, *typed], {}) == command_line(["/usr/local/bin/fcclass", *typed], {}) == as_typed
+    seen = {}
+
+    def fake_torchrun(args: object) -> None:
+        seen["args"] = list(args.training_script_args)
+        seen["child"] = command_line([main, *seen["args"]], dict(os.environ))  # what each process records
+    monkeypatch.setattr(torch.distributed.run, "run", fake_torchrun)
+    monkeypatch.setattr(sys, "argv", ["/usr/local/bin/fcclass", *typed])
+    for key in ("PYTHONSAFEPATH", "LOGLEVEL", "OMP_NUM_THREADS", LAUNCH_COMMAND):  # launch sets them in this process
+        monkeypatch.setenv(key, os.environ.get(key, ""))  # and monkeypatch puts them back as they were afterwards
+    res = CliRunner().invoke(app, typed)
+    assert res.exit_code == 0, res.output
+    assert "--nproc-per-node" not in " ".join(seen["args"])  # the processes' own arguments lack it...
+    assert seen["child"] == as_typed and LAUNCH_COMMAND not in os.environ  # ...their record has it; nothing left behind
+
+
 # ----------------------------------------------------------------------------- real jobs
 @pytest.mark.slow  # the class-weighted equivalence test below covers the same path in the default suite
 @needs_fashion
@@ -162,7 +191,10 @@ def test_two_processes_with_class_weights_match_one_process(tmp_path: Path) -> N
     out = subprocess.run([*FCCLASS, "train", "-c", str(config), "--nproc-per-node", "2"], cwd=tmp_path, env=_env(),
                          capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
-    _close(_metrics(next((tmp_path / "runs").iterdir())), _metrics(single.run_dir), loss_tol=2e-3)
+    run_dir = next((tmp_path / "runs").iterdir())
+    _close(_metrics(run_dir), _metrics(single.run_dir), loss_tol=2e-3)
+    command = json.loads((run_dir / "summary.json").read_text())["command"]
+    assert command == shlex.join(["fcclass", "train", "-c", str(config), "--nproc-per-node", "2"])  # as typed
 
 
 @pytest.mark.slow

@@ -35,6 +35,7 @@ def test_a_sweep_trains_normal_runs_and_writes_a_best_config_that_reproduces(tmp
     assert out["sweep_dir"] == str(tmp_path / "runs" / "sweep-fashion-cnn")
     values = [t["value"] for t in trials]
     assert values == sorted(values, reverse=True)  # the leaderboard: best first
+    assert all(v == round(v, 4) and t["seconds"] == round(t["seconds"], 1) for v, t in zip(values, trials))  # as train --json
     for t in trials:  # each trial is a normal run, with the parameters it was given
         run = Path(t["run_dir"])
         assert json.loads((run / "summary.json").read_text())["state"] == "finished"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATA_ROOT, ROOT, needs_fashion, small_config
+from conftest import DATA_ROOT, ROOT, folder_config, needs_fashion, small_config
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -148,11 +148,55 @@ def test_early_stopping_and_best_checkpoint(tmp_path: Path) -> None:
                                     "train.early_stopping.patience": 2, "train.early_stopping.min_delta": 1.0})
     result = fit(cfg)
     assert result.stopped_early and len(result.history) == 3  # epoch 1 sets the mark; 2 and 3 can't beat it by 1.0
-    best_epoch = max(result.history, key=lambda r: r["val_accuracy"])["epoch"]
+    best_epoch = max(result.history, key=lambda r: (r["val_accuracy"], -r["val_loss"]))["epoch"]  # a tie: the lower loss
     assert Checkpoint.load(result.run_dir / "best.pt").epoch == best_epoch
     from fcclass.inference.evaluate import evaluate
 
     assert evaluate(result.run_dir).checkpoint.endswith("best.pt")
+
+
+def _epochs(*figures: tuple[float, float], split: str = "val") -> list[dict]:
+    other = "train" if split == "val" else "val"
+    return [{"epoch": i, f"{split}_accuracy": a, f"{split}_loss": loss, f"{other}_accuracy": None if split == "train" else 0.5,
+             f"{other}_loss": None if split == "train" else 1.0} for i, (a, loss) in enumerate(figures, 1)]
+
+
+def test_a_tie_for_the_best_epoch_goes_to_the_epoch_better_on_the_other_metric() -> None:
+    from fcclass.runs.metrics import best_row, better_epoch, tie_breaker
+
+    assert [tie_breaker(m) for m in ("val_accuracy", "val_loss", "train_accuracy", "train_loss")] == \
+        ["val_loss", "val_accuracy", "train_loss", "train_accuracy"]
+    # 100 % val accuracy from epoch 3 on while the val loss keeps falling: the last epoch, not the first at 100 %
+    rows = _epochs((0.9, 0.3), (0.95, 0.2), (1.0, 0.05), (1.0, 0.01), (1.0, 0.0008), (0.99, 0.0001))
+    assert best_row(rows, "val_accuracy")["epoch"] == 5
+    assert best_row(rows, "val_loss")["epoch"] == 6  # a loss monitor: the lowest loss, whatever the accuracy
+    tied_loss = _epochs((0.9, 0.2), (0.95, 0.2), (0.93, 0.2))
+    assert best_row(tied_loss, "val_loss")["epoch"] == 2  # equal losses: the higher accuracy
+    assert best_row(_epochs((1.0, 0.1), (1.0, 0.1)), "val_accuracy")["epoch"] == 1  # a tie on both: the earlier epoch
+    no_val = _epochs((0.8, 0.5), (1.0, 0.2), (1.0, 0.1), split="train")  # data.val_split 0: the training metrics stand in
+    assert best_row(no_val, "val_accuracy")["epoch"] == 3 and best_row(no_val, "val_loss")["epoch"] == 3
+    assert best_row([], "val_accuracy") is None
+    assert better_epoch(rows[0], None, "val_accuracy") and not better_epoch(rows[3], rows[4], "val_accuracy")
+
+
+@needs_fashion
+def test_a_real_run_at_100_percent_keeps_the_epoch_with_the_lowest_val_loss(clothes_folder: Path, tmp_path: Path) -> None:
+    from fcclass.config.load import load_config
+    from fcclass.runs.listing import list_runs
+    from fcclass.runs.metrics import read_metrics
+
+    result = fit(load_config(folder_config(tmp_path, clothes_folder, epochs=4), ["train.test_at_end=false"]))
+    top = max(r["val_accuracy"] for r in result.history)
+    tied = [r for r in result.history if r["val_accuracy"] == top]
+    assert len(tied) >= 2, result.history  # three easy labels: several epochs at the same (100 %) val accuracy
+    expected = min(tied, key=lambda r: r["val_loss"])["epoch"]
+    assert expected != tied[0]["epoch"]  # the first tied epoch is not the best one here: the tie was broken
+    assert result.best_epoch == expected == Checkpoint.load(result.run_dir / "best.pt").epoch
+    assert json.loads((result.run_dir / "summary.json").read_text())["best"]["epoch"] == expected
+    assert len(read_metrics(result.run_dir)) == 4
+    (result.run_dir / "summary.json").unlink()  # a run from before summary.json: listed from config.yaml and metrics.csv
+    (row,) = list_runs(tmp_path / "runs")
+    assert row.best_epoch == expected
 
 
 # ----------------------------------------------------------------------------- device, precision, reproducibility
@@ -367,7 +411,7 @@ def test_without_a_validation_split_train_metrics_stand_in_and_nothing_prints_na
     (run_dir,) = (tmp_path / "runs").iterdir()
     rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
     assert [r["val_loss"] for r in rows] == ["", ""]
-    best = max(rows, key=lambda r: float(r["train_accuracy"]))
+    best = max(rows, key=lambda r: (float(r["train_accuracy"]), -float(r["train_loss"])))
     assert Checkpoint.load(run_dir / "best.pt").epoch == int(best["epoch"])
     js = runner.invoke(app, ["train", "-c", str(cfg), "--json", "-"])
     assert js.exit_code == 0 and json.loads(js.stdout)["history"][0]["val_loss"] is None  # valid JSON: null, never NaN

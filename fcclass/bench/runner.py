@@ -352,7 +352,7 @@ def time_to_accuracy(model_name: str, targets: list[float], data_root: str = "da
     """Train the config; after each epoch measure test accuracy; report cumulative training seconds per target."""
     from fcclass.data import load_dataset, make_loader
     from fcclass.device import select_device
-    from fcclass.inference.load import run_model
+    from fcclass.inference.load import inference_dtype, run_model
     from fcclass.inference.metrics import score
 
     sets = [f"train.device={device}", *(overrides or [])]
@@ -365,7 +365,7 @@ def time_to_accuracy(model_name: str, targets: list[float], data_root: str = "da
 
     class TestAfterEpoch(Callback):
         def on_epoch_end(self, trainer: Any, row: dict[str, Any], is_best: bool) -> None:
-            logits, labels = run_model(trainer.model, loader, trainer.eval_prep, trainer.device, None)  # fp32, as fcclass eval
+            logits, labels = run_model(trainer.model, loader, trainer.eval_prep, trainer.device, inference_dtype(trainer.device))  # as fcclass eval
             acc = score(logits, labels).accuracy
             seconds = sum(e["seconds"] for e in clock.epochs)
             epochs.append({"epoch": row["epoch"], "test_accuracy": acc, "train_seconds_cumulative": seconds})

@@ -194,10 +194,17 @@ def export(
     from fcclass.inference.export import export_model
 
     console = err_console if out is not None and is_stdout(out) else _console()  # the model itself may be going to stdout
-    model_path, sidecar, note = export_model(run_dir, checkpoint, fmt=fmt, out=_stdout_path(out), runs_dir=runs_dir)
-    _print_notes(console, [note] if note else [])
-    described = f" and [bold]{escape(str(sidecar))}[/bold] (class names, input shape, preprocessing)" if sidecar else ""
-    console.print(f"Wrote [bold]{escape(str(model_path))}[/bold]{described}", highlight=False)
+    done = export_model(run_dir, checkpoint, fmt=fmt, out=_stdout_path(out), runs_dir=runs_dir)
+    _print_notes(console, [done.note] if done.note else [])
+    model, sidecar = escape(str(done.model)), escape(str(done.description))
+    if done.model in done.written:
+        described = f" and [bold]{sidecar}[/bold] (class names, input shape, preprocessing)" if done.description else ""
+        console.print(f"Wrote [bold]{model}[/bold]{described}", highlight=False)
+        return
+    said = "written again (it was missing)" if done.description in done.written else "beside it"
+    console.print(f"Nothing rewritten: [bold]{model}[/bold] is this run's model, the int8 ONNX file `fcclass compress` made, "
+                  f"deployable as it is; its description (class names, input shape, preprocessing) is [bold]{sidecar}[/bold], "
+                  f"{said}. -o FILE copies both elsewhere.", highlight=False)
 
 
 def _stdout_path(out: Path | None) -> Path | None:

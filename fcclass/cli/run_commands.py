@@ -98,7 +98,8 @@ def train(
     _emit_json(json_out, {"run_dir": str(result.run_dir), "epochs": len(result.history), "best_epoch": result.best_epoch,
                           "best": rounded_row(best) if best else {}, "stopped_early": result.stopped_early,
                           "interrupted": result.interrupted is not None, "device": result.device, "precision": result.precision,
-                          "batch_size": result.batch_size, "test": result.test,
+                          "batch_size": result.batch_size,
+                          "test": rounded_row(result.test) if result.test is not None else None,
                           "history": [rounded_row(r) for r in result.history]})
     if result.interrupted:
         raise typer.Exit(130)

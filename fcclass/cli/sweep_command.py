@@ -44,6 +44,7 @@ def sweep(
     from fcclass.config.load import load_config
     from fcclass.experiments.sweep import is_rdb, open_study, plan, storage_warnings
     from fcclass.experiments.sweep_run import leaderboard, run, write_best
+    from fcclass.runs.metrics import rounded_row
 
     cli: dict[str, Any] = {"trials": trials, "sampler": sampler, "pruner": pruner, "metric": metric, "seed": seed,
                            "storage": storage, "study": study, "workers": workers, "heartbeat": heartbeat}
@@ -69,7 +70,7 @@ def sweep(
             console.print(f"Best config: [bold]{escape(str(best))}[/bold] (reproduce with: fcclass train -c {escape(str(best))})",
                           highlight=False)
     _emit_json(json_out, {"study": plan_.name, "sweep_dir": str(plan_.folder), "metric": plan_.opts.metric,
-                          "trials": [e.to_dict() for e in board], "best_config": str(best) if best else None})
+                          "trials": [rounded_row(e.to_dict()) for e in board], "best_config": str(best) if best else None})
 
 
 def _trial_line(e: Any, plan_: Any) -> str:

@@ -37,8 +37,9 @@ from fcclass.model.network import Network
 from fcclass.runs.checkpoint import Checkpoint
 from fcclass.runs.create import create_run_dir, start_run
 from fcclass.runs.layout import BEST, COMPRESSED, SPLITS, SUMMARY
+from fcclass.runs.metrics import rounded_row
 from fcclass.runs.splits import read_splits
-from fcclass.runs.summary import Summary, TestFigures, now, read_summary, write_summary
+from fcclass.runs.summary import Summary, TestFigures, command_line, now, read_summary, write_summary
 
 FINETUNE_LR = 0.1  # fine-tuning starts from trained weights: the run's optimizer at a tenth of its learning rate
 
@@ -169,13 +170,11 @@ def compress(run: str | Path | None, options: Options, *, out: str | Path | None
 def _summarize(target: Path, src: Inference, small: Inference, result: CompressResult) -> None:
     """The new run's summary.json, for `fcclass runs`: the fine-tuning's own record, or the source run's with this
     run's facts; either way its test accuracy is that of its deployed model (the table's last row)."""
-    import sys
-
     summary = read_summary(target)
     if summary is None:  # not fine-tuned
         summary = read_summary(src.run_dir) or Summary()
         summary.started, summary.ended, summary.state = result.started, now(), "finished"
-        summary.wall_seconds, summary.command = round(time.monotonic() - result.clock, 1), " ".join(["fcclass", *sys.argv[1:]])[:500]
+        summary.wall_seconds, summary.command = round(time.monotonic() - result.clock, 1), command_line()
         summary.best = summary.last = summary.git = None  # the original's validation figures are not this model's
     last = result.rows[-1]
     counts = small.model.summary()  # Keras's counts, as fcclass summary and the table show them (BatchNorm statistics included)
@@ -275,7 +274,7 @@ def _finetune(target: Path, cfg: Config, model: torch.nn.Module, src: Inference,
             + (f"The pruned run is kept in {target}: finish it with `fcclass train --resume {target}`, then compress it further "
                f"(e.g. `fcclass compress {target} --quantize int8`)." if done else "No epoch completed, so nothing was kept."))
     return {"epochs": cfg.train.epochs, "lr": cfg.optimizer.lr, "best_epoch": fitted.best_epoch,
-            "best_val": fitted.best, "keep_pruned": cfg.train.keep_pruned}
+            "best_val": rounded_row(fitted.best) if fitted.best else None, "keep_pruned": cfg.train.keep_pruned}
 
 
 def training_sample(ds: Dataset, n: int, seed: int) -> torch.Tensor:
@@ -291,7 +290,7 @@ def _quantize(target: Path, small: Inference, sample: torch.Tensor) -> None:
     from fcclass.inference.export import describe, export_model
 
     with tempfile.TemporaryDirectory(prefix="fcclass-compress-") as tmp:
-        float_onnx, _, _ = export_model(checkpoint=target / BEST, out=Path(tmp) / "float.onnx")
+        float_onnx = export_model(checkpoint=target / BEST, out=Path(tmp) / "float.onnx").model
         quantize_int8(float_onnx, target / INT8_MODEL, sample.float().div_(255.0).numpy())
     sidecar = describe(small, "onnx", INT8_MODEL) | {"quantization": quantization_facts(len(sample))}
     write_json(target / (INT8_MODEL + ".json"), sidecar)
@@ -340,7 +339,7 @@ def _measure(src: Inference, small: Inference | None, target: Path, ds: Dataset,
         counts = _parameters(src.model)
         models.append((_row("original", "torch fp32", src.path, counts), _torch_predict(src)))
         if options.quantize:  # the same float model in ONNX Runtime: what the runtime alone gives, before int8
-            reference, _, _ = export_model(checkpoint=src.path, out=Path(tmp) / "original.onnx")
+            reference = export_model(checkpoint=src.path, out=Path(tmp) / "original.onnx").model
             row = _row("original", "onnxruntime fp32", reference, counts)
             row.file = "(exported for comparison, not kept)"
             models.append((row, OnnxNet(reference).probabilities))

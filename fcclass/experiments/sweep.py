@@ -25,7 +25,8 @@ from fcclass.config.sections import Config
 from fcclass.config.sweep import Param, SweepConfig, parse_param
 from fcclass.data.loaders import epoch_seed
 from fcclass.errors import ConfigError, FcclassError
-from fcclass.training.callbacks import Callback, monitor_value
+from fcclass.runs.metrics import monitor_value
+from fcclass.training.callbacks import Callback
 
 
 @dataclass

@@ -25,7 +25,7 @@ import yaml
 
 from fcclass.errors import FcclassError
 from fcclass.experiments.sweep import ReportEpochs, Sweep, is_rdb, open_study, suggest, trial_config, worker_study
-from fcclass.training.callbacks import monitor_value
+from fcclass.runs.metrics import monitor_value
 
 
 @dataclass

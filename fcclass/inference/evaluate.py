@@ -47,7 +47,7 @@ class EvalReport:
             t, p = divmod(idx, k)
             support = int(self.confusion[t].sum())
             pairs.append({"true": self.class_names[t], "predicted": self.class_names[p], "count": count,
-                          "fraction_of_true": count / support if support else 0.0})
+                          "fraction_of_true": _r(count / support) if support else 0.0})
         return pairs
 
     def to_dict(self) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import io
 import json
 import tempfile
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,17 @@ from fcclass.inference.load import Inference, load_for_inference
 from fcclass.inference.onnx import OnnxNet
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
+
+
+@dataclass
+class Exported:
+    """What export did: the deployable model and its description (None when the model went to a stream), the files it
+    wrote (a compressed run's int8 model, exported where it already is, is left as it is) and how the run was picked."""
+
+    model: Path
+    description: Path | None
+    note: str | None = None
+    written: list[Path] = field(default_factory=list)
 
 
 class Deployable(nn.Module):
@@ -37,10 +49,10 @@ class Deployable(nn.Module):
 
 
 def export_model(run: str | Path | None = None, checkpoint: str | Path | None = None, *, fmt: str = "onnx",
-                 out: str | Path | None = None, runs_dir: str | Path = "runs") -> tuple[Path, Path | None, str | None]:
+                 out: str | Path | None = None, runs_dir: str | Path = "runs") -> Exported:
     """Write the model (default ``RUN_DIR/model.onnx``) and ``<file>.json`` describing its input and output (not when
-    the model goes to a stream such as a pipe or /dev/null). Returns both paths and, when the newest run was picked,
-    which one."""
+    the model goes to a stream such as a pipe or /dev/null). A compressed run's model is its int8 ONNX file: copied
+    to ``out``; without ``out`` it is already in place and nothing is rewritten."""
     if fmt not in FORMATS:
         raise FcclassError(f"--format must be one of {', '.join(FORMATS)}, not '{fmt}'.")
     inf = load_for_inference(run, checkpoint, runs_dir=runs_dir, device="cpu")
@@ -65,25 +77,29 @@ def export_model(run: str | Path | None = None, checkpoint: str | Path | None = 
         write_output(target, scratch.read_bytes(), "the model")
     if sidecar is not None:
         write_output(sidecar, json.dumps(describe(inf, fmt, target.name), indent=2) + "\n", "the model's description")
-    return target, sidecar, inf.note
+    return Exported(target, sidecar, inf.note, [p for p in (target, sidecar) if p is not None])
 
 
-def _export_int8(inf: Inference, fmt: str, out: str | Path | None) -> tuple[Path, Path | None, str | None]:
-    """A compressed run's int8 model is an ONNX file already: it is copied (with its description) to ``out``."""
+def _export_int8(inf: Inference, fmt: str, out: str | Path | None) -> Exported:
+    """A compressed run's int8 model is an ONNX file already: it is copied (with its description) to ``out``. Without
+    ``out`` (or with its own path) it stays as it is, and so does its description, unless that went missing."""
     assert isinstance(inf.model, OnnxNet)
     if fmt != "onnx":
         raise FcclassError(f"This run's model is int8 ONNX ({inf.model.path}), which has no {fmt} form. Export it with "
                            f"--format onnx, or export its float weights: fcclass export --checkpoint {inf.path} --format {fmt}.")
     target = Path(out) if out is not None else inf.model.path
     sidecar = None if is_stream(target) else target.with_name(target.name + ".json")
+    source = inf.model.path.with_name(inf.model.path.name + ".json")
+    done = Exported(target, sidecar, inf.note)
     if target.absolute() != inf.model.path.absolute():
         check_output(target, "the model")
         write_output(target, inf.model.path.read_bytes(), "the model")
-    if sidecar is not None:
-        source = inf.model.path.with_name(inf.model.path.name + ".json")
+        done.written.append(target)
+    if sidecar is not None and (sidecar.absolute() != source.absolute() or not source.is_file()):
         facts = json.loads(source.read_text(encoding="utf-8")) if source.is_file() else describe(inf, fmt, target.name)
         write_output(sidecar, json.dumps(facts | {"file": target.name}, indent=2) + "\n", "the model's description")
-    return target, sidecar, inf.note
+        done.written.append(sidecar)
+    return done
 
 
 def _export_onnx(model: nn.Module, example: torch.Tensor, target: Path) -> None:

@@ -21,6 +21,10 @@ from fcclass.runs.checkpoint import Checkpoint, resolve_checkpoint, untrained_me
 from fcclass.runs.layout import COMPRESSED
 from fcclass.runs.splits import read_splits
 
+# The precision every evaluation runs in: eval, predict, export, and training's validation and test passes, so that the
+# best epoch's val accuracy is what `fcclass eval --split val` gives on best.pt (bf16 autocast moves it by a few images).
+INFERENCE_PRECISION = "fp32"
+
 
 @contextmanager
 def _exact_fp32(device: torch.device, amp_dtype: torch.dtype | None) -> Iterator[None]:
@@ -39,7 +43,8 @@ def _exact_fp32(device: torch.device, amp_dtype: torch.dtype | None) -> Iterator
 
 def run_model(model: Network, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], prep: BatchPreprocess,
               device: torch.device, amp_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (float32, CPU) and labels for every batch of ``loader``, in order, in eval mode."""
+    """Logits (float32, CPU) and labels for every batch of ``loader``, in order, in eval mode, under ``amp_dtype``
+    autocast (None: fp32; ``inference_dtype`` gives the one evaluation uses)."""
     was_training = model.training
     model.eval()
     outs, labels = [], []
@@ -53,6 +58,11 @@ def run_model(model: Network, loader: Iterable[tuple[torch.Tensor, torch.Tensor]
     if not outs:
         return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
     return torch.cat(outs), torch.cat(labels)
+
+
+def inference_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of INFERENCE_PRECISION on ``device`` (None: fp32)."""
+    return select_precision(INFERENCE_PRECISION, device)
 
 
 @dataclass
@@ -130,7 +140,7 @@ class Inference:
 
 
 def load_for_inference(run: str | Path | None = None, checkpoint: str | Path | None = None, *, runs_dir: str | Path = "runs",
-                       device: str = "auto", precision: str = "fp32") -> Inference:
+                       device: str = "auto", precision: str = INFERENCE_PRECISION) -> Inference:
     """The trained model of ``run`` (its best checkpoint), of the file ``checkpoint``, or of the newest trained run.
 
     ``precision``: fp32 by default, so that evaluation, prediction and an exported model give the same probabilities

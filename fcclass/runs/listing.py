@@ -8,12 +8,13 @@ import datetime as _dt
 import fnmatch
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
+from fcclass.config.sections import CheckpointConfig, Monitor
 from fcclass.config.yaml_load import parse_yaml
 from fcclass.errors import ConfigError, FcclassError
 from fcclass.runs.layout import CONFIG, is_run_dir
-from fcclass.runs.metrics import metrics_rows
+from fcclass.runs.metrics import best_row, metrics_rows
 from fcclass.runs.summary import Best, Epochs, TestFigures, live_state, read_summary
 
 SORT_KEYS = ("started", "name", "dataset", "params", "epochs", "val_accuracy", "test_accuracy", "wall_seconds", "state")
@@ -63,8 +64,10 @@ def _row_without_summary(run_dir: Path) -> RunRow:
         cfg = {}
     cfg = cfg if isinstance(cfg, dict) else {}
     rows = metrics_rows(run_dir)
-    planned = (cfg.get("train") or {}).get("epochs") if isinstance(cfg.get("train"), dict) else None
-    best = max(rows, key=lambda r: r.get("val_accuracy") or 0.0, default={})
+    train = cfg.get("train") if isinstance(cfg.get("train"), dict) else {}
+    planned = train.get("epochs")
+    monitor = (train.get("checkpoint") or {}).get("monitor") if isinstance(train.get("checkpoint"), dict) else None
+    best = best_row(rows, monitor if monitor in get_args(Monitor) else CheckpointConfig().monitor) or {}  # best.pt's epoch
     started = _dt.datetime.fromtimestamp(run_dir.stat().st_mtime).astimezone().isoformat(timespec="seconds")
     state = "finished" if planned and len(rows) >= planned else "interrupted"
     return RunRow(run_dir.name, str(run_dir), started, (cfg.get("data") or {}).get("dataset") if isinstance(cfg.get("data"), dict) else None,

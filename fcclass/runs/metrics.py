@@ -1,5 +1,6 @@
 """metrics.csv, the run's epoch rows: written after every epoch and parsed by one reader (curves, listings,
-comparisons), and a row rounded as the human output shows it."""
+comparisons), a row rounded as the human output shows it, and the rules that judge rows: which metric a monitor
+follows, when a metric improved, and which epoch is the best (best.pt, the run record, listings, a sweep's value)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,55 @@ def rounded_row(row: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = round(value, 1 if key == "seconds" else 4)
     return out
+
+
+def monitored(name: str, validated: bool) -> str:
+    """The metric a monitor named ``name`` follows (best checkpoint, early stopping, scheduler, a sweep's ranking):
+    itself, or, when there is no validation split (``validated`` False), the training metric in place of val_*."""
+    return name if validated or not name.startswith("val_") else "train_" + name.removeprefix("val_")
+
+
+def monitor_value(row: dict[str, Any], name: str) -> float | None:
+    """The value of monitor ``name`` in an epoch row (on_epoch_end's): the training metric stands in for val_* when
+    the epoch had no validation split (its val_* are None)."""
+    return row.get(monitored(name, row.get(name) is not None))
+
+
+def improved(value: float, best: float | None, monitor: str, min_delta: float = 0.0) -> bool:
+    """Whether ``value`` of ``monitor`` beats ``best`` by more than ``min_delta``: lower for a loss, higher otherwise."""
+    if best is None:
+        return True
+    return value < best - min_delta if monitor.endswith("loss") else value > best + min_delta
+
+
+def tie_breaker(monitor: str) -> str:
+    """The metric that decides between epochs equal on ``monitor``: the same split's loss for an accuracy, its accuracy
+    for a loss (val_loss for val_accuracy; train_accuracy for train_loss)."""
+    split, _, kind = monitor.rpartition("_")
+    return f"{split}_{'accuracy' if kind == 'loss' else 'loss'}"
+
+
+def better_epoch(row: dict[str, Any], best: dict[str, Any] | None, monitor: str) -> bool:
+    """Whether the epoch ``row`` is better than ``best`` (the best so far; None: there is none) by ``monitor``; a tie
+    on it (the same val accuracy, often at 100 %) goes to the epoch better on ``tie_breaker(monitor)``, and a tie on
+    both to the earlier epoch. The one rule for the best epoch: best.pt, the run record and listings all follow it."""
+    if best is None:
+        return True
+    if row[monitor] != best[monitor]:
+        return improved(row[monitor], best[monitor], monitor)
+    other = tie_breaker(monitor)
+    return row.get(other) is not None and best.get(other) is not None and improved(row[other], best[other], other)
+
+
+def best_row(rows: Sequence[dict[str, Any]], monitor: str) -> dict[str, Any] | None:
+    """The best of ``rows`` (epochs in order, e.g. metrics.csv's) by ``monitor`` as training picks it (``better_epoch``;
+    without a validation split, by the training metric ``monitored`` names); None when no row has that metric."""
+    best = None
+    for row in rows:
+        metric = monitored(monitor, row.get(monitor) is not None)
+        if row.get(metric) is not None and better_epoch(row, best, metric):
+            best = row
+    return best
 
 
 def _parse(path: Path) -> list[dict[str, float]]:

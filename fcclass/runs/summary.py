@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import shlex
 import subprocess
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 from fcclass.runs.layout import LOCK, SUMMARY
 from fcclass.runs.records import DamagedRecord, Record, read_record, write_record
 
 FORMAT = 1
+LAUNCH_COMMAND = "FCCLASS_LAUNCH_COMMAND"  # `train --nproc-per-node`'s command line, for the processes torchrun starts
 STATES = ("running", "finished", "interrupted", "failed", "pruned")
 LIMIT = 16 << 20  # bytes; a record is a few KB
 
@@ -152,3 +155,14 @@ def program_name(argv0: str) -> str:
     the package's __main__.py)."""
     name = os.path.basename(argv0)
     return "fcclass" if name == "__main__.py" else name
+
+
+def command_line(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> str:
+    """The command as the user typed it, for the run record (at most 500 characters): ``fcclass`` and its arguments,
+    quoted as a shell needs them. The processes that ``train --nproc-per-node N`` starts through torchrun get the
+    arguments rebuilt, without that option: they record the launching command, which it leaves in LAUNCH_COMMAND."""
+    launched = (os.environ if environ is None else environ).get(LAUNCH_COMMAND)
+    if launched:
+        return launched[:500]
+    argv = sys.argv if argv is None else argv
+    return shlex.join([program_name(argv[0]), *argv[1:]])[:500]

@@ -17,9 +17,9 @@ from fcclass.errors import FcclassError
 from fcclass.files import RunWriteError, os_error_reason
 from fcclass.runs.checkpoint import BEST, LAST
 from fcclass.runs.layout import METRICS
-from fcclass.runs.metrics import write_metrics
+from fcclass.runs.metrics import better_epoch, improved, write_metrics
 from fcclass.training.callbacks import BatchEnd, Callback
-from fcclass.training.state import TrainingDiverged, improved
+from fcclass.training.state import TrainingDiverged
 
 if TYPE_CHECKING:  # pragma: no cover
     from fcclass.training.state import TrainResult
@@ -74,14 +74,15 @@ class EarlyStopping(Callback):
 
 
 class ModelCheckpoint(Callback):
-    """The best epoch by train.checkpoint.monitor, then the files of the epoch: last.pt (resumable), best.pt (when the
-    epoch is the best), metrics.csv, each written atomically. On a full disk or a read-only folder, training stops with
-    the last good checkpoint intact and the message says how to go on."""
+    """The best epoch by train.checkpoint.monitor (a tie goes to the epoch better on the other metric:
+    runs.metrics.better_epoch), then the files of the epoch: last.pt (resumable), best.pt (when the epoch is the best),
+    metrics.csv, each written atomically. On a full disk or a read-only folder, training stops with the last good
+    checkpoint intact and the message says how to go on."""
 
     def on_epoch_end(self, trainer: "Trainer", row: dict[str, Any], is_best: bool) -> None:
         st = trainer.state
         monitor = trainer.monitor_name(trainer.cfg.train.checkpoint.monitor)
-        if improved(row[monitor], st.best[monitor] if st.best else None, monitor):
+        if better_epoch(row, st.best, monitor):
             st.best, st.best_epoch = dict(row), st.epoch
         if trainer.job.is_main:
             self.save(trainer, row, st.best_epoch == st.epoch)

@@ -26,18 +26,6 @@ class BatchEnd:
     synced: bool = True  # loss and accuracy were computed at this batch (not carried over from an earlier one)
 
 
-def monitored(name: str, validated: bool) -> str:
-    """The metric a monitor named ``name`` follows (best checkpoint, early stopping, scheduler, a sweep's ranking):
-    itself, or, when there is no validation split (``validated`` False), the training metric in place of val_*."""
-    return name if validated or not name.startswith("val_") else "train_" + name.removeprefix("val_")
-
-
-def monitor_value(row: dict[str, Any], name: str) -> float | None:
-    """The value of monitor ``name`` in an epoch row (on_epoch_end's): the training metric stands in for val_* when
-    the epoch had no validation split (its val_* are None)."""
-    return row.get(monitored(name, row.get(name) is not None))
-
-
 class Callback:
     """Hooks the trainer calls, in this order; each does nothing unless overridden."""
 

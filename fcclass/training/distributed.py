@@ -16,6 +16,7 @@ import torch
 
 from fcclass.device import SINGLE, Dist
 from fcclass.errors import FcclassError
+from fcclass.runs.summary import LAUNCH_COMMAND, command_line
 
 
 class PeerFailed(FcclassError):
@@ -209,6 +210,7 @@ def launch(nproc: int, fcclass_args: Sequence[str]) -> None:
         if name.startswith("torch.distributed"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
     args = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "fcclass", *fcclass_args])
+    os.environ[LAUNCH_COMMAND] = command_line()  # the run record's command: this one, as typed, not the processes' own
     try:
         run(args)
     except SignalException:  # Ctrl-C or SIGTERM: the processes got it too and stopped after saving
@@ -219,6 +221,8 @@ def launch(nproc: int, fcclass_args: Sequence[str]) -> None:
             raise KeyboardInterrupt from None
         raise FcclassError(f"Distributed training failed: {'; '.join(_fate(r, c) for r, c in sorted(codes.items()))}. The "
                            "processes' own messages are above; completed epochs are kept in the run directory.") from None
+    finally:
+        os.environ.pop(LAUNCH_COMMAND, None)
 
 
 def _fate(rank: int, code: int) -> str:

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import platform
 import socket
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fcclass.runs.layout import SUMMARY
-from fcclass.runs.summary import FORMAT, Best, Epochs, Summary, git_state, now, program_name, read_summary, write_summary
+from fcclass.runs.summary import FORMAT, Best, Epochs, Summary, command_line, git_state, now, read_summary, write_summary
 from fcclass.training.callbacks import Callback
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -34,7 +33,7 @@ def environment(trainer: "Trainer") -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "batch_size": trainer.batch.batch_size,
         "distributed": _distributed(trainer),
-        "command": " ".join(program_name(a) if i == 0 else a for i, a in enumerate(sys.argv))[:500],
+        "command": command_line(),
     }
 
 

@@ -1,5 +1,6 @@
 """The trainer's state and result as typed dataclasses, and the small rules the loop shares with its callbacks:
-when a metric improved, signals as a graceful stop, keeping pruned weights at zero."""
+signals as a graceful stop, keeping pruned weights at zero (when a metric improved, and which epoch is the best, are
+fcclass.runs.metrics's: listings judge recorded epochs by the same rules)."""
 
 from __future__ import annotations
 
@@ -87,12 +88,6 @@ def stop_on_signals() -> Iterator[dict[str, Any]]:
     finally:
         for sig, h in previous.items():
             signal.signal(sig, h)
-
-
-def improved(value: float, best: float | None, monitor: str, min_delta: float = 0.0) -> bool:
-    if best is None:
-        return True
-    return value < best - min_delta if monitor.endswith("loss") else value > best + min_delta
 
 
 def keep_zeros(model: nn.Module) -> None:

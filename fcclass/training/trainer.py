@@ -26,13 +26,14 @@ from fcclass.data import (
 )
 from fcclass.device import autocast, precision_name, select_device, select_precision
 from fcclass.errors import FcclassError
-from fcclass.inference.load import run_model
+from fcclass.inference.load import inference_dtype, run_model
 from fcclass.inference.metrics import Score, count_correct, score
 from fcclass.memory import check_training
 from fcclass.model.network import Network, build_model
 from fcclass.runs.checkpoint import Checkpoint
+from fcclass.runs.metrics import monitored
 from fcclass.training.builtin import builtin_callbacks
-from fcclass.training.callbacks import BatchEnd, Callback, monitored
+from fcclass.training.callbacks import BatchEnd, Callback
 from fcclass.training.distributed import (
     SYNC_BATCHNORM_NEEDS_CUDA,
     PeerFailed,
@@ -292,11 +293,12 @@ class Trainer:
         return loss.detach(), logits.detach(), y
 
     def validate(self) -> dict[str, float | None]:
-        """Keras's val_loss: the training loss function (label smoothing included, class weights not) on val data."""
+        """Keras's val_loss: the training loss function (label smoothing included, class weights not) on val data. In
+        the precision of `fcclass eval` (fp32), whatever training's: the best epoch's val accuracy is eval's on best.pt."""
         if self.val_loader is None:
             return {"val_loss": None, "val_accuracy": None}
         broadcast_buffers(self.model, self.job)  # every rank validates with rank 0's BatchNorm statistics
-        logits, labels = run_model(self.model, self.val_loader, self.eval_prep, self.device, self.amp_dtype)
+        logits, labels = run_model(self.model, self.val_loader, self.eval_prep, self.device, inference_dtype(self.device))
         total = score(logits, labels, self.cfg.train.label_smoothing)  # under torchrun: this rank's shard of the val split
         if self.job.enabled:
             total = Score.from_tensor(all_sum(total.to_tensor(self.device), self.job))
