@@ -50,7 +50,7 @@ def test_a_short_run_says_so_records_its_batch_and_keeps_it_on_resume(tmp_path: 
     assert res.exit_code == 0, res.output
     text = " ".join(res.output.split())
     # 900 training images: 4 steps at 256 < 6, so 128 (8 steps), with the learning rate scaled to 0.15
-    assert ("Short run: 900 images x 1 epoch(s) would be 4 optimizer steps at data.batch_size 256, under "
+    assert ("Short run: 900 images x 1 epoch would be 4 optimizer steps at data.batch_size 256, under "
             "train.short_run_steps 6: training at batch 128 with the learning rate scaled to 0.15 (0.3 x 128/256). "
             "Set train.short_run_steps=0 to train at batch 256.") in text
     out = json.loads((tmp_path / "out.json").read_text())

@@ -118,7 +118,7 @@ class BatchPlan:
         if resumed:
             return (f"Short run: training at batch {self.batch_size}, with {scaled}, as this run started (it was too "
                     f"short for data.batch_size {self.configured}; a resumed run keeps its batch).")
-        return (f"Short run: {images:,} images x {epochs} epoch(s) would be {self.steps_configured} optimizer steps at "
+        return (f"Short run: {images:,} images x {epochs} epoch{'s' if epochs != 1 else ''} would be {self.steps_configured} optimizer steps at "
                 f"data.batch_size {self.configured}, under train.short_run_steps {self.threshold}: training at batch "
                 f"{self.batch_size} with {scaled}. Set train.short_run_steps=0 to train at batch {self.configured}.")
 
