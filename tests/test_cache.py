@@ -214,18 +214,49 @@ def test_a_run_reading_a_small_part_of_the_folder_streams_rather_than_build(tmp_
     assert ds.train.rows is not None and decodes == []  # ...which a small one then reuses
 
 
-def test_bad_pixel_data_in_the_splits_is_the_error_streaming_gives(tmp_path: Path, cache_dir: Path) -> None:
+def test_bad_pixel_data_in_the_splits_is_the_error_streaming_gives(tmp_path: Path, cache_dir: Path, decodes: list[Path]) -> None:
+    """The cache keeps the rows of files it cannot decode as zeros and lists them in its trailer: a run that reads one
+    stops with every such file named (the next one too, without decoding again), or with skip leaves them out."""
     from fcclass.errors import DataError
 
     folder = make_folder(tmp_path / "imgs")
     for name in ("ant/001.png", "cat/007.png"):
         path = folder / name
         path.write_bytes(path.read_bytes()[:60])  # the header survives: only decoding finds it
-    with pytest.raises(DataError) as e:
-        load_dataset(data_config(folder, val_split=0.0, test_split=0.05), 0, splits=("train", "val"))
-    text = str(e.value)
-    assert text.startswith("Cannot read 2 image(s): ") and "ant/001.png" in text and "cat/007.png" in text
-    assert text.endswith("Remove or replace these files and run again.") and not cache_files(cache_dir)
+    for _ in range(2):
+        with pytest.raises(DataError) as e:
+            load_dataset(data_config(folder, val_split=0.0, test_split=0.05), 0, splits=("train", "val"))
+        text = str(e.value)
+        assert text.startswith("Cannot read 2 image(s): ") and "ant/001.png" in text and "cat/007.png" in text
+        assert text.endswith("Remove or replace these files and run again.")
+    (cache,) = cache_files(cache_dir)
+    assert cache.read_bytes().endswith(b'{"unreadable": [[1, "cannot decode image (image file is truncated); the file is corrupt '
+                                       b'or truncated."], [47, "cannot decode image (image file is truncated); the file is '
+                                       b'corrupt or truncated."]]}\n')
+    assert len(decodes) == 60  # the second run read the cache's list: nothing decoded again
+    ds = load_dataset(data_config(folder, val_split=0.0, test_split=0.05, on_unreadable="skip"), 0, splits=("train", "val"))
+    assert len(decodes) == 60 and sorted(p.name for p, _ in ds.skipped) == ["001.png", "007.png"]
+    kept = {f.relative_to(folder).as_posix() for f in ds.train.files}
+    assert "ant/001.png" not in kept and "cat/007.png" not in kept and len(kept) == 60 - 3 - 2  # 3 test images
+    assert not (pixels(ds.train).flatten(1) == 0).all(1).any()  # no zero row (an unreadable file's) is served
+    record = ds.record()
+    assert sorted(s["file"] for s in record.skipped) == ["ant/001.png", "cat/007.png"]
+    assert not {"ant/001.png", "cat/007.png"} & {f for rec in record.splits.values() for f in rec["files"]}
+
+
+def test_a_cache_whose_list_of_unreadable_files_is_damaged_is_rebuilt(tmp_path: Path, cache_dir: Path, decodes: list[Path]) -> None:
+    folder = make_folder(tmp_path / "imgs")
+    load_dataset(data_config(folder), 0, splits=("train", "val"))
+    (cache,) = cache_files(cache_dir)
+    good = cache.read_bytes()
+    assert good.endswith(b'{"unreadable": []}\n')
+    pixels_end = len(good) - len(b'{"unreadable": []}\n')
+    for damaged in (good[:pixels_end], good[:-1], good[:pixels_end] + b'{"unreadable": [[9999999, "x"]]}\n'):
+        cache.write_bytes(damaged)
+        decodes.clear()
+        ds = load_dataset(data_config(folder), 0, splits=("train", "val"))
+        assert len(decodes) == 60 and cache.read_bytes() == good, ds.notes
+        assert any("replaced" in n for n in ds.notes), ds.notes
 
 
 # ----------------------------------------------------------------------------- two processes

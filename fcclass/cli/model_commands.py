@@ -78,6 +78,8 @@ def predict(
     top_k: int = typer.Option(3, "--top-k", "-k", help="How many labels to show per image."),
     json_out: Optional[str] = JsonOpt,
     csv_out: Optional[Path] = typer.Option(None, "--csv", help="Also write the predictions as CSV to FILE."),
+    json_summary: bool = typer.Option(False, "--json-summary", help='With --json: write {"predictions": [...], "summary": {...}} '
+                                                                    "instead of the list of predictions alone."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per forward pass."),
     runs_dir: Path = RunsDirOpt,
     data_root: Optional[Path] = DataRootOpt,
@@ -97,29 +99,27 @@ def predict(
         if is_run_dir(Path(item)):  # eval and export take RUN this way
             raise FcclassError(f"'{item}' is a run directory, not a folder of images to predict; give it with --run: "
                                f"fcclass predict IMAGES --run {item}")
+    from fcclass.cli.tables import predict_summary_line, predict_table
     from fcclass.inference.load import load_for_inference
-    from fcclass.inference.predict import predict as run_predict
-    from fcclass.inference.predict import predict_split, predictions_csv
+    from fcclass.inference.predict import predict_split_with_summary, predict_with_summary, predictions_csv
 
     model = load_for_inference(run, checkpoint, runs_dir=runs_dir, device=device)
     console = _human_console(json_out, csv_out)
     _print_notes(console, [model.note] if model.note else [])
     if split is not None:
-        preds = predict_split(split, top_k=top_k, batch_size=batch_size, data_root=data_root, allow_changed_data=allow_changed_data, model=model)
+        preds, outcome = predict_split_with_summary(split, top_k=top_k, batch_size=batch_size, data_root=data_root,
+                                                    allow_changed_data=allow_changed_data, model=model)
     else:
-        preds = run_predict(images or [], top_k=top_k, batch_size=batch_size, model=model)
+        preds, outcome = predict_with_summary(images or [], top_k=top_k, batch_size=batch_size, model=model)
+    _print_notes(console, outcome.notes)
     shown = max((len(p.top_k) for p in preds), default=1) or 1
     if json_out != "-":
-        from fcclass.cli.tables import predict_table
-
         console.print(predict_table(preds, shown))
     if csv_out is not None:
         _write_file(csv_out, predictions_csv(preds, shown), "CSV")
-    _emit_json(json_out, [p.to_dict() for p in preds])
-    if split is not None and json_out != "-":
-        wrong = sum(p.label != p.true_label for p in preds)
-        console.print(f"{split} split: {len(preds):,} images, {wrong:,} predicted wrong (top-1 accuracy "
-                      f"{1 - wrong / max(len(preds), 1):.2%}; `fcclass eval --split {split}` gives every figure).", highlight=False)
+    listed = [p.to_dict() for p in preds]
+    _emit_json(json_out, {"predictions": listed, "summary": outcome.to_dict()} if json_summary else listed)
+    console.print(escape(predict_summary_line(outcome, split)), highlight=False)
     failed = [p for p in preds if p.error is not None]
     if failed:
         err_console.print(f"[red]{len(failed)} of {len(preds)} input(s) could not be predicted.[/red]")

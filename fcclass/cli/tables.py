@@ -83,6 +83,22 @@ def predict_table(preds: list[Any], top_k: int) -> Table:
     return table
 
 
+def predict_summary_line(summary: Any, split: str | None = None) -> str:
+    """The closing line of `fcclass predict`: inputs, failures, predictions per label and, where the true labels are
+    known, the top-1 accuracy (PredictSummary's, scored as eval scores)."""
+    if split is not None:
+        wrong = summary.score.images - summary.score.correct
+        return (f"{split} split: {summary.images:,} images, {wrong:,} predicted wrong (top-1 accuracy {summary.accuracy or 0:.2%}; "
+                f"`fcclass eval --split {split}` gives every figure).")
+    failed = f", {summary.failed:,} could not be read" if summary.failed else ""
+    counts = ", ".join(f"{label} {n:,}" for label, n in summary.counts.items() if n) or "nothing"
+    line = f"Summary: {summary.images:,} image(s){failed}. Predicted: {counts}."
+    if summary.accuracy is not None:
+        line += (f" Top-1 accuracy {summary.accuracy:.2%} on the {summary.score.images:,} image(s) whose folder names their "
+                 "label.")
+    return line
+
+
 def throughput_table(results: list[dict[str, Any]]) -> Table:
     """images/s and seconds per 60,000-image epoch for each loop, the speed-ups, and fcclass against the matmul peak."""
     keras = any("keras" in r for r in results)

@@ -126,6 +126,9 @@ class DataConfig(Strict):
     cache: Annotated[Literal["auto", "off"], BeforeValidator(_auto_or_off)] = "auto"
     cache_dir: str | None = None  # null: $FCCLASS_CACHE_DIR, else $XDG_CACHE_HOME/fcclass, else ~/.cache/fcclass
     cache_max_gb: float = Field(8.0, gt=0)  # a larger cache is not built: the images are decoded every epoch instead
+    # imagefolder files that cannot be read (not images, empty, truncated): error lists them all and stops; skip leaves
+    # them out of the splits, lists them in the training header and the run record (README, "Your own images")
+    on_unreadable: Literal["error", "skip"] = "error"
 
     @property
     def location_key(self) -> str:

@@ -31,6 +31,7 @@ from fcclass.data.images import (
     load_resized,
     resize_uint8,
     unreadable,
+    unreadable_error,
 )
 from fcclass.data.loaders import FileLoader, TensorLoader, channel_stats, epoch_seed, make_loader
 from fcclass.data.sources import Source, data_root, imagefolder_source, open_source, unpack_debian_copy
@@ -69,6 +70,7 @@ class Dataset:
     channels: int
     name: str = ""  # the config's data.dataset
     notes: list[str] = field(default_factory=list)  # what the user should know about the data (changed files...)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # files left out as unreadable (data.on_unreadable: skip), why
     _record: SplitRecord | None = None
     _source: Source | None = field(default=None, repr=False)
     _chosen: dict[str, tuple[str, torch.Tensor]] | None = field(default=None, repr=False)
@@ -85,22 +87,42 @@ class Dataset:
     def test(self) -> Split | None:
         return self.splits.get("test")
 
+    def leave_out(self, name: str, found: dict[int, str]) -> None:
+        """Leave out of split ``name`` the positions ``found`` unreadable ({position: why}) while reading it before
+        training (data.on_unreadable: skip); a new run's record then leaves them out too."""
+        if not found:
+            return
+        split = self.splits[name]
+        keep = torch.tensor([i for i in range(len(split)) if i not in found], dtype=torch.long)
+        bad = [(split.files[i], why) for i, why in sorted(found.items())]  # type: ignore[index]
+        if not len(keep):
+            raise DataError(f"Every image of the {name} split is unreadable ({describe_bad_files(bad, shown=3)}): there is "
+                            "nothing to train on. Replace the files, or point data.path at another folder.")
+        self.skipped += bad
+        self.splits[name] = split.subset(keep)
+        if self._chosen is not None and self._record is None:
+            pool, idx = self._chosen[name]
+            self._chosen[name] = (pool, idx[keep])
+        setattr(self.info, f"{name}_counts", class_counts(self.splits[name].labels, self.info.num_classes))
+
     def record(self) -> SplitRecord:
         """The record of these splits for the run directory (computed once: image folders hash every file)."""
         if self._record is None:
             assert self._source is not None and self._chosen is not None
-            self._record = SplitRecord.of(self._source, self._chosen, self.name, self.channels, self.size)
+            self._record = SplitRecord.of(self._source, self._chosen, self.name, self.channels, self.size, self.skipped)
         return self._record
 
 
-def _shape(cfg: DataConfig, source: Source) -> tuple[int, tuple[int, int]]:
+def _shape(cfg: DataConfig, source: Source, skipped: Sequence[tuple[Path, str]] = ()) -> tuple[int, tuple[int, int]]:
     """(channels, (height, width)) the images are converted to: the config's, else the dataset's (an image folder:
-    RGB, and the size of its first training image)."""
+    RGB, and the size of its first training image that is not ``skipped``)."""
     if source.shape is not None:
         channels, size = cfg.channels or source.shape[0], tuple(cfg.image_size or source.shape[1:])
     else:
         channels = cfg.channels or 3
-        size = tuple(cfg.image_size) if cfg.image_size else image_size(source.pools["train"].files[0])
+        left_out = {path for path, _ in skipped}
+        first = next(f for f in source.pools["train"].files or [] if f not in left_out)
+        size = tuple(cfg.image_size) if cfg.image_size else image_size(first)
     return channels, size  # type: ignore[return-value]
 
 
@@ -121,9 +143,10 @@ def _in_memory(images: torch.Tensor, channels: int, size: Sequence[int]) -> torc
     return resize_uint8(convert_channels(images, channels), size).contiguous()
 
 
-def _check_readable(source: Source, chosen: dict[str, tuple[str, torch.Tensor]]) -> None:
+def _check_readable(source: Source, chosen: dict[str, tuple[str, torch.Tensor]], skip: bool) -> list[tuple[Path, str]]:
     """Before training, every file of every split is opened (headers, on threads) and the test split, which training
-    never reads, is decoded in full: all bad files at once, and none left to be found only at evaluation."""
+    never reads, is decoded in full: all bad files at once, and none left to be found only at evaluation. Returns
+    them with ``skip`` (data.on_unreadable: skip); raises otherwise."""
     def files(*names: str) -> list[Path]:
         return [source.pools[pool].files[i] for pool, idx in (chosen[n] for n in names if n in chosen)
                 if source.pools[pool].files is not None for i in idx.tolist()]
@@ -132,9 +155,25 @@ def _check_readable(source: Source, chosen: dict[str, tuple[str, torch.Tensor]])
     bad = unreadable(every)
     broken = {path for path, _ in bad}
     bad += unreadable([f for f in files("test") if f not in broken], full_decode=True)
-    if bad:
-        raise DataError(f"{len(bad)} of {len(every):,} image file(s) cannot be read: {describe_bad_files(bad)}. "
-                        "Remove or replace them and run again.")
+    if bad and not skip:
+        raise unreadable_error(bad, of=len(every), hint=", or set data.on_unreadable: skip to train without them")
+    return bad
+
+
+def _leave_out(source: Source, chosen: dict[str, tuple[str, torch.Tensor]], bad: Sequence[tuple[Path, str]]
+               ) -> dict[str, tuple[str, torch.Tensor]]:
+    """The splits without the ``bad`` files (data.on_unreadable: skip); an empty training split is an error."""
+    if not bad:
+        return chosen
+    left_out = {path for path, _ in bad}
+    out = {}
+    for name, (pool, idx) in chosen.items():
+        files = source.pools[pool].files or []
+        out[name] = (pool, idx[torch.tensor([files[i] not in left_out for i in idx.tolist()], dtype=torch.bool)])
+    if not len(out["train"][1]):
+        raise DataError(f"Every image of the training split is unreadable ({describe_bad_files(list(bad), shown=3)}): "
+                        "there is nothing to train on. Replace the files, or point data.path at another folder.")
+    return out
 
 
 def load_dataset(cfg: DataConfig, seed: int, splits: Sequence[str] = SPLIT_NAMES, progress: Progress | None = None) -> Dataset:
@@ -143,28 +182,39 @@ def load_dataset(cfg: DataConfig, seed: int, splits: Sequence[str] = SPLIT_NAMES
     only_test = set(splits) == {"test"} and isinstance(DATASETS[cfg.dataset], TorchvisionSet)
     source = open_source(cfg, pools=("test",) if only_test else ("train", "test"))
     chosen = draw_splits(source.pools, cfg, seed)
-    _check_readable(source, chosen)
-    channels, size = _shape(cfg, source)
+    skipped = _check_readable(source, chosen, cfg.on_unreadable == "skip")
+    chosen = _leave_out(source, chosen, skipped)
+    channels, size = _shape(cfg, source, skipped)
     parts = {name: _materialise(source.pools[chosen[name][0]], chosen[name][1], channels, size) for name in splits}
     notes = list(source.notes)
     if source.kind == "files":
         pools = {name: pool.files or [] for name, pool in source.pools.items()}
-        notes += _use_cache(cfg, source.root, pools, {name: chosen[name] for name in splits}, parts, channels, size, progress)
+        found, cache_notes = _use_cache(cfg, source.root, pools, {name: chosen[name] for name in splits}, parts, channels, size, progress)
+        skipped, chosen, notes = skipped + found, _leave_out(source, chosen, found), notes + cache_notes
     info = _info(source.class_names, channels, size, parts)
     test_pool, test_idx = chosen["test"]
     info.test_counts = class_counts(source.pools[test_pool].labels[test_idx], len(source.class_names))
-    return Dataset(info, parts, size, channels, cfg.dataset, notes, _source=source, _chosen=chosen)
+    return Dataset(info, parts, size, channels, cfg.dataset, notes, skipped, _source=source, _chosen=chosen)
 
 
 def _use_cache(cfg: DataConfig, root: Path, pools: dict[str, list[Path]], wanted: dict[str, tuple[str, torch.Tensor]],
-               parts: dict[str, Split], channels: int, size: Sequence[int], progress: Progress | None) -> list[str]:
+               parts: dict[str, Split], channels: int, size: Sequence[int], progress: Progress | None
+               ) -> tuple[list[tuple[Path, str]], list[str]]:
     """Point each split whose pool is cached at the pool's memory-mapped images (its rows in the pool); the others
-    keep their files and stream. Returns the cache's notes."""
-    pixels, notes = cached_pools(cfg, root, pools, wanted, channels, size, progress)
+    keep their files and stream. The cache's build finds files whose pixel data is corrupt: with data.on_unreadable:
+    skip they are left out of ``parts`` and returned (file, why). Returns them and the cache's notes."""
+    pixels, notes, bad = cached_pools(cfg, root, pools, wanted, channels, size, progress)
+    found: list[tuple[Path, str]] = []
     for name, (pool, rows) in wanted.items():
-        if pool in pixels:
-            parts[name].images, parts[name].rows = pixels[pool], rows
-    return notes
+        if pool not in pixels:
+            continue
+        parts[name].images, parts[name].rows = pixels[pool], rows
+        gone = bad.get(pool, {})
+        keep = [j for j, row in enumerate(rows.tolist()) if row not in gone]
+        if len(keep) < len(rows):
+            found += [(pools[pool][row], gone[row]) for row in rows.tolist() if row in gone]
+            parts[name] = parts[name].subset(torch.tensor(keep, dtype=torch.long))
+    return found, notes
 
 
 def _info(class_names: list[str], channels: int, size: Sequence[int], parts: dict[str, Split]) -> DataInfo:
@@ -190,13 +240,21 @@ def dataset_from_record(cfg: DataConfig, record: SplitRecord, splits: Sequence[s
             split.images = _in_memory(split.images, record.channels, size)
             parts[name] = split
         notes: list[str] = []
+        skipped: list[tuple[Path, str]] = []
     else:
         parts, notes = _file_splits(record, splits, base, allow_changed)
         pools, wanted = _recorded_pools(base, parts)
-        notes += _use_cache(cfg, base, pools, wanted, parts, record.channels, size, progress)
+        skipped = [(base / s["file"], s["reason"]) for s in record.skipped]
+        if skipped:
+            notes.append(f"{len(skipped):,} unreadable file(s) of '{base}' were left out of this run's splits when it was trained "
+                         f"(data.on_unreadable: skip): {describe_bad_files(skipped, shown=3)}. splits.json lists them all.")
+        found, cache_notes = _use_cache(cfg, base, pools, wanted, parts, record.channels, size, progress)
+        notes += cache_notes + ([f"{len(found):,} recorded file(s) cannot be decoded now and are left out (data.on_unreadable: skip): "
+                                 f"{describe_bad_files(found, shown=3)}."] if found else [])
+        skipped += found
     info = _info(record.class_names, record.channels, size, parts)
     info.test_counts = record.label_counts("test") or []
-    return Dataset(info, parts, size, record.channels, record.dataset, notes, _record=record)
+    return Dataset(info, parts, size, record.channels, record.dataset, notes, skipped, _record=record)
 
 
 def _file_splits(record: SplitRecord, splits: Sequence[str], base: Path, allow_changed: bool) -> tuple[dict[str, Split], list[str]]:
@@ -219,7 +277,7 @@ def _file_splits(record: SplitRecord, splits: Sequence[str], base: Path, allow_c
         keep = check.present
         parts[name] = Split(torch.tensor([rec["labels"][i] for i in keep], dtype=torch.long),
                             files=[base / rec["files"][i] for i in keep])
-    recorded = {f for rec in record.splits.values() for f in rec["files"]}
+    recorded = {f for rec in record.splits.values() for f in rec["files"]} | {s["file"] for s in record.skipped}
     added = sum(1 for f in list_images(base) if f.relative_to(base).as_posix() not in recorded)
     if added:
         notes.append(f"{added:,} image(s) in '{base}' are not in any split recorded for this run (added after training); "
@@ -287,9 +345,13 @@ def normalization(cfg: DataConfig, ds: Dataset) -> tuple[list[float], list[float
     channels = ds.info.input_shape[0]
     if norm == "none":
         return [], []
-    if norm == "auto":
+    if norm == "auto":  # decodes a streamed training split once: with skip, what it finds unreadable is left out now
         assert ds.train is not None
-        return channel_stats(ds.train, channels, ds.size, num_workers=cfg.num_workers)
+        found: dict[int, str] = {}
+        stats = channel_stats(ds.train, channels, ds.size, num_workers=cfg.num_workers,
+                              skipped=found if cfg.on_unreadable == "skip" else None)
+        ds.leave_out("train", found)
+        return stats
     if len(norm.mean) != channels:
         raise DataError(f"data.normalize has {len(norm.mean)} mean/std values but the images have {channels} channel(s); give one per channel.")
     return list(norm.mean), list(norm.std)

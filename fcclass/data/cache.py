@@ -8,10 +8,11 @@ the channels and the format: a file added, removed or modified gives another key
 file of that folder is removed).
 
 Layout: HEADER_BYTES of header (MAGIC, then JSON: format, shape, key digest, folder), then the N*C*H*W pixels, so
-np.memmap maps them at a page-aligned offset. A file whose header, key, size or owner does not check out is rebuilt,
-never read. A build writes a temp file and renames it (files.atomic_write_chunks) under an flock on a lock file
-beside it: of two processes building one cache (two DDP ranks, parallel sweep workers), one builds, the other
-waits and reuses it.
+np.memmap maps them at a page-aligned offset, then a JSON trailer line listing the rows whose file cannot be decoded
+(kept as zeros, never served: a run that reads such a row stops with data.on_unreadable: error, or leaves it out with
+skip). A file whose header, trailer, key, size or owner does not check out is rebuilt, never read. A build writes
+a temp file and renames it (files.atomic_write_chunks) under an flock on a lock file beside it: of two processes
+building one cache (two DDP ranks, parallel sweep workers), one builds, the other waits and reuses it.
 
 When a pool cannot be cached, its splits stream from the files (loaders.FileLoader) as before, with a note saying
 why: over data.cache_max_gb or the free disk space, a cache folder that cannot be written or a full disk, or a run
@@ -39,17 +40,18 @@ from typing import Any, Iterator, Protocol, Sequence
 
 import torch
 
-from fcclass.data.images import decode_threads, describe_bad_files, load_resized
+from fcclass.data.images import decode_threads, load_resized, unreadable_error
 from fcclass.errors import DataError
 from fcclass.files import atomic_write_chunks, os_error_reason, shown
 from fcclass.memory import human
 
-FORMAT = 1
+FORMAT = 2  # 2: the trailer of unreadable rows
 MAGIC = b"fcclass decoded images\n"
 HEADER_BYTES = 4096  # a page: the pixels start page-aligned, as mmap wants
 MIN_SHARE = 0.5  # a run that reads less of a pool than this streams its files rather than build the pool's cache
 DISK_RESERVE = 1 << 30  # free space a new cache must leave on its disk
 CHUNK = 256  # images decoded per write
+TRAILER_LIMIT = 64 << 20  # bytes of the unreadable-rows trailer: about a million bad files
 
 
 class Progress(Protocol):
@@ -126,8 +128,29 @@ def _header_problem(head: bytes, entry: Entry) -> str | None:
     return None
 
 
-def open_cached(entry: Entry) -> tuple[torch.Tensor | None, str | None]:
-    """The cached pixels (N, C, H, W), memory-mapped; or None and why the file is unusable (None: there is none).
+def _trailer(bad: list[tuple[int, str]]) -> bytes:
+    return json.dumps({"unreadable": [[i, why] for i, why in sorted(bad)]}).encode("ascii") + b"\n"
+
+
+def _trailer_rows(data: bytes, n: int) -> dict[int, str] | None:
+    """The unreadable rows a trailer lists ({row: why}), or None when it is damaged."""
+    try:
+        meta = json.loads(data.decode("ascii")) if data.endswith(b"\n") else None
+    except (UnicodeDecodeError, ValueError):
+        return None
+    rows = meta.get("unreadable") if isinstance(meta, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(r, list) and len(r) == 2 and type(r[0]) is int and 0 <= r[0] < n
+                                             and isinstance(r[1], str) for r in rows):
+        return None
+    return {i: why for i, why in rows}
+
+
+Cached = tuple[torch.Tensor | None, dict[int, str], str | None]
+
+
+def open_cached(entry: Entry) -> Cached:
+    """The cached pixels (N, C, H, W), memory-mapped, and the rows whose file cannot be decoded ({row: why}); or None
+    and why the file is unusable (None: there is none).
     Copy-on-write mapping: the file is never written through it, and torch gets a writable array (no warning).
     O_NOFOLLOW and the checks on the open file refuse what was planted in a shared folder: a link, a FIFO, another
     user's file."""
@@ -136,20 +159,21 @@ def open_cached(entry: Entry) -> tuple[torch.Tensor | None, str | None]:
     try:
         fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
-        return None, None
+        return None, {}, None
     except OSError as e:
-        return None, "a link" if e.errno == errno.ELOOP else os_error_reason(e)
+        return None, {}, "a link" if e.errno == errno.ELOOP else os_error_reason(e)
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_uid not in (os.getuid(), 0):
-            return None, "not a regular file of this user"
-        if st.st_size != entry.nbytes:
-            return None, f"{st.st_size:,} bytes instead of {entry.nbytes:,}: truncated or damaged"
+            return None, {}, "not a regular file of this user"
+        if not entry.nbytes < st.st_size <= entry.nbytes + TRAILER_LIMIT:
+            return None, {}, f"{st.st_size:,} bytes for {entry.nbytes:,} of pixels: truncated or damaged"
         why = _header_problem(os.pread(fd, HEADER_BYTES, 0), entry)
-        if why is not None:
-            return None, why
+        bad = _trailer_rows(os.pread(fd, st.st_size - entry.nbytes, entry.nbytes), entry.shape[0]) if why is None else {}
+        if why is not None or bad is None:
+            return None, {}, why or "its list of unreadable files is damaged"
         pixels = np.memmap(f, dtype=np.uint8, mode="c", offset=HEADER_BYTES, shape=entry.shape)
-    return torch.from_numpy(pixels), None
+    return torch.from_numpy(pixels), bad, None
 
 
 # ----------------------------------------------------------------------------- building
@@ -184,31 +208,23 @@ def _decoded(files: Sequence[Path], channels: int, size: Sequence[int], bad: lis
                     progress.advance(done)
 
 
-class _Unreadable(Exception):
-    """Some files of the pool cannot be decoded: the cache is not written."""
-
-
-def _build(entry: Entry, files: Sequence[Path], channels: int, size: Sequence[int], progress: Progress | None) -> list[tuple[int, str]]:
-    """Decode the pool into its cache file (atomically); returns the files that could not be decoded (then nothing
-    is written). Raises OSError when the file cannot be written (a full disk...)."""
+def _build(entry: Entry, files: Sequence[Path], channels: int, size: Sequence[int], progress: Progress | None) -> None:
+    """Decode the pool into its cache file (atomically), the files that cannot be decoded as zero rows listed in the
+    trailer. Raises OSError when the file cannot be written (a full disk...)."""
     bad: list[tuple[int, str]] = []
 
     def chunks() -> Iterator[bytes]:
         yield _header(entry)
         yield from _decoded(files, channels, size, bad, progress)
-        if bad:
-            raise _Unreadable
+        yield _trailer(bad)
 
     if progress is not None:
         progress.start(len(files), f"Decoding {entry.pool_dir.name} into the image cache")
     try:
         atomic_write_chunks(entry.path, chunks())
-    except _Unreadable:
-        return sorted(bad)
     finally:
         if progress is not None:
             progress.end()
-    return []
 
 
 @contextmanager
@@ -245,63 +261,65 @@ def _remove_stale(entry: Entry) -> bool:
 
 # ----------------------------------------------------------------------------- deciding
 def cached_pools(cfg: Any, root: Path, pools: dict[str, Sequence[Path]], wanted: dict[str, tuple[str, torch.Tensor]],
-                 channels: int, size: Sequence[int], progress: Progress | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
+                 channels: int, size: Sequence[int], progress: Progress | None = None) -> tuple[dict[str, torch.Tensor], list[str], dict[str, dict[int, str]]]:
     """The memory-mapped images of each pool (image files under ``root``) that the ``wanted`` splits ({split: (pool,
     rows)}) read, reused or built as ``cfg`` (a DataConfig) says; a pool left out streams from its files, and the
-    notes say why. Raises DataError, as streaming would, when files the run reads cannot be decoded."""
+    notes say why. Files the run reads that cannot be decoded are a DataError, as streaming gives, or with
+    data.on_unreadable: skip returned as {pool: {row: why}} for the caller to leave out."""
     if cfg.cache == "off":
-        return {}, []
+        return {}, [], {}
     folder = cache_folder(cfg.cache_dir)
     out: dict[str, torch.Tensor] = {}
     notes: list[str] = []
+    skipped: dict[str, dict[int, str]] = {}
     for name, files in pools.items():
         rows = [idx for pool, idx in wanted.values() if pool == name]
         if not rows or not files:
             continue
         pool_dir = root / name if (root / name).is_dir() else root  # train/, test/, val/; or the folder itself
-        pixels, note = _pool_pixels(cfg, folder, root, pool_dir, list(files), torch.cat(rows).unique(), channels, size, progress)
+        needed = torch.cat(rows).unique()
+        pixels, bad, note = _pool_pixels(cfg, folder, root, pool_dir, list(files), needed, channels, size, progress)
         if pixels is not None:
             out[name] = pixels
+            skipped[name] = _unreadable_rows(cfg, list(files), bad, needed)
         if note:
             notes.append(note)
-    return out, notes
+    return out, notes, {name: rows for name, rows in skipped.items() if rows}
 
 
 def _pool_pixels(cfg: Any, folder: Path, root: Path, pool_dir: Path, files: list[Path], needed: torch.Tensor, channels: int,
-                 size: Sequence[int], progress: Progress | None) -> tuple[torch.Tensor | None, str | None]:
+                 size: Sequence[int], progress: Progress | None) -> Cached:
     try:
         entry = pool_entry(folder, root, pool_dir, files, channels, size)
     except OSError:
-        return None, None  # a file vanished since the folder was read: streaming names it
-    pixels, damaged = open_cached(entry)
+        return None, {}, None  # a file vanished since the folder was read: streaming names it
+    pixels, bad, damaged = open_cached(entry)
     if pixels is not None:
-        return pixels, _reused(entry)
+        return pixels, bad, _reused(entry)
     what = f"the {len(files):,} images of '{pool_dir}'"
     if len(needed) < MIN_SHARE * len(files):
-        return None, (f"Decoded images: not cached, since this run reads {len(needed):,} of {what} (a cache is built for "
+        return None, {}, (f"Decoded images: not cached, since this run reads {len(needed):,} of {what} (a cache is built for "
                       f"runs that read at least {MIN_SHARE:.0%} of them); they are decoded from the files.")
     refusal = _no_room(cfg, folder, entry, what)
     if refusal is not None:
-        return None, refusal
+        return None, {}, refusal
     try:
         with _locked(entry) as waited:
-            pixels, _ = open_cached(entry)
+            pixels, bad, _ = open_cached(entry)
             if pixels is not None:  # built by the process that held the lock
-                return pixels, _reused(entry, waited)
+                return pixels, bad, _reused(entry, waited)
             replaced = _remove_stale(entry)
             start = time.monotonic()
-            bad = _build(entry, files, channels, size, progress)
+            _build(entry, files, channels, size, progress)
             seconds = time.monotonic() - start
     except OSError as e:
-        return None, (f"Decoded images: not cached, since the cache folder '{folder}' cannot be written ({os_error_reason(e)}); "
+        return None, {}, (f"Decoded images: not cached, since the cache folder '{folder}' cannot be written ({os_error_reason(e)}); "
                       "the images are decoded from the files every epoch instead. Point data.cache_dir (or $FCCLASS_CACHE_DIR) "
                       "at a writable folder with room, or set data.cache: off to go without this note.")
-    if bad:
-        return None, _unreadable_note(files, bad, needed, pool_dir)
-    pixels, why = open_cached(entry)
+    pixels, bad, why = open_cached(entry)
     if pixels is None:
-        return None, f"Decoded images: the cache just built at {entry.path} cannot be read back ({why}); decoding from the files."
-    return pixels, _built(entry, seconds, damaged, replaced)
+        return None, {}, f"Decoded images: the cache just built at {entry.path} cannot be read back ({why}); decoding from the files."
+    return pixels, bad, _built(entry, seconds, damaged, replaced)
 
 
 def _unusable_folder(folder: Path) -> str | None:
@@ -338,15 +356,14 @@ def _no_room(cfg: Any, folder: Path, entry: Entry, what: str) -> str | None:
     return None
 
 
-def _unreadable_note(files: list[Path], bad: list[tuple[int, str]], needed: torch.Tensor, pool_dir: Path) -> str:
-    """Files that cannot be decoded: the error streaming gives (every such file listed) when the run reads them;
-    otherwise the pool is streamed, which never reads them."""
+def _unreadable_rows(cfg: Any, files: list[Path], bad: dict[int, str], needed: torch.Tensor) -> dict[int, str]:
+    """The rows the run reads whose file cannot be decoded: the error streaming gives (every such file listed), or
+    with data.on_unreadable: skip the rows to leave out. Rows the run does not read are never served."""
     read = set(needed.tolist())
-    used = [(files[i], why) for i, why in bad if i in read]
-    if used:
-        raise DataError(f"Cannot read {len(used)} image(s): {describe_bad_files(used)}. Remove or replace these files and run again.")
-    return (f"Decoded images: not cached, since {len(bad)} file(s) of '{pool_dir}' that this run does not read cannot be "
-            f"decoded ({describe_bad_files([(files[i], why) for i, why in bad], shown=3)}); the others are decoded from the files.")
+    used = {i: why for i, why in sorted(bad.items()) if i in read}
+    if used and cfg.on_unreadable != "skip":
+        raise unreadable_error([(files[i], why) for i, why in used.items()])
+    return used
 
 
 def _reused(entry: Entry, waited: bool = False) -> str:

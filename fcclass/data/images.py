@@ -163,6 +163,13 @@ def unreadable(files: Iterable[Path], full_decode: bool = False, channels: int =
     return [(f, why) for f, why in zip(files, results) if why is not None]
 
 
+def unreadable_error(bad: list[tuple[Path, str]], of: int | None = None, hint: str = "") -> DataError:
+    """The error for files that cannot be read (every one counted, the first few named): of ``of`` files checked
+    before training, or found while decoding; ``hint``: how else to go on."""
+    what = f"{len(bad)} of {of:,} image file(s) cannot be read" if of is not None else f"Cannot read {len(bad)} image(s)"
+    return DataError(f"{what}: {describe_bad_files(bad)}. Remove or replace these files and run again{hint}.")
+
+
 def describe_bad_files(bad: list[tuple[Path, str]], shown: int = 10) -> str:
     """'a.png (why); b.png (why)', and how many more beyond ``shown``."""
     text = "; ".join(f"{path} ({why})" for path, why in bad[:shown])

@@ -10,7 +10,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from fcclass.data.images import describe_bad_files, load_resized, unreadable
+from fcclass.data.images import load_resized, unreadable, unreadable_error
 from fcclass.data.splits import Split
 from fcclass.device import SINGLE, Dist
 from fcclass.errors import DataError
@@ -127,14 +127,17 @@ class _FileDataset(torch.utils.data.Dataset):
 
 class FileLoader:
     """A DataLoader over image files. A file that cannot be decoded stops the epoch with every unreadable file of the
-    split listed (one sweep over the split), not just the first one found."""
+    split listed (one sweep over the split), not just the first one found; with ``skip`` (data.on_unreadable: skip)
+    it is left out of its batch instead, in every epoch (it stays in the split, so each epoch's order is what it
+    would be without it), and ``skipped`` names it ({position in the split: why})."""
 
     def __init__(self, split: Split, batch_size: int, shuffle: bool, seed: int, channels: int, size: Sequence[int],
                  weights: torch.Tensor | None = None, device: Any = "cpu", num_workers: int | None = None,
-                 job: Dist = SINGLE) -> None:
+                 job: Dist = SINGLE, skip: bool = False) -> None:
         from torch.utils.data import DataLoader
 
-        self.split, self.channels = split, channels
+        self.split, self.channels, self.skip = split, channels, skip
+        self.skipped: dict[int, str] = {}
         self.sampler = EpochSampler(len(split), batch_size, seed, shuffle, weights, job)
         workers = min(4, os.cpu_count() or 1) if num_workers is None else num_workers
         # A generator of its own: without one, DataLoader seeds its workers from torch's global generator when it
@@ -154,33 +157,49 @@ class FileLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for x, y in self.loader:
-            if bool((y < 0).any()):
-                bad = unreadable(self.split.files or [], full_decode=True, channels=self.channels)
-                raise DataError(f"Cannot read {len(bad)} image(s): {describe_bad_files(bad)}. "
-                                "Remove or replace these files and run again.")
+            failed = y < 0
+            if bool(failed.any()):
+                if not self.skip:
+                    raise unreadable_error(unreadable(self.split.files or [], full_decode=True, channels=self.channels))
+                self._note((-1 - y[failed]).tolist())
+                x, y = x[~failed], y[~failed]
             yield x, y
+
+    def _note(self, positions: list[int]) -> None:
+        """Files found unreadable in a batch (with ``skip``): why, asked once per file."""
+        files = self.split.files or []
+        new = [i for i in positions if i not in self.skipped]
+        found = dict(unreadable([files[i] for i in new], full_decode=True, channels=self.channels))
+        for i in new:
+            self.skipped[i] = found.get(files[i], "could not be decoded")
 
 
 def make_loader(split: Split, batch_size: int, shuffle: bool, seed: int, channels: int, size: Sequence[int],
-                balanced: bool = False, device: Any = "cpu", num_workers: int | None = None, job: Dist = SINGLE) -> TensorLoader | FileLoader:
-    """The loader of a split; with ``job`` (distributed training), of this rank's part of every batch."""
+                balanced: bool = False, device: Any = "cpu", num_workers: int | None = None, job: Dist = SINGLE,
+                skip: bool = False) -> TensorLoader | FileLoader:
+    """The loader of a split; with ``job`` (distributed training), of this rank's part of every batch; ``skip``: files
+    that cannot be decoded are left out of their batch (FileLoader.skipped) rather than stop it."""
     weights = balanced_weights(split.labels) if balanced else None
     if split.images is not None:
         return TensorLoader(split, batch_size, shuffle, seed, weights, device, job)
-    return FileLoader(split, batch_size, shuffle, seed, channels, size, weights, device, num_workers, job)
+    return FileLoader(split, batch_size, shuffle, seed, channels, size, weights, device, num_workers, job, skip)
 
 
 def channel_stats(split: Split, channels: int, size: Sequence[int], num_workers: int | None = None,
-                  batch_size: int = 1024) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of the split's pixels scaled to [0, 1] (accumulated in float64 on the CPU)."""
+                  batch_size: int = 1024, skipped: dict[int, str] | None = None) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the split's pixels scaled to [0, 1] (accumulated in float64 on the CPU). With
+    ``skipped``, files that cannot be decoded are left out and put there ({position: why})."""
     total = torch.zeros(channels, dtype=torch.float64)
     total_sq = torch.zeros(channels, dtype=torch.float64)
     count = 0
-    for x, _ in make_loader(split, batch_size, False, 0, channels, size, num_workers=num_workers):
+    loader = make_loader(split, batch_size, False, 0, channels, size, num_workers=num_workers, skip=skipped is not None)
+    for x, _ in loader:
         x = x.double() / 255.0
         total += x.sum((0, 2, 3))
         total_sq += x.square().sum((0, 2, 3))
         count += x.shape[0] * x.shape[2] * x.shape[3]
+    if skipped is not None and isinstance(loader, FileLoader):
+        skipped.update(loader.skipped)
     mean = total / max(count, 1)
     std = (total_sq / max(count, 1) - mean.square()).clamp_min(1e-12).sqrt()
     return mean.tolist(), std.tolist()

@@ -160,11 +160,13 @@ class SplitRecord:
     channels: int
     size: list[int]
     splits: dict[str, dict[str, Any]] = field(default_factory=dict)
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {"file", "reason"}: left out as unreadable (on_unreadable: skip)
 
     @classmethod
     def of(cls, source: Any, chosen: dict[str, tuple[str, torch.Tensor]], dataset: str, channels: int,
-           size: Sequence[int]) -> "SplitRecord":
+           size: Sequence[int], skipped: Sequence[tuple[Path, str]] = ()) -> "SplitRecord":
         record = cls(dataset, source.root, list(source.class_names), channels, list(size))
+        record.skipped = [{"file": f.relative_to(source.root).as_posix(), "reason": why} for f, why in skipped]
         for name, (pool_name, idx) in chosen.items():
             pool = source.pools[pool_name]
             labels = pool.labels[idx]

@@ -11,7 +11,7 @@ import torch
 from fcclass.data import make_loader
 from fcclass.errors import FcclassError
 from fcclass.inference.load import load_for_inference
-from fcclass.inference.metrics import predicted, score
+from fcclass.inference.metrics import predicted, rounded, score
 
 
 @dataclass
@@ -31,6 +31,7 @@ class EvalReport:
     split: str = "test"
     files: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # how the run was chosen, data that changed since training
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}: left out as unreadable (on_unreadable: skip)
 
     def confused_pairs(self, n: int = 5) -> list[dict[str, Any]]:
         """The ``n`` largest off-diagonal cells: which label is most often taken for which."""
@@ -65,12 +66,11 @@ class EvalReport:
             "confusion_matrix": self.confusion.tolist(),
             "most_confused": self.confused_pairs(10),
             "notes": self.notes,
+            "skipped": self.skipped,
         }
 
 
-def _r(x: Any) -> float:
-    """A metric as a Python float without float32 noise (0.9239, not 0.9239000082015991)."""
-    return round(float(x), 6)
+_r = rounded
 
 
 def compute_report(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> EvalReport:
@@ -140,14 +140,32 @@ def evaluate(run: str | Path | None = None, checkpoint: str | Path | None = None
         why = " (data.val_split was 0)" if split == "val" else ""
         raise FcclassError(f"The {split} split of this run is empty{why}; evaluate another split.")
     cfg = inf.config
-    loader = make_loader(part, batch_size, False, cfg.seed, ds.channels, ds.size, device=inf.device, num_workers=cfg.data.num_workers)
+    loader = make_loader(part, batch_size, False, cfg.seed, ds.channels, ds.size, device=inf.device, num_workers=cfg.data.num_workers,
+                         skip=cfg.data.on_unreadable == "skip")
     logits, labels = inf.run_loader(loader)
+    part, found = read_part(part, loader, ds)
     report = compute_report(logits, labels, inf.class_names)
     report.checkpoint, report.split = str(inf.path), split
-    report.notes = [n for n in (inf.note, *ds.notes) if n]
+    report.notes = [n for n in (inf.note, *ds.notes, found) if n]
+    report.skipped = [{"path": str(path), "reason": why} for path, why in ds.skipped]
     if save or misclassified:
         _save_artifacts(report, part, ds, inf.path.parent, save, misclassified)
     return report
+
+
+def read_part(part: Any, loader: Any, ds: Any) -> tuple[Any, str | None]:
+    """The part of a streamed split that was read, and a note naming the files that turned out unreadable as it was
+    (data.on_unreadable: skip; they are added to ``ds.skipped``); the split and None when all were read."""
+    from fcclass.data import describe_bad_files
+
+    found = getattr(loader, "skipped", {})
+    if not found:
+        return part, None
+    bad = [(part.files[i], why) for i, why in sorted(found.items())]
+    ds.skipped += bad
+    kept = part.subset(torch.tensor([i for i in range(len(part)) if i not in found], dtype=torch.long))
+    return kept, (f"{len(bad):,} file(s) of the split cannot be decoded now and are left out (data.on_unreadable: skip): "
+                  f"{describe_bad_files(bad, shown=3)}.")
 
 
 def _save_artifacts(report: EvalReport, part: Any, ds: Any, out_dir: Path, save: bool, misclassified: int) -> None:

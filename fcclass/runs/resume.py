@@ -14,7 +14,8 @@ from fcclass.runs.layout import CONFIG, LAST, is_trained
 # What `--set` may change when resuming: nothing that alters the data, the model or the optimisation already done.
 RESUMABLE_KEYS = ("train.epochs", "train.early_stopping.patience", "train.early_stopping.min_delta", "train.device",
                   "train.precision", "train.threads", "train.test_at_end", "data.num_workers", "data.root", "data.path",
-                  "data.download", "data.cache", "data.cache_dir", "data.cache_max_gb", "tracking.mlflow.uri")
+                  "data.download", "data.cache", "data.cache_dir", "data.cache_max_gb", "data.on_unreadable",
+                  "tracking.mlflow.uri")
 
 
 class RunFinished(FcclassError):

@@ -49,8 +49,16 @@ def _kind(split: Any) -> str:
 AnySplit = Annotated[Annotated[TensorSplit, Tag("tensors")] | Annotated[FileSplit, Tag("files")], Discriminator(_kind)]
 
 
+class SkippedFile(Record):
+    """An image-folder file left out of the splits as unreadable (data.on_unreadable: skip), relative to the folder."""
+
+    file: str
+    reason: str
+
+
 class SplitsFile(Record):
-    """splits.json: the dataset, its root when the run started, the images' shape and every split's members."""
+    """splits.json: the dataset, its root when the run started, the images' shape, every split's members and the files
+    left out as unreadable (only when there are some)."""
 
     format: Literal[1]
     dataset: str
@@ -59,6 +67,7 @@ class SplitsFile(Record):
     channels: Literal[1, 3]
     size: Annotated[list[Annotated[int, Field(gt=0, le=65536)]], Field(min_length=2, max_length=2)]
     splits: dict[str, AnySplit]
+    skipped: list[SkippedFile] | None = None
 
     @model_validator(mode="after")
     def _members_fit(self) -> "SplitsFile":
@@ -79,11 +88,13 @@ class SplitsFile(Record):
     @classmethod
     def of(cls, record: SplitRecord) -> "SplitsFile":
         return cls.model_validate({"format": FORMAT, "dataset": record.dataset, "root": str(record.root), "class_names": record.class_names,
-                                   "channels": record.channels, "size": record.size, "splits": record.splits})
+                                   "channels": record.channels, "size": record.size, "splits": record.splits,
+                                   **({"skipped": record.skipped} if record.skipped else {})})
 
     def record(self) -> SplitRecord:
         splits = {name: split.model_dump(exclude_unset=True) for name, split in self.splits.items()}
-        return SplitRecord(self.dataset, Path(self.root), list(self.class_names), self.channels, list(self.size), splits)
+        skipped = [s.model_dump() for s in self.skipped or []]
+        return SplitRecord(self.dataset, Path(self.root), list(self.class_names), self.channels, list(self.size), splits, skipped)
 
 
 def read_splits(run_dir: str | Path) -> SplitRecord | None:

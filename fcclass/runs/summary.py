@@ -54,6 +54,13 @@ class TestFigures(Record):
     top5_accuracy: float | None = None
 
 
+class SkippedFile(Record):
+    """An image file left out as unreadable (data.on_unreadable: skip)."""
+
+    path: str
+    reason: str
+
+
 class Summary(Record):
     """RUN_DIR/summary.json. Every key is optional on read: runs of earlier versions lack some, and `fcclass runs`
     lists whatever a record holds; the keys are written in this order."""
@@ -78,6 +85,7 @@ class Summary(Record):
     command: str | None = None
     dataset: str | None = None
     data: str | None = None  # the data's root or folder
+    skipped: list[SkippedFile] | None = None  # files left out as unreadable (data.on_unreadable: skip), every one
     params: int | None = None
     trainable_params: int | None = None
     epochs: Epochs | None = None

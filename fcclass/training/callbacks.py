@@ -57,11 +57,13 @@ class ConsoleProgress(Callback):
         self.bar: Any = None
         self.last_line = 0.0
         self.decode_progress = DecodeProgress(console, log_interval)
+        self.skipped = 0  # unreadable files reported so far
 
     def on_fit_start(self, trainer: "Trainer") -> None:
         from fcclass.training.console import print_training_header
 
         print_training_header(self.console, trainer)
+        self.skipped = len(trainer.skipped_files())
 
     def on_epoch_start(self, trainer: "Trainer", epoch: int) -> None:
         self.last_line = time.monotonic()
@@ -91,9 +93,12 @@ class ConsoleProgress(Callback):
             self.bar = None
 
     def on_epoch_end(self, trainer: "Trainer", row: dict[str, Any], is_best: bool) -> None:
-        from fcclass.training.console import print_epoch
+        from fcclass.training.console import print_epoch, print_skipped
 
         self._close_bar()
+        skipped = trainer.skipped_files()
+        print_skipped(self.console, skipped, already=self.skipped)  # files a streamed split found unreadable this epoch
+        self.skipped = len(skipped)
         print_epoch(self.console, row, trainer.cfg.train.epochs, is_best)
         es = trainer.cfg.train.early_stopping
         if trainer.state.stopped_early:

@@ -46,6 +46,25 @@ def print_training_header(console: Console, trainer: Any) -> None:
                                     trainer.resumed), highlight=False)
     for note in trainer.data.notes:
         console.print(f"[yellow]{escape(note)}[/yellow]")
+    print_skipped(console, trainer.skipped_files())
+
+
+SHOWN_SKIPPED = 10  # unreadable files named on screen; the run record lists every one
+
+
+def print_skipped(console: Console, files: list[Any], already: int = 0) -> None:
+    """The files left out as unreadable (data.on_unreadable: skip), those after the first ``already`` (reported
+    before): a count, then one line per file, the first SHOWN_SKIPPED of them."""
+    new = files[already:]
+    if not new:
+        return
+    when = "found in this epoch, left out of their batches" if already else "left out of the splits"
+    console.print(f"[yellow]Skipped {len(new):,} unreadable image file(s) ({when}; data.on_unreadable: skip); the run record "
+                  "(summary.json) lists every one:[/yellow]", highlight=False)
+    for path, why in new[:SHOWN_SKIPPED]:
+        console.print(f"[yellow]  {escape(shown(path))}: {escape(why)}[/yellow]", highlight=False)
+    if len(new) > SHOWN_SKIPPED:
+        console.print(f"[yellow]  and {len(new) - SHOWN_SKIPPED:,} more[/yellow]", highlight=False)
 
 
 def data_table(trainer: Any) -> Table:

@@ -10,7 +10,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fcclass.runs.layout import SUMMARY
-from fcclass.runs.summary import FORMAT, Best, Epochs, Summary, command_line, git_state, now, read_summary, write_summary
+from fcclass.runs.summary import (
+    FORMAT,
+    Best,
+    Epochs,
+    SkippedFile,
+    Summary,
+    command_line,
+    git_state,
+    now,
+    read_summary,
+    write_summary,
+)
 from fcclass.training.callbacks import Callback
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -69,10 +80,12 @@ class RunRecord(Callback):
         self.session_start = 0.0
         self.previous_wall = 0.0
         self.warned = False
+        self.skipped_before: list[SkippedFile] = []  # what earlier sessions of the run found
 
     # ------------------------------------------------------------------------- hooks
     def on_fit_start(self, trainer: "Trainer") -> None:
         old = read_summary(trainer.run_dir) or Summary()
+        self.skipped_before = list(old.skipped or [])
         self.session_start = time.monotonic()
         self.previous_wall = old.wall_seconds or 0.0
         counts = trainer.model.summary()  # Keras's counts, as fcclass summary shows them (BatchNorm statistics included)
@@ -99,12 +112,18 @@ class RunRecord(Callback):
             stopped_early=trainer.state.stopped_early,
             error=None,
         )
+        skipped = self._skipped(trainer)
+        if skipped:  # the key only in records of runs that left files out
+            self.summary.skipped = skipped
         self._write(trainer)
 
     def on_epoch_end(self, trainer: "Trainer", row: dict[str, Any], is_best: bool) -> None:
         s = self.summary
         assert s.epochs is not None  # set by on_fit_start
         s.epochs.done, s.best, s.last = trainer.state.epoch, self._best(trainer), _round(row)
+        skipped = self._skipped(trainer)
+        if skipped:
+            s.skipped = skipped
         s.stopped_early = trainer.state.stopped_early
         s.test = None if is_best else s.test  # a new best checkpoint: its test is not measured yet
         self._write(trainer)
@@ -126,6 +145,13 @@ class RunRecord(Callback):
         self._finish(trainer, result)
 
     # ------------------------------------------------------------------------- writing
+    def _skipped(self, trainer: "Trainer") -> list[SkippedFile] | None:
+        """Every file the run left out as unreadable, in all its sessions; None (no key) when there is none."""
+        found = {f.path: f for f in self.skipped_before}
+        for path, why in trainer.skipped_files():
+            found.setdefault(str(path), SkippedFile(path=str(path), reason=why))
+        return list(found.values()) or None
+
     def _best(self, trainer: "Trainer") -> Best | None:
         best = _round(trainer.state.best)
         return Best.model_validate({"epoch": trainer.state.best_epoch, **best}) if best else None

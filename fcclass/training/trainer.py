@@ -75,13 +75,15 @@ class Trainer:
         self.net = self._wrap_ddp()  # what training steps call: the model itself, or its DDP wrapper under torchrun
         self.class_weights = class_weights(cfg.train.class_weight, data.info)
         d = cfg.data
+        skip = d.on_unreadable == "skip"
         self.batch = plan_batch(d.batch_size, cfg.train.short_run_steps, len(data.train), cfg.train.epochs, state.batch_size)
         state.batch_size = self.batch.batch_size
         self.train_loader = make_loader(data.train, self.batch.batch_size, True, cfg.seed, data.channels, data.size,
-                                        balanced=d.sampler == "balanced", device=self.device, num_workers=d.num_workers, job=self.job)
+                                        balanced=d.sampler == "balanced", device=self.device, num_workers=d.num_workers, job=self.job,
+                                        skip=skip)
         val = data.val.subset(shard(torch.arange(len(data.val)), self.job)) if self.job.enabled else data.val
         self.val_loader = (make_loader(val, 256, False, cfg.seed, data.channels, data.size, device=self.device,
-                                       num_workers=d.num_workers) if len(data.val) else None)
+                                       num_workers=d.num_workers, skip=skip) if len(data.val) else None)
         self.train_prep = BatchPreprocess(mean, std, d.augment, cfg.seed)
         self.eval_prep = BatchPreprocess(mean, std)
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -140,6 +142,15 @@ class Trainer:
             ckpt.scaler_state = self.scaler.state_dict() if self.scaler is not None else None
             ckpt.train_state = self.state.to_dict()
         return ckpt
+
+    def skipped_files(self) -> list[tuple[Path, str]]:
+        """The files left out as unreadable (data.on_unreadable: skip): before training, and those a streamed split
+        found in an epoch (each still in its split, left out of its batch every epoch)."""
+        found = list(self.data.skipped)
+        for loader in (self.train_loader, self.val_loader):
+            split = getattr(loader, "split", None)
+            found += [(split.files[i], why) for i, why in sorted(getattr(loader, "skipped", {}).items())] if split is not None else []
+        return found
 
     def monitor_name(self, name: str) -> str:
         """The metric actually monitored: without a validation split, train_* stands in for val_*."""
@@ -219,7 +230,13 @@ class Trainer:
         started = time.perf_counter()
         for batch, (x, y) in enumerate(self._batches(), 1):
             lr_sum += self.schedule.lr
-            whole = self.train_loader.global_size(batch - 1)  # the job's batch, of which this rank has its part
+            # the job's batch, of which this rank has its part; one process: the batch less its unreadable files (skip)
+            whole = self.train_loader.global_size(batch - 1) if self.job.enabled else y.numel()
+            if not whole or not y.numel():
+                if self.job.enabled:
+                    raise FcclassError(f"Every image of this process's part of batch {batch} is unreadable "
+                                       "(data.on_unreadable: skip); with DDP every process needs images in every batch.")
+                continue  # every image of the batch was unreadable
             loss, logits, y = self.step(x, y, whole)
             loss_sum += loss * whole  # summed over the ranks: the whole batch's mean loss times its images
             correct += count_correct(logits, y)
