@@ -247,7 +247,7 @@ class CheckpointConfig(Strict):
 def _class_weight(value: Any) -> str | dict[str, float] | None:
     """balanced or {label: weight}. Labels are folder names, hence strings, but YAML reads {3: 5.0} with a number
     for key: the keys become strings (which label a key means, a name or an index as in Keras, is resolved against
-    the data's labels: fcclass.data.label_position). Checked here, before the annotation's union, to give one line
+    the data's labels: fcclass.data.weights.label_position). Checked here, before the annotation's union, to give one line
     per mistake."""
     if value is None or (isinstance(value, str) and value == "balanced"):
         return value
