@@ -775,37 +775,44 @@ JSON["`tests/test_readme.py` keeps this README true"] = Check(NOT_RUN, "describe
 
 
 # ----------------------------------------------------------------------------- the tests
-def _checks(kinds: tuple[str, ...]) -> list[Any]:
-    """(where, key, example, check) for every README example with a check of these kinds, and (for the default kinds)
-    every example with no entry at all, which then fails."""
+def _checks(kinds: tuple[str, ...]) -> list[tuple[str, Any, Check]]:
+    """(name, example or JSON anchor, check) for every README example with a check of one of these kinds."""
     found = []
     for ex in readme.examples():
-        checks = EXAMPLES.get(ex.command, [])
-        found += [pytest.param(ex, c, id=f"L{ex.line} {ex.command[:60]}") for c in checks if c.kind in kinds]
+        found += [(f"README.md:{ex.line}: {ex.command}", ex, c) for c in EXAMPLES.get(ex.command, []) if c.kind in kinds]
     for b in readme.shown_blocks():
         ex = readme.Example(readme.block_key(b), b.lines, b.line)
-        found += [pytest.param(ex, c, id=f"L{b.line} {ex.command[:60]}") for c in BLOCKS.get(ex.command, []) if c.kind in kinds]
-    for anchor, c in JSON.items():
-        if c.kind in kinds:
-            found.append(pytest.param(readme.Example(anchor), c, id=f"json {anchor[:60]}"))
+        found += [(f"README.md:{b.line}: block {ex.command}", ex, c) for c in BLOCKS.get(ex.command, []) if c.kind in kinds]
+    found += [(f"README.md: --json paragraph {anchor}", anchor, c) for anchor, c in JSON.items() if c.kind in kinds]
     return found
 
 
 @needs_fashion
-@pytest.mark.parametrize(("ex", "check"), _checks(("error", "run")))
-def test_readme_example(ex: readme.Example, check: Check, ws: Workspace, request: pytest.FixtureRequest) -> None:
+def test_readme_examples(ws: Workspace, request: pytest.FixtureRequest) -> None:
+    """Every fast check, in one test: the scratch runs are built once, in one pytest-xdist worker. Each failing
+    example is reported (by its README line), not only the first."""
     ws.request = request
-    assert callable(check.how)
-    check.how(ex.command if ex.command in JSON else ex, ws)
+    failures, skipped = [], []
+    for name, ex, check in _checks(("error", "run")):
+        assert callable(check.how)
+        try:
+            check.how(ex, ws)
+        except pytest.skip.Exception as e:
+            skipped.append(f"{name}: {e}")
+        except (Exception, TrainingStarted) as e:  # an AssertionError, or what the command raised
+            failures.append(f"{name}\n{type(e).__name__}: {e}")
+    assert not failures, f"{len(failures)} README example(s) do not hold:\n\n" + "\n\n".join(failures)
+    if skipped:
+        pytest.skip("; ".join(skipped))
 
 
 @pytest.mark.slow
 @needs_fashion
-@pytest.mark.parametrize(("ex", "check"), _checks(("slow",)))
-def test_readme_example_slow(ex: readme.Example, check: Check, ws: Workspace, request: pytest.FixtureRequest) -> None:
+@pytest.mark.parametrize(("name", "ex", "check"), [pytest.param(*c, id=c[0][:90]) for c in _checks(("slow",))])
+def test_readme_example_slow(name: str, ex: Any, check: Check, ws: Workspace, request: pytest.FixtureRequest) -> None:
     ws.request = request
     assert callable(check.how)
-    check.how(ex.command if ex.command in JSON else ex, ws)
+    check.how(ex, ws)
 
 
 HOW_TO_REGISTER = ("Add it to tests/test_readme.py: a check (@example for a `$` command or an fcclass line of a bash block, @block "
