@@ -331,36 +331,35 @@ def test_class_weights_and_balanced_sampler_raise_minority_recall(imbalanced: Pa
 
 
 @needs_fashion
-def test_training_header_shows_device_counts_and_class_weights(imbalanced: Path, tmp_path: Path) -> None:
+def _train_on_imbalanced(imbalanced: Path, tmp_path: Path, data: str = "", train: str = "") -> str:
+    """One epoch of a linear model on the imbalanced folder; the training output."""
     cfg = tmp_path / "c.yaml"
     cfg.write_text(
-        f"data: {{dataset: imagefolder, path: '{imbalanced}', channels: 1, num_workers: 0}}\n"
+        f"data: {{dataset: imagefolder, path: '{imbalanced}', channels: 1, num_workers: 0{data}}}\n"
         "model: {layers: [{type: Flatten}, {type: Dense}]}\n"
-        f"train: {{epochs: 1, class_weight: balanced, runs_dir: '{tmp_path / 'runs'}'}}\n"
+        f"train: {{epochs: 1, runs_dir: '{tmp_path / 'runs'}'{train}}}\n"
     )
     res = runner.invoke(app, ["train", "-c", str(cfg)])
     assert res.exit_code == 0, res.output
+    return res.output
+
+
+def test_training_header_shows_device_counts_and_class_weights(imbalanced: Path, tmp_path: Path) -> None:
+    output = _train_on_imbalanced(imbalanced, tmp_path, train=", class_weight: balanced")
     from fcclass.device import select_device
 
-    assert f"Device: {select_device('auto')}" in res.output and "Class weight" in res.output
+    assert f"Device: {select_device('auto')}" in output and "Class weight" in output
     # 300 + 300 + 30 images, 10% held out for validation: 270 + 270 + 27 train -> weight n / (3 * count)
-    assert "270" in res.output and "27 " in res.output
-    assert "7.000" in res.output and "0.700" in res.output  # 567 / (3 x 27) and 567 / (3 x 270), worked by hand
+    assert "270" in output and "27 " in output
+    assert "7.000" in output and "0.700" in output  # 567 / (3 x 27) and 567 / (3 x 270), worked by hand
 
 
 @needs_fashion
 def test_training_header_says_the_balanced_sampler_is_on_and_what_it_draws(imbalanced: Path, tmp_path: Path) -> None:
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(
-        f"data: {{dataset: imagefolder, path: '{imbalanced}', channels: 1, num_workers: 0, sampler: balanced}}\n"
-        "model: {layers: [{type: Flatten}, {type: Dense}]}\n"
-        f"train: {{epochs: 1, runs_dir: '{tmp_path / 'runs'}'}}\n"
-    )
-    res = runner.invoke(app, ["train", "-c", str(cfg)])
-    assert res.exit_code == 0, res.output
-    out = " ".join(res.output.split())
+    output = _train_on_imbalanced(imbalanced, tmp_path, data=", sampler: balanced")
+    out = " ".join(output.split())
     # 270 + 270 + 27 training images: an epoch draws 567, 189 of each label on average
-    assert "Drawn / epoch" in res.output and res.output.count("≈189") == 4  # three rows and the note
+    assert "Drawn / epoch" in output and output.count("≈189") == 4  # three rows and the note
     assert "Balanced sampler (data.sampler: balanced): each epoch draws 567 training images with replacement" in out
     assert "every label equally often (≈189 each" in out and "applies on top" not in out
 
