@@ -212,3 +212,15 @@ def test_a_diverging_trial_fails_and_says_why(tmp_path: Path) -> None:
     assert [(t["params"]["optimizer.lr"], t["state"]) for t in trials] == [(0.003, "complete"), (1e20, "fail")]
     assert trials[1]["fail_reason"].startswith("The training loss became nan in epoch 1") and trials[1]["run_dir"] is None
     assert trials[0]["fail_reason"] is None
+
+
+def test_a_searched_batch_size_turns_the_short_run_plan_off(tmp_path: Path) -> None:
+    """Otherwise every short trial would halve its batch to the same one and the search would compare nothing."""
+    from fcclass.config.load import load_config
+    from fcclass.experiments.sweep import plan
+
+    made = plan(load_config("fashion_mnist"), ["data.batch_size=32,128,256"], {"sampler": "grid"}, tmp_path)
+    assert made.base["train"]["short_run_steps"] == 0
+    assert len(made.notes) == 1 and "data.batch_size is searched" in made.notes[0] and "(300)" in made.notes[0]
+    kept = plan(load_config("fashion_mnist"), ["optimizer.lr=0.1,0.3"], {"sampler": "grid"}, tmp_path)
+    assert kept.base["train"]["short_run_steps"] == 300 and kept.notes == []  # the plan scales a searched lr alike

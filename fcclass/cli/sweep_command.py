@@ -52,6 +52,8 @@ def sweep(
     console = _human_console(json_out)
     for warning in storage_warnings(plan_) if not status else []:
         err_console.print(f"[yellow]Warning: {escape(warning)}[/yellow]", highlight=False)
+    for note in plan_.notes if not status else []:
+        err_console.print(f"[yellow]Note: {escape(note)}[/yellow]", highlight=False)
     found = open_study(plan_)  # before any worker starts: a study that searches something else stops the command here
     if not status:
         space = ", ".join(f"{p.key} in {p.describe()}" for p in plan_.params)

@@ -14,7 +14,7 @@ import math
 import re
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ class Sweep:
     params: list[Param]
     opts: SweepConfig
     folder: Path
+    notes: list[str] = field(default_factory=list)  # what the sweep changed in the config, and why
 
     @property
     def name(self) -> str:
@@ -81,12 +82,25 @@ def plan(cfg: Config, cli_params: list[str], cli: dict[str, Any], folder: str | 
         opts = opts.model_copy(update={"trials": min(opts.trials, math.prod(len(p.choices) for p in params))})
     base = cfg.to_dict()
     base.pop("sweep", None)
+    notes = _searched_batch(base, params)
     for p in params:
         for value in p.candidates():
             trial_config(base, {p.key: value}, "check", Path("runs"), None, where=f"{p.key}={value!r}")
     study = opts.study or base["name"]
     target = Path(folder) if folder is not None else Path(base["train"]["runs_dir"]) / f"sweep-{study}"
-    return Sweep(base, params, opts, target.absolute())
+    return Sweep(base, params, opts, target.absolute(), notes)
+
+
+def _searched_batch(base: dict[str, Any], params: list[Param]) -> list[str]:
+    """A searched data.batch_size is the batch each trial trains with: the short-run plan (train.short_run_steps), which
+    would make every short trial's batch the same, is turned off for the sweep, and the note says so."""
+    steps = base["train"].get("short_run_steps")
+    if not steps or not any(p.key == "data.batch_size" for p in params):
+        return []
+    base["train"]["short_run_steps"] = 0
+    return [f"data.batch_size is searched, so each trial trains at the batch it draws: train.short_run_steps ({steps}) is "
+            f"set to 0 for this sweep (otherwise a trial under {steps} optimizer steps would halve its batch, and short "
+            "trials would all train at the same one)."]
 
 
 def trial_config(base: dict[str, Any], values: dict[str, Any], name: str, folder: Path, threads: int | None,
