@@ -72,6 +72,33 @@ def block(*first_lines: str, kind: str = "run") -> Callable:
     return example(*first_lines, kind=kind, table=BLOCKS)
 
 
+JSON: dict[str, Check] = {}  # a piece of the paragraph that mentions --json -> how it is checked
+
+
+def json_example(anchor: str, kind: str = "run") -> Callable:
+    def register(fn: Callable) -> Callable:
+        JSON[anchor] = Check(kind, fn)
+        return fn
+    return register
+
+
+def paragraph(anchor: str) -> str:
+    (found,) = [p for p in readme.paragraphs() if anchor in p]
+    return found
+
+
+def assert_shape(data: Any, anchor: str) -> None:
+    errors = readme.shape_errors(data, readme.shape_after(paragraph(anchor), anchor))
+    assert not errors, f"README.md, after {anchor!r}:\n" + "\n".join(errors)
+
+
+def json_of(command: str, cwd: Path) -> Any:
+    res = cli(command, cwd)
+    assert res.code == 0, res.output
+    return json.loads(res.stdout)  # nothing but JSON on stdout
+
+
+
 # ----------------------------------------------------------------------------- running commands as the README shows
 @dataclass
 class Ran:
@@ -263,6 +290,52 @@ class Workspace:
         return folder
 
 
+    def clothes(self) -> list[Path]:
+        """The clothes_folder fixture's images (real Fashion-MNIST PNGs), to build other image folders from."""
+        assert self.request is not None
+        return sorted(self.request.getfixturevalue("clothes_folder").rglob("*.png"))
+
+    def image_folder(self, root: Path, counts: dict[str, int], suffix: str = ".png") -> None:
+        """``root/<label>/000<suffix>...``: ``counts[label]`` real images each, a different source label for each."""
+        from PIL import Image
+
+        images = self.clothes()
+        per_label = len(images) // 3
+        for n, (label, count) in enumerate(counts.items()):
+            (root / label).mkdir(parents=True)
+            for i in range(count):
+                Image.open(images[(n % 3) * per_label + i % per_label]).save(root / label / f"{i:03d}{suffix}")
+
+    @cached_property
+    def unreadable(self) -> Path:
+        """/tmp/unr/r2 of the README's data.on_unreadable examples: ``data/photos`` with train/ and test/ (labels ant,
+        bee, cat as JPEGs; 153 files), three of train/'s unreadable (a text file named .png and an empty .jpg, which the
+        header scan finds, and a JPEG cut in half, which the cache's build finds), ``photos.yaml`` (``on_unreadable:
+        skip``, 16x16) and the run its training made (``self.photos_run``, the output ``self.photos_train``)."""
+        from PIL import Image
+
+        folder = self.factory.mktemp("unr")
+        photos = folder / "data" / "photos"
+        self.image_folder(photos / "train", {"ant": 40, "bee": 40, "cat": 40}, ".jpg")
+        self.image_folder(photos / "test", {"ant": 10, "bee": 10, "cat": 10}, ".jpg")
+        (photos / "train" / "ant" / "README.png").write_text("not an image\n")
+        (photos / "train" / "cat" / "IMG_0007.jpg").write_bytes(b"")
+        big = folder / "big.jpg"
+        Image.open(self.clothes()[0]).convert("RGB").resize((280, 280)).save(big, quality=95)
+        (photos / "train" / "bee" / "IMG_0042.jpg").write_bytes(big.read_bytes()[:big.stat().st_size // 2])
+        big.unlink()
+        config = (ROOT / "fcclass" / "configs" / "imagefolder.yaml").read_text()
+        for old, new in {"name: my-images": "name: photos", "path: data/my_images": "path: data/photos\n  on_unreadable: skip",
+                         "image_size: [64, 64]": "image_size: [16, 16]", "epochs: 20": "epochs: 3"}.items():
+            assert old in config, old
+            config = config.replace(old, new)
+        (folder / "photos.yaml").write_text(config)
+        self.photos_train = cli("fcclass train -c photos.yaml", folder, env={"FCCLASS_CACHE_DIR": "cache"})
+        assert self.photos_train.code == 0, self.photos_train.output
+        (self.photos_run,) = (folder / "runs").iterdir()
+        return folder
+
+
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
     return Workspace(tmp_path_factory)
@@ -291,6 +364,54 @@ def _training_output(ex: readme.Example, ws: Workspace) -> None:
 @block("text: epoch #/# batch #/# loss # acc #% #s")
 def _progress_line_in_a_pipe(ex: readme.Example, ws: Workspace) -> None:
     assert_shown(ex.output, ws.home and ws.train_human.stdout)  # trained with --log-interval 0.001, not to a terminal
+
+
+@example("fcclass train --set data.limit_train=3000 --set train.epochs=1")
+def _short_run(ex: readme.Example, ws: Workspace) -> None:
+    """The home runs are short runs of the default config too (300 images, 100 test images): the same header line,
+    numbers aside, and the epoch, Best epoch and Test split lines."""
+    assert_shown(ex.output, ws.home and ws.train_human.stdout)
+
+
+@example("fcclass train --set data.limit_train=3000 --set train.epochs=1", kind="slow")
+def _short_run_as_written(ex: readme.Example, ws: Workspace) -> None:
+    res = cli(ex.command, ws.folder("short-run"))
+    assert res.code == 0, res.output
+    assert_shown(ex.output, res.stdout, numbers=False, skip=(r"^Device:", r"^epoch ", r"^Best epoch", r"^Next:", r"^Test split"))
+    assert_shown(ex.output, res.stdout)
+    accuracy = float(re.search(r"^Test split .*: accuracy ([\d.]+)%", res.stdout, re.M).group(1))
+    assert accuracy >= 65, res.stdout  # what a quick try of the default config reaches (the README: 78.8-80.5 %)
+
+
+@json_example("On 3,000 images × 1 epoch this reached")
+def _short_run_batch_recorded(anchor: str, ws: Workspace) -> None:
+    """`--json` and summary.json record the batch a short run trained with (the home runs: 300 images, batch 16)."""
+    assert ws.home and json.loads(ws.train_json.stdout)["batch_size"] == 16
+    assert json.loads((ws.lr01 / "summary.json").read_text())["batch_size"] == 16
+
+
+class HeaderShown(Exception):
+    """Raised once the training header is printed: the examples that show only the header train nothing."""
+
+
+class StopAfterHeader(Callback):
+    def on_fit_start(self, trainer: Any) -> None:
+        raise HeaderShown
+
+
+@block("text: ┏━┳━┳━┳━┳━┓ / ┃ Label ┃ Train ┃ Val ┃ Test (held out) ┃ Drawn / epoch ┃")
+def _balanced_sampler_header(ex: readme.Example, ws: Workspace) -> None:
+    """The header of a training with data.sampler: balanced on an image folder of three labels, one of them rare
+    (20, 20 and 4 images, a test/ folder of 5 each), stopped once the header is printed."""
+    folder = ws.factory.mktemp("sampler")
+    ws.image_folder(folder / "images" / "train", {"Pullover": 20, "Shirt": 4, "T-shirt-top": 20})
+    ws.image_folder(folder / "images" / "test", {"Pullover": 5, "Shirt": 5, "T-shirt-top": 5})
+    with fit_with(StopAfterHeader()):
+        res = cli("fcclass train -c imagefolder --set data.path=images --set data.image_size=8 --set data.sampler=balanced", folder)
+    assert isinstance(res.exception, HeaderShown), res.output
+    assert_shown(ex.output, res.stdout)
+    drawn = re.findall(r"^│ (?:Pullover|Shirt|T-shirt-top) .* │ +≈(\d+) │$", res.stdout, re.M)
+    assert drawn == ["13", "13", "13"], res.stdout  # 40 training images, each label drawn as often
 
 
 @example("fcclass train -c configs/fashion_mnist.yaml --set train.epochs=3 --set optimizer.lr=0.01",
@@ -529,6 +650,39 @@ not_run(BLOCKS, "text: Training throughput (same model, same Fashion-MNIST image
              "runs this mode and checks its columns")
 
 
+@block("text: Warning: fcclass's loop (default model) varied by #% over its # repeats (# to # images/s, more than ")
+def _bench_repeat_warning(ex: readme.Example, ws: Workspace) -> None:
+    """The warning of fcclass.bench.runner for the README's repeats (173, 610 and one between), as `bench` prints it."""
+    from fcclass.bench.runner import ThroughputResult
+
+    result = ThroughputResult("default", {}, {}, 1.0, 1.0, repeat_rates={"fcclass": [173.0, 400.0, 610.0]})
+    (warning,) = result.warnings
+    assert_shown(ex.output, f"Warning: {warning['message']}", numbers=False)
+
+
+@json_example("A busy machine makes these figures meaningless")
+def _bench_json_warnings(anchor: str, ws: Workspace) -> None:
+    """What `bench --json` holds of each result (fcclass.bench.runner.ThroughputResult.to_dict): `spread`,
+    `repeat_images_per_s` and `warnings`; a quiet loop gives no warning."""
+    from fcclass.bench.runner import ThroughputResult
+
+    rates = {"fcclass": [173.0, 400.0, 610.0], "reference": [100.0, 101.0, 99.0]}
+    data = ThroughputResult("default", {"images_per_s": 610.0}, {"images_per_s": 101.0}, 1.0, 1.0, repeat_rates=rates).to_dict()
+    assert data["repeat_images_per_s"] == rates and set(data["spread"]) == set(rates)
+    assert [w["measurement"] for w in data["warnings"]] == ["fcclass's loop (default model)"] and data["spread"]["fcclass"] > 0.2
+
+
+@json_example("`--json` lists the same under `warnings`", kind="slow")
+def _bench_json_run(anchor: str, ws: Workspace) -> None:
+    """The README's command with --json -: top-level `warnings` (the matmul peak's and the loops'), and each result's
+    `spread` and `repeat_images_per_s`."""
+    data = json_of("fcclass bench --images 640 --model default --no-keras --repeats 3 --json -", ws.factory.mktemp("bench"))
+    assert isinstance(data["warnings"], list)
+    for result in data["results"]:
+        assert set(result["repeat_images_per_s"]) == set(result["spread"]) == {"fcclass", "reference"}
+        assert all(len(rates) == 3 for rates in result["repeat_images_per_s"].values())
+
+
 @example("fcclass init")
 def _init(ex: readme.Example, ws: Workspace) -> None:
     folder = ws.factory.mktemp("init")
@@ -620,16 +774,127 @@ def _a_vanished_file_is_an_error(ex: readme.Example, ws: Workspace) -> None:
     assert_shown(ex.output, res.stderr, images_paths(ws, **{"sneaker/1108.png": test}))
 
 
-@example("cd /tmp && fcclass eval /tmp/readme/runs/my-images-20261127-231559", kind="error")
+RELOC = "my-images-20261207-150506"
+
+
+@example("cd /tmp && fcclass eval /tmp/reloc/runs/my-images-20261207-150506", kind="error")
 def _eval_after_the_folder_moved(ex: readme.Example, ws: Workspace) -> None:
     folder = ws.images
     elsewhere = ws.factory.mktemp("elsewhere")
     images = folder / "photos"
     images.rename(elsewhere / "photos")
     try:
-        check_error(ex, folder, images_paths(ws, **{"cd /tmp": f"cd {elsewhere}", "my-images-20261127-231559": ws.my_images_run.name}))
+        check_error(ex, folder, {"/tmp/reloc/data/my_images": str(images), "cd /tmp": f"cd {elsewhere}", "/tmp/reloc": str(folder),
+                                 RELOC: ws.my_images_run.name})
     finally:
         (elsewhere / "photos").rename(images)
+
+
+def _reloc(ws: Workspace) -> tuple[Path, dict[str, str]]:
+    """/tmp/reloc of the relocate examples: a copy of the image-folder run (trained on ws.images's photos, which
+    stand for /tmp/reloc/data/my_images), ``archive/my_images`` (a copy of photos) and ``other`` (the same, less one
+    test file); and the README's paths -> the real ones."""
+    if "reloc" not in ws.__dict__:
+        folder, images = ws.factory.mktemp("reloc"), ws.images / "photos"
+        shutil.copytree(ws.my_images_run, folder / "runs" / ws.my_images_run.name)
+        shutil.copytree(images, folder / "archive" / "my_images")
+        shutil.copytree(images, folder / "other")
+        splits = json.loads((ws.my_images_run / "splits.json").read_text())
+        gone = next(path for path in splits["splits"]["test"]["files"] if path.startswith("tshirt/"))
+        (folder / "other" / gone).unlink()
+        ws.__dict__["reloc"] = folder, {"/tmp/reloc/data/my_images": str(images), "/tmp/reloc": str(folder),
+                                        RELOC: ws.my_images_run.name, "tshirt/113.png": gone}
+    return ws.__dict__["reloc"]
+
+
+@example("fcclass runs relocate runs/my-images-20261207-150506 --data-root archive/my_images")
+def _relocate(ex: readme.Example, ws: Workspace) -> None:
+    folder, paths = _reloc(ws)
+    res = cli(ex.command, folder, paths)
+    assert res.code == 0, res.output
+    assert_shown(ex.output, res.output, paths)
+    config = yaml.safe_load((folder / "runs" / ws.my_images_run.name / "config.yaml").read_text())
+    assert config["data"]["path"] == str(folder / "archive" / "my_images")
+    res = cli(f"fcclass eval runs/{ws.my_images_run.name} --no-save", folder)  # no --data-root needed any more
+    assert res.code == 0, res.output
+
+
+@example("fcclass runs relocate runs/my-images-20261207-150506 --data-root other", kind="error")
+def _relocate_to_other_data(ex: readme.Example, ws: Workspace) -> None:
+    folder, paths = _reloc(ws)
+    run = folder / "runs" / ws.my_images_run.name
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    check_error(ex, folder, paths)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before  # nothing was changed
+
+
+@json_example("- `fcclass runs relocate RUN --data-root DIR` records the new place once")
+def _relocate_json(anchor: str, ws: Workspace) -> None:
+    """Relocated back to where it was trained, with --json - (the run is a copy: the image-folder run is left as is)."""
+    folder, paths = _reloc(ws)
+    run = folder / "runs" / ws.my_images_run.name
+    if yaml.safe_load((run / "config.yaml").read_text())["data"]["path"] == paths["/tmp/reloc/data/my_images"]:
+        _relocate(readme.Example(f"fcclass runs relocate runs/{RELOC} --data-root archive/my_images"), ws)
+    change = json_of(f"fcclass runs relocate runs/{run.name} --data-root {paths['/tmp/reloc/data/my_images']} --json -", folder)
+    assert {"key", "old", "new", "checked", "rewritten"} <= set(change), change
+    assert (change["key"], change["new"]) == ("data.path", paths["/tmp/reloc/data/my_images"]), change
+
+
+# ----------------------------------------------------------------------------- data.on_unreadable, predict FOLDER
+UNREADABLE = {"/tmp/unr/r2": "{folder}"}
+
+
+def unreadable_paths(ws: Workspace) -> dict[str, str]:
+    return {shown: real.format(folder=ws.unreadable) for shown, real in UNREADABLE.items()}
+
+
+@example("fcclass train -c photos.yaml --set data.on_unreadable=error", kind="error")
+def _unreadable_is_an_error(ex: readme.Example, ws: Workspace) -> None:
+    check_error(ex, ws.unreadable, unreadable_paths(ws))
+
+
+@example("fcclass train -c photos.yaml")
+def _unreadable_skipped(ex: readme.Example, ws: Workspace) -> None:
+    assert_shown(ex.output, ws.unreadable and ws.photos_train.output, unreadable_paths(ws))
+    skipped = json.loads((ws.photos_run / "summary.json").read_text())["skipped"]
+    assert sorted(Path(s["path"]).name for s in skipped) == ["IMG_0007.jpg", "IMG_0042.jpg", "README.png"], skipped
+
+
+@example("fcclass eval --no-save")
+def _eval_says_what_was_skipped(ex: readme.Example, ws: Workspace) -> None:
+    before = listing(ws.unreadable and ws.photos_run)
+    res = cli(ex.command, ws.unreadable)
+    assert res.code == 0, res.output
+    assert_shown(ex.output, res.output, unreadable_paths(ws))
+    assert listing(ws.photos_run) == before, "eval --no-save wrote into the run"
+
+
+@example("fcclass predict data/photos/test -k 1")
+def _predict_a_labelled_folder(ex: readme.Example, ws: Workspace) -> None:
+    res = cli(ex.command, ws.unreadable)
+    assert res.code == 0, res.output
+    predicted = re.compile(r"│ (?:ant|bee|cat) \((\d+\.\d%)\) │$", re.M)  # which label a row gets is the small model's own
+    assert_shown([predicted.sub(r"│ <label> (\1) │", line) for line in ex.output], predicted.sub(r"│ <label> (\1) │", res.output))
+    rows = re.findall(r"^│ data/photos/test/(\w+)/\d{3}\.jpg +│ (\w+) +│", res.output, re.M)
+    assert len(rows) == 30 and all(folder == true for folder, true in rows), res.output  # the true label is the folder's
+
+
+@example("fcclass predict data/photos/test --json - --json-summary | tail -13")
+def _predict_json_summary(ex: readme.Example, ws: Workspace) -> None:
+    res = cli(ex.command.split(" | ")[0], ws.unreadable)
+    assert res.code == 0, res.output
+    assert_shown(ex.output, "\n".join(res.stdout.splitlines()[-13:]))
+    data = json.loads(res.stdout)
+    assert len(data["predictions"]) == data["summary"]["images"] == data["summary"]["labelled"] == 30
+
+
+@json_example("`--json-summary` puts the summary into the JSON too")
+def _json_summary_keys(anchor: str, ws: Workspace) -> None:
+    data = json_of("fcclass predict samples/test_0.png --json - --json-summary", ws.home)
+    assert set(data) == {"predictions", "summary"} and len(data["predictions"]) == 1
+    shown = paragraph(anchor).split('"summary": {', 1)[1].split("}}`", 1)[0]  # "images", ..., "predicted": {"<label>": count}, ...
+    assert set(data["summary"]) == set(re.findall(r'"(\w+)"', shown)), data["summary"]
+    assert data["summary"]["accuracy"] is None and data["summary"]["labelled"] == 0  # no true labels
 
 
 # ----------------------------------------------------------------------------- hostile input
@@ -691,32 +956,6 @@ def _python_api_as_written(ex: readme.Example, ws: Workspace) -> None:
 
 
 # ----------------------------------------------------------------------------- the --json outputs the prose describes
-JSON: dict[str, Check] = {}  # a piece of the paragraph that mentions --json -> how it is checked
-
-
-def json_example(anchor: str, kind: str = "run") -> Callable:
-    def register(fn: Callable) -> Callable:
-        JSON[anchor] = Check(kind, fn)
-        return fn
-    return register
-
-
-def paragraph(anchor: str) -> str:
-    (found,) = [p for p in readme.paragraphs() if anchor in p]
-    return found
-
-
-def assert_shape(data: Any, anchor: str) -> None:
-    errors = readme.shape_errors(data, readme.shape_after(paragraph(anchor), anchor))
-    assert not errors, f"README.md, after {anchor!r}:\n" + "\n".join(errors)
-
-
-def json_of(command: str, cwd: Path) -> Any:
-    res = cli(command, cwd)
-    assert res.code == 0, res.output
-    return json.loads(res.stdout)  # nothing but JSON on stdout
-
-
 @json_example('`--json -` prints only JSON on stdout: `{"run_dir"')
 def _train_json(anchor: str, ws: Workspace) -> None:
     assert ws.home and ws.train_json.code == 0
