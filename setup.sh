@@ -18,7 +18,7 @@ took() {  # seconds since $1, as 42s or 2m05s
 # pip's output, filtered: every line goes to the log; shown are the downloads of 10 MB or more and, at the end, how
 # many packages were installed (on a terminal, a line that counts the packages as pip collects them).
 pip_progress() {
-  local log=$1 line count=0 tty=0
+  local log=$1 line count=0 tty=0 missing=0
   [ -t 1 ] && tty=1
   : >"$log"
   while IFS= read -r line; do
@@ -35,6 +35,9 @@ pip_progress() {
           printf '      downloading %s\n' "$(printf '%s' "$line" | sed -E 's/^ *Downloading //; s#^.*/##')"
         fi
         ;;
+      WARNING:\ Location\ *\ is\ ignored:\ it\ is\ neither\ a\ file\ nor\ a\ directory.)
+        missing=$((missing + 1))  # a package index folder in pip's config that this machine lacks: harmless, once per package
+        ;;
       WARNING:*|ERROR:*)
         [ "$tty" = 1 ] && printf '\r\033[K'
         printf '%s\n' "$line" >&2
@@ -47,6 +50,7 @@ pip_progress() {
     esac
   done
   [ "$tty" = 1 ] && [ "$VERBOSE" = 0 ] && printf '\r\033[K'
+  [ "$missing" -gt 0 ] && [ "$VERBOSE" = 0 ] && printf '      (%d pip warnings that a package index folder named in its config does not exist: in %s)\n' "$missing" "$log"
   return 0
 }
 

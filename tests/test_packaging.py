@@ -135,6 +135,8 @@ case "$1" in
 esac
 """
 PIP_OUTPUT = """Obtaining file:///src
+WARNING: Location 'file:///opt/pypi/simple/torch/' is ignored: it is neither a file nor a directory.
+WARNING: Location 'file:///opt/pypi/simple/rich/' is ignored: it is neither a file nor a directory.
 Collecting torch>=2.2 (from fcclass==0.4.0)
   Downloading torch-2.5.1-cp311-cp311-manylinux1_x86_64.whl (906.4 MB)
 Collecting rich
@@ -170,6 +172,8 @@ def test_setup_sh_says_what_it_does_and_keeps_pips_exit_status(tmp_path: Path) -
     assert "      downloading torch-2.5.1-cp311-cp311-manylinux1_x86_64.whl (906.4 MB)" in lines
     assert "rich" not in done.stdout and "small-1.0" not in done.stdout  # small downloads are left out
     assert "ERROR: pip's last words" in done.stderr  # pip's warnings and errors still show
+    assert "is ignored" not in done.stdout + done.stderr  # but not one line per package for a missing index folder
+    assert "      (2 pip warnings that a package index folder named in its config does not exist: in " in done.stdout
     assert (tmp_path / ".venv" / "pip-install.log").read_text() == PIP_OUTPUT  # all of pip's output, kept
     failed = _setup(tmp_path, 3)
     assert failed.returncode == 3 and "Ready" not in failed.stdout
