@@ -77,6 +77,14 @@ def cache_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.u8"))
 
 
+PIXELS_END = 4096 + 60 * 8 * 8  # header and pixels of make_folder's 60 images at data_config's 1x8x8
+
+
+def trailer(cache: Path) -> dict[str, Any]:
+    """The JSON line after the pixels of a cache of make_folder's images: unreadable rows, file hashes, checksums."""
+    return json.loads(cache.read_bytes()[PIXELS_END:])
+
+
 # ----------------------------------------------------------------------------- build, reuse, rebuild
 def test_the_first_run_builds_the_cache_and_later_runs_reuse_it_without_decoding(tmp_path: Path, cache_dir: Path, decodes: list[Path]) -> None:
     folder = make_folder(tmp_path / "imgs")
@@ -122,7 +130,7 @@ def test_a_truncated_or_foreign_cache_file_is_rebuilt_never_read(tmp_path: Path,
     folder = make_folder(tmp_path / "imgs")
     good = pixels(load_dataset(data_config(folder), 0, splits=("train",)).train)
     (entry,) = cache_files(cache_dir)
-    for spoil, why in ((lambda b: b[:-100], "truncated or damaged"), (lambda b: b"x" * len(b), "not an fcclass image cache")):
+    for spoil, why in ((lambda b: b[:5000], "truncated or damaged"), (lambda b: b"x" * len(b), "not an fcclass image cache")):
         entry.write_bytes(spoil(entry.read_bytes()))
         decodes.clear()
         ds = load_dataset(data_config(folder), 0, splits=("train",))
@@ -230,9 +238,8 @@ def test_bad_pixel_data_in_the_splits_is_the_error_streaming_gives(tmp_path: Pat
         assert text.startswith("Cannot read 2 image(s): ") and "ant/001.png" in text and "cat/007.png" in text
         assert text.endswith("Remove or replace these files and run again.")
     (cache,) = cache_files(cache_dir)
-    assert cache.read_bytes().endswith(b'{"unreadable": [[1, "cannot decode image (image file is truncated); the file is corrupt '
-                                       b'or truncated."], [47, "cannot decode image (image file is truncated); the file is '
-                                       b'corrupt or truncated."]]}\n')
+    why = "cannot decode image (image file is truncated); the file is corrupt or truncated."
+    assert trailer(cache)["unreadable"] == [[1, why], [47, why]]
     assert len(decodes) == 60  # the second run read the cache's list: nothing decoded again
     ds = load_dataset(data_config(folder, val_split=0.0, test_split=0.05, on_unreadable="skip"), 0, splits=("train", "val"))
     assert len(decodes) == 60 and sorted(p.name for p, _ in ds.skipped) == ["001.png", "007.png"]
@@ -249,14 +256,112 @@ def test_a_cache_whose_list_of_unreadable_files_is_damaged_is_rebuilt(tmp_path: 
     load_dataset(data_config(folder), 0, splits=("train", "val"))
     (cache,) = cache_files(cache_dir)
     good = cache.read_bytes()
-    assert good.endswith(b'{"unreadable": []}\n')
-    pixels_end = len(good) - len(b'{"unreadable": []}\n')
-    for damaged in (good[:pixels_end], good[:-1], good[:pixels_end] + b'{"unreadable": [[9999999, "x"]]}\n'):
+    meta = trailer(cache)
+    assert meta["unreadable"] == [] and len(meta["blake2b"]) == 60 and len(meta["crc32"]) == 1
+    pixels_end = PIXELS_END
+    bad_rows = json.dumps({**meta, "unreadable": [[9999999, "x"]]}).encode() + b"\n"
+    short_hashes = json.dumps({**meta, "blake2b": meta["blake2b"][:-1]}).encode() + b"\n"
+    for damaged in (good[:pixels_end], good[:-1], good[:pixels_end] + bad_rows, good[:pixels_end] + short_hashes):
         cache.write_bytes(damaged)
         decodes.clear()
         ds = load_dataset(data_config(folder), 0, splits=("train", "val"))
         assert len(decodes) == 60 and cache.read_bytes() == good, ds.notes
         assert any("replaced" in n for n in ds.notes), ds.notes
+
+
+def same_size_other_pixels(path: Path) -> None:
+    """Rewrite an image of make_folder in place with other pixels at the very same byte size, its mtime restored
+    (``touch -r``): nothing but the content tells it changed."""
+    before = path.stat()
+    size = before.st_size
+    for seed in range(1, 500):
+        other = np.random.default_rng(seed).integers(0, 256, (12, 10, 3), dtype=np.uint8)
+        Image.fromarray(other).save(path)
+        if path.stat().st_size == size:
+            os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+            return
+    pytest.fail("no same-size PNG found")
+
+
+def test_a_file_changed_in_place_with_its_size_and_time_restored_rebuilds_the_cache(tmp_path: Path, cache_dir: Path,
+                                                                                    decodes: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    import fcclass.data.splits as splits
+    from fcclass.data import dataset_from_record
+
+    folder = make_folder(tmp_path / "imgs")
+    every = ("train", "val", "test")
+    trained = load_dataset(data_config(folder), 0, splits=every)
+    record = trained.record()
+    victim = folder / "bee" / "003.png"
+    same_size_other_pixels(victim)
+    row = sorted(folder.rglob("*.png")).index(victim)
+    hashed: list[Path] = []
+    real = splits.file_digest
+    monkeypatch.setattr(splits, "file_digest", lambda path: hashed.append(path) or real(path))
+    decodes.clear()
+    ds = load_dataset(data_config(folder), 0, splits=every)
+    assert len(decodes) == 60, ds.notes  # rebuilt, never the old pixels
+    assert any("1 of its images' files changed since it was built, though their size and time did not" in n and "is replaced" in n
+               for n in ds.notes), ds.notes
+    streamed = load_dataset(data_config(folder, cache="off"), 0, splits=every)
+    for name in every:
+        assert torch.equal(pixels(ds.splits[name]), pixels(streamed.splits[name]))
+    assert not torch.equal(ds.train.images[row], trained.train.images[row])  # the old cache's pixels of that file
+    hashed.clear()
+    facts = ds.record().splits
+    assert len(hashed) == 0  # splits.json reuses the hashes the cache's check computed: the folder is hashed once a run
+    assert splits.file_digest(victim) in {d for rec in facts.values() for d in rec["blake2b"]}
+    same_size_other_pixels(folder / "ant" / "000.png")  # again, after training: evaluation reads what the files hold now
+    test = dataset_from_record(data_config(folder), record, ("test",)).test
+    assert torch.equal(pixels(test), pixels(dataset_from_record(data_config(folder, cache="off"), record, ("test",)).test))
+
+
+def test_damaged_pixels_in_a_cache_are_never_served(tmp_path: Path, cache_dir: Path, decodes: list[Path]) -> None:
+    folder = make_folder(tmp_path / "imgs")
+    good = pixels(load_dataset(data_config(folder), 0, splits=("train",)).train)
+    (cache,) = cache_files(cache_dir)
+    with open(cache, "r+b") as f:  # header, size and trailer intact; a few pixel bytes flipped (a bad disk, a stray write)
+        f.seek(4096 + 100)
+        f.write(b"\xff\x00\xff")
+    decodes.clear()
+    ds = load_dataset(data_config(folder), 0, splits=("train",))
+    assert len(decodes) == 60 and torch.equal(pixels(ds.train), good)
+    assert any("1 of its 1 blocks of pixels fail their checksum: damaged" in n and "is replaced" in n for n in ds.notes), ds.notes
+
+
+def test_a_folder_where_the_cache_file_goes_streams_with_a_note(tmp_path: Path, cache_dir: Path) -> None:
+    folder = make_folder(tmp_path / "imgs")
+    good = pixels(load_dataset(data_config(folder), 0, splits=("train",)).train)
+    (cache,) = cache_files(cache_dir)
+    cache.unlink()
+    (cache / "inside").mkdir(parents=True)
+    ds = load_dataset(data_config(folder), 0, splits=("train",))
+    assert ds.train.images is None and torch.equal(pixels(ds.train), good)
+    assert any(n.startswith(f"Decoded images: not cached, since '{cache}' is a folder where the cache file of the 60 images") and
+               "Remove that folder" in n for n in ds.notes), ds.notes
+
+
+def test_a_fifo_at_the_lock_path_streams_with_a_note_and_never_blocks(tmp_path: Path, cache_dir: Path) -> None:
+    folder = make_folder(tmp_path / "imgs")
+    good = pixels(load_dataset(data_config(folder), 0, splits=("train",)).train)
+    (cache,) = cache_files(cache_dir)
+    (lock,) = cache_dir.glob(".*.lock")
+    cache.unlink()
+    lock.unlink()
+    os.mkfifo(lock)
+
+    def hung(*_: Any) -> None:
+        raise TimeoutError("blocked on the FIFO")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(30)
+    try:
+        ds = load_dataset(data_config(folder), 0, splits=("train",))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert ds.train.images is None and torch.equal(pixels(ds.train), good)
+    assert any(n.startswith(f"Decoded images: not cached, since the cache's lock file '{lock}' is not a regular file") for n in ds.notes), ds.notes
 
 
 # ----------------------------------------------------------------------------- two processes

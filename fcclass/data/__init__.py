@@ -34,7 +34,7 @@ from fcclass.data.images import (
 )
 from fcclass.data.loaders import FileLoader, TensorLoader, channel_stats, epoch_seed, make_loader
 from fcclass.data.sources import Source, data_root, imagefolder_source, open_source, unpack_debian_copy
-from fcclass.data.splits import SPLIT_NAMES, Split, SplitRecord, check_files, class_counts, draw_splits, stratified_take, tensor_split
+from fcclass.data.splits import SPLIT_NAMES, Facts, Split, SplitRecord, check_files, class_counts, draw_splits, stratified_take, tensor_split
 from fcclass.data.weights import class_weights
 from fcclass.errors import DataError
 
@@ -74,6 +74,7 @@ class Dataset:
     _record: SplitRecord | None = None
     _source: Source | None = field(default=None, repr=False)
     _chosen: dict[str, tuple[str, torch.Tensor]] | None = field(default=None, repr=False)
+    _facts: dict[Path, Facts] = field(default_factory=dict, repr=False)  # files the decode cache hashed: not hashed twice
 
     @property
     def train(self) -> Split | None:
@@ -109,7 +110,7 @@ class Dataset:
         """The record of these splits for the run directory (computed once: image folders hash every file)."""
         if self._record is None:
             assert self._source is not None and self._chosen is not None
-            self._record = SplitRecord.of(self._source, self._chosen, self.name, self.channels, self.size, self.skipped)
+            self._record = SplitRecord.of(self._source, self._chosen, self.name, self.channels, self.size, self.skipped, self._facts)
         return self._record
 
 
@@ -187,23 +188,25 @@ def load_dataset(cfg: DataConfig, seed: int, splits: Sequence[str] = SPLIT_NAMES
     channels, size = _shape(cfg, source, skipped)
     parts = {name: _materialise(source.pools[chosen[name][0]], chosen[name][1], channels, size) for name in splits}
     notes = list(source.notes)
+    facts: dict[Path, Facts] = {}
     if source.kind == "files":
         pools = {name: pool.files or [] for name, pool in source.pools.items()}
-        found, cache_notes = _use_cache(cfg, source.root, pools, {name: chosen[name] for name in splits}, parts, channels, size, progress)
+        found, cache_notes = _use_cache(cfg, source.root, pools, {name: chosen[name] for name in splits}, parts, channels, size,
+                                        progress, facts)
         skipped, chosen, notes = skipped + found, _leave_out(source, chosen, found), notes + cache_notes
     info = _info(source.class_names, channels, size, parts)
     test_pool, test_idx = chosen["test"]
     info.test_counts = class_counts(source.pools[test_pool].labels[test_idx], len(source.class_names))
-    return Dataset(info, parts, size, channels, cfg.dataset, notes, skipped, _source=source, _chosen=chosen)
+    return Dataset(info, parts, size, channels, cfg.dataset, notes, skipped, _source=source, _chosen=chosen, _facts=facts)
 
 
 def _use_cache(cfg: DataConfig, root: Path, pools: dict[str, list[Path]], wanted: dict[str, tuple[str, torch.Tensor]],
-               parts: dict[str, Split], channels: int, size: Sequence[int], progress: Progress | None
-               ) -> tuple[list[tuple[Path, str]], list[str]]:
+               parts: dict[str, Split], channels: int, size: Sequence[int], progress: Progress | None,
+               facts: dict[Path, Facts] | None = None) -> tuple[list[tuple[Path, str]], list[str]]:
     """Point each split whose pool is cached at the pool's memory-mapped images (its rows in the pool); the others
     keep their files and stream. The cache's build finds files whose pixel data is corrupt: with data.on_unreadable:
     skip they are left out of ``parts`` and returned (file, why). Returns them and the cache's notes."""
-    pixels, notes, bad = cached_pools(cfg, root, pools, wanted, channels, size, progress)
+    pixels, notes, bad = cached_pools(cfg, root, pools, wanted, channels, size, progress, facts)
     found: list[tuple[Path, str]] = []
     for name, (pool, rows) in wanted.items():
         if pool not in pixels:

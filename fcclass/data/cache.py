@@ -5,14 +5,15 @@ by every later epoch, run, sweep trial, resume and evaluation of those files at 
 A split is row indices into its pool (``Split.rows``), so runs with other seeds (other train/val draws of the same
 folder) share one cache. The file is keyed by the pool's folder, every file's path, size and mtime, the image size,
 the channels and the format: a file added, removed or modified gives another key, hence a rebuild (and the stale
-file of that folder is removed).
+file of that folder is removed). A file changed in place with its size and mtime restored keeps the key, so the
+content hash of every file a run reads (which its splits.json records anyway) is checked against the hash the cache
+decoded; a difference rebuilds too. The file's layout and checks: fcclass.data.cache_file.
 
-Layout: HEADER_BYTES of header (MAGIC, then JSON: format, shape, key digest, folder), then the N*C*H*W pixels, so
-np.memmap maps them at a page-aligned offset, then a JSON trailer line listing the rows whose file cannot be decoded
-(kept as zeros, never served: a run that reads such a row stops with data.on_unreadable: error, or leaves it out with
-skip). A file whose header, trailer, key, size or owner does not check out is rebuilt, never read. A build writes
-a temp file and renames it (files.atomic_write_chunks) under an flock on a lock file beside it: of two processes
-building one cache (two DDP ranks, parallel sweep workers), one builds, the other waits and reuses it.
+Files that cannot be decoded are kept as zeros, never served: a run that reads such a row stops with
+data.on_unreadable: error, or leaves it out with skip. A build writes a temp file and renames it
+(files.atomic_write_chunks) under an flock on a lock file beside it: of two processes building one cache (two DDP
+ranks, parallel sweep workers), one builds, the other waits and reuses it. A lock path that is not a regular file
+(a FIFO) is never opened for reading: the pool streams, with a note.
 
 When a pool cannot be cached, its splits stream from the files (loaders.FileLoader) as before, with a note saying
 why: over data.cache_max_gb or the free disk space, a cache folder that cannot be written or a full disk, or a run
@@ -23,35 +24,30 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
-import json
 import math
 import os
 import re
 import shutil
 import stat
 import time
+import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence
 
 import torch
 
+from fcclass.data.cache_file import CHUNK, Cached, Entry, header, open_cached, pool_entry, trailer
 from fcclass.data.images import decode_threads, load_resized, unreadable_error
+from fcclass.data.splits import Facts, file_digest, file_facts
 from fcclass.errors import DataError
 from fcclass.files import atomic_write_chunks, os_error_reason, shown
 from fcclass.memory import human
 
-FORMAT = 2  # 2: the trailer of unreadable rows
-MAGIC = b"fcclass decoded images\n"
-HEADER_BYTES = 4096  # a page: the pixels start page-aligned, as mmap wants
 MIN_SHARE = 0.5  # a run that reads less of a pool than this streams its files rather than build the pool's cache
 DISK_RESERVE = 1 << 30  # free space a new cache must leave on its disk
-CHUNK = 256  # images decoded per write
-TRAILER_LIMIT = 64 << 20  # bytes of the unreadable-rows trailer: about a million bad files
 
 
 class Progress(Protocol):
@@ -74,117 +70,20 @@ def cache_folder(configured: str | None) -> Path:
     return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "fcclass"
 
 
-@dataclass
-class Entry:
-    """One pool's cache file: where it is, what it must hold, and what it is for."""
-
-    path: Path
-    digest: str  # of the key: format, folder, channels, size, and every file's path, size and mtime
-    shape: tuple[int, int, int, int]  # N, C, H, W
-    pool_dir: Path
-    slot: str  # the file name's part shared by every version of this folder's cache at this shape
-
-    @property
-    def nbytes(self) -> int:
-        return HEADER_BYTES + math.prod(self.shape)
-
-    @property
-    def lock_path(self) -> Path:
-        return self.path.with_name(f".{self.slot}.lock")
-
-
-def pool_entry(folder: Path, root: Path, pool_dir: Path, files: Sequence[Path], channels: int, size: Sequence[int]) -> Entry:
-    """The cache entry of ``files`` (a pool under ``root``) at this size; stats every file (on threads: a network
-    file system answers slowly). Raises OSError when a file cannot be stat'ed."""
-    place = json.dumps([FORMAT, str(pool_dir), channels, list(size)])
-    h = hashlib.blake2b(place.encode("utf-8", "surrogateescape"), digest_size=16)
-    with ThreadPoolExecutor(max_workers=decode_threads()) as pool:
-        for f, st in zip(files, pool.map(os.stat, files)):
-            h.update(f"\0{f.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}".encode("utf-8", "surrogateescape"))
-    label = root.name if pool_dir == root else f"{root.name}-{pool_dir.name}"
-    place_digest = hashlib.blake2b(place.encode("utf-8", "surrogateescape"), digest_size=4).hexdigest()
-    slot = f"{re.sub(r'[^A-Za-z0-9._-]+', '_', label)[:40] or 'images'}-{channels}x{size[0]}x{size[1]}-{place_digest}"
-    digest = h.hexdigest()
-    return Entry(folder / f"{slot}-{digest[:16]}.u8", digest, (len(files), channels, int(size[0]), int(size[1])), pool_dir, slot)
-
-
-# ----------------------------------------------------------------------------- reading
-def _header(entry: Entry) -> bytes:
-    meta = {"format": FORMAT, "shape": list(entry.shape), "key": entry.digest, "folder": str(entry.pool_dir)[-2000:]}
-    return (MAGIC + json.dumps(meta).encode("ascii")).ljust(HEADER_BYTES, b" ")
-
-
-def _header_problem(head: bytes, entry: Entry) -> str | None:
-    if not head.startswith(MAGIC):
-        return "not an fcclass image cache"
-    try:
-        meta = json.loads(head[len(MAGIC):].decode("ascii"))
-    except (UnicodeDecodeError, ValueError):
-        return "its header is damaged"
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        return f"format {meta.get('format') if isinstance(meta, dict) else '?'}, not {FORMAT}"
-    if meta.get("key") != entry.digest or meta.get("shape") != list(entry.shape):
-        return "its header names other files or another shape"
-    return None
-
-
-def _trailer(bad: list[tuple[int, str]]) -> bytes:
-    return json.dumps({"unreadable": [[i, why] for i, why in sorted(bad)]}).encode("ascii") + b"\n"
-
-
-def _trailer_rows(data: bytes, n: int) -> dict[int, str] | None:
-    """The unreadable rows a trailer lists ({row: why}), or None when it is damaged."""
-    try:
-        meta = json.loads(data.decode("ascii")) if data.endswith(b"\n") else None
-    except (UnicodeDecodeError, ValueError):
-        return None
-    rows = meta.get("unreadable") if isinstance(meta, dict) else None
-    if not isinstance(rows, list) or not all(isinstance(r, list) and len(r) == 2 and type(r[0]) is int and 0 <= r[0] < n
-                                             and isinstance(r[1], str) for r in rows):
-        return None
-    return {i: why for i, why in rows}
-
-
-Cached = tuple[torch.Tensor | None, dict[int, str], str | None]
-
-
-def open_cached(entry: Entry) -> Cached:
-    """The cached pixels (N, C, H, W), memory-mapped, and the rows whose file cannot be decoded ({row: why}); or None
-    and why the file is unusable (None: there is none).
-    Copy-on-write mapping: the file is never written through it, and torch gets a writable array (no warning).
-    O_NOFOLLOW and the checks on the open file refuse what was planted in a shared folder: a link, a FIFO, another
-    user's file."""
-    import numpy as np
-
-    try:
-        fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        return None, {}, None
-    except OSError as e:
-        return None, {}, "a link" if e.errno == errno.ELOOP else os_error_reason(e)
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid not in (os.getuid(), 0):
-            return None, {}, "not a regular file of this user"
-        if not entry.nbytes < st.st_size <= entry.nbytes + TRAILER_LIMIT:
-            return None, {}, f"{st.st_size:,} bytes for {entry.nbytes:,} of pixels: truncated or damaged"
-        why = _header_problem(os.pread(fd, HEADER_BYTES, 0), entry)
-        bad = _trailer_rows(os.pread(fd, st.st_size - entry.nbytes, entry.nbytes), entry.shape[0]) if why is None else {}
-        if why is not None or bad is None:
-            return None, {}, why or "its list of unreadable files is damaged"
-        pixels = np.memmap(f, dtype=np.uint8, mode="c", offset=HEADER_BYTES, shape=entry.shape)
-    return torch.from_numpy(pixels), bad, None
-
-
 # ----------------------------------------------------------------------------- building
-def _decoded(files: Sequence[Path], channels: int, size: Sequence[int], bad: list[tuple[int, str]],
+def _decoded(files: Sequence[Path], channels: int, size: Sequence[int], bad: list[tuple[int, str]], digests: list[str],
              progress: Progress | None) -> Iterator[bytes]:
     """The pool's images through load_resized (its bomb guard and errors included), in order, CHUNK at a time as
     bytes; on threads (Pillow and torch release the GIL), a bounded window ahead so memory stays flat. A file that
-    fails is recorded in ``bad`` (position, why) and left as zeros."""
+    fails is recorded in ``bad`` (position, why) and left as zeros. ``digests`` gets each file's content hash, read
+    before it is decoded (a file changed in between fails the next run's check, which rebuilds)."""
     blank = torch.zeros(channels, *size, dtype=torch.uint8)
 
     def one(i: int) -> torch.Tensor:
+        try:
+            digests[i] = file_digest(files[i])
+        except OSError:
+            pass  # load_resized says why
         try:
             return load_resized(files[i], channels, size)
         except DataError as e:
@@ -212,11 +111,15 @@ def _build(entry: Entry, files: Sequence[Path], channels: int, size: Sequence[in
     """Decode the pool into its cache file (atomically), the files that cannot be decoded as zero rows listed in the
     trailer. Raises OSError when the file cannot be written (a full disk...)."""
     bad: list[tuple[int, str]] = []
+    digests = [""] * len(files)
+    crcs: list[int] = []
 
     def chunks() -> Iterator[bytes]:
-        yield _header(entry)
-        yield from _decoded(files, channels, size, bad, progress)
-        yield _trailer(bad)
+        yield header(entry)
+        for chunk in _decoded(files, channels, size, bad, digests, progress):
+            crcs.append(zlib.crc32(chunk))
+            yield chunk
+        yield trailer(bad, digests, crcs)
 
     if progress is not None:
         progress.start(len(files), f"Decoding {entry.pool_dir.name} into the image cache")
@@ -227,12 +130,22 @@ def _build(entry: Entry, files: Sequence[Path], channels: int, size: Sequence[in
             progress.end()
 
 
+class NotRegularError(OSError):
+    """A path the cache owns (its file, its lock file) holds something else: a folder, a FIFO, a device."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(errno.EINVAL, "not a regular file", str(path))
+        self.path = path
+
+
 @contextmanager
 def _locked(entry: Entry) -> Iterator[bool]:
     """Hold the cache's lock file (released when the process ends, kill -9 included); yields whether another process
     held it first. A file system without flock gets no lock: the atomic rename still keeps the file whole."""
-    fd = os.open(entry.lock_path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
+    fd = os.open(entry.lock_path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), 0o666)
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO planted there would block a plain open; a folder...
+            raise NotRegularError(entry.lock_path)
         waited = False
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -261,11 +174,14 @@ def _remove_stale(entry: Entry) -> bool:
 
 # ----------------------------------------------------------------------------- deciding
 def cached_pools(cfg: Any, root: Path, pools: dict[str, Sequence[Path]], wanted: dict[str, tuple[str, torch.Tensor]],
-                 channels: int, size: Sequence[int], progress: Progress | None = None) -> tuple[dict[str, torch.Tensor], list[str], dict[str, dict[int, str]]]:
+                 channels: int, size: Sequence[int], progress: Progress | None = None, facts: dict[Path, Facts] | None = None
+                 ) -> tuple[dict[str, torch.Tensor], list[str], dict[str, dict[int, str]]]:
     """The memory-mapped images of each pool (image files under ``root``) that the ``wanted`` splits ({split: (pool,
     rows)}) read, reused or built as ``cfg`` (a DataConfig) says; a pool left out streams from its files, and the
     notes say why. Files the run reads that cannot be decoded are a DataError, as streaming gives, or with
-    data.on_unreadable: skip returned as {pool: {row: why}} for the caller to leave out."""
+    data.on_unreadable: skip returned as {pool: {row: why}} for the caller to leave out. The files the run reads are
+    hashed (a cache is served only if it decoded that content); ``facts`` gets {file: (size, mtime_ns, hash)}, for
+    the run's splits.json to reuse rather than hash them again."""
     if cfg.cache == "off":
         return {}, [], {}
     folder = cache_folder(cfg.cache_dir)
@@ -278,7 +194,8 @@ def cached_pools(cfg: Any, root: Path, pools: dict[str, Sequence[Path]], wanted:
             continue
         pool_dir = root / name if (root / name).is_dir() else root  # train/, test/, val/; or the folder itself
         needed = torch.cat(rows).unique()
-        pixels, bad, note = _pool_pixels(cfg, folder, root, pool_dir, list(files), needed, channels, size, progress)
+        pixels, bad, note = _pool_pixels(cfg, folder, root, pool_dir, list(files), needed, channels, size, progress,
+                                         facts if facts is not None else {})
         if pixels is not None:
             out[name] = pixels
             skipped[name] = _unreadable_rows(cfg, list(files), bad, needed)
@@ -288,15 +205,22 @@ def cached_pools(cfg: Any, root: Path, pools: dict[str, Sequence[Path]], wanted:
 
 
 def _pool_pixels(cfg: Any, folder: Path, root: Path, pool_dir: Path, files: list[Path], needed: torch.Tensor, channels: int,
-                 size: Sequence[int], progress: Progress | None) -> Cached:
+                 size: Sequence[int], progress: Progress | None, facts: dict[Path, Facts]) -> Cached:
     try:
         entry = pool_entry(folder, root, pool_dir, files, channels, size)
+        rows = needed.tolist()
+        found = file_facts([files[i] for i in rows])
     except OSError:
         return None, {}, None  # a file vanished since the folder was read: streaming names it
-    pixels, bad, damaged = open_cached(entry)
+    facts.update((files[i], fact) for i, fact in zip(rows, found))
+    expected = {i: digest for i, (_, _, digest) in zip(rows, found)}
+    pixels, bad, damaged = open_cached(entry, expected)
     if pixels is not None:
         return pixels, bad, _reused(entry)
     what = f"the {len(files):,} images of '{pool_dir}'"
+    if damaged == "a folder, not a file":
+        return None, {}, (f"Decoded images: not cached, since '{entry.path}' is a folder where the cache file of {what} goes; "
+                          "they are decoded from the files every epoch instead. Remove that folder to let fcclass cache them.")
     if len(needed) < MIN_SHARE * len(files):
         return None, {}, (f"Decoded images: not cached, since this run reads {len(needed):,} of {what} (a cache is built for "
                       f"runs that read at least {MIN_SHARE:.0%} of them); they are decoded from the files.")
@@ -305,18 +229,21 @@ def _pool_pixels(cfg: Any, folder: Path, root: Path, pool_dir: Path, files: list
         return None, {}, refusal
     try:
         with _locked(entry) as waited:
-            pixels, bad, _ = open_cached(entry)
+            pixels, bad, _ = open_cached(entry, expected)
             if pixels is not None:  # built by the process that held the lock
                 return pixels, bad, _reused(entry, waited)
             replaced = _remove_stale(entry)
             start = time.monotonic()
             _build(entry, files, channels, size, progress)
             seconds = time.monotonic() - start
+    except NotRegularError as e:
+        return None, {}, (f"Decoded images: not cached, since the cache's lock file '{e.path}' is not a regular file (a FIFO, a "
+                          "folder...); the images are decoded from the files every epoch instead. Remove it to let fcclass cache them.")
     except OSError as e:
         return None, {}, (f"Decoded images: not cached, since the cache folder '{folder}' cannot be written ({os_error_reason(e)}); "
                       "the images are decoded from the files every epoch instead. Point data.cache_dir (or $FCCLASS_CACHE_DIR) "
                       "at a writable folder with room, or set data.cache: off to go without this note.")
-    pixels, bad, why = open_cached(entry)
+    pixels, bad, why = open_cached(entry, expected)
     if pixels is None:
         return None, {}, f"Decoded images: the cache just built at {entry.path} cannot be read back ({why}); decoding from the files."
     return pixels, bad, _built(entry, seconds, damaged, replaced)

@@ -132,10 +132,16 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _file_facts(paths: Sequence[Path]) -> list[tuple[int, int, str]]:
-    """(size, mtime_ns, content hash) of each file, read on threads."""
+Facts = tuple[int, int, str]  # a file's size, mtime_ns and content hash
 
-    def facts(path: Path) -> tuple[int, int, str]:
+
+def file_facts(paths: Sequence[Path], known: dict[Path, Facts] | None = None) -> list[Facts]:
+    """(size, mtime_ns, content hash) of each file, read on threads; those in ``known`` (hashed earlier in this run,
+    by the decode cache's check) are not read again."""
+
+    def facts(path: Path) -> Facts:
+        if known and path in known:
+            return known[path]
         st = path.stat()
         return st.st_size, st.st_mtime_ns, file_digest(path)
 
@@ -164,7 +170,7 @@ class SplitRecord:
 
     @classmethod
     def of(cls, source: Any, chosen: dict[str, tuple[str, torch.Tensor]], dataset: str, channels: int,
-           size: Sequence[int], skipped: Sequence[tuple[Path, str]] = ()) -> "SplitRecord":
+           size: Sequence[int], skipped: Sequence[tuple[Path, str]] = (), known: dict[Path, Facts] | None = None) -> "SplitRecord":
         record = cls(dataset, source.root, list(source.class_names), channels, list(size))
         record.skipped = [{"file": f.relative_to(source.root).as_posix(), "reason": why} for f, why in skipped]
         for name, (pool_name, idx) in chosen.items():
@@ -175,7 +181,7 @@ class SplitRecord:
                                        "counts": class_counts(labels, len(source.class_names))}
                 continue
             files = [pool.files[i] for i in idx.tolist()]
-            facts = _file_facts(files)
+            facts = file_facts(files, known)
             record.splits[name] = {"files": [f.relative_to(source.root).as_posix() for f in files], "labels": labels.tolist(),
                                    "sizes": [s for s, _, _ in facts], "mtimes_ns": [m for _, m, _ in facts],
                                    "blake2b": [d for _, _, d in facts]}
