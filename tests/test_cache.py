@@ -311,9 +311,10 @@ def test_a_file_changed_in_place_with_its_size_and_time_restored_rebuilds_the_ca
     facts = ds.record().splits
     assert len(hashed) == 0  # splits.json reuses the hashes the cache's check computed: the folder is hashed once a run
     assert splits.file_digest(victim) in {d for rec in facts.values() for d in rec["blake2b"]}
-    same_size_other_pixels(folder / "ant" / "000.png")  # again, after training: evaluation reads what the files hold now
-    test = dataset_from_record(data_config(folder), record, ("test",)).test
-    assert torch.equal(pixels(test), pixels(dataset_from_record(data_config(folder, cache="off"), record, ("test",)).test))
+    same_size_other_pixels(folder / record.splits["test"]["files"][0])  # after training: eval reads what the files hold now
+    evaluated = dataset_from_record(data_config(folder), record, ("test",))  # 3 test images: too few to rebuild for
+    assert torch.equal(pixels(evaluated.test), pixels(dataset_from_record(data_config(folder, cache="off"), record, ("test",)).test))
+    assert any("(the cache there is unusable: 1 of its images' files changed" in n for n in evaluated.notes), evaluated.notes
 
 
 def test_damaged_pixels_in_a_cache_are_never_served(tmp_path: Path, cache_dir: Path, decodes: list[Path]) -> None:
@@ -329,6 +330,18 @@ def test_damaged_pixels_in_a_cache_are_never_served(tmp_path: Path, cache_dir: P
     assert any("1 of its 1 blocks of pixels fail their checksum: damaged" in n and "is replaced" in n for n in ds.notes), ds.notes
 
 
+def test_a_fifo_where_the_cache_file_goes_is_replaced_never_read(tmp_path: Path, cache_dir: Path, decodes: list[Path]) -> None:
+    folder = make_folder(tmp_path / "imgs")
+    good = pixels(load_dataset(data_config(folder), 0, splits=("train",)).train)
+    (cache,) = cache_files(cache_dir)
+    cache.unlink()
+    os.mkfifo(cache)
+    decodes.clear()
+    ds = load_dataset(data_config(folder), 0, splits=("train",))  # opened without blocking, then renamed over
+    assert len(decodes) == 60 and torch.equal(pixels(ds.train), good) and cache.is_file()
+    assert any("(not a regular file of this user) and is replaced" in n for n in ds.notes), ds.notes
+
+
 def test_a_folder_where_the_cache_file_goes_streams_with_a_note(tmp_path: Path, cache_dir: Path) -> None:
     folder = make_folder(tmp_path / "imgs")
     good = pixels(load_dataset(data_config(folder), 0, splits=("train",)).train)
@@ -341,14 +354,15 @@ def test_a_folder_where_the_cache_file_goes_streams_with_a_note(tmp_path: Path, 
                "Remove that folder" in n for n in ds.notes), ds.notes
 
 
-def test_a_fifo_at_the_lock_path_streams_with_a_note_and_never_blocks(tmp_path: Path, cache_dir: Path) -> None:
+@pytest.mark.parametrize("planted", ["fifo", "folder", "link"])
+def test_what_is_not_a_regular_file_at_the_lock_path_streams_with_a_note_and_never_blocks(planted: str, tmp_path: Path, cache_dir: Path) -> None:
     folder = make_folder(tmp_path / "imgs")
     good = pixels(load_dataset(data_config(folder), 0, splits=("train",)).train)
     (cache,) = cache_files(cache_dir)
     (lock,) = cache_dir.glob(".*.lock")
     cache.unlink()
     lock.unlink()
-    os.mkfifo(lock)
+    {"fifo": os.mkfifo, "folder": os.mkdir, "link": lambda p: os.symlink(tmp_path / "elsewhere", p)}[planted](lock)
 
     def hung(*_: Any) -> None:
         raise TimeoutError("blocked on the FIFO")

@@ -142,9 +142,14 @@ class NotRegularError(OSError):
 def _locked(entry: Entry) -> Iterator[bool]:
     """Hold the cache's lock file (released when the process ends, kill -9 included); yields whether another process
     held it first. A file system without flock gets no lock: the atomic rename still keeps the file whole."""
-    fd = os.open(entry.lock_path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), 0o666)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO planted there would block a plain open; a folder...
+        fd = os.open(entry.lock_path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), 0o666)
+    except OSError as e:
+        if e.errno in (errno.EISDIR, errno.ELOOP):  # a folder, a link
+            raise NotRegularError(entry.lock_path) from e
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO planted there would block a plain open
             raise NotRegularError(entry.lock_path)
         waited = False
         try:
@@ -223,7 +228,8 @@ def _pool_pixels(cfg: Any, folder: Path, root: Path, pool_dir: Path, files: list
                           "they are decoded from the files every epoch instead. Remove that folder to let fcclass cache them.")
     if len(needed) < MIN_SHARE * len(files):
         return None, {}, (f"Decoded images: not cached, since this run reads {len(needed):,} of {what} (a cache is built for "
-                      f"runs that read at least {MIN_SHARE:.0%} of them); they are decoded from the files.")
+                          f"runs that read at least {MIN_SHARE:.0%} of them); they are decoded from the files"
+                          + (f" (the cache there is unusable: {damaged})." if damaged else "."))
     refusal = _no_room(cfg, folder, entry, what)
     if refusal is not None:
         return None, {}, refusal
@@ -238,7 +244,7 @@ def _pool_pixels(cfg: Any, folder: Path, root: Path, pool_dir: Path, files: list
             seconds = time.monotonic() - start
     except NotRegularError as e:
         return None, {}, (f"Decoded images: not cached, since the cache's lock file '{e.path}' is not a regular file (a FIFO, a "
-                          "folder...); the images are decoded from the files every epoch instead. Remove it to let fcclass cache them.")
+                          "folder, a link...); the images are decoded from the files every epoch instead. Remove it to let fcclass cache them.")
     except OSError as e:
         return None, {}, (f"Decoded images: not cached, since the cache folder '{folder}' cannot be written ({os_error_reason(e)}); "
                       "the images are decoded from the files every epoch instead. Point data.cache_dir (or $FCCLASS_CACHE_DIR) "
