@@ -110,6 +110,16 @@ def test_unstructured_pruning_keeps_its_zeros_through_fine_tuning(trained_run: P
     assert (out / "metrics.csv").read_text().count("\n") == 2 and (out / "last.pt").is_file()
 
 
+def test_unstructured_pruning_of_conv_kernels(trained_run: Path, tmp_path: Path) -> None:
+    """--conv without --structured: the conv kernels (channels-last in memory) are pruned with the Dense ones."""
+    out = tmp_path / "sparse-conv"
+    data = _compress(str(trained_run), "--prune", "0.5", "--conv", "--out", str(out))
+    state = torch.load(out / "best.pt", weights_only=True)["model_state"]
+    conv = [t for k, t in state.items() if k.startswith("body.conv2d") and k.endswith("weight") and t.dim() == 4]
+    assert conv and all(0 < int((t == 0).sum()) < t.numel() for t in conv)
+    assert data["zeroed_weights"] > 0 and 0.5 < data["rows"][-1]["test_accuracy"] <= 1
+
+
 def test_int8_model_runs_in_onnxruntime_and_agrees_with_the_float_model(trained_run: Path, tmp_path: Path) -> None:
     import onnxruntime as ort
 
