@@ -98,9 +98,9 @@ def test_compress_structured_writes_a_run_of_the_smaller_model(trained_run: Path
 
 def test_unstructured_pruning_keeps_its_zeros_through_fine_tuning(trained_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "sparse"
-    data = _compress(str(trained_run), "--prune", "0.7", "--finetune", "1", "--out", str(out))
+    data = _compress(str(trained_run), "--prune", "0.7", "--finetune", "1", "--set", "optimizer.lr=0.0002", "--out", str(out))
     original, tuned = data["rows"]
-    assert tuned["model"] == "pruned + fine-tuned" and data["finetune"]["epochs"] == 1
+    assert tuned["model"] == "pruned + fine-tuned" and data["finetune"]["epochs"] == 1 and data["finetune"]["lr"] == 0.0002
     assert_rounded_as_shown(data["finetune"]["best_val"])  # the fine-tuning's best epoch, as train --json gives it
     kernels = [t for k, t in torch.load(out / "best.pt", weights_only=True)["model_state"].items()
                if k.startswith(("body.dense.", "body.dense_1.")) and k.endswith("weight")]
@@ -167,6 +167,10 @@ def test_int8_model_runs_in_onnxruntime_and_agrees_with_the_float_model(trained_
     (["--finetune", "2", "--quantize", "int8"], "--finetune goes with --prune"),
     (["--quantize", "int4"], "takes int8"),
     (["--quantize", "int8", "--set", "optimizer.lr=0.01"], "goes with --finetune"),
+    (["--prune", "0.5", "--finetune", "1", "--set", "model.layers.-3.units=7"],
+     "--set model.layers.-3.units cannot change when fine-tuning in compress: the model is the source run's"),
+    (["--prune", "0.5", "--finetune", "1", "--set", "data.dataset=mnist"],
+     "Only train.*, optimizer.*, scheduler.*, data.batch_size, data.sampler, data.augment.*, tracking.* can"),
 ])
 def test_compress_mistakes_are_named(trained_run: Path, tmp_path: Path, args: list[str], expected: str) -> None:
     res = runner.invoke(app, ["compress", str(trained_run), *args, "--out", str(tmp_path / "out")])

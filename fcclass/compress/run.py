@@ -22,9 +22,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from fcclass.compress.finetune import CompressInterrupted, check_overrides, finetune, finetune_config
 from fcclass.compress.pruning import check_fraction, nonzero_parameters, prune_units, prune_weights
 from fcclass.compress.quantize import calibration_notes, quantize_int8
-from fcclass.config.load import config_from_dict
 from fcclass.config.sections import Config
 from fcclass.data import Dataset, make_loader
 from fcclass.data import data_root as data_location
@@ -37,15 +37,8 @@ from fcclass.model.network import Network
 from fcclass.runs.checkpoint import Checkpoint
 from fcclass.runs.create import create_run_dir, start_run
 from fcclass.runs.layout import BEST, COMPRESSED, SPLITS, SUMMARY
-from fcclass.runs.metrics import rounded_row
 from fcclass.runs.splits import read_splits
 from fcclass.runs.summary import Summary, TestFigures, command_line, now, read_summary, write_summary
-
-FINETUNE_LR = 0.1  # fine-tuning starts from trained weights: the run's optimizer at a tenth of its learning rate
-
-
-class CompressInterrupted(KeyboardInterrupt):
-    """Ctrl-C (or SIGTERM) during compress: the message says what was kept and how to go on."""
 
 
 @dataclass
@@ -127,6 +120,7 @@ def compress(run: str | Path | None, options: Options, *, out: str | Path | None
     """Compress the best model of ``run`` (default: the newest trained run) into a new run directory (``out``, or
     ``<runs folder>/<name>-compressed-<time>`` beside the source run) and measure it against the original."""
     options.check()
+    check_overrides(options.finetune, overrides)
     started, clock = now(), time.monotonic()
     if run is not None and Path(run).is_file():
         raise FcclassError(f"'{run}' is a file; fcclass compress takes a run directory (the folder with config.yaml, best.pt "
@@ -220,19 +214,6 @@ def _new_run_dir(out: str | Path | None, src: Inference) -> Path:
     return path
 
 
-def finetune_config(cfg: Config, epochs: int, keep_pruned: bool, runs_dir: Path, overrides: Sequence[str]) -> Config:
-    """The pruned run's config: ``epochs`` of fine-tuning at a tenth of the learning rate (``--set`` changes it), with
-    pruned weights kept at zero when the pruning was unstructured."""
-    raw = cfg.to_dict()
-    raw["train"].update(keep_pruned=keep_pruned, runs_dir=str(runs_dir))
-    if epochs:
-        raw["optimizer"]["lr"] = raw["optimizer"]["lr"] * FINETUNE_LR
-        raw["train"]["epochs"] = epochs
-    elif overrides:
-        raise FcclassError("--set changes the fine-tuning's config; it goes with --finetune EPOCHS.")
-    return config_from_dict(raw, source="the compressed run's config", overrides=list(overrides))
-
-
 def _write_run(target: Path, src: Inference, cfg: Config, model: torch.nn.Module, options: Options, ds: Dataset,
                overrides: Sequence[str], console: Any, result: CompressResult, data_root: str | Path | None) -> None:
     record = read_splits(src.run_dir)
@@ -248,33 +229,7 @@ def _write_run(target: Path, src: Inference, cfg: Config, model: torch.nn.Module
                                                     epoch=int(c.epoch), metrics=None)
     start_run(target, cfg, src.class_names, record, best=best)
     if options.finetune:
-        result.finetune = _finetune(target, cfg, model, src, ds, console)
-
-
-def _finetune(target: Path, cfg: Config, model: torch.nn.Module, src: Inference, ds: Dataset, console: Any) -> dict[str, Any]:
-    """Train the pruned weights for cfg.train.epochs in ``target`` with fcclass's own trainer: progress, checkpoints,
-    the best epoch by validation, a resumable last.pt and the test at the end, as in any run."""
-    from fcclass.runs.checkpoint import lock_run
-    from fcclass.runs.layout import LAST
-    from fcclass.training.callbacks import ConsoleProgress, Curves
-    from fcclass.training.record import RunRecord
-    from fcclass.training.trainer import Trainer, TrainState
-
-    data = Dataset(ds.info, {k: ds.splits[k] for k in ("train", "val")}, ds.size, ds.channels, ds.name)
-    observers = [*([ConsoleProgress(console, 10.0)] if console is not None else []), Curves(), RunRecord()]
-    trainer = Trainer(cfg, target, data, list(src.checkpoint.mean), list(src.checkpoint.std), TrainState(), observers)
-    trainer.model.load_state_dict(model.state_dict())
-    trainer.lock = lock_run(target)
-    trainer.checkpoint(None, training=True).save(target / LAST)  # killed while fine-tuning: fcclass train --resume continues
-    fitted = trainer.fit()
-    if fitted.interrupted:
-        done = trainer.state.epoch
-        raise CompressInterrupted(
-            f"Fine-tuning stopped ({fitted.interrupted}) after {done} of {cfg.train.epochs} epochs; nothing was quantized or measured. "
-            + (f"The pruned run is kept in {target}: finish it with `fcclass train --resume {target}`, then compress it further "
-               f"(e.g. `fcclass compress {target} --quantize int8`)." if done else "No epoch completed, so nothing was kept."))
-    return {"epochs": cfg.train.epochs, "lr": cfg.optimizer.lr, "best_epoch": fitted.best_epoch,
-            "best_val": rounded_row(fitted.best) if fitted.best else None, "keep_pruned": cfg.train.keep_pruned}
+        result.finetune = finetune(target, cfg, model, src, ds, console)
 
 
 def training_sample(ds: Dataset, n: int, seed: int) -> torch.Tensor:
