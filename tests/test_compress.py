@@ -187,6 +187,20 @@ def test_compress_never_writes_into_an_existing_folder(trained_run: Path, tmp_pa
     assert [p.name for p in taken.iterdir()] == ["notes.txt"]
 
 
+def test_compress_refuses_an_out_folder_another_process_is_writing(trained_run: Path, tmp_path: Path) -> None:
+    from fcclass.runs.checkpoint import lock_run
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    lock = lock_run(out)  # as a compress (or train) writing there holds it
+    try:
+        res = runner.invoke(app, ["compress", str(trained_run), "--prune", "0.5", "--out", str(out)])
+    finally:
+        lock.close()
+    assert res.exit_code == 1 and "is being written by another fcclass process" in res.output, res.output
+    assert "Traceback" not in res.output and [p.name for p in out.iterdir()] == [".lock"]
+
+
 def test_compress_names_the_run_it_took_and_warns_when_accuracy_collapses(trained_run: Path, tmp_path: Path) -> None:
     res = runner.invoke(app, ["compress", "--runs-dir", str(trained_run.parent), "--prune", "0.99", "--structured", "--conv",
                               "--rounds", "1", "--out", str(tmp_path / "tiny")])

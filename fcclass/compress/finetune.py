@@ -60,7 +60,6 @@ def finetune_config(cfg: Config, epochs: int, keep_pruned: bool, runs_dir: Path,
 def finetune(target: Path, cfg: Config, model: torch.nn.Module, src: Inference, ds: Dataset, console: Any) -> dict[str, Any]:
     """Train the pruned weights for cfg.train.epochs in ``target`` with fcclass's own trainer: progress, checkpoints,
     the best epoch by validation, a resumable last.pt and the test at the end, as in any run."""
-    from fcclass.runs.checkpoint import lock_run
     from fcclass.runs.layout import LAST
     from fcclass.training.callbacks import ConsoleProgress, Curves
     from fcclass.training.record import RunRecord
@@ -70,7 +69,8 @@ def finetune(target: Path, cfg: Config, model: torch.nn.Module, src: Inference, 
     observers = [*([ConsoleProgress(console, 10.0)] if console is not None else []), Curves(), RunRecord()]
     trainer = Trainer(cfg, target, data, list(src.checkpoint.mean), list(src.checkpoint.std), TrainState(), observers)
     trainer.model.load_state_dict(model.state_dict())
-    trainer.lock = lock_run(target)
+    # No trainer.lock: compress holds the run's lock for all of its writing (run._held), and a second lock from this
+    # process would be refused.
     trainer.checkpoint(None, training=True).save(target / LAST)  # killed while fine-tuning: fcclass train --resume continues
     fitted = trainer.fit()
     if fitted.interrupted:

@@ -14,10 +14,10 @@ import shutil
 import statistics
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -28,15 +28,15 @@ from fcclass.compress.quantize import calibration_notes, quantize_int8
 from fcclass.config.sections import Config
 from fcclass.data import Dataset, make_loader
 from fcclass.data import data_root as data_location
-from fcclass.errors import FcclassError
+from fcclass.errors import CheckpointError, FcclassError
 from fcclass.files import RunWriteError, os_error_reason, write_json
 from fcclass.inference.load import Inference, load_for_inference
 from fcclass.inference.metrics import Score, score
 from fcclass.inference.onnx import INT8_MODEL, OnnxNet
 from fcclass.model.network import Network
-from fcclass.runs.checkpoint import Checkpoint
+from fcclass.runs.checkpoint import Checkpoint, lock_run
 from fcclass.runs.create import create_run_dir, start_run
-from fcclass.runs.layout import BEST, COMPRESSED, SPLITS, SUMMARY
+from fcclass.runs.layout import BEST, COMPRESSED, LOCK, SPLITS, SUMMARY
 from fcclass.runs.splits import read_splits
 from fcclass.runs.summary import Summary, TestFigures, command_line, now, read_summary, write_summary
 
@@ -139,6 +139,33 @@ def compress(run: str | Path | None, options: Options, *, out: str | Path | None
     cfg, model = _pruned(src, options, result, sample)
     target = _new_run_dir(out, src)
     result.run_dir = str(target)
+    with _held(target):
+        _make(target, src, cfg, model, options, ds, overrides, console, result, data_root, sample)
+    return result
+
+
+@contextmanager
+def _held(target: Path) -> Iterator[None]:
+    """The new run's lock (runs.lock_run) for as long as compress writes it: two compresses given one --out would
+    otherwise both write into it, and both report success over a mix of their files."""
+    try:
+        lock = lock_run(target)
+    except CheckpointError:
+        raise RunWriteError(f"--out '{target}' is being written by another fcclass process right now; give another "
+                            "folder (each compress writes a run of its own).") from None
+    try:
+        if any(p.name != LOCK for p in target.iterdir()):
+            raise RunWriteError(f"--out '{target}' was filled by another fcclass process meanwhile; fcclass writes the new "
+                                "run into a new (or empty) folder and never over anything. Give a new folder name.")
+        yield
+    finally:
+        lock.close()
+
+
+def _make(target: Path, src: Inference, cfg: Config, model: torch.nn.Module, options: Options, ds: Dataset,
+          overrides: Sequence[str], console: Any, result: CompressResult, data_root: str | Path | None,
+          sample: torch.Tensor) -> None:
+    """Write the new run, measure it, and remove it again if that fails before anything slow to make was made."""
     try:
         _write_run(target, src, cfg, model, options, ds, overrides, console, result, data_root)
         small = load_for_inference(checkpoint=target / BEST, device="cpu")  # the new run's float model, from its file
@@ -158,7 +185,6 @@ def compress(run: str | Path | None, options: Options, *, out: str | Path | None
             raise type(e)(f"{e} The fine-tuned model is kept in {target} (best.pt); compress it from there "
                           f"(e.g. `fcclass compress {target} --quantize int8`).") from None
         raise
-    return result
 
 
 def _summarize(target: Path, src: Inference, small: Inference, result: CompressResult) -> None:
@@ -203,7 +229,7 @@ def _new_run_dir(out: str | Path | None, src: Inference) -> Path:
     if out is None:
         return create_run_dir(src.run_dir.parent, f"{src.config.name}-compressed"[:100])
     path = Path(out)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+    if path.exists() and (not path.is_dir() or any(p.name != LOCK for p in path.iterdir())):  # .lock: see _held
         what = "a file" if not path.is_dir() else "a folder with files in it"
         raise RunWriteError(f"--out '{path}' is {what}; fcclass writes the new run into a new (or empty) folder and never "
                             "over anything. Give a new folder name.")
