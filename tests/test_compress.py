@@ -158,6 +158,28 @@ def test_int8_model_runs_in_onnxruntime_and_agrees_with_the_float_model(trained_
     assert json.loads((tmp_path / "deploy.onnx.json").read_text())["quantization"]["weights"] == "int8, per output channel"
     refused = runner.invoke(app, ["export", str(out), "--format", "torchscript"])
     assert refused.exit_code == 1 and "--checkpoint" in refused.output and "Traceback" not in refused.output
+    # The int8 file replaced by a model of other classes or another input shape: refused by name, everywhere.
+    for shape, k, said in [((1, 28, 28), 7, "gives 7 class scores, but the run has 10 classes (T-shirt/top, Trouser"),
+                           ((3, 32, 32), 10, "takes input of shape ['N', 3, 32, 32], but the run's images are [N, 1, 28, 28]")]:
+        _onnx_classifier(out / "model.int8.onnx", shape, k)
+        for args in (["eval", str(out), "--no-save"], ["predict", "--run", str(out), "--split", "test"], ["export", str(out)]):
+            res = runner.invoke(app, args)
+            assert res.exit_code == 1 and said in " ".join(res.output.split()) and "Traceback" not in res.output, (args, res.output)
+            assert "--checkpoint" in res.output
+
+
+def _onnx_classifier(path: Path, shape: tuple[int, int, int], classes: int) -> None:
+    """Another model where a run's int8 model belongs: images of ``shape`` in, ``classes`` probabilities out."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = np.zeros((int(np.prod(shape)), classes), dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["image"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["logits"]),
+         helper.make_node("Softmax", ["logits"], ["probs"], axis=1)],
+        "other", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", *shape])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", classes])], [numpy_helper.from_array(weights, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), str(path))
 
 
 @pytest.mark.parametrize("args, expected", [
