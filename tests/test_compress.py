@@ -98,9 +98,9 @@ def test_compress_structured_writes_a_run_of_the_smaller_model(trained_run: Path
 
 def test_unstructured_pruning_keeps_its_zeros_through_fine_tuning(trained_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "sparse"
-    data = _compress(str(trained_run), "--prune", "0.7", "--finetune", "1", "--out", str(out))
+    data = _compress(str(trained_run), "--prune", "0.7", "--finetune", "1", "--set", "optimizer.lr=0.0002", "--out", str(out))
     original, tuned = data["rows"]
-    assert tuned["model"] == "pruned + fine-tuned" and data["finetune"]["epochs"] == 1
+    assert tuned["model"] == "pruned + fine-tuned" and data["finetune"]["epochs"] == 1 and data["finetune"]["lr"] == 0.0002
     assert_rounded_as_shown(data["finetune"]["best_val"])  # the fine-tuning's best epoch, as train --json gives it
     kernels = [t for k, t in torch.load(out / "best.pt", weights_only=True)["model_state"].items()
                if k.startswith(("body.dense.", "body.dense_1.")) and k.endswith("weight")]
@@ -108,6 +108,16 @@ def test_unstructured_pruning_keeps_its_zeros_through_fine_tuning(trained_run: P
     assert zeros == pytest.approx(0.7, abs=0.002)  # fine-tuned, and the pruned weights are still exactly zero
     assert tuned["parameters"] == original["parameters"] and tuned["nonzero_parameters"] < 0.4 * original["parameters"]
     assert (out / "metrics.csv").read_text().count("\n") == 2 and (out / "last.pt").is_file()
+
+
+def test_unstructured_pruning_of_conv_kernels(trained_run: Path, tmp_path: Path) -> None:
+    """--conv without --structured: the conv kernels (channels-last in memory) are pruned with the Dense ones."""
+    out = tmp_path / "sparse-conv"
+    data = _compress(str(trained_run), "--prune", "0.5", "--conv", "--out", str(out))
+    state = torch.load(out / "best.pt", weights_only=True)["model_state"]
+    conv = [t for k, t in state.items() if k.startswith("body.conv2d") and k.endswith("weight") and t.dim() == 4]
+    assert conv and all(0 < int((t == 0).sum()) < t.numel() for t in conv)
+    assert data["zeroed_weights"] > 0 and 0.5 < data["rows"][-1]["test_accuracy"] <= 1
 
 
 def test_int8_model_runs_in_onnxruntime_and_agrees_with_the_float_model(trained_run: Path, tmp_path: Path) -> None:
@@ -148,6 +158,28 @@ def test_int8_model_runs_in_onnxruntime_and_agrees_with_the_float_model(trained_
     assert json.loads((tmp_path / "deploy.onnx.json").read_text())["quantization"]["weights"] == "int8, per output channel"
     refused = runner.invoke(app, ["export", str(out), "--format", "torchscript"])
     assert refused.exit_code == 1 and "--checkpoint" in refused.output and "Traceback" not in refused.output
+    # The int8 file replaced by a model of other classes or another input shape: refused by name, everywhere.
+    for shape, k, said in [((1, 28, 28), 7, "gives 7 class scores, but the run has 10 classes (T-shirt/top, Trouser"),
+                           ((3, 32, 32), 10, "takes input of shape ['N', 3, 32, 32], but the run's images are [N, 1, 28, 28]")]:
+        _onnx_classifier(out / "model.int8.onnx", shape, k)
+        for args in (["eval", str(out), "--no-save"], ["predict", "--run", str(out), "--split", "test"], ["export", str(out)]):
+            res = runner.invoke(app, args)
+            assert res.exit_code == 1 and said in " ".join(res.output.split()) and "Traceback" not in res.output, (args, res.output)
+            assert "--checkpoint" in res.output
+
+
+def _onnx_classifier(path: Path, shape: tuple[int, int, int], classes: int) -> None:
+    """Another model where a run's int8 model belongs: images of ``shape`` in, ``classes`` probabilities out."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = np.zeros((int(np.prod(shape)), classes), dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["image"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["logits"]),
+         helper.make_node("Softmax", ["logits"], ["probs"], axis=1)],
+        "other", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", *shape])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", classes])], [numpy_helper.from_array(weights, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), str(path))
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -157,6 +189,10 @@ def test_int8_model_runs_in_onnxruntime_and_agrees_with_the_float_model(trained_
     (["--finetune", "2", "--quantize", "int8"], "--finetune goes with --prune"),
     (["--quantize", "int4"], "takes int8"),
     (["--quantize", "int8", "--set", "optimizer.lr=0.01"], "goes with --finetune"),
+    (["--prune", "0.5", "--finetune", "1", "--set", "model.layers.-3.units=7"],
+     "--set model.layers.-3.units cannot change when fine-tuning in compress: the model is the source run's"),
+    (["--prune", "0.5", "--finetune", "1", "--set", "data.dataset=mnist"],
+     "Only train.*, optimizer.*, scheduler.*, data.batch_size, data.sampler, data.augment.*, tracking.* can"),
 ])
 def test_compress_mistakes_are_named(trained_run: Path, tmp_path: Path, args: list[str], expected: str) -> None:
     res = runner.invoke(app, ["compress", str(trained_run), *args, "--out", str(tmp_path / "out")])
@@ -171,6 +207,20 @@ def test_compress_never_writes_into_an_existing_folder(trained_run: Path, tmp_pa
     res = runner.invoke(app, ["compress", str(trained_run), "--prune", "0.5", "--out", str(taken)])
     assert res.exit_code == 1 and "is a folder with files in it" in res.output
     assert [p.name for p in taken.iterdir()] == ["notes.txt"]
+
+
+def test_compress_refuses_an_out_folder_another_process_is_writing(trained_run: Path, tmp_path: Path) -> None:
+    from fcclass.runs.checkpoint import lock_run
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    lock = lock_run(out)  # as a compress (or train) writing there holds it
+    try:
+        res = runner.invoke(app, ["compress", str(trained_run), "--prune", "0.5", "--out", str(out)])
+    finally:
+        lock.close()
+    assert res.exit_code == 1 and "is being written by another fcclass process" in res.output, res.output
+    assert "Traceback" not in res.output and [p.name for p in out.iterdir()] == [".lock"]
 
 
 def test_compress_names_the_run_it_took_and_warns_when_accuracy_collapses(trained_run: Path, tmp_path: Path) -> None:

@@ -61,6 +61,46 @@ def test_report_agrees_with_numpy() -> None:
     assert (top[0]["true"], top[0]["predicted"]) == (f"c{t}", f"c{p}")
 
 
+def _onnx_table(path: Path, table: np.ndarray) -> Path:
+    """An ONNX model, pixels [N, R] in, probabilities out: softmax(pixels @ table), so a one-hot row i gives the
+    softmax of ``table[i]``; in ONNX Runtime, as an int8 model of a run runs."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rows, k = table.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["image", "table"], ["logits"]), helper.make_node("Softmax", ["logits"], ["probs"], axis=1)],
+        "table", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", rows])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", k])],
+        [numpy_helper.from_array(table.astype(np.float32), "table")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), str(path))
+    return path
+
+
+def test_tied_scores_are_broken_the_same_way_by_eval_predict_and_the_int8_path(tmp_path: Path) -> None:
+    """Exact ties (common in an int8 model's quantized outputs): the lower label wins in eval's report, in eval's and
+    predict's accuracy and in predict's labels, from raw logits and from an ONNX model's probabilities alike."""
+    pytest.importorskip("onnxruntime")
+    from fcclass.inference.metrics import predicted, ranked, score
+    from fcclass.inference.onnx import OnnxNet
+    from fcclass.inference.predict import Prediction, _fill
+
+    table = np.array([[1, 3, 3, 0], [2, 2, 2, 2], [0, 5, 1, 5], [-1, -1, -2, -3], [0, 0, 4, 4]], dtype=np.float32)
+    first = torch.tensor([1, 0, 1, 0, 2])  # the lowest of each row's tied best labels
+    labels = torch.tensor([2, 3, 3, 1, 2])  # the other tied label, where there is one: counted wrong
+    onnx_logits = OnnxNet(_onnx_table(tmp_path / "tied.onnx", table))(torch.eye(len(table)))
+    assert onnx_logits[0, 1] == onnx_logits[0, 2] and onnx_logits[4, 2] == onnx_logits[4, 3]  # the ties survive ONNX Runtime
+    names = ["a", "b", "c", "d"]
+    for logits in (torch.from_numpy(table), onnx_logits):
+        assert predicted(logits).tolist() == ranked(logits, 1)[:, 0].tolist() == first.tolist()
+        preds = [Prediction(str(i)) for i in range(len(table))]
+        _fill(preds, logits, names, 3)
+        assert [names.index(p.label) for p in preds] == first.tolist()
+        report = compute_report(logits, labels, names)
+        assert report.predictions.tolist() == first.tolist()
+        assert report.accuracy == score(logits, labels).accuracy == 0.2  # the last row only
+
+
 def test_top5_is_absent_with_five_classes_or_fewer() -> None:
     report = compute_report(torch.randn(20, 5), torch.randint(0, 5, (20,)), list("abcde"))
     assert report.top5_accuracy is None

@@ -56,6 +56,8 @@ def prune_weights(model: Network, cfg: Config, fraction: float, conv: bool = Fal
     targets = [(_kernel(getattr(model.body, names[i])), "weight") for i in prunable_layers(cfg, conv, structured=False)]
     if not targets:
         raise FcclassError("The model has no trainable Dense" + (" or Conv2D" if conv else "") + " layer to prune.")
+    for module, _ in targets:  # global pruning flattens each kernel with .view: a channels-last conv kernel cannot be
+        module.to(memory_format=torch.contiguous_format)
     before = sum(int((m.weight == 0).sum()) for m, _ in targets)
     prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=fraction)
     for module, name in targets:

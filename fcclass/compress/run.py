@@ -14,38 +14,31 @@ import shutil
 import statistics
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
+from fcclass.compress.finetune import CompressInterrupted, check_overrides, finetune, finetune_config
 from fcclass.compress.pruning import check_fraction, nonzero_parameters, prune_units, prune_weights
 from fcclass.compress.quantize import calibration_notes, quantize_int8
-from fcclass.config.load import config_from_dict
 from fcclass.config.sections import Config
 from fcclass.data import Dataset, make_loader
 from fcclass.data import data_root as data_location
-from fcclass.errors import FcclassError
+from fcclass.errors import CheckpointError, FcclassError
 from fcclass.files import RunWriteError, os_error_reason, write_json
 from fcclass.inference.load import Inference, load_for_inference
 from fcclass.inference.metrics import Score, score
 from fcclass.inference.onnx import INT8_MODEL, OnnxNet
 from fcclass.model.network import Network
-from fcclass.runs.checkpoint import Checkpoint
+from fcclass.runs.checkpoint import Checkpoint, lock_run
 from fcclass.runs.create import create_run_dir, start_run
-from fcclass.runs.layout import BEST, COMPRESSED, SPLITS, SUMMARY
-from fcclass.runs.metrics import rounded_row
+from fcclass.runs.layout import BEST, COMPRESSED, LOCK, SPLITS, SUMMARY
 from fcclass.runs.splits import read_splits
 from fcclass.runs.summary import Summary, TestFigures, command_line, now, read_summary, write_summary
-
-FINETUNE_LR = 0.1  # fine-tuning starts from trained weights: the run's optimizer at a tenth of its learning rate
-
-
-class CompressInterrupted(KeyboardInterrupt):
-    """Ctrl-C (or SIGTERM) during compress: the message says what was kept and how to go on."""
 
 
 @dataclass
@@ -127,6 +120,7 @@ def compress(run: str | Path | None, options: Options, *, out: str | Path | None
     """Compress the best model of ``run`` (default: the newest trained run) into a new run directory (``out``, or
     ``<runs folder>/<name>-compressed-<time>`` beside the source run) and measure it against the original."""
     options.check()
+    check_overrides(options.finetune, overrides)
     started, clock = now(), time.monotonic()
     if run is not None and Path(run).is_file():
         raise FcclassError(f"'{run}' is a file; fcclass compress takes a run directory (the folder with config.yaml, best.pt "
@@ -145,6 +139,33 @@ def compress(run: str | Path | None, options: Options, *, out: str | Path | None
     cfg, model = _pruned(src, options, result, sample)
     target = _new_run_dir(out, src)
     result.run_dir = str(target)
+    with _held(target):
+        _make(target, src, cfg, model, options, ds, overrides, console, result, data_root, sample)
+    return result
+
+
+@contextmanager
+def _held(target: Path) -> Iterator[None]:
+    """The new run's lock (runs.lock_run) for as long as compress writes it: two compresses given one --out would
+    otherwise both write into it, and both report success over a mix of their files."""
+    try:
+        lock = lock_run(target)
+    except CheckpointError:
+        raise RunWriteError(f"--out '{target}' is being written by another fcclass process right now; give another "
+                            "folder (each compress writes a run of its own).") from None
+    try:
+        if any(p.name != LOCK for p in target.iterdir()):
+            raise RunWriteError(f"--out '{target}' was filled by another fcclass process meanwhile; fcclass writes the new "
+                                "run into a new (or empty) folder and never over anything. Give a new folder name.")
+        yield
+    finally:
+        lock.close()
+
+
+def _make(target: Path, src: Inference, cfg: Config, model: torch.nn.Module, options: Options, ds: Dataset,
+          overrides: Sequence[str], console: Any, result: CompressResult, data_root: str | Path | None,
+          sample: torch.Tensor) -> None:
+    """Write the new run, measure it, and remove it again if that fails before anything slow to make was made."""
     try:
         _write_run(target, src, cfg, model, options, ds, overrides, console, result, data_root)
         small = load_for_inference(checkpoint=target / BEST, device="cpu")  # the new run's float model, from its file
@@ -164,7 +185,6 @@ def compress(run: str | Path | None, options: Options, *, out: str | Path | None
             raise type(e)(f"{e} The fine-tuned model is kept in {target} (best.pt); compress it from there "
                           f"(e.g. `fcclass compress {target} --quantize int8`).") from None
         raise
-    return result
 
 
 def _summarize(target: Path, src: Inference, small: Inference, result: CompressResult) -> None:
@@ -209,7 +229,7 @@ def _new_run_dir(out: str | Path | None, src: Inference) -> Path:
     if out is None:
         return create_run_dir(src.run_dir.parent, f"{src.config.name}-compressed"[:100])
     path = Path(out)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+    if path.exists() and (not path.is_dir() or any(p.name != LOCK for p in path.iterdir())):  # .lock: see _held
         what = "a file" if not path.is_dir() else "a folder with files in it"
         raise RunWriteError(f"--out '{path}' is {what}; fcclass writes the new run into a new (or empty) folder and never "
                             "over anything. Give a new folder name.")
@@ -218,19 +238,6 @@ def _new_run_dir(out: str | Path | None, src: Inference) -> Path:
     except OSError as e:
         raise RunWriteError(f"Cannot create --out '{path}': {os_error_reason(e)}. Give a writable folder.") from None
     return path
-
-
-def finetune_config(cfg: Config, epochs: int, keep_pruned: bool, runs_dir: Path, overrides: Sequence[str]) -> Config:
-    """The pruned run's config: ``epochs`` of fine-tuning at a tenth of the learning rate (``--set`` changes it), with
-    pruned weights kept at zero when the pruning was unstructured."""
-    raw = cfg.to_dict()
-    raw["train"].update(keep_pruned=keep_pruned, runs_dir=str(runs_dir))
-    if epochs:
-        raw["optimizer"]["lr"] = raw["optimizer"]["lr"] * FINETUNE_LR
-        raw["train"]["epochs"] = epochs
-    elif overrides:
-        raise FcclassError("--set changes the fine-tuning's config; it goes with --finetune EPOCHS.")
-    return config_from_dict(raw, source="the compressed run's config", overrides=list(overrides))
 
 
 def _write_run(target: Path, src: Inference, cfg: Config, model: torch.nn.Module, options: Options, ds: Dataset,
@@ -248,33 +255,7 @@ def _write_run(target: Path, src: Inference, cfg: Config, model: torch.nn.Module
                                                     epoch=int(c.epoch), metrics=None)
     start_run(target, cfg, src.class_names, record, best=best)
     if options.finetune:
-        result.finetune = _finetune(target, cfg, model, src, ds, console)
-
-
-def _finetune(target: Path, cfg: Config, model: torch.nn.Module, src: Inference, ds: Dataset, console: Any) -> dict[str, Any]:
-    """Train the pruned weights for cfg.train.epochs in ``target`` with fcclass's own trainer: progress, checkpoints,
-    the best epoch by validation, a resumable last.pt and the test at the end, as in any run."""
-    from fcclass.runs.checkpoint import lock_run
-    from fcclass.runs.layout import LAST
-    from fcclass.training.callbacks import ConsoleProgress, Curves
-    from fcclass.training.record import RunRecord
-    from fcclass.training.trainer import Trainer, TrainState
-
-    data = Dataset(ds.info, {k: ds.splits[k] for k in ("train", "val")}, ds.size, ds.channels, ds.name)
-    observers = [*([ConsoleProgress(console, 10.0)] if console is not None else []), Curves(), RunRecord()]
-    trainer = Trainer(cfg, target, data, list(src.checkpoint.mean), list(src.checkpoint.std), TrainState(), observers)
-    trainer.model.load_state_dict(model.state_dict())
-    trainer.lock = lock_run(target)
-    trainer.checkpoint(None, training=True).save(target / LAST)  # killed while fine-tuning: fcclass train --resume continues
-    fitted = trainer.fit()
-    if fitted.interrupted:
-        done = trainer.state.epoch
-        raise CompressInterrupted(
-            f"Fine-tuning stopped ({fitted.interrupted}) after {done} of {cfg.train.epochs} epochs; nothing was quantized or measured. "
-            + (f"The pruned run is kept in {target}: finish it with `fcclass train --resume {target}`, then compress it further "
-               f"(e.g. `fcclass compress {target} --quantize int8`)." if done else "No epoch completed, so nothing was kept."))
-    return {"epochs": cfg.train.epochs, "lr": cfg.optimizer.lr, "best_epoch": fitted.best_epoch,
-            "best_val": rounded_row(fitted.best) if fitted.best else None, "keep_pruned": cfg.train.keep_pruned}
+        result.finetune = finetune(target, cfg, model, src, ds, console)
 
 
 def training_sample(ds: Dataset, n: int, seed: int) -> torch.Tensor:

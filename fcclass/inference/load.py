@@ -154,7 +154,7 @@ def load_for_inference(run: str | Path | None = None, checkpoint: str | Path | N
                               "before any epoch completed). Resume that run with `fcclass train --resume RUN_DIR`, or use another checkpoint.")
     cfg, model = rebuild(ckpt, resolved.checkpoint)
     if checkpoint is None and resolved.run_dir is not None:
-        deployed = _int8_model(resolved.run_dir, resolved.note)
+        deployed = _int8_model(resolved.run_dir, resolved.note, ckpt)
         if deployed is not None:  # a run made by `fcclass compress --quantize int8`: its model is the int8 one
             return Inference(deployed[0], ckpt, resolved.checkpoint, resolved.run_dir, cfg, torch.device("cpu"), None,
                              BatchPreprocess([], []), deployed[1])
@@ -162,15 +162,18 @@ def load_for_inference(run: str | Path | None = None, checkpoint: str | Path | N
                      select_precision(precision, dev), BatchPreprocess(ckpt.mean, ckpt.std), resolved.note)
 
 
-def _int8_model(run_dir: Path, note: str | None) -> tuple[Any, str] | None:
+def _int8_model(run_dir: Path, note: str | None, ckpt: Checkpoint) -> tuple[Any, str] | None:
     """The int8 ONNX model of a compressed run, run by ONNX Runtime on the CPU, and the note saying so; None for
-    other runs. compress.json is written last, so a compression that did not finish is never used."""
+    other runs. compress.json is written last, so a compression that did not finish is never used. The model must
+    take the run's images and give its classes' scores (OnnxNet.check_fits)."""
     from fcclass.inference.onnx import INT8_MODEL, OnnxNet
 
     if not ((run_dir / INT8_MODEL).is_file() and (run_dir / COMPRESSED).is_file()):
         return None
     said = f"Model: {run_dir / INT8_MODEL} (int8, ONNX Runtime on the CPU); its float weights: --checkpoint {run_dir / 'best.pt'}"
-    return OnnxNet(run_dir / INT8_MODEL), f"{note}. {said}" if note else said
+    net = OnnxNet(run_dir / INT8_MODEL)
+    net.check_fits(ckpt.input_shape, ckpt.class_names, run_dir)
+    return net, f"{note}. {said}" if note else said
 
 
 def rebuild(ckpt: Checkpoint, path: Path) -> tuple[Config, Network]:

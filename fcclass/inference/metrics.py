@@ -51,6 +51,12 @@ def predicted(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(1)
 
 
+def ranked(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` highest labels of each row, best first, with ``predicted``'s rule for ties (the lower label first), so
+    that the first of them is the prediction that eval, predict and compress count. torch.topk has no such rule."""
+    return logits.argsort(dim=1, descending=True, stable=True)[:, :k]
+
+
 def count_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """How many rows are predicted right, as a 0-d tensor on the logits' device (no wait for a GPU)."""
     return (predicted(logits) == labels).sum()

@@ -9,7 +9,7 @@ precision. benchmarks/RESULTS.md has the measurements behind the choices (ONNX R
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -61,3 +61,24 @@ class OnnxNet(nn.Module):
         pixels = np.ascontiguousarray(x.detach().float().cpu().numpy())
         probs = torch.from_numpy(self.probabilities(pixels))
         return probs.clamp_min(1e-30).log().to(x.device)
+
+    def check_fits(self, input_shape: Sequence[int], class_names: Sequence[str], run_dir: Path) -> None:
+        """Raise CheckpointError unless the model takes the run's images (input_shape, its recorded [C, H, W]) and
+        gives one score per class of the run: a model file replaced by another's would otherwise fail inside eval or
+        predict, or be exported as this run's. Checked by its declared input and by a run on one blank image."""
+        want = [int(d) for d in input_shape]
+        declared = list(self.session.get_inputs()[0].shape)
+        fix = (f"It is not the model this run was compressed into (replaced or damaged): write it again with fcclass compress, "
+               f"or use the run's float weights with --checkpoint {run_dir / 'best.pt'}.")
+        shown = "x".join(str(d) for d in want)
+        if len(declared) != len(want) + 1 or any(isinstance(d, int) and d != w for d, w in zip(declared[1:], want)):
+            raise CheckpointError(f"'{self.path}' takes input of shape {declared}, but the run's images are [N, {', '.join(map(str, want))}] "
+                                  f"({shown}). {fix}")
+        try:
+            out = np.asarray(self.probabilities(np.zeros([1, *want], dtype=np.float32)))
+        except Exception as e:  # onnxruntime raises its own types for inputs of the wrong shape or type
+            raise CheckpointError(f"'{self.path}' does not run on the run's images ({shown}): {str(e).splitlines()[0][:200]}. {fix}") from None
+        if out.shape != (1, len(class_names)):
+            scores = out.shape[1] if out.ndim == 2 else f"an output of shape {list(out.shape)} for one image, not one score per class"
+            raise CheckpointError(f"'{self.path}' gives {scores} class scores, but the run has {len(class_names)} classes "
+                                  f"({', '.join(class_names[:10])}{', ...' if len(class_names) > 10 else ''}). {fix}")

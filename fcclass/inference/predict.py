@@ -15,7 +15,7 @@ from fcclass.data import decode_threads, is_image_name, list_images, load_resize
 from fcclass.errors import DataError, FcclassError
 from fcclass.inference.evaluate import read_part
 from fcclass.inference.load import Inference, load_for_inference
-from fcclass.inference.metrics import Score, rounded, score
+from fcclass.inference.metrics import Score, ranked, rounded, score
 
 
 @dataclass
@@ -116,7 +116,7 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path | tuple[Path, str]]
 def _fill(preds: Sequence[Prediction], logits: torch.Tensor, names: list[str], k: int) -> None:
     """The ``k`` most probable labels of each image, ranked by logit with argmax's rule for ties (the first label), so
     that the top one is the prediction eval and compress count (inference.metrics.predicted)."""
-    top_i = logits.argsort(dim=1, descending=True, stable=True)[:, :k]
+    top_i = ranked(logits, k)
     top_p = torch.softmax(logits, dim=1).gather(1, top_i)
     for pred, ps, idx in zip(preds, top_p.tolist(), top_i.tolist()):
         pred.top_k = [{"label": names[i], "probability": round(p, 6)} for p, i in zip(ps, idx)]
