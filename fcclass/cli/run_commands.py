@@ -68,9 +68,7 @@ def train(
     from fcclass.runs.resume import RunFinished
     from fcclass.training.fit import fit
 
-    rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports; the others train quietly
-    console = _human_console(json_out) if rank0 else Console(quiet=True)
-    json_out = json_out if rank0 else None
+    rank0, console, json_out = _reporting(json_out)
     try:
         result = fit(cfg, resume=resume, overrides=set_ if resume is not None else None, console=console,
                      log_interval=log_interval, data_root=data_root)
@@ -103,6 +101,21 @@ def train(
                           "history": [rounded_row(r) for r in result.history]})
     if result.interrupted:
         raise typer.Exit(130)
+
+
+def _reporting(json_out: Optional[str]) -> tuple[bool, Console, Optional[str]]:
+    """Whether this process reports (under torchrun only rank 0 does; the others train quietly), its console and JSON
+    target. RANK without a job is refused here, before anything is trained."""
+    from fcclass.runs.summary import LAUNCH_COMMAND
+    from fcclass.training.distributed import from_env
+
+    job = from_env()
+    if job.rank == 0:
+        return True, _human_console(json_out), json_out
+    if json_out is not None and LAUNCH_COMMAND not in os.environ:  # torchrun run by hand: say where the JSON is
+        err_console.print(f"{job.label}: the JSON (--json {escape(json_out)}) is written by rank 0 only; this process "
+                          "prints nothing.", highlight=False)
+    return False, Console(quiet=True), None
 
 
 def _launch(nproc: int, config: Optional[Path], set_: Optional[list[str]], resume: Optional[Path], data_root: Optional[Path],
