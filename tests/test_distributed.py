@@ -388,3 +388,24 @@ def test_rank_0_alone_under_a_hand_made_job_exits_1_at_the_timeout(tmp_path: Pat
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 1 and res.stdout == "" and "Traceback" not in res.stderr
     assert "rank 1 of 2 did not join the job at 127.0.0.1:" in res.stderr, res.stderr
+
+
+def test_more_processes_than_cores_or_memory_are_refused_before_any_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--nproc-per-node 64 on 2 cores started 64 processes (6 GiB and climbing)."""
+    from typer.testing import CliRunner
+
+    from fcclass import memory
+    from fcclass.cli import app
+    from fcclass.training import distributed
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(memory, "cores", lambda: 2)
+    monkeypatch.setattr(distributed, "launch", lambda *a: pytest.fail("started"))
+    args = ["train", "-c", str(_config(tmp_path)), "--nproc-per-node", "64"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 1 and "--nproc-per-node 64 is more processes than this machine's 2 CPU core(s)" in res.stderr
+    assert "--oversubscribe" in res.stderr
+    monkeypatch.setattr(memory, "available", lambda device=None: (10 * memory.PROCESS_BYTES, "available on this machine"))
+    res = CliRunner().invoke(app, [*args, "--oversubscribe"])
+    assert res.exit_code == 1 and "Starting 64 training processes (about" in res.stderr and "4.0 GB is available" in res.stderr, res.stderr
+    assert not (tmp_path / "runs").exists()

@@ -199,6 +199,34 @@ def is_peer_error(error: BaseException) -> bool:
     return isinstance(error, dist.DistError) or any(w in text for w in ("gloo", "nccl", "connection", "process group", "peer"))
 
 
+def check_launch(nproc: int, cfg: Any, oversubscribe: bool) -> None:
+    """Before ``--nproc-per-node`` starts anything: no more processes than cores (unless ``oversubscribe``) or GPUs,
+    and their memory planned: each process's Python and torch, plus its model (its part of the batch) when on CPUs."""
+    from fcclass.memory import check_processes, cores, model_bytes, network_sizes
+
+    gpus = cfg is not None and cfg.train.device != "cpu" and torch.cuda.is_available()
+    if gpus and nproc > torch.cuda.device_count():
+        raise FcclassError(f"--nproc-per-node {nproc}: this machine has {torch.cuda.device_count()} GPU(s); use one process per GPU.")
+    if nproc > cores() and not oversubscribe:
+        raise FcclassError(f"--nproc-per-node {nproc} is more processes than this machine's {cores()} CPU core(s): they would "
+                           f"only take turns. Use --nproc-per-node {cores()} or fewer, or add --oversubscribe to start them anyway.")
+    model = 0
+    if cfg is not None and not gpus:
+        from fcclass.config.registries import DATASETS, TorchvisionSet
+        from fcclass.data import describe
+        from fcclass.model.network import build_model
+
+        try:  # the in-memory datasets' shapes are known without reading them (as in training.setup.check_fits_early)
+            if not isinstance(DATASETS[cfg.data.dataset], TorchvisionSet):
+                raise KeyError(cfg.data.dataset)
+            shape, classes = describe(cfg.data)
+            params, total, _ = network_sizes(build_model(cfg.model, list(shape), classes, device="meta"))
+            model = model_bytes(params, total, -(-cfg.data.batch_size // nproc), training=True)
+        except (FcclassError, KeyError):  # the processes report it themselves
+            pass
+    check_processes(nproc, model, "Use fewer processes (--nproc-per-node), a smaller model or data.batch_size.")
+
+
 def launch(nproc: int, fcclass_args: Sequence[str]) -> None:
     """``fcclass train --nproc-per-node N``: torchrun's own launcher (its elastic agent and c10d rendezvous on a free
     local port) starting N processes of ``fcclass <args>`` on this machine. A process that fails takes the others down
