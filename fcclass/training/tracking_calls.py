@@ -86,11 +86,11 @@ def run_bounded(fn: Callable[..., Any], args: tuple[Any, ...], seconds: float) -
         now = _rss()
         if base is not None and now is not None and now - base > MAX_GROWTH:
             _abandon(worker)
-            raise Abandoned(f"the server's answer grew past {MAX_GROWTH >> 20} MB, given up")
+            raise Abandoned(f"the answer grew past {MAX_GROWTH >> 20} MB during one call, given up")
         if time.monotonic() - start > seconds:
             _abandon(worker)
-            raise Abandoned(f"no complete answer within {seconds:.0f} s, given up (${ENV_BUDGET} sets the bound for all "
-                            "of a run's MLflow calls)")
+            raise Abandoned(f"no complete answer in {seconds:.0f} s, the bound for all of a run's MLflow calls set by "
+                            f"{ENV_BUDGET}")
     if worker.error is not None:
         raise worker.error
 
