@@ -312,3 +312,17 @@ def test_a_malformed_tracking_uri_is_a_warning_and_the_run_finishes(tmp_path: Pa
     assert len(result.history) == 1
     assert any("MLflow:" in w and "Invalid IPv6 URL" in w for w in result.warnings), result.warnings
     assert json.loads((result.run_dir / "summary.json").read_text())["state"] == "finished"
+
+
+def test_the_budget_is_for_all_of_a_runs_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Calls that each answer, but slowly, stop being made once they took FCCLASS_TRACKING_TIMEOUT seconds in all."""
+    from fcclass.training import tracking_calls
+
+    monkeypatch.setenv(tracking_calls.ENV_BUDGET, "1.5")
+    tracker = MlflowTracker(Console(file=io.StringIO()))
+    started = time.monotonic()
+    assert tracker._call("epochs", time.sleep, 0.6) and tracker._call("epochs", time.sleep, 0.6)
+    assert not tracker._call("epochs", time.sleep, 5)
+    assert time.monotonic() - started < 3
+    assert tracker.failure is not None and "left of the 1.5 s that FCCLASS_TRACKING_TIMEOUT allows" in tracker.failure, tracker.failure
+    assert tracker.skipped == {"epochs": 1}

@@ -89,6 +89,10 @@ def run_bounded(fn: Callable[..., Any], args: tuple[Any, ...], seconds: float) -
             raise Abandoned(f"the answer grew past {MAX_GROWTH >> 20} MB during one call, given up")
         if time.monotonic() - start > seconds:
             _abandon(worker)
+            total = budget()
+            if seconds < total - 1:  # earlier calls took the rest
+                raise Abandoned(f"no complete answer in the {seconds:.0f} s left of the {total:g} s that {ENV_BUDGET} allows "
+                                "all of a run's MLflow calls")
             raise Abandoned(f"no complete answer in {seconds:.0f} s, the bound for all of a run's MLflow calls set by "
                             f"{ENV_BUDGET}")
     if worker.error is not None:
