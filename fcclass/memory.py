@@ -90,6 +90,23 @@ def network_sizes(net: Any) -> tuple[int, int, int]:
     return params, sum(outputs), max(outputs)
 
 
+PROCESS_BYTES = 400 * 10**6  # what one training process holds before its model: Python, torch, fcclass, its data
+
+
+def cores() -> int:
+    """The CPU cores this process may run on (its affinity, else the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def check_processes(n: int, model: int, fix: str) -> None:
+    """Refuse ``n`` training processes that would not fit in this machine's memory, each holding PROCESS_BYTES and
+    ``model`` bytes (its weights, optimizer state and activations in this machine's memory; 0 on GPUs)."""
+    require(n * (PROCESS_BYTES + model), f"Starting {n} training processes (about {human(PROCESS_BYTES + model)} each)", fix)
+
+
 def check_training(net: Any, batch: int, device: Any = None) -> None:
     params, total, _ = network_sizes(net)
     require(model_bytes(params, total, batch, training=True),

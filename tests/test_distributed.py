@@ -326,3 +326,86 @@ def test_ctrl_c_stops_every_process_at_a_batch_and_keeps_the_run_resumable(tmp_p
     run = next((tmp_path / "runs").iterdir())
     assert json.loads((run / "summary.json").read_text())["state"] == "interrupted"
     assert len(_metrics(run)) >= 1
+
+
+# ----------------------------------------------------------------------------- launched by hand: misconfigurations
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_rank_without_a_job_is_an_error_not_a_silent_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RANK=1 alone used to train quietly and print nothing, --json - included."""
+    from typer.testing import CliRunner
+
+    from fcclass.cli import app
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("RANK", "1")
+    res = CliRunner().invoke(app, ["train", "--set", f"train.runs_dir={tmp_path / 'runs'}", "--json", "-"])
+    assert res.exit_code == 1 and res.stdout == ""
+    assert "RANK=1 is set but WORLD_SIZE is not set" in res.stderr and "Unset RANK" in res.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_rank_whose_peers_never_come_stops_at_the_rendezvous_timeout_naming_them(monkeypatch: pytest.MonkeyPatch, rank: int) -> None:
+    from fcclass.device import Dist
+    from fcclass.errors import FcclassError
+    from fcclass.training.rendezvous import ENV_TIMEOUT, rendezvous
+
+    port = _free_port()
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.setenv(ENV_TIMEOUT, "1.5")
+    started = time.monotonic()
+    with pytest.raises(FcclassError) as e:
+        rendezvous(Dist(rank, 3, rank, 3))
+    assert time.monotonic() - started < 10
+    missing = "ranks 1, 2 of 3 did not join the job" if rank == 0 else "rank 0 did not open"
+    assert missing in str(e.value) and f"127.0.0.1:{port}" in str(e.value) and "FCCLASS_RENDEZVOUS_TIMEOUT" in str(e.value)
+
+
+def test_a_master_addr_that_does_not_resolve_is_told_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fcclass.device import Dist
+    from fcclass.errors import FcclassError
+    from fcclass.training.rendezvous import rendezvous
+
+    monkeypatch.setenv("MASTER_ADDR", "no-such-host.invalid")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    with pytest.raises(FcclassError, match="MASTER_ADDR 'no-such-host.invalid' does not resolve"):
+        rendezvous(Dist(0, 2, 0, 2))
+
+
+@needs_fashion
+def test_rank_0_alone_under_a_hand_made_job_exits_1_at_the_timeout(tmp_path: Path) -> None:
+    env = {**_env(), "WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           "FCCLASS_RENDEZVOUS_TIMEOUT": "2"}
+    res = subprocess.run([*FCCLASS, "train", "-c", str(_config(tmp_path, n=300, epochs=1)), "--json", "-"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and res.stdout == "" and "Traceback" not in res.stderr
+    assert "rank 1 of 2 did not join the job at 127.0.0.1:" in res.stderr, res.stderr
+
+
+def test_more_processes_than_cores_or_memory_are_refused_before_any_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--nproc-per-node 64 on 2 cores started 64 processes (6 GiB and climbing)."""
+    from typer.testing import CliRunner
+
+    from fcclass import memory
+    from fcclass.cli import app
+    from fcclass.training import distributed
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(memory, "cores", lambda: 2)
+    monkeypatch.setattr(distributed, "launch", lambda *a: pytest.fail("started"))
+    args = ["train", "-c", str(_config(tmp_path)), "--nproc-per-node", "64"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 1 and "--nproc-per-node 64 is more processes than this machine's 2 CPU core(s)" in res.stderr
+    assert "--oversubscribe" in res.stderr
+    monkeypatch.setattr(memory, "available", lambda device=None: (10 * memory.PROCESS_BYTES, "available on this machine"))
+    res = CliRunner().invoke(app, [*args, "--oversubscribe"])
+    assert res.exit_code == 1 and "Starting 64 training processes (about" in res.stderr and "4.0 GB is available" in res.stderr, res.stderr
+    assert not (tmp_path / "runs").exists()

@@ -914,6 +914,18 @@ def _too_large_to_train(ex: readme.Example, ws: Workspace) -> None:
     check_error(ex, ws.factory.mktemp("large"), numbers=True)  # the memory this machine has is its own
 
 
+@example("fcclass train --nproc-per-node 64", "fcclass train --nproc-per-node 64 --oversubscribe --set data.batch_size=64", kind="error")
+def _too_many_processes(ex: readme.Example, ws: Workspace) -> None:
+    from fcclass import memory
+    from fcclass.training import distributed
+
+    with pytest.MonkeyPatch.context() as mp:  # the README's machine: 2 cores, 22.7 GB available
+        mp.setattr(memory, "cores", lambda: 2)
+        mp.setattr(memory, "available", lambda device=None: (int(22.7e9), "available on this machine"))
+        mp.setattr(distributed, "launch", lambda *a: pytest.fail("processes started"))
+        check_error(ex, ws.factory.mktemp("nproc"))
+
+
 @example("fcclass config -c laughs.yaml", kind="error")
 def _billion_laughs(ex: readme.Example, ws: Workspace) -> None:
     folder = ws.factory.mktemp("laughs")

@@ -214,3 +214,115 @@ def test_the_end_note_counts_what_was_not_logged() -> None:
     assert tracker.end_note() == "MLflow: 10 epochs of metrics, 4 artifacts were not logged: [Errno 111] Connection refused"
     tracker.skipped = {"epochs": 1}
     assert tracker.end_note().startswith("MLflow: 1 epoch of metrics was not logged")
+
+
+def _hostile_server(send: Any) -> Iterator[str]:
+    """A localhost 'tracking server' in a thread: ``send(conn)`` answers each connection, whatever it is asked."""
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            threading.Thread(target=lambda c=conn: _answer(c, send, stop), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        listener.close()
+
+
+def _answer(conn: socket.socket, send: Any, stop: Any) -> None:
+    with conn:
+        try:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000000000\r\n\r\n")
+            while not stop.is_set():
+                send(conn)
+        except OSError:
+            pass
+
+
+def _open_run(tmp_path: Path, uri: str) -> tuple[MlflowTracker, float]:
+    """The tracker's first call (opening the MLflow run) against ``uri``; the tracker and the seconds it took."""
+    from types import SimpleNamespace
+
+    cfg = small_config(tmp_path, **{"tracking.mlflow.uri": uri})
+    trainer = SimpleNamespace(run_dir=tmp_path, resumed=False, cfg=cfg)
+    tracker = MlflowTracker(Console(file=io.StringIO()))
+    started = time.monotonic()
+    assert not tracker._call("params", tracker._open_run, trainer, {})
+    return tracker, time.monotonic() - started
+
+
+@pytest.mark.parametrize("kind", ["drip", "endless"])
+def test_a_server_that_drips_or_streams_forever_is_given_up_on_in_bounded_time_and_memory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """One byte every 0.5 s never trips a read timeout, and an endless body would fill the memory: the whole call has a
+    deadline (FCCLASS_TRACKING_TIMEOUT, for all of a run's calls) and a size bound."""
+    pytest.importorskip("mlflow")
+    from fcclass.training import tracking_calls
+
+    monkeypatch.setenv(tracking_calls.ENV_BUDGET, "4")
+    if kind == "drip":
+        send = lambda conn: (conn.sendall(b" "), time.sleep(0.5))  # noqa: E731
+    else:
+        chunk = b" " * (1 << 16)
+        send = lambda conn: conn.sendall(chunk)  # noqa: E731
+    before = tracking_calls._rss()
+    for uri in _hostile_server(send):
+        tracker, seconds = _open_run(tmp_path, uri)
+    assert seconds < 10, f"{seconds:.0f} s"
+    assert tracker.failure is not None, tracker.failure
+    assert ("no complete answer in 4 s" if kind == "drip" else "the answer grew past 256 MB") in tracker.failure, tracker.failure
+    if kind == "endless":
+        grown = (tracking_calls._rss() or 0) - (before or 0)
+        assert grown < 3 * tracking_calls.MAX_GROWTH, f"{grown >> 20} MB"
+    assert tracker.left == 0.0 or kind == "endless"  # the run's budget is spent: later calls are skipped anyway
+    assert not tracker._call("epochs", lambda: None)  # no call follows a failure
+    assert tracker.skipped == {"params": 1, "epochs": 1}
+
+
+@pytest.mark.parametrize("uri, why", [("http://[::1", "Invalid IPv6 URL"), ("sqlite:////proc/x.db", "cannot open the SQLite store '/proc/x.db'")])
+def test_a_tracking_uri_that_cannot_be_used_is_one_warning_at_once(tmp_path: Path, uri: str, why: str) -> None:
+    """A malformed URI used to raise out of the warning itself (training aborted, summary.json left 'running'); a
+    SQLite store that cannot be created made MLflow retry for 109 s with 9 warnings."""
+    pytest.importorskip("mlflow")
+    tracker, seconds = _open_run(tmp_path, uri)
+    assert seconds < 5, f"{seconds:.0f} s"
+    assert tracker.failure is not None and why in tracker.failure, tracker.failure
+    assert tracker.console.file.getvalue().count("MLflow: logging to") == 1
+
+
+@needs_fashion
+def test_a_malformed_tracking_uri_is_a_warning_and_the_run_finishes(tmp_path: Path) -> None:
+    """'http://[::1' raised ValueError out of the failure warning itself: training aborted, summary.json stayed 'running'."""
+    pytest.importorskip("mlflow")
+    result = fit(small_config(tmp_path, **{**TINY, "train.epochs": 1, "tracking.mlflow.uri": "http://[::1"}))
+    assert len(result.history) == 1
+    assert any("MLflow:" in w and "Invalid IPv6 URL" in w for w in result.warnings), result.warnings
+    assert json.loads((result.run_dir / "summary.json").read_text())["state"] == "finished"
+
+
+def test_the_budget_is_for_all_of_a_runs_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Calls that each answer, but slowly, stop being made once they took FCCLASS_TRACKING_TIMEOUT seconds in all."""
+    from fcclass.training import tracking_calls
+
+    monkeypatch.setenv(tracking_calls.ENV_BUDGET, "1.5")
+    tracker = MlflowTracker(Console(file=io.StringIO()))
+    started = time.monotonic()
+    assert tracker._call("epochs", time.sleep, 0.6) and tracker._call("epochs", time.sleep, 0.6)
+    assert not tracker._call("epochs", time.sleep, 5)
+    assert time.monotonic() - started < 3
+    assert tracker.failure is not None and "left of the 1.5 s that FCCLASS_TRACKING_TIMEOUT allows" in tracker.failure, tracker.failure
+    assert tracker.skipped == {"epochs": 1}

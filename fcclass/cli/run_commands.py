@@ -44,12 +44,13 @@ def train(
     nproc: Optional[int] = typer.Option(None, "--nproc-per-node", min=1, max=1024, help="Train with N processes on this machine "
                                         "(DistributedDataParallel, started through torchrun: one per GPU, or gloo on CPUs). "
                                         "data.batch_size is the global batch. For several machines run torchrun yourself (README)."),
+    oversubscribe: bool = typer.Option(False, "--oversubscribe", help="With --nproc-per-node: start more processes than CPU cores."),
     json_out: Optional[str] = JsonOpt,
 ) -> None:
     """Train a model from a YAML config (default: the Fashion-MNIST CNN) into runs/<name>-<timestamp>/."""
     _check_json_target(json_out)
     if nproc is not None and "WORLD_SIZE" not in os.environ and not print_config:
-        _launch(nproc, config, set_, resume, data_root, log_interval, test, json_out)
+        _launch(nproc, config, set_, resume, data_root, log_interval, test, json_out, oversubscribe)
         return
     set_ = [*(set_ or []), "train.test_at_end=false"] if not test else set_
     if resume is not None and config is not None:
@@ -68,9 +69,7 @@ def train(
     from fcclass.runs.resume import RunFinished
     from fcclass.training.fit import fit
 
-    rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports; the others train quietly
-    console = _human_console(json_out) if rank0 else Console(quiet=True)
-    json_out = json_out if rank0 else None
+    rank0, console, json_out = _reporting(json_out)
     try:
         result = fit(cfg, resume=resume, overrides=set_ if resume is not None else None, console=console,
                      log_interval=log_interval, data_root=data_root)
@@ -105,9 +104,24 @@ def train(
         raise typer.Exit(130)
 
 
+def _reporting(json_out: Optional[str]) -> tuple[bool, Console, Optional[str]]:
+    """Whether this process reports (under torchrun only rank 0 does; the others train quietly), its console and JSON
+    target. RANK without a job is refused here, before anything is trained."""
+    from fcclass.runs.summary import LAUNCH_COMMAND
+    from fcclass.training.distributed import from_env
+
+    job = from_env()
+    if job.rank == 0:
+        return True, _human_console(json_out), json_out
+    if json_out is not None and LAUNCH_COMMAND not in os.environ:  # torchrun run by hand: say where the JSON is
+        err_console.print(f"{job.label}: the JSON (--json {escape(json_out)}) is written by rank 0 only; this process "
+                          "prints nothing.", highlight=False)
+    return False, Console(quiet=True), None
+
+
 def _launch(nproc: int, config: Optional[Path], set_: Optional[list[str]], resume: Optional[Path], data_root: Optional[Path],
-            log_interval: float, test: bool, json_out: Optional[str]) -> None:
-    """--nproc-per-node: this same command, started N times by torchrun."""
+            log_interval: float, test: bool, json_out: Optional[str], oversubscribe: bool = False) -> None:
+    """--nproc-per-node: this same command, started N times by torchrun (after checking that they fit here)."""
     args = ["train", *(["-c", str(config)] if config is not None else []), *(f"--set={item}" for item in set_ or []),
             *(["--resume", str(resume)] if resume is not None else []), *(["--data-root", str(data_root)] if data_root else []),
             f"--log-interval={log_interval}", *([] if test else ["--no-test"]), *(["--json", json_out] if json_out else [])]
@@ -119,9 +133,22 @@ def _launch(nproc: int, config: Optional[Path], set_: Optional[list[str]], resum
 
         if cfg.train.sync_batchnorm and not (cfg.train.device != "cpu" and _cuda_available()):
             raise FcclassError(SYNC_BATCHNORM_NEEDS_CUDA)
-    from fcclass.training.distributed import launch
+    else:
+        cfg = _recorded_config(resume)
+    from fcclass.training.distributed import check_launch, launch
 
+    check_launch(nproc, cfg, oversubscribe)
     launch(nproc, args)
+
+
+def _recorded_config(run_dir: Path) -> Any:
+    """A run's config, or None when unreadable (the processes then report why)."""
+    from fcclass.runs.checkpoint import run_config
+
+    try:
+        return run_config(run_dir)
+    except FcclassError:
+        return None
 
 
 def _cuda_available() -> bool:

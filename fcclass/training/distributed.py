@@ -17,6 +17,7 @@ import torch
 from fcclass.device import SINGLE, Dist
 from fcclass.errors import FcclassError
 from fcclass.runs.summary import LAUNCH_COMMAND, command_line
+from fcclass.training.rendezvous import rendezvous
 
 
 class PeerFailed(FcclassError):
@@ -39,6 +40,11 @@ def from_env() -> Dist:
 
     world = number("WORLD_SIZE", 1)
     if world <= 1:
+        rank = number("RANK", 0)
+        if rank != 0:  # this process would train alone and, not being rank 0, report nothing
+            raise FcclassError(f"RANK={rank} is set but WORLD_SIZE is {os.environ.get('WORLD_SIZE') or 'not set'}: this process "
+                               "is not part of a distributed job. Unset RANK to train with one process, or start the job with "
+                               "torchrun (or fcclass train --nproc-per-node N), which sets RANK, WORLD_SIZE and the rest.")
         return SINGLE
     rank, local_rank = number("RANK", 0), number("LOCAL_RANK", 0)
     local_world = number("LOCAL_WORLD_SIZE", world)
@@ -87,12 +93,15 @@ def init(name: str) -> tuple[Dist, str]:
     device = device_for(job, name)
     if not dist.is_initialized():
         kind = backend(torch.device(device).type)
+        # torchrun's agents have met already (its own --rdzv timeout); variables set by hand meet here, within a bound
+        store = {} if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else {
+            "store": rendezvous(job), "rank": job.rank, "world_size": job.world}
         try:
             if kind == "nccl":
                 torch.cuda.set_device(device)
-                dist.init_process_group(kind, device_id=torch.device(device))
+                dist.init_process_group(kind, device_id=torch.device(device), **store)
             else:
-                dist.init_process_group(kind)
+                dist.init_process_group(kind, **store)
         except (RuntimeError, ValueError) as e:
             raise FcclassError(f"Cannot join the distributed job ({job.label}, backend {kind}): {str(e).splitlines()[0]}. "
                                "Check that every node can reach --rdzv-endpoint (or MASTER_ADDR:MASTER_PORT) and that all "
@@ -188,6 +197,34 @@ def is_peer_error(error: BaseException) -> bool:
 
     text = str(error).lower()
     return isinstance(error, dist.DistError) or any(w in text for w in ("gloo", "nccl", "connection", "process group", "peer"))
+
+
+def check_launch(nproc: int, cfg: Any, oversubscribe: bool) -> None:
+    """Before ``--nproc-per-node`` starts anything: no more processes than cores (unless ``oversubscribe``) or GPUs,
+    and their memory planned: each process's Python and torch, plus its model (its part of the batch) when on CPUs."""
+    from fcclass.memory import check_processes, cores, model_bytes, network_sizes
+
+    gpus = cfg is not None and cfg.train.device != "cpu" and torch.cuda.is_available()
+    if gpus and nproc > torch.cuda.device_count():
+        raise FcclassError(f"--nproc-per-node {nproc}: this machine has {torch.cuda.device_count()} GPU(s); use one process per GPU.")
+    if nproc > cores() and not oversubscribe:
+        raise FcclassError(f"--nproc-per-node {nproc} is more processes than this machine's {cores()} CPU core(s): they would "
+                           f"only take turns. Use --nproc-per-node {cores()} or fewer, or add --oversubscribe to start them anyway.")
+    model = 0
+    if cfg is not None and not gpus:
+        from fcclass.config.registries import DATASETS, TorchvisionSet
+        from fcclass.data import describe
+        from fcclass.model.network import build_model
+
+        try:  # the in-memory datasets' shapes are known without reading them (as in training.setup.check_fits_early)
+            if not isinstance(DATASETS[cfg.data.dataset], TorchvisionSet):
+                raise KeyError(cfg.data.dataset)
+            shape, classes = describe(cfg.data)
+            params, total, _ = network_sizes(build_model(cfg.model, list(shape), classes, device="meta"))
+            model = model_bytes(params, total, -(-cfg.data.batch_size // nproc), training=True)
+        except (FcclassError, KeyError):  # the processes report it themselves
+            pass
+    check_processes(nproc, model, "Use fewer processes (--nproc-per-node), a smaller model or data.batch_size.")
 
 
 def launch(nproc: int, fcclass_args: Sequence[str]) -> None:

@@ -23,6 +23,7 @@ from fcclass.errors import FcclassError
 from fcclass.runs.layout import TRACKING
 from fcclass.runs.tracking import TrackingRecord, read_tracking, write_tracking
 from fcclass.training.callbacks import Callback
+from fcclass.training.tracking_calls import Abandoned, budget, run_bounded
 
 if TYPE_CHECKING:  # pragma: no cover
     from fcclass.config.sections import Config, MlflowConfig
@@ -119,10 +120,27 @@ def bounded_http() -> Iterator[None]:
                 os.environ[key] = value
 
 
+def check_sqlite(uri: str) -> None:
+    """A SQLite store that cannot be opened (no such folder, not writable) is refused at once: MLflow would retry
+    creating it for minutes, with a warning each time."""
+    if not uri.startswith("sqlite:///"):
+        return
+    import sqlite3
+
+    path = uri[len("sqlite:///"):].split("?")[0]
+    try:
+        sqlite3.connect(f"file:{path}?mode=rwc", uri=True).close()
+    except sqlite3.Error as e:
+        raise RuntimeError(f"cannot open the SQLite store {path!r}: {e}; give a writable file, e.g. sqlite:///mlflow.db") from None
+
+
 def without_password(uri: str) -> str:
     """A URI as it may be shown to a team: user:password@host loses the password."""
-    parts = urlsplit(uri)
-    if parts.password is None:
+    try:
+        parts = urlsplit(uri)
+        if parts.password is None:
+            return uri
+    except ValueError:  # not a URL ('http://[::1'): shown as given, it has no password to hide
         return uri
     host = parts.netloc.rpartition("@")[2]
     return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
@@ -177,6 +195,7 @@ class MlflowTracker(Callback):
         self.failure: str | None = None  # why logging stopped
         self.skipped: dict[str, int] = {}  # what was not logged after the failure, by _lost's keys
         self.notes: list[str] = []  # for result.warnings
+        self.left = budget()  # seconds the run's MLflow calls may still take (tracking_calls)
 
     # ------------------------------------------------------------------------- hooks
     def on_fit_start(self, trainer: "Trainer") -> None:
@@ -222,14 +241,17 @@ class MlflowTracker(Callback):
         """``fn(*args)`` unless logging has stopped; the first exception stops it (one warning), and ``what`` (a key
         of _lost) is counted as not logged."""
         if self.failure is None:
+            start = time.monotonic()
             try:
                 with bounded_http():
-                    fn(*args)
+                    run_bounded(fn, args, self.left)
                 return True
             except Exception as e:  # any failure of the store (network, HTTP status, refusal) must not stop training
-                self.failure = reason(e)
+                self.failure = str(e) if isinstance(e, Abandoned) else reason(e)
                 where = f" to {without_password(self.target.uri)}" if self.target is not None else ""
                 self._say(f"MLflow: logging{where} failed ({self.failure}); training goes on without it.", "yellow")
+            finally:
+                self.left = max(0.0, self.left - (time.monotonic() - start))
         self.skipped[what] = self.skipped.get(what, 0) + 1
         return False
 
@@ -241,6 +263,7 @@ class MlflowTracker(Callback):
         assert trainer.run_dir is not None
         record = read_tracking(trainer.run_dir) if trainer.resumed else None
         self.target = target = resolve_target(trainer.cfg.tracking.mlflow, trainer.cfg.name, record)
+        check_sqlite(target.uri)
         self.client = client = MlflowClient(tracking_uri=target.uri)  # may refuse the URI
         if record is not None and record.tracking_uri == target.uri:  # another store: a new run there
             target.run_id, target.experiment_id = record.run_id, record.experiment_id
