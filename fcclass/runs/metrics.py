@@ -95,6 +95,7 @@ def best_row(rows: Sequence[dict[str, Any]], monitor: str) -> dict[str, Any] | N
 
 
 LIMIT = 64 << 20  # bytes; a row is about 80, so a run of 800,000 epochs
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def _parse(path: Path) -> list[dict[str, float]]:
@@ -110,9 +111,9 @@ def _parse(path: Path) -> list[dict[str, float]]:
 
 def _check(row: dict[str, float], line: int) -> None:
     """An epoch row as fcclass writes it: finite numbers, epoch a whole number from 1, accuracies from 0 to 1, the rest
-    from 0 to 1e30; else ValueError naming the row and the value."""
+    from 0 to FLOAT32_MAX (what a float32 loss can reach); else ValueError naming the row and the value."""
     for key, value in row.items():
-        bad = not math.isfinite(value) or value < 0 or value > (1 if key.endswith("accuracy") else 1e30)
+        bad = not math.isfinite(value) or value < 0 or value > (1 if key.endswith("accuracy") else FLOAT32_MAX)
         if key == "epoch":
             bad = bad or value < 1 or value > 1e9 or value != int(value)
         if bad:
