@@ -190,6 +190,55 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+class RefusedFile(OSError):
+    """A file fcclass will not read back: not a regular file (a FIFO would block forever, a device never ends), or
+    larger than such a file can be. Its ``strerror`` (and str) is the reason, in a few words."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
+def _what(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    return "a block device (a disk)" if stat.S_ISBLK(mode) else "a socket or other special file"
+
+
+def open_regular(path: str | Path, flags: int = os.O_RDONLY, mode: int = 0o666) -> int:
+    """A file descriptor of ``path`` opened with ``flags``, only when it is a regular file (symlinks followed; ``mode``
+    for one that O_CREAT makes): a FIFO is opened without waiting (O_NONBLOCK) and refused, as are folders and devices, by RefusedFile. Other errors
+    (FileNotFoundError, PermissionError) are raised as they are."""
+    fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY, mode)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise RefusedFile(errno.EINVAL, f"it is {_what(mode)}, not a regular file")
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_regular(path: str | Path, limit: int) -> bytes:
+    """The bytes of ``path``, a regular file of at most ``limit`` bytes: the one reader of what fcclass reads back from
+    its own files (a run's records, metrics, config), so that a FIFO, a device or a huge (sparse) file put there is a
+    RefusedFile at once, never a hang or a MemoryError. FileNotFoundError and other OSErrors are raised as they are."""
+    fd = open_regular(path)
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise RefusedFile(errno.EFBIG, f"it is {size:,} bytes, more than the {limit:,} bytes such a file can take")
+        data = f.read(limit + 1)
+    if len(data) > limit:  # it grew since fstat
+        raise RefusedFile(errno.EFBIG, f"it is more than the {limit:,} bytes such a file can take")
+    return data
+
+
 def shown(path: str | Path) -> str:
     """A path as messages show it: relative to the current folder when it lies inside it (runs/x), else absolute."""
     path = Path(path)

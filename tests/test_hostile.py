@@ -388,7 +388,8 @@ def test_environment_oddities(trained_run: Path, tmp_path: Path) -> None:
     with (run / "metrics.csv").open("a") as f:
         f.write("2,1e308,0.5,1,0.5,0.001,0.1\n3,-1e308,0.5,1,0.5,0.001,0.1\n")
     res = runner.invoke(app, ["plot", str(run)])
-    assert res.exit_code == 1 and isinstance(res.exception, SystemExit) and "cannot be plotted" in one_line(res.output)
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit)  # no float32 loss reaches 1e308: damaged
+    assert "metrics.csv is damaged (row 4: train_loss is 1e+308, which no epoch can have)" in one_line(res.output)
     odd = tmp_path / os.fsdecode(b"bad\xff\xfe.png")
     shutil.copy(ROOT / "samples" / "test_0.png", odd)
     for encoding in ("ascii",):  # a pipe or terminal that cannot show the name gets it escaped

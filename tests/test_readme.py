@@ -933,6 +933,34 @@ def _billion_laughs(ex: readme.Example, ws: Workspace) -> None:
     check_error(ex, folder)
 
 
+@example("fcclass runs --runs-dir damaged")
+def _damaged_runs(ex: readme.Example, ws: Workspace) -> None:
+    """Runs whose summary.json is a FIFO (its config.yaml an alias bomb) or holds NaN: listed as damaged, with why (the
+    rows' dates are the folders')."""
+    runs = ws.factory.mktemp("damaged-runs") / "damaged"
+    fifo, nan = runs / "fashion-cnn-20261130-120000", runs / "fashion-mlp-20261129-093000"
+    shutil.copytree(ws.trained, runs / "fashion-cnn-20261128-001122")
+    for run in (fifo, nan):
+        run.mkdir()
+    os.mkfifo(fifo / "summary.json")
+    (fifo / "config.yaml").write_text(BOMB)  # damaged too: the first reason is shown
+    (nan / "summary.json").write_text('{"state": "finished", "wall_seconds": NaN}')
+    res = cli(ex.command, runs.parent)
+    assert res.code == 0, res.output
+    damaged = [line for line in ex.output if line.startswith("Damaged ")]
+    assert len(damaged) == 2 and all(line in res.output for line in damaged), res.output
+
+
+@json_example("A run directory's files are read back guarded")
+def _damaged_runs_json(anchor: str, ws: Workspace) -> None:
+    """`runs --json -` is strict JSON (null, never NaN) and names why a run is damaged (tests/test_run_readers.py has more)."""
+    runs = ws.factory.mktemp("damaged-json") / "runs"
+    (runs / "nan").mkdir(parents=True)
+    (runs / "nan" / "summary.json").write_text('{"state": "finished", "wall_seconds": NaN}')
+    (row,) = json.loads(cli("fcclass runs --json -", runs.parent).stdout, parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert row["state"] == "damaged" and "wall_seconds" in row["damaged"]
+
+
 # ----------------------------------------------------------------------------- Python
 @block("python: from fcclass import load_config, build_model, fit, evaluate, predict / ")
 def _python_api(ex: readme.Example, ws: Workspace) -> None:

@@ -65,6 +65,7 @@ def test_a_summary_with_a_wrong_type_is_damaged_and_the_run_listed_from_its_othe
     row = _listed(runs)["damaged"]  # as for a run whose summary.json is not JSON: from config.yaml and metrics.csv
     assert row["params"] is None and row["epochs_done"] == 3 and row["epochs_planned"] == 3 and row["state"] == "finished"
     assert row["val_accuracy"] == pytest.approx(data["best"]["val_accuracy"], abs=1e-4)
+    assert row["damaged"].startswith("summary.json: ") and next(iter(damage)) in row["damaged"]  # and why it is
 
 
 def test_a_summary_that_is_a_fifo_or_huge_is_not_read(trained_run: Path, tmp_path: Path) -> None:
@@ -100,7 +101,7 @@ def test_a_splits_json_that_is_a_fifo_is_damaged_not_waited_on(trained_run: Path
     (run / "splits.json").unlink()
     os.mkfifo(run / "splits.json")
     res = runner.invoke(app, ["eval", str(run), "--no-save"])
-    assert res.exit_code == 1 and "splits.json is damaged (it is not a regular file)" in " ".join(res.output.split())
+    assert res.exit_code == 1 and "splits.json is damaged (it is a FIFO (named pipe), not a regular file)" in " ".join(res.output.split())
 
 
 def test_tracking_json_reads_back_and_a_damaged_one_is_none(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -129,12 +130,24 @@ def _check_json_target(target: str | None) -> None:
 def _emit_json(target: str | None, data: Any) -> None:
     if target is None:
         return
-    text = json.dumps(data, indent=2) + "\n"
+    text = json.dumps(_finite(data), indent=2) + "\n"
     if target == "-":
         sys.stdout.write(text)
         sys.stdout.flush()
     else:
         _write_file(Path(target), text, "JSON")
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with NaN and infinities as None: JSON has no such numbers (json.dumps would write NaN, which no
+    strict parser reads), so --json writes null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _write_file(path: Path, text: str, what: str) -> None:

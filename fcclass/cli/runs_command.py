@@ -38,12 +38,14 @@ def runs(
 
     rows = list_runs(runs_dir, filters, sort, descending)
     if json_out != "-":
-        from fcclass.cli.tables import runs_table
+        from fcclass.cli.tables import clean, damaged_lines, runs_table
 
         console = _human_console(json_out)
         console.print(runs_table(rows, runs_dir, total=None if not filters else count_runs(runs_dir)))
+        for line in damaged_lines(rows):
+            console.print(line, highlight=False)
         if not rows:
-            console.print(f"No runs in '{escape(str(runs_dir))}'{' match the filters' if filters else ''}.", highlight=False)
+            console.print(f"No runs in '{clean(runs_dir)}'{' match the filters' if filters else ''}.", highlight=False)
     _emit_json(json_out, [r.to_dict() for r in rows])
 
 
@@ -61,15 +63,19 @@ def compare(
     from fcclass.runs.plots import plot_comparison
 
     paths = resolve_runs(runs, runs_dir)
-    diffs = config_differences(paths)
+    diffs, bad_configs = config_differences(paths)
     rows = [run_row(p) for p in paths]
+    for row, path in zip(rows, paths, strict=True):
+        row.damaged = row.damaged or bad_configs.get(path)
     figure = plot_comparison(paths, out)
     if json_out != "-":
-        from fcclass.cli.tables import compare_tables
+        from fcclass.cli.tables import compare_tables, damaged_lines
 
         console = _human_console(json_out)
         for table in compare_tables(rows, diffs):
             console.print(table)
+        for line in damaged_lines(rows):
+            console.print(line, highlight=False)
         console.print(f"Wrote [bold]{escape(str(figure))}[/bold] (validation accuracy and loss per epoch, overlaid)", highlight=False)
     else:
         err_console.print(f"Wrote {escape(str(figure))}", highlight=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +153,18 @@ def tta_table(results: list[dict[str, Any]]) -> Table:
 
 
 # ----------------------------------------------------------------------------- fcclass runs
-STATE_STYLE = {"finished": "green", "running": "cyan", "interrupted": "yellow", "failed": "red", "pruned": "magenta"}
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def clean(value: Any) -> str:
+    """Text that came from a file (a run's record, config or folder name), as printed: control characters (escape
+    sequences, carriage returns, bidirectional overrides) removed, so a tampered file cannot drive the terminal, and a
+    name that is not UTF-8 shown with U+FFFD for its bad bytes; then escaped for Rich markup."""
+    return escape(_SURROGATE.sub("\ufffd", _CONTROL.sub("", str(value))))
+
+
+STATE_STYLE = {"finished": "green", "running": "cyan", "interrupted": "yellow", "failed": "red", "pruned": "magenta", "damaged": "red"}
 
 
 def _pct(x: Any) -> str:
@@ -169,7 +181,7 @@ def _duration(seconds: Any) -> str:
 
 def runs_table(rows: list[Any], runs_dir: Any, total: int | None = None) -> Table:
     shown = f"{len(rows)} of {total} (filtered)" if total is not None else str(len(rows))
-    table = Table(title=f"Runs in {escape(str(runs_dir))}: {shown}", title_justify="left")
+    table = Table(title=f"Runs in {clean(runs_dir)}: {shown}", title_justify="left")
     for name, justify in (("Run", "left"), ("Started", "left"), ("Dataset", "left"), ("Params", "right"), ("Epochs", "right"),
                           ("Best val acc", "right"), ("Test acc", "right"), ("Wall", "right"), ("State", "left")):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
@@ -177,7 +189,7 @@ def runs_table(rows: list[Any], runs_dir: Any, total: int | None = None) -> Tabl
         epochs = f"{r.epochs_done}/{r.epochs_planned}" if r.epochs_planned else str(r.epochs_done)
         started = (r.started or "-")[:16].replace("T", " ")
         style = STATE_STYLE.get(r.state, "")
-        table.add_row(escape(r.name), started, escape(r.dataset or "-"), f"{r.params:,}" if r.params else "-", epochs,
+        table.add_row(clean(r.name), clean(started), clean(r.dataset or "-"), f"{r.params:,}" if r.params else "-", epochs,
                       _pct(r.val_accuracy), _pct(r.test_accuracy), _duration(r.wall_seconds), f"[{style}]{r.state}[/{style}]")
     return table
 
@@ -189,23 +201,28 @@ def compare_tables(rows: list[Any], diffs: list[tuple[str, list[Any]]]) -> list[
     for table, first in ((config, "Key"), (metrics, "Metric")):
         table.add_column(first)
         for r in rows:
-            table.add_column(escape(r.name), justify="right")
+            table.add_column(clean(r.name), justify="right")
     for key, values in diffs:
-        config.add_row(escape(key), *(escape(_value(v)) for v in values))
+        config.add_row(clean(_value(key)), *(clean(_value(v)) for v in values))
     lines = (("Best epoch", lambda r: str(r.best_epoch or "-")), ("Best val accuracy", lambda r: _pct(r.val_accuracy)),
              ("Best val loss", lambda r: f"{r.val_loss:.4f}" if r.val_loss is not None else "-"),
              ("Test accuracy", lambda r: _pct(r.test_accuracy)),
              ("Test loss", lambda r: f"{r.test_loss:.4f}" if r.test_loss is not None else "-"),
              ("Epochs", lambda r: f"{r.epochs_done}/{r.epochs_planned or '?'}"),
              ("Params", lambda r: f"{r.params:,}" if r.params else "-"), ("Wall", lambda r: _duration(r.wall_seconds)),
-             ("State", lambda r: r.state))
+             ("State", lambda r: clean(r.state)))
     for label, fmt in lines:
         metrics.add_row(label, *(fmt(r) for r in rows))
     return [config, metrics] if diffs else [metrics, config]
 
 
+def damaged_lines(rows: list[Any]) -> list[str]:
+    """A line per damaged run in a listing or comparison: its name and why (Rich markup)."""
+    return [f"[red]Damaged[/red] {clean(r.name)}: {clean(r.damaged)}" for r in rows if r.damaged]
+
+
 def _value(v: Any) -> str:
-    text = "-" if v is None else str(v)
+    text = "-" if v is None else _CONTROL.sub("", str(v))
     return text if len(text) <= 40 else text[:37] + "..."
 
 

@@ -6,6 +6,7 @@ last.pt the last completed epoch, with everything resume needs (epoch 0 until th
 
 from __future__ import annotations
 
+import os
 import pickle
 import warnings
 from dataclasses import dataclass, fields
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fcclass.errors import CheckpointError
-from fcclass.files import RunWriteError, atomic_write_bytes, os_error_reason
+from fcclass.files import RefusedFile, RunWriteError, atomic_write_bytes, open_regular, os_error_reason, read_regular
 from fcclass.runs.layout import BEST, CONFIG, LAST, LOCK, is_run_dir, is_trained
 
 CHECKPOINT_FORMAT = 2  # 1: fcclass 0.1 (kept loadable for evaluation; not resumable)
@@ -26,8 +27,13 @@ def lock_run(run_dir: Path) -> Any:
 
     path = Path(run_dir) / LOCK
     try:
-        path.touch(exist_ok=True)
-        f = open(path)  # read-only: a lock held open for writing would keep the file system from going read-only
+        # read-only: a lock held open for writing would keep the file system from going read-only; open_regular
+        # refuses a FIFO or a folder put at the lock's path at once (opening a FIFO to read would wait for a writer)
+        f = os.fdopen(open_regular(path, os.O_RDONLY | os.O_CREAT), "rb")
+    except (RefusedFile, IsADirectoryError) as e:
+        what = e.strerror if isinstance(e, RefusedFile) else "it is a folder, not a regular file"
+        raise CheckpointError(f"Cannot lock run '{run_dir}': its lock file {path}: {what}. Remove it "
+                              f"(rm -r '{path}'); fcclass makes a new one.") from None
     except OSError as e:
         raise RunWriteError(f"Cannot write to '{run_dir}': {os_error_reason(e)}.") from None
     try:
@@ -213,19 +219,33 @@ def resolve_checkpoint(run: str | Path | None = None, checkpoint: str | Path | N
     raise CheckpointError(f"'{run_dir}' has no checkpoint ({BEST} or {LAST}); its training never started an epoch. Train again or name another run.")
 
 
-def run_config(run_dir: str | Path) -> Any:
-    """The resolved config a run was trained with (its config.yaml)."""
-    from fcclass.config.load import config_from_dict
+CONFIG_LIMIT = 4 << 20  # bytes; a run's resolved config.yaml is a few KB
+
+
+def raw_config(run_dir: str | Path) -> Any:
+    """A run's config.yaml as the YAML it holds (None: there is none), read through files.read_regular (a regular file
+    of at most CONFIG_LIMIT bytes) and parse_yaml (alias, depth and size caps); a damaged one is a CheckpointError or ConfigError."""
     from fcclass.config.yaml_load import parse_yaml
 
     path = Path(run_dir) / CONFIG
-    if not path.is_file():
-        raise CheckpointError(f"'{run_dir}' is not a run directory (no {CONFIG}). Pass a folder made by `fcclass train`.")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_regular(path, CONFIG_LIMIT).decode("utf-8")
+    except FileNotFoundError:
+        return None
     except (OSError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"Cannot read {path} ({str(e)[:100]}); it is damaged. Restore it from a copy of the run.") from None
-    raw = parse_yaml(text, str(path))
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise CheckpointError(f"Cannot read {path} ({why[:100]}); it is damaged. Restore it from a copy of the run.") from None
+    return parse_yaml(text, str(path))  # a ConfigError names the file and the problem
+
+
+def run_config(run_dir: str | Path) -> Any:
+    """The resolved config a run was trained with (its config.yaml)."""
+    from fcclass.config.load import config_from_dict
+
+    path = Path(run_dir) / CONFIG
+    raw = raw_config(run_dir)
+    if raw is None:
+        raise CheckpointError(f"'{run_dir}' is not a run directory (no {CONFIG}). Pass a folder made by `fcclass train`.")
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path} is damaged: it does not hold a config mapping.")
     return config_from_dict(raw, source=str(path), stored=True)

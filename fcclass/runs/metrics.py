@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
 from fcclass.errors import CheckpointError
-from fcclass.files import atomic_write_text
+from fcclass.files import atomic_write_text, read_regular
 from fcclass.runs.layout import METRICS
 
 METRIC_FIELDS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds"]
@@ -93,29 +94,64 @@ def best_row(rows: Sequence[dict[str, Any]], monitor: str) -> dict[str, Any] | N
     return best
 
 
+LIMIT = 64 << 20  # bytes; a row is about 80, so a run of 800,000 epochs
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _parse(path: Path) -> list[dict[str, float]]:
-    """The one parser of metrics.csv: a row per epoch, its filled cells as numbers (empty: the value was None)."""
-    with path.open(newline="", encoding="utf-8") as f:
-        return [{k: float(v) for k, v in row.items() if k and v not in (None, "")} for row in csv.DictReader(f)]
+    """The one parser of metrics.csv: a row per epoch, its filled cells as numbers (empty: the value was None). Read
+    through files.read_regular (a regular file of at most LIMIT bytes); raises OSError for a file that is not one, and
+    ValueError for a value no epoch can have (``_check``)."""
+    text = read_regular(path, LIMIT).decode("utf-8")
+    rows = [{k: float(v) for k, v in row.items() if k and v not in (None, "")} for row in csv.DictReader(io.StringIO(text, newline=""))]
+    for i, row in enumerate(rows):
+        _check(row, i + 1)
+    return rows
+
+
+def _check(row: dict[str, float], line: int) -> None:
+    """An epoch row as fcclass writes it: finite numbers, epoch a whole number from 1, accuracies from 0 to 1, the rest
+    from 0 to FLOAT32_MAX (what a float32 loss can reach); else ValueError naming the row and the value."""
+    for key, value in row.items():
+        bad = not math.isfinite(value) or value < 0 or value > (1 if key.endswith("accuracy") else FLOAT32_MAX)
+        if key == "epoch":
+            bad = bad or value < 1 or value > 1e9 or value != int(value)
+        if bad:
+            raise ValueError(f"row {line}: {key} is {value:g}, which no epoch can have")
 
 
 def metrics_rows(run_dir: Path) -> list[dict[str, float]]:
-    """metrics.csv as numbers; an unreadable or damaged file reads as no epochs (listing must never fail on one run)."""
+    """metrics.csv as numbers; an unreadable or damaged file reads as no epochs (plots of several runs)."""
+    try:
+        return checked_rows(run_dir)
+    except ValueError:
+        return []
+
+
+def checked_rows(run_dir: Path) -> list[dict[str, float]]:
+    """metrics.csv as numbers, no rows when there is none; a damaged file (not a regular file, too large, a value no
+    epoch can have) is a ValueError whose message is the reason in a few words (listings show it)."""
     try:
         return _parse(Path(run_dir) / METRICS)
-    except (OSError, ValueError, TypeError, csv.Error, UnicodeDecodeError):
+    except FileNotFoundError:
         return []
+    except (OSError, ValueError, TypeError, csv.Error, UnicodeDecodeError) as e:
+        raise ValueError(f"metrics.csv: {_reason(e)}") from None
+
+
+def _reason(e: Exception) -> str:
+    return (e.strerror if isinstance(e, OSError) and e.strerror else str(e))[:100]
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, float]]:
     """metrics.csv as numbers, for curves: a missing, damaged or empty file is a CheckpointError saying how to fix it."""
     path = Path(run_dir) / METRICS
-    if not path.is_file():
-        raise CheckpointError(f"'{run_dir}' has no metrics.csv; give a run directory made by `fcclass train` that finished an epoch.")
     try:
         rows = _parse(path)
-    except (ValueError, TypeError, csv.Error, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is damaged ({str(e)[:100]}); fcclass writes it at the end of every epoch, so resuming "
+    except FileNotFoundError:
+        raise CheckpointError(f"'{run_dir}' has no metrics.csv; give a run directory made by `fcclass train` that finished an epoch.") from None
+    except (OSError, ValueError, TypeError, csv.Error, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is damaged ({_reason(e)}); fcclass writes it at the end of every epoch, so resuming "
                               "the run (`fcclass train --resume RUN`) or training again rewrites it.") from None
     if not rows:
         raise CheckpointError(f"{path} has no epochs yet; train at least one epoch first.")

@@ -5,14 +5,12 @@ a declared key of the wrong type makes the file damaged."""
 
 from __future__ import annotations
 
-import os
-import stat
 from pathlib import Path
 from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from fcclass.files import write_json
+from fcclass.files import read_regular, write_json
 
 
 class Record(BaseModel):
@@ -34,26 +32,17 @@ def read_record(path: Path, model: type[R], limit: int) -> R | None:
     (a FIFO is never opened: reading it would wait forever), is larger than ``limit`` bytes, or does not hold valid
     JSON of the model's shape."""
     try:
-        st = os.stat(path)
+        data = read_regular(path, limit)
     except FileNotFoundError:
         return None
-    except OSError as e:
+    except OSError as e:  # RefusedFile (a FIFO, a device, too large) included
         raise DamagedRecord(e.strerror or str(e)) from None
-    if not stat.S_ISREG(st.st_mode):
-        raise DamagedRecord("it is not a regular file")
-    if st.st_size > limit:
-        raise DamagedRecord(f"it is {st.st_size:,} bytes, more than the {limit:,} such a file can take")
-    try:
-        with open(path, "rb") as f:
-            data = f.read(limit + 1)
-    except OSError as e:
-        raise DamagedRecord(e.strerror or str(e)) from None
-    if len(data) > limit:  # it grew since stat
-        raise DamagedRecord(f"it is more than the {limit:,} bytes such a file can take")
     try:
         return model.model_validate_json(data)
     except ValidationError as e:
         raise DamagedRecord(problem(e)) from None
+    except RecursionError:  # JSON nested thousands of levels deep
+        raise DamagedRecord("it is nested too deeply") from None
 
 
 def problem(error: ValidationError) -> str:

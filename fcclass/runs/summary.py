@@ -14,7 +14,9 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Annotated, Any, Mapping, Sequence
+
+from pydantic import Field
 
 from fcclass.runs.layout import LOCK, SUMMARY
 from fcclass.runs.records import DamagedRecord, Record, read_record, write_record
@@ -23,6 +25,12 @@ FORMAT = 1
 LAUNCH_COMMAND = "FCCLASS_LAUNCH_COMMAND"  # `train --nproc-per-node`'s command line, for the processes torchrun starts
 STATES = ("running", "finished", "interrupted", "failed", "pruned")
 LIMIT = 16 << 20  # bytes; a record is a few KB
+# What the figures of a record can be: a value outside these makes the record damaged (listed as such), never a crash
+# in a table, an overflow in a plot or NaN in --json output.
+Fraction = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+Loss = Annotated[float, Field(ge=0, le=1e9, allow_inf_nan=False)]
+Seconds = Annotated[float, Field(ge=0, le=1e10, allow_inf_nan=False)]
+Count = Annotated[int, Field(ge=0, le=10**15)]
 
 
 class GitState(Record):
@@ -32,26 +40,26 @@ class GitState(Record):
 
 
 class Epochs(Record):
-    planned: int | None = None
-    done: int = 0
+    planned: Count | None = None
+    done: Count = 0
 
 
 class Best(Record):
     """The best epoch's metrics row (rounded as shown), with its number."""
 
-    epoch: int | None = None
-    val_accuracy: float | None = None
-    val_loss: float | None = None
+    epoch: Count | None = None
+    val_accuracy: Fraction | None = None
+    val_loss: Loss | None = None
 
 
 class TestFigures(Record):
     """The test split's figures for the run's model: the trainer's end-of-training pass, or compress's measurement."""
 
-    epoch: int | None = None
-    accuracy: float | None = None
-    loss: float | None = None
-    images: int | None = None
-    top5_accuracy: float | None = None
+    epoch: Count | None = None
+    accuracy: Fraction | None = None
+    loss: Loss | None = None
+    images: Count | None = None
+    top5_accuracy: Fraction | None = None
 
 
 class SkippedFile(Record):
@@ -71,23 +79,23 @@ class Summary(Record):
     state: str | None = None  # one of STATES; another value reads as failed
     started: str | None = None
     ended: str | None = None
-    wall_seconds: float | None = None  # over all sessions
-    sessions: int | None = None
+    wall_seconds: Seconds | None = None  # over all sessions
+    sessions: Count | None = None
     git: GitState | None = None
     versions: dict[str, str] | None = None
     host: str | None = None
     platform: str | None = None
     device: str | None = None
     precision: str | None = None
-    threads: int | None = None
-    batch_size: int | None = None  # the (global) batch trained with: data.batch_size, or smaller for a short run
+    threads: Count | None = None
+    batch_size: Count | None = None  # the (global) batch trained with: data.batch_size, or smaller for a short run
     distributed: dict[str, Any] | None = None  # torchrun's processes, nodes, backend
     command: str | None = None
     dataset: str | None = None
     data: str | None = None  # the data's root or folder
     skipped: list[SkippedFile] | None = None  # files left out as unreadable (data.on_unreadable: skip), every one
-    params: int | None = None
-    trainable_params: int | None = None
+    params: Count | None = None
+    trainable_params: Count | None = None
     epochs: Epochs | None = None
     best: Best | None = None
     last: dict[str, Any] | None = None  # the last epoch's metrics row
@@ -135,18 +143,22 @@ def write_summary(run_dir: str | Path, summary: Summary) -> None:
 
 
 def lock_is_held(run_dir: Path) -> bool:
-    """Whether a process holds the run's lock right now (it is training the run)."""
+    """Whether a process holds the run's lock right now (it is training the run). A lock path that is not a regular
+    file (a FIFO, a folder) is not opened as one: no process can hold it, so the answer is no, at once."""
     import fcntl
 
+    from fcclass.files import open_regular
+
     try:
-        with open(Path(run_dir) / LOCK) as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                return True
-            fcntl.flock(f, fcntl.LOCK_UN)
+        fd = open_regular(Path(run_dir) / LOCK)
     except OSError:
         return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # closing releases the lock if it was taken
     return False
 
 
