@@ -74,10 +74,21 @@ def test_the_same_seed_proposes_the_same_trials_and_a_rerun_continues(tmp_path: 
     (["-p", "optimizer.lr"], "must look like KEY=SPEC"),
     ([], "Nothing to sweep"),
     (["-p", "optimizer.lr=0.1", "--sampler", "bayes"], "sampler"),
+    (["-p", "optimizer.lr=" + ",".join(str(i / 1e4) for i in range(1, 1001)), "-p", "data.batch_size=" + ",".join(map(str, range(1, 1001))),
+      "-p", "train.epochs=" + ",".join(map(str, range(1, 1001))), "--sampler", "grid"],
+     "The grid has 1,000,000,000 points (1,000 values of optimizer.lr x 1,000 values of data.batch_size x 1,000 values of "
+     "train.epochs), more than the 100,000 a sweep can run"),
+    (["-p", "optimizer.lr=0.1", "--study", "\udcff"], "the study name '\\xff' is not valid UTF-8 text"),
+    (["-p", "optimizer.lr=0.1", "--study", "../../x"], "the study name '../../x' is not a plain name"),
+    (["-p", "optimizer.lr=0.1", "--study", ".."], "is not a plain name"),
+    (["-p", "optimizer.lr=0.1", "--study", "a\nb"], "is not a plain name"),
+    (["-p", "optimizer.lr=0.1,\udcff"], "sweep parameter optimizer.lr=0.1,\\xff: not valid UTF-8 text"),
+    (["-p", "optimizer.l\udcff=0.1"], "sweep parameter optimizer.l\\xff=0.1: not valid UTF-8 text"),
 ])
 def test_every_trial_config_is_checked_before_training(tmp_path: Path, args: list[str], message: str) -> None:
     res = runner.invoke(app, ["sweep", *TINY, "--set", f"train.runs_dir={tmp_path / 'runs'}", *args])
     assert res.exit_code == 1 and message in " ".join(res.output.split()), res.output
+    assert not (tmp_path / "runs").exists() and "Traceback" not in res.output
     assert not (tmp_path / "runs").exists()
 
 

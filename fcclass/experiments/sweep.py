@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from fcclass.config.load import config_from_dict
 from fcclass.config.sections import Config
-from fcclass.config.sweep import Param, SweepConfig, parse_param
+from fcclass.config.sweep import MAX_GRID, Param, SweepConfig, parse_param
 from fcclass.data.loaders import epoch_seed
 from fcclass.errors import ConfigError, FcclassError
 from fcclass.runs.metrics import monitor_value
@@ -79,7 +79,12 @@ def plan(cfg: Config, cli_params: list[str], cli: dict[str, Any], folder: str | 
     if opts.sampler == "grid" and any(p.kind != "choice" for p in params):
         raise ConfigError("--sampler grid needs every parameter as a list of values (e.g. 0.1,0.01), not a range.")
     if opts.sampler == "grid":  # a grid has as many trials as points; more would repeat them
-        opts = opts.model_copy(update={"trials": min(opts.trials, math.prod(len(p.choices) for p in params))})
+        points = math.prod(len(p.choices) for p in params)
+        if points > MAX_GRID:  # Optuna's grid sampler lists every point in memory: a billion of them end in a MemoryError
+            raise ConfigError(f"The grid has {points:,} points (" + " x ".join(f"{len(p.choices):,} values of {p.key}" for p in params)
+                              + f"), more than the {MAX_GRID:,} a sweep can run. Give fewer values, or search with --sampler "
+                              "random or tpe (a range such as loguniform(1e-4,1e-2) needs no list of values).")
+        opts = opts.model_copy(update={"trials": min(opts.trials, points)})
     base = cfg.to_dict()
     base.pop("sweep", None)
     notes = _searched_batch(base, params)
