@@ -43,12 +43,14 @@ def sweep(
                            "with --workers K, or start `fcclass sweep` on several machines with one shared --storage.")
     from fcclass.config.load import load_config
     from fcclass.experiments.sweep import is_rdb, open_study, plan, storage_warnings
+    from fcclass.experiments.sweep_checks import check_storage
     from fcclass.experiments.sweep_run import leaderboard, run, write_best
     from fcclass.runs.metrics import rounded_row
 
     cli: dict[str, Any] = {"trials": trials, "sampler": sampler, "pruner": pruner, "metric": metric, "seed": seed,
                            "storage": storage, "study": study, "workers": workers, "heartbeat": heartbeat}
     plan_ = plan(load_config(config, set_), param or [], cli, sweep_dir, status=status)
+    check_storage(plan_)  # before anything is written: a storage in memory, a file of something else, a FIFO
     console = _human_console(json_out)
     for warning in storage_warnings(plan_) if not status else []:
         err_console.print(f"[yellow]Warning: {escape(warning)}[/yellow]", highlight=False)
