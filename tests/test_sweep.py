@@ -235,3 +235,23 @@ def test_a_searched_batch_size_turns_the_short_run_plan_off(tmp_path: Path) -> N
     assert len(made.notes) == 1 and "data.batch_size is searched" in made.notes[0] and "(300)" in made.notes[0]
     kept = plan(load_config("fashion_mnist"), ["optimizer.lr=0.1,0.3"], {"sampler": "grid"}, tmp_path)
     assert kept.base["train"]["short_run_steps"] == 300 and kept.notes == []  # the plan scales a searched lr alike
+
+
+def test_a_sweep_whose_every_trial_fails_exits_1_with_the_reasons(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    from fcclass.errors import DataError
+
+    fit_module = importlib.import_module("fcclass.training.fit")  # the module (fcclass.training.fit is also the function)
+
+    def failing(cfg: object, **kwargs: object) -> None:
+        raise DataError("The training data is gone.")
+
+    monkeypatch.setattr(fit_module, "fit", failing)
+    args = ["sweep", *TINY, "--set", f"train.runs_dir={tmp_path / 'runs'}", "-p", "optimizer.lr=0.1,0.01", "--sampler", "grid"]
+    res = runner.invoke(app, [*args, "--json", "-"])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert "All 2 trials of the sweep failed, none gave a result. trials 0, 1: The training data is gone." in " ".join(res.stderr.split())
+    assert [t["state"] for t in json.loads(res.stdout)["trials"]] == ["fail", "fail"]  # the leaderboard still comes out
+    status = runner.invoke(app, ["sweep", "--sweep-dir", str(tmp_path / "runs" / "sweep-fashion-cnn"), "--status"])
+    assert status.exit_code == 0 and "The training data is gone." in status.output  # --status reports, it does not fail

@@ -75,6 +75,20 @@ def sweep(
                           highlight=False)
     _emit_json(json_out, {"study": plan_.name, "sweep_dir": str(plan_.folder), "metric": plan_.opts.metric,
                           "trials": [rounded_row(e.to_dict()) for e in board], "best_config": str(best) if best else None})
+    if not status and board and all(e.state == "fail" for e in board):
+        raise FcclassError(all_failed(board))
+
+
+def all_failed(board: list[Any]) -> str:
+    """Why a sweep whose every trial failed failed: each distinct reason, with the trials it stopped."""
+    reasons: dict[str, list[int]] = {}
+    for e in board:
+        reasons.setdefault(e.fail_reason or "no reason recorded", []).append(e.number)
+    shown = "; ".join(f"trial{'s' if len(ns) > 1 else ''} {', '.join(map(str, ns[:5]))}{', ...' if len(ns) > 5 else ''}: "
+                      f"{_clip(reason, 300)}" for reason, ns in list(reasons.items())[:3])
+    more = f"; and {len(reasons) - 3} other reasons" if len(reasons) > 3 else ""
+    return (f"All {len(board)} trials of the sweep failed, none gave a result. {shown}{more}. Fix the cause (the trials' "
+            "configs were valid: look at the data, the device and the memory) and run again.")
 
 
 def _trial_line(e: Any, plan_: Any) -> str:
