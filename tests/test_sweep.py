@@ -255,3 +255,30 @@ def test_a_sweep_whose_every_trial_fails_exits_1_with_the_reasons(tmp_path: Path
     assert [t["state"] for t in json.loads(res.stdout)["trials"]] == ["fail", "fail"]  # the leaderboard still comes out
     status = runner.invoke(app, ["sweep", "--sweep-dir", str(tmp_path / "runs" / "sweep-fashion-cnn"), "--status"])
     assert status.exit_code == 0 and "The training data is gone." in status.output  # --status reports, it does not fail
+
+
+@pytest.mark.parametrize("damage", ["deleted", "damaged"])
+def test_status_shows_the_leaderboard_when_the_best_run_is_gone(tmp_path: Path, damage: str) -> None:
+    import optuna
+
+    folder = tmp_path / "sw"
+    folder.mkdir()
+    study = optuna.create_study(storage=f"sqlite:///{folder / 'study.db'}", study_name="fashion-cnn", direction="maximize")
+    for key, value in {"space": {"optimizer.lr": "0.1, 0.01"}, "metric": "val_accuracy", "trials": 2}.items():
+        study.set_user_attr(key, value)
+    run = folder / "trial-0000"
+    if damage == "damaged":
+        run.mkdir()
+        (run / "config.yaml").write_text("model: [unclosed\n")
+    dist = {"optimizer.lr": optuna.distributions.CategoricalDistribution([0.1, 0.01])}
+    for lr, value in ((0.1, 0.8), (0.01, 0.5)):
+        study.add_trial(optuna.trial.create_trial(params={"optimizer.lr": lr}, distributions=dist, value=value,
+                                                  user_attrs={"run_dir": str(run), "epochs": 1, "metric": "val_accuracy"}))
+    res = runner.invoke(app, ["sweep", "--sweep-dir", str(folder), "--status"])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 0 and "2 of 2 trials" in text and "0.8000" in text and "0.5000" in text, res.output
+    assert "Note: The best trial (0)'s run cannot give its config, so best.yaml is not written" in text
+    assert ("is not a run directory" if damage == "deleted" else "config.yaml") in text and "Traceback" not in text
+    assert not (folder / "best.yaml").exists()
+    res = runner.invoke(app, ["sweep", "--sweep-dir", str(folder), "--status", "--json", "-"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["best_config"] is None

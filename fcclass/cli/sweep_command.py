@@ -65,7 +65,7 @@ def sweep(
                       f"{beat}. Runs in {escape(str(plan_.folder))}", highlight=False)
         found = run(plan_, lambda e: console.print(_trial_line(e, plan_), highlight=False))
     board = leaderboard(found, plan_.direction)
-    best = write_best(plan_, board) if board else None
+    best, why_not = write_best(plan_, board) if board else (None, None)
     if json_out != "-":
         from fcclass.cli.tables import leaderboard_table
 
@@ -73,6 +73,8 @@ def sweep(
         if best is not None:
             console.print(f"Best config: [bold]{escape(str(best))}[/bold] (reproduce with: fcclass train -c {escape(str(best))})",
                           highlight=False)
+    if why_not is not None:
+        err_console.print(f"[yellow]Note: {escape(why_not)}[/yellow]", highlight=False)
     _emit_json(json_out, {"study": plan_.name, "sweep_dir": str(plan_.folder), "metric": plan_.opts.metric,
                           "trials": [rounded_row(e.to_dict()) for e in board], "best_config": str(best) if best else None})
     if not status and board and all(e.state == "fail" for e in board):
