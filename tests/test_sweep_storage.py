@@ -182,3 +182,31 @@ def test_a_sweep_folder_that_cannot_be_made_is_refused(tmp_path: Path, monkeypat
     res = runner.invoke(app, ["sweep", *TINY, "-p", "optimizer.lr=0.1,0.01"])  # runs_dir: runs/, in the working folder
     assert res.exit_code == 1 and f"'{tmp_path}' is not writable" in " ".join(res.stderr.split()), res.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_more_workers_than_cores_or_memory_are_refused_before_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fcclass import memory
+    from fcclass.experiments import sweep_checks
+
+    monkeypatch.setattr(sweep_checks, "usable_cores", lambda: 2)
+    args = ["sweep", *TINY, "--set", f"train.runs_dir={tmp_path / 'runs'}", "-p", "optimizer.lr=0.1,0.01"]
+    res = runner.invoke(app, [*args, "--workers", "8"])
+    assert res.exit_code == 1 and "--workers 8 runs 8 trials at once, but this machine gives fcclass 2 core(s)" in res.stderr
+    assert "--oversubscribe" in res.stderr
+    monkeypatch.setattr(memory, "available", lambda device=None: (3_000_000_000, "available on this machine"))
+    res = runner.invoke(app, [*args, "--workers", "8", "--oversubscribe"])  # past the cores, not past the memory
+    text = " ".join(res.stderr.split())
+    assert res.exit_code == 1 and "8 sweep workers need about" in text and "Give --workers 3 or fewer." in text, res.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_workers_memory_plan_follows_the_largest_trial(tmp_path: Path) -> None:
+    from fcclass.config.load import load_config
+    from fcclass.experiments.sweep import plan
+    from fcclass.experiments.sweep_checks import largest_trial_bytes
+
+    def planned(spec: str) -> int:
+        return largest_trial_bytes(plan(load_config(None, TINY[1::2]), [spec], {}, tmp_path))
+
+    small, large = planned("model.layers.-3.units=16,32"), planned("model.layers.-3.units=16,4096")
+    assert 0 < small < large and planned("data.batch_size=32,4096") > planned("data.batch_size=32,64")

@@ -30,6 +30,7 @@ def sweep(
                                           "sqlite:///...) or a journal file on a shared disk (default: SWEEP_DIR/study.db)."),
     study: Optional[str] = typer.Option(None, "--study", help="The study's name (default: the config's name)."),
     workers: Optional[int] = typer.Option(None, "--workers", "-w", help="Trials run at once on this machine, each with cores/K threads (default 1)."),
+    oversubscribe: bool = typer.Option(False, "--oversubscribe", help="Allow more --workers than this machine has cores."),
     heartbeat: Optional[int] = typer.Option(None, "--heartbeat", metavar="SECONDS", help="RDB storages: a running trial's heartbeat interval (default 60, "
                                             "recorded by the study); a trial silent for twice that (its worker lost, on any machine) is failed and run again."),
     sweep_dir: Optional[Path] = typer.Option(None, "--sweep-dir", help="Where the trials' runs go (default: RUNS_DIR/sweep-STUDY)."),
@@ -43,14 +44,17 @@ def sweep(
                            "with --workers K, or start `fcclass sweep` on several machines with one shared --storage.")
     from fcclass.config.load import load_config
     from fcclass.experiments.sweep import is_rdb, open_study, plan, storage_warnings
-    from fcclass.experiments.sweep_checks import check_storage
+    from fcclass.experiments.sweep_checks import check_storage, check_workers
     from fcclass.experiments.sweep_run import leaderboard, run, write_best
     from fcclass.runs.metrics import rounded_row
 
     cli: dict[str, Any] = {"trials": trials, "sampler": sampler, "pruner": pruner, "metric": metric, "seed": seed,
-                           "storage": storage, "study": study, "workers": workers, "heartbeat": heartbeat}
+                           "storage": storage, "study": study, "workers": workers, "heartbeat": heartbeat,
+                           "oversubscribe": True if oversubscribe else None}
     plan_ = plan(load_config(config, set_), param or [], cli, sweep_dir, status=status)
     check_storage(plan_)  # before anything is written: a storage in memory, a file of something else, a FIFO
+    if not status:
+        check_workers(plan_)  # more workers than cores, or than memory holds
     console = _human_console(json_out)
     for warning in storage_warnings(plan_) if not status else []:
         err_console.print(f"[yellow]Warning: {escape(warning)}[/yellow]", highlight=False)

@@ -107,6 +107,7 @@ class SweepConfig(Strict):
     storage: str | None = None  # an Optuna RDB URL (sqlite:///..., postgresql://...) or a journal file path
     study: str | None = None  # default: the config's name
     workers: int = Field(1, ge=1, le=64)
+    oversubscribe: bool = False  # run more workers than cores
     heartbeat: int | None = Field(None, ge=1, le=86_400)  # seconds; None: the study's recorded interval, or 60
 
     @field_validator("study")

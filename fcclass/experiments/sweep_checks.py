@@ -11,10 +11,13 @@ import sqlite3
 import stat
 from pathlib import Path
 
-from fcclass.errors import FcclassError
-from fcclass.experiments.sweep import Sweep, storage_url
+from fcclass import memory
+from fcclass.errors import FcclassError, ModelError
+from fcclass.experiments.sweep import Sweep, storage_url, trial_config
 from fcclass.files import RunWriteError
+from fcclass.memory import human, model_bytes, network_sizes
 
+WORKER_BYTES = 800_000_000  # a worker process before its model: Python, PyTorch, Optuna, a small dataset (measured ~0.9 GB)
 SQLITE_MAGIC = b"SQLite format 3\x00"
 OPTUNA_TABLES = frozenset({"studies", "trials", "version_info"})
 
@@ -110,3 +113,49 @@ def _check_journal(path: Path) -> None:
         record = None
     if not isinstance(record, dict) or "op_code" not in record:
         raise _not_storage(path, "is not an Optuna journal file (its first line is not a journal record)")
+
+
+# ----------------------------------------------------------------------------- workers
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def check_workers(sweep: Sweep) -> None:
+    """More workers than cores spin against each other and each holds a whole process's memory: refused unless
+    --oversubscribe; and the workers' memory, planned from the largest trial, must fit in what is free."""
+    workers, cores = sweep.opts.workers, usable_cores()
+    if workers <= 1:
+        return
+    if workers > cores and not sweep.opts.oversubscribe:
+        raise FcclassError(f"--workers {workers} runs {workers} trials at once, but this machine gives fcclass {cores} core(s): "
+                           f"they would slow each other down, and each holds a process's memory. Give --workers {cores} or "
+                           "fewer, or add --oversubscribe to run them anyway.")
+    per = WORKER_BYTES + largest_trial_bytes(sweep)
+    free, how = memory.available()
+    if workers * per > free * memory.HEADROOM:
+        fits = int(free * memory.HEADROOM // per)
+        fix = f"Give --workers {fits} or fewer." if fits >= 1 else "Lower data.batch_size or the model's size."
+        raise ModelError(f"{workers} sweep workers need about {human(workers * per)} ({human(per)} each: the process, PyTorch, "
+                         f"the data and the largest trial's model at its batch size), but {human(free)} is {how}. {fix}")
+
+
+def largest_trial_bytes(sweep: Sweep) -> int:
+    """What training the hungriest trial's model needs (memory.model_bytes): each searched value on the base config,
+    as the plan checked them. 0 for datasets whose shape needs reading the images (an image folder)."""
+    from fcclass.config.registries import DATASETS, TorchvisionSet
+    from fcclass.data import describe
+    from fcclass.model.network import build_model
+
+    largest = 0
+    values = [{}] + [{p.key: v} for p in sweep.params for v in p.candidates()]
+    for value in values:
+        cfg = trial_config(sweep.base, value, "check", sweep.folder, None)
+        if not isinstance(DATASETS[cfg.data.dataset], TorchvisionSet):
+            return 0
+        shape, classes = describe(cfg.data)
+        params, total, _ = network_sizes(build_model(cfg.model, list(shape), classes, device="meta"))
+        largest = max(largest, model_bytes(params, total, cfg.data.batch_size, training=True))
+    return largest
