@@ -251,7 +251,7 @@ def test_a_sweep_whose_every_trial_fails_exits_1_with_the_reasons(tmp_path: Path
     args = ["sweep", *TINY, "--set", f"train.runs_dir={tmp_path / 'runs'}", "-p", "optimizer.lr=0.1,0.01", "--sampler", "grid"]
     res = runner.invoke(app, [*args, "--json", "-"])
     assert res.exit_code == 1 and "Traceback" not in res.output
-    assert "All 2 trials of the sweep failed, none gave a result. trials 0, 1: The training data is gone." in " ".join(res.stderr.split())
+    assert "All 2 trials of the sweep failed, none gave a result. Trials 0, 1: The training data is gone. Fix" in " ".join(res.stderr.split())
     assert [t["state"] for t in json.loads(res.stdout)["trials"]] == ["fail", "fail"]  # the leaderboard still comes out
     status = runner.invoke(app, ["sweep", "--sweep-dir", str(tmp_path / "runs" / "sweep-fashion-cnn"), "--status"])
     assert status.exit_code == 0 and "The training data is gone." in status.output  # --status reports, it does not fail

@@ -86,15 +86,14 @@ def sweep(
 
 
 def all_failed(board: list[Any]) -> str:
-    """Why a sweep whose every trial failed failed: each distinct reason, with the trials it stopped."""
-    reasons: dict[str, list[int]] = {}
-    for e in board:
-        reasons.setdefault(e.fail_reason or "no reason recorded", []).append(e.number)
-    shown = "; ".join(f"trial{'s' if len(ns) > 1 else ''} {', '.join(map(str, ns[:5]))}{', ...' if len(ns) > 5 else ''}: "
-                      f"{_clip(reason, 300)}" for reason, ns in list(reasons.items())[:3])
-    more = f"; and {len(reasons) - 3} other reasons" if len(reasons) > 3 else ""
-    return (f"All {len(board)} trials of the sweep failed, none gave a result. {shown}{more}. Fix the cause (the trials' "
-            "configs were valid: look at the data, the device and the memory) and run again.")
+    """Why a sweep whose every trial failed failed: the first trial's reason (with the trials that share it)."""
+    first = board[0].fail_reason or "no reason recorded"
+    same = [e.number for e in board if (e.fail_reason or "no reason recorded") == first]
+    who = f"Trial {same[0]}" if len(same) == 1 else f"Trials {', '.join(map(str, same[:5]))}{', ...' if len(same) > 5 else ''}"
+    others = len(board) - len(same)
+    rest = f" ({others} other trial(s) for other reasons: the Note column, fail_reason in --json)" if others else ""
+    return (f"All {len(board)} trials of the sweep failed, none gave a result. {who}: {_clip(first, 300).rstrip('.')}{rest}. Fix the cause, "
+            "then run it as a new study (--study NAME or another --sweep-dir): the failed trials keep their places in this one.")
 
 
 def _trial_line(e: Any, plan_: Any) -> str:
