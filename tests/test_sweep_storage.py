@@ -210,3 +210,12 @@ def test_the_workers_memory_plan_follows_the_largest_trial(tmp_path: Path) -> No
 
     small, large = planned("model.layers.-3.units=16,32"), planned("model.layers.-3.units=16,4096")
     assert 0 < small < large and planned("data.batch_size=32,4096") > planned("data.batch_size=32,64")
+
+
+@pytest.mark.parametrize("where", ["sweep-dir", "sqlite", "journal"])
+def test_status_of_a_study_that_is_not_there_creates_nothing(tmp_path: Path, where: str) -> None:
+    args = {"sweep-dir": ["--sweep-dir", str(tmp_path / "sw")], "sqlite": ["--storage", f"sqlite:///{tmp_path / 'x.db'}"],
+            "journal": ["--storage", str(tmp_path / "x.log")]}[where]
+    res = runner.invoke(app, ["sweep", *TINY, "--set", f"train.runs_dir={tmp_path / 'runs'}", "-p", "optimizer.lr=0.1,0.01",
+                              "--status", *args])
+    assert res.exit_code == 1 and "No sweep 'fashion-cnn'" in res.stderr and list(tmp_path.iterdir()) == [], res.output

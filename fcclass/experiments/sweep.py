@@ -67,7 +67,7 @@ def plan(cfg: Config, cli_params: list[str], cli: dict[str, Any], folder: str | 
         raise ConfigError("The sweep settings are invalid: " + "; ".join(
             f"{'.'.join(str(p) for p in err['loc'])}: {err['msg'].removeprefix('Value error, ')}" for err in e.errors())) from None
     params = [parse_param(k, v) for k, v in opts.params.items()]
-    if not params and status:
+    if status:  # the recorded study, as it was recorded (its space and N): nothing is created
         study = opts.study or cfg.name
         target = Path(folder) if folder is not None else Path(cfg.train.runs_dir) / f"sweep-{study}"
         base = cfg.to_dict()
@@ -329,9 +329,11 @@ def worker_study(sweep: Sweep) -> Any:
 def _recorded_study(sweep: Sweep) -> Any:
     import optuna
 
-    if sweep.opts.storage is None and not (sweep.folder / "study.db").is_file():
-        raise FcclassError(f"No sweep '{sweep.name}' in {sweep.folder} (no study.db). Run it first, or name it with --study / "
-                           "--sweep-dir / --storage.")
+    url = storage_url(sweep)  # a file storage that is not there holds no study: do not create it by looking
+    db = Path(url.split(":///", 1)[1].split("?")[0]) if url.startswith("sqlite:///") else None if "://" in url else Path(url)
+    if db is not None and not db.is_file():
+        raise FcclassError(f"No sweep '{sweep.name}' in {db.parent if sweep.opts.storage is None else db} (no {db.name}). Run it "
+                           "first, or name it with --study / --sweep-dir / --storage.")
     try:
         study = optuna.load_study(study_name=sweep.name, storage=storage(sweep))
     except KeyError:
