@@ -156,6 +156,9 @@ def largest_trial_bytes(sweep: Sweep) -> int:
         if not isinstance(DATASETS[cfg.data.dataset], TorchvisionSet):
             return 0
         shape, classes = describe(cfg.data)
-        params, total, _ = network_sizes(build_model(cfg.model, list(shape), classes, device="meta"))
+        try:
+            params, total, _ = network_sizes(build_model(cfg.model, list(shape), classes, device="meta"))
+        except FcclassError:  # a model whose shapes do not fit: that trial fails with its own message, as with one worker
+            continue
         largest = max(largest, model_bytes(params, total, cfg.data.batch_size, training=True))
     return largest
