@@ -74,10 +74,21 @@ def test_the_same_seed_proposes_the_same_trials_and_a_rerun_continues(tmp_path: 
     (["-p", "optimizer.lr"], "must look like KEY=SPEC"),
     ([], "Nothing to sweep"),
     (["-p", "optimizer.lr=0.1", "--sampler", "bayes"], "sampler"),
+    (["-p", "optimizer.lr=" + ",".join(str(i / 1e4) for i in range(1, 1001)), "-p", "data.batch_size=" + ",".join(map(str, range(1, 1001))),
+      "-p", "train.epochs=" + ",".join(map(str, range(1, 1001))), "--sampler", "grid"],
+     "The grid has 1,000,000,000 points (1,000 values of optimizer.lr x 1,000 values of data.batch_size x 1,000 values of "
+     "train.epochs), more than the 100,000 a sweep can run"),
+    (["-p", "optimizer.lr=0.1", "--study", "\udcff"], "the study name '\\xff' is not valid UTF-8 text"),
+    (["-p", "optimizer.lr=0.1", "--study", "../../x"], "the study name '../../x' is not a plain name"),
+    (["-p", "optimizer.lr=0.1", "--study", ".."], "is not a plain name"),
+    (["-p", "optimizer.lr=0.1", "--study", "a\nb"], "is not a plain name"),
+    (["-p", "optimizer.lr=0.1,\udcff"], "sweep parameter optimizer.lr=0.1,\\xff: not valid UTF-8 text"),
+    (["-p", "optimizer.l\udcff=0.1"], "sweep parameter optimizer.l\\xff=0.1: not valid UTF-8 text"),
 ])
 def test_every_trial_config_is_checked_before_training(tmp_path: Path, args: list[str], message: str) -> None:
     res = runner.invoke(app, ["sweep", *TINY, "--set", f"train.runs_dir={tmp_path / 'runs'}", *args])
     assert res.exit_code == 1 and message in " ".join(res.output.split()), res.output
+    assert not (tmp_path / "runs").exists() and "Traceback" not in res.output
     assert not (tmp_path / "runs").exists()
 
 
@@ -180,7 +191,7 @@ def test_two_workers_on_one_storage_finish_exactly_n_trials(tmp_path: Path) -> N
     assert {t.user_attrs["pid"] for t in ran} == {p.pid for p in procs}  # both did some of the work
     assert all("run_dir" not in t.user_attrs for t in trials if t.user_attrs.get("surplus"))  # surplus: never trained
     out = sweep(tmp_path, "-p", "optimizer.lr=loguniform(1e-4,1e-2)", "--sampler", "random", "--pruner", "none", "-n", "2",
-                "--workers", "2", "--sweep-dir", str(tmp_path / "local"))
+                "--workers", "2", "--oversubscribe", "--sweep-dir", str(tmp_path / "local"))  # also on a 1-core machine
     assert len(out["trials"]) == 2 and all(t["state"] == "complete" for t in out["trials"])
 
 
@@ -224,3 +235,50 @@ def test_a_searched_batch_size_turns_the_short_run_plan_off(tmp_path: Path) -> N
     assert len(made.notes) == 1 and "data.batch_size is searched" in made.notes[0] and "(300)" in made.notes[0]
     kept = plan(load_config("fashion_mnist"), ["optimizer.lr=0.1,0.3"], {"sampler": "grid"}, tmp_path)
     assert kept.base["train"]["short_run_steps"] == 300 and kept.notes == []  # the plan scales a searched lr alike
+
+
+def test_a_sweep_whose_every_trial_fails_exits_1_with_the_reasons(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    from fcclass.errors import DataError
+
+    fit_module = importlib.import_module("fcclass.training.fit")  # the module (fcclass.training.fit is also the function)
+
+    def failing(cfg: object, **kwargs: object) -> None:
+        raise DataError("The training data is gone.")
+
+    monkeypatch.setattr(fit_module, "fit", failing)
+    args = ["sweep", *TINY, "--set", f"train.runs_dir={tmp_path / 'runs'}", "-p", "optimizer.lr=0.1,0.01", "--sampler", "grid"]
+    res = runner.invoke(app, [*args, "--json", "-"])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert "All 2 trials of the sweep failed, none gave a result. Trials 0, 1: The training data is gone. Fix" in " ".join(res.stderr.split())
+    assert [t["state"] for t in json.loads(res.stdout)["trials"]] == ["fail", "fail"]  # the leaderboard still comes out
+    status = runner.invoke(app, ["sweep", "--sweep-dir", str(tmp_path / "runs" / "sweep-fashion-cnn"), "--status"])
+    assert status.exit_code == 0 and "The training data is gone." in status.output  # --status reports, it does not fail
+
+
+@pytest.mark.parametrize("damage", ["deleted", "damaged"])
+def test_status_shows_the_leaderboard_when_the_best_run_is_gone(tmp_path: Path, damage: str) -> None:
+    import optuna
+
+    folder = tmp_path / "sw"
+    folder.mkdir()
+    study = optuna.create_study(storage=f"sqlite:///{folder / 'study.db'}", study_name="fashion-cnn", direction="maximize")
+    for key, value in {"space": {"optimizer.lr": "0.1, 0.01"}, "metric": "val_accuracy", "trials": 2}.items():
+        study.set_user_attr(key, value)
+    run = folder / "trial-0000"
+    if damage == "damaged":
+        run.mkdir()
+        (run / "config.yaml").write_text("model: [unclosed\n")
+    dist = {"optimizer.lr": optuna.distributions.CategoricalDistribution([0.1, 0.01])}
+    for lr, value in ((0.1, 0.8), (0.01, 0.5)):
+        study.add_trial(optuna.trial.create_trial(params={"optimizer.lr": lr}, distributions=dist, value=value,
+                                                  user_attrs={"run_dir": str(run), "epochs": 1, "metric": "val_accuracy"}))
+    res = runner.invoke(app, ["sweep", "--sweep-dir", str(folder), "--status"])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 0 and "2 of 2 trials" in text and "0.8000" in text and "0.5000" in text, res.output
+    assert "Note: The best trial (0)'s run cannot give its config, so best.yaml is not written" in text
+    assert ("is not a run directory" if damage == "deleted" else "config.yaml") in text and "Traceback" not in text
+    assert not (folder / "best.yaml").exists()
+    res = runner.invoke(app, ["sweep", "--sweep-dir", str(folder), "--status", "--json", "-"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["best_config"] is None

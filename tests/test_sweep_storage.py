@@ -115,3 +115,107 @@ def test_a_sqlite_study_on_a_network_filesystem_is_warned_about(tmp_path: Path, 
     monkeypatch.setattr(sweep_module, "read_mounts", lambda: "/dev/sda1 / ext4 rw 0 0\n")
     res = runner.invoke(app, ["sweep", *TINY, "-p", "optimizer.lr=0.1,0.01", "--sweep-dir", str(folder)])
     assert res.exit_code == 1 and "Warning" not in res.output
+
+
+def _hostile(tmp_path: Path, kind: str) -> tuple[list[str], str]:
+    """A storage or sweep folder that cannot hold a study, and the message that refuses it."""
+    import sqlite3
+
+    if kind == "memory":
+        return ["--storage", "sqlite:///:memory:"], "a database in memory, which ends with the process"
+    if kind == "memory-short":
+        return ["--storage", "sqlite://"], "a database in memory"
+    if kind == "text":
+        (tmp_path / "notes.txt").write_text("my notes\n")
+        return ["--storage", str(tmp_path / "notes.txt")], "is not an Optuna journal file"
+    if kind == "fifo":
+        os.mkfifo(tmp_path / "pipe")
+        return ["--storage", str(tmp_path / "pipe")], "is a FIFO, not a journal file"
+    if kind == "fifo-sqlite":
+        os.mkfifo(tmp_path / "pipe")
+        return ["--storage", f"sqlite:///{tmp_path / 'pipe'}"], "is a FIFO, not an SQLite file"
+    if kind == "other-sqlite":
+        with sqlite3.connect(tmp_path / "other.db") as con:
+            con.execute("CREATE TABLE trials (patient TEXT)")
+        return ["--storage", f"sqlite:///{tmp_path / 'other.db'}"], "is an SQLite database of something else (tables: trials)"
+    if kind == "text-as-sqlite":
+        (tmp_path / "notes.txt").write_text("my notes\n")
+        return ["--storage", f"sqlite:///{tmp_path / 'notes.txt'}"], "is not an SQLite database"
+    (tmp_path / "file").write_text("x")
+    return ["--sweep-dir", str(tmp_path / "file" / "sw")], f"'{tmp_path / 'file'}' is a file, not a folder"
+
+
+@pytest.mark.parametrize("kind", ["memory", "memory-short", "text", "fifo", "fifo-sqlite", "other-sqlite", "text-as-sqlite",
+                                  "sweep-dir-file"])
+def test_a_storage_that_cannot_hold_a_study_is_refused_before_anything_is_written(tmp_path: Path, kind: str) -> None:
+    args, message = _hostile(tmp_path, kind)
+    before = {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in tmp_path.iterdir()}
+    res = runner.invoke(app, ["sweep", *TINY, "--set", f"train.runs_dir={tmp_path / 'runs'}", "-p", "optimizer.lr=0.1,0.01", *args])
+    assert res.exit_code == 1 and message in " ".join(res.stderr.split()), res.output
+    assert "Traceback" not in res.output
+    assert {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in tmp_path.iterdir()} == before  # nothing written, no folder made
+
+
+def test_optuna_storages_pass_the_checks(tmp_path: Path) -> None:
+    import optuna
+
+    from fcclass.config.load import load_config
+    from fcclass.experiments.sweep import plan
+    from fcclass.experiments.sweep_checks import check_storage
+
+    optuna.create_study(storage=f"sqlite:///{tmp_path / 'a.db'}", study_name="x")
+    from optuna.storages.journal import JournalFileBackend
+
+    optuna.create_study(storage=optuna.storages.JournalStorage(JournalFileBackend(str(tmp_path / "j.log"))), study_name="x")
+    (tmp_path / "empty.log").touch()
+    for storage in (f"sqlite:///{tmp_path / 'a.db'}", str(tmp_path / "j.log"), str(tmp_path / "empty.log"),
+                    f"sqlite:///{tmp_path / 'new.db'}", str(tmp_path / "new.log")):
+        check_storage(plan(load_config(None, TINY[1::2]), ["optimizer.lr=0.1,0.01"], {"storage": storage}, tmp_path / "sw"))
+
+
+def test_a_sweep_folder_that_cannot_be_made_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fcclass.experiments import sweep_checks
+
+    real = os.access
+    monkeypatch.setattr(sweep_checks.os, "access", lambda p, mode: False if Path(p) == tmp_path else real(p, mode))  # read-only
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(app, ["sweep", *TINY, "-p", "optimizer.lr=0.1,0.01"])  # runs_dir: runs/, in the working folder
+    assert res.exit_code == 1 and f"'{tmp_path}' is not writable" in " ".join(res.stderr.split()), res.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_more_workers_than_cores_or_memory_are_refused_before_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fcclass import memory
+    from fcclass.experiments import sweep_checks
+
+    monkeypatch.setattr(sweep_checks, "usable_cores", lambda: 2)
+    args = ["sweep", *TINY, "--set", f"train.runs_dir={tmp_path / 'runs'}", "-p", "optimizer.lr=0.1,0.01"]
+    res = runner.invoke(app, [*args, "--workers", "8"])
+    assert res.exit_code == 1 and "--workers 8 runs 8 trials at once, but this machine gives fcclass 2 core(s)" in res.stderr
+    assert "--oversubscribe" in res.stderr
+    monkeypatch.setattr(memory, "available", lambda device=None: (3_000_000_000, "available on this machine"))
+    res = runner.invoke(app, [*args, "--workers", "8", "--oversubscribe"])  # past the cores, not past the memory
+    text = " ".join(res.stderr.split())
+    assert res.exit_code == 1 and "8 sweep workers need about" in text and "Give --workers 3 or fewer." in text, res.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_workers_memory_plan_follows_the_largest_trial(tmp_path: Path) -> None:
+    from fcclass.config.load import load_config
+    from fcclass.experiments.sweep import plan
+    from fcclass.experiments.sweep_checks import largest_trial_bytes
+
+    def planned(spec: str) -> int:
+        return largest_trial_bytes(plan(load_config(None, TINY[1::2]), [spec], {}, tmp_path))
+
+    small, large = planned("model.layers.-3.units=16,32"), planned("model.layers.-3.units=16,4096")
+    assert 0 < small < large and planned("data.batch_size=32,4096") > planned("data.batch_size=32,64")
+
+
+@pytest.mark.parametrize("where", ["sweep-dir", "sqlite", "journal"])
+def test_status_of_a_study_that_is_not_there_creates_nothing(tmp_path: Path, where: str) -> None:
+    args = {"sweep-dir": ["--sweep-dir", str(tmp_path / "sw")], "sqlite": ["--storage", f"sqlite:///{tmp_path / 'x.db'}"],
+            "journal": ["--storage", str(tmp_path / "x.log")]}[where]
+    res = runner.invoke(app, ["sweep", *TINY, "--set", f"train.runs_dir={tmp_path / 'runs'}", "-p", "optimizer.lr=0.1,0.01",
+                              "--status", *args])
+    assert res.exit_code == 1 and "No sweep 'fashion-cnn'" in res.stderr and list(tmp_path.iterdir()) == [], res.output

@@ -30,6 +30,7 @@ def sweep(
                                           "sqlite:///...) or a journal file on a shared disk (default: SWEEP_DIR/study.db)."),
     study: Optional[str] = typer.Option(None, "--study", help="The study's name (default: the config's name)."),
     workers: Optional[int] = typer.Option(None, "--workers", "-w", help="Trials run at once on this machine, each with cores/K threads (default 1)."),
+    oversubscribe: bool = typer.Option(False, "--oversubscribe", help="Allow more --workers than this machine has cores."),
     heartbeat: Optional[int] = typer.Option(None, "--heartbeat", metavar="SECONDS", help="RDB storages: a running trial's heartbeat interval (default 60, "
                                             "recorded by the study); a trial silent for twice that (its worker lost, on any machine) is failed and run again."),
     sweep_dir: Optional[Path] = typer.Option(None, "--sweep-dir", help="Where the trials' runs go (default: RUNS_DIR/sweep-STUDY)."),
@@ -43,12 +44,17 @@ def sweep(
                            "with --workers K, or start `fcclass sweep` on several machines with one shared --storage.")
     from fcclass.config.load import load_config
     from fcclass.experiments.sweep import is_rdb, open_study, plan, storage_warnings
+    from fcclass.experiments.sweep_checks import check_storage, check_workers
     from fcclass.experiments.sweep_run import leaderboard, run, write_best
     from fcclass.runs.metrics import rounded_row
 
     cli: dict[str, Any] = {"trials": trials, "sampler": sampler, "pruner": pruner, "metric": metric, "seed": seed,
-                           "storage": storage, "study": study, "workers": workers, "heartbeat": heartbeat}
+                           "storage": storage, "study": study, "workers": workers, "heartbeat": heartbeat,
+                           "oversubscribe": True if oversubscribe else None}
     plan_ = plan(load_config(config, set_), param or [], cli, sweep_dir, status=status)
+    check_storage(plan_)  # before anything is written: a storage in memory, a file of something else, a FIFO
+    if not status:
+        check_workers(plan_)  # more workers than cores, or than memory holds
     console = _human_console(json_out)
     for warning in storage_warnings(plan_) if not status else []:
         err_console.print(f"[yellow]Warning: {escape(warning)}[/yellow]", highlight=False)
@@ -63,7 +69,7 @@ def sweep(
                       f"{beat}. Runs in {escape(str(plan_.folder))}", highlight=False)
         found = run(plan_, lambda e: console.print(_trial_line(e, plan_), highlight=False))
     board = leaderboard(found, plan_.direction)
-    best = write_best(plan_, board) if board else None
+    best, why_not = write_best(plan_, board) if board else (None, None)
     if json_out != "-":
         from fcclass.cli.tables import leaderboard_table
 
@@ -71,8 +77,23 @@ def sweep(
         if best is not None:
             console.print(f"Best config: [bold]{escape(str(best))}[/bold] (reproduce with: fcclass train -c {escape(str(best))})",
                           highlight=False)
+    if why_not is not None:
+        err_console.print(f"[yellow]Note: {escape(why_not)}[/yellow]", highlight=False)
     _emit_json(json_out, {"study": plan_.name, "sweep_dir": str(plan_.folder), "metric": plan_.opts.metric,
                           "trials": [rounded_row(e.to_dict()) for e in board], "best_config": str(best) if best else None})
+    if not status and board and all(e.state == "fail" for e in board):
+        raise FcclassError(all_failed(board))
+
+
+def all_failed(board: list[Any]) -> str:
+    """Why a sweep whose every trial failed failed: the first trial's reason (with the trials that share it)."""
+    first = board[0].fail_reason or "no reason recorded"
+    same = [e.number for e in board if (e.fail_reason or "no reason recorded") == first]
+    who = f"Trial {same[0]}" if len(same) == 1 else f"Trials {', '.join(map(str, same[:5]))}{', ...' if len(same) > 5 else ''}"
+    others = len(board) - len(same)
+    rest = f" ({others} other trial(s) for other reasons: the Note column, fail_reason in --json)" if others else ""
+    return (f"All {len(board)} trials of the sweep failed, none gave a result. {who}: {_clip(first, 300).rstrip('.')}{rest}. Fix the cause, "
+            "then run it as a new study (--study NAME or another --sweep-dir): the failed trials keep their places in this one.")
 
 
 def _trial_line(e: Any, plan_: Any) -> str:

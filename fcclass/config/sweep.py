@@ -21,6 +21,7 @@ from fcclass.errors import ConfigError
 SAMPLERS = ("grid", "random", "tpe")
 PRUNERS = ("none", "median", "hyperband")
 METRICS = ("val_accuracy", "val_loss", "train_accuracy", "train_loss")
+MAX_GRID = 100_000  # grid points at most: as many as trials may be (Optuna's grid sampler holds them all in memory)
 _RANGE = re.compile(r"^\s*(uniform|loguniform|int)\s*\(\s*([^,()]+?)\s*,\s*([^,()]+?)\s*\)\s*$")
 
 
@@ -50,6 +51,9 @@ def _yaml(value: Any) -> str:
 
 def parse_param(key: str, spec: Any) -> Param:
     """A search-space entry from the config (a list, or a string) or from --param (a string)."""
+    if not is_utf8(key) or (isinstance(spec, str) and not is_utf8(spec)):
+        raise ConfigError(f"sweep parameter {printable(key)}={printable(str(spec))}: not valid UTF-8 text (bytes from the "
+                          "command line that no UTF-8 text has); write the key and values in UTF-8.")
     where = f"sweep parameter {key}"
     if not key or not re.fullmatch(r"[A-Za-z0-9_.\-]+", key):
         raise ConfigError(f"{where}: the key must be a dotted config key such as optimizer.lr or model.layers.3.units.")
@@ -103,7 +107,15 @@ class SweepConfig(Strict):
     storage: str | None = None  # an Optuna RDB URL (sqlite:///..., postgresql://...) or a journal file path
     study: str | None = None  # default: the config's name
     workers: int = Field(1, ge=1, le=64)
+    oversubscribe: bool = False  # run more workers than cores
     heartbeat: int | None = Field(None, ge=1, le=86_400)  # seconds; None: the study's recorded interval, or 60
+
+    @field_validator("study")
+    @classmethod
+    def _study_name(cls, v: str | None) -> str | None:
+        if v is not None:
+            check_study_name(v)
+        return v
 
     @field_validator("params")
     @classmethod
@@ -114,3 +126,34 @@ class SweepConfig(Strict):
             except ConfigError as e:
                 raise ValueError(str(e).rstrip(".")) from None
         return v
+
+
+def check_study_name(name: str) -> None:
+    """A study's name names a folder (RUNS_DIR/sweep-NAME) too: a name, not a path. Raises ValueError."""
+    shown = printable(name)
+    if not is_utf8(name):
+        raise ValueError(f"the study name '{shown}' is not valid UTF-8 text; give a name such as my-study")
+    if not name or len(name) > 100:
+        raise ValueError("the study name must be 1 to 100 characters long, e.g. my-study")
+    if name in (".", "..") or any(c in "/\\" or not c.isprintable() for c in name):
+        raise ValueError(f"the study name {shown!r} is not a plain name (no '/', '\\', control characters, '.' or '..'): it "
+                         "also names the sweep's folder RUNS_DIR/sweep-NAME. Give a name such as my-study, and --sweep-dir to "
+                         "put the sweep elsewhere")
+
+
+def is_utf8(text: str) -> bool:
+    """False for text with lone surrogates: bytes from the command line that are not UTF-8 (Python's surrogateescape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable(text: str) -> str:
+    """``text`` as a message can show it: bytes that are not UTF-8 as \\xff escapes."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from fcclass.config.load import config_from_dict
 from fcclass.config.sections import Config
-from fcclass.config.sweep import Param, SweepConfig, parse_param
+from fcclass.config.sweep import MAX_GRID, Param, SweepConfig, parse_param
 from fcclass.data.loaders import epoch_seed
 from fcclass.errors import ConfigError, FcclassError
 from fcclass.runs.metrics import monitor_value
@@ -67,7 +67,7 @@ def plan(cfg: Config, cli_params: list[str], cli: dict[str, Any], folder: str | 
         raise ConfigError("The sweep settings are invalid: " + "; ".join(
             f"{'.'.join(str(p) for p in err['loc'])}: {err['msg'].removeprefix('Value error, ')}" for err in e.errors())) from None
     params = [parse_param(k, v) for k, v in opts.params.items()]
-    if not params and status:
+    if status:  # the recorded study, as it was recorded (its space and N): nothing is created
         study = opts.study or cfg.name
         target = Path(folder) if folder is not None else Path(cfg.train.runs_dir) / f"sweep-{study}"
         base = cfg.to_dict()
@@ -79,7 +79,12 @@ def plan(cfg: Config, cli_params: list[str], cli: dict[str, Any], folder: str | 
     if opts.sampler == "grid" and any(p.kind != "choice" for p in params):
         raise ConfigError("--sampler grid needs every parameter as a list of values (e.g. 0.1,0.01), not a range.")
     if opts.sampler == "grid":  # a grid has as many trials as points; more would repeat them
-        opts = opts.model_copy(update={"trials": min(opts.trials, math.prod(len(p.choices) for p in params))})
+        points = math.prod(len(p.choices) for p in params)
+        if points > MAX_GRID:  # Optuna's grid sampler lists every point in memory: a billion of them end in a MemoryError
+            raise ConfigError(f"The grid has {points:,} points (" + " x ".join(f"{len(p.choices):,} values of {p.key}" for p in params)
+                              + f"), more than the {MAX_GRID:,} a sweep can run. Give fewer values, or search with --sampler "
+                              "random or tpe (a range such as loguniform(1e-4,1e-2) needs no list of values).")
+        opts = opts.model_copy(update={"trials": min(opts.trials, points)})
     base = cfg.to_dict()
     base.pop("sweep", None)
     notes = _searched_batch(base, params)
@@ -324,9 +329,11 @@ def worker_study(sweep: Sweep) -> Any:
 def _recorded_study(sweep: Sweep) -> Any:
     import optuna
 
-    if sweep.opts.storage is None and not (sweep.folder / "study.db").is_file():
-        raise FcclassError(f"No sweep '{sweep.name}' in {sweep.folder} (no study.db). Run it first, or name it with --study / "
-                           "--sweep-dir / --storage.")
+    url = storage_url(sweep)  # a file storage that is not there holds no study: do not create it by looking
+    db = Path(url.split(":///", 1)[1].split("?")[0]) if url.startswith("sqlite:///") else None if "://" in url else Path(url)
+    if db is not None and not db.is_file():
+        raise FcclassError(f"No sweep '{sweep.name}' in {db.parent if sweep.opts.storage is None else db} (no {db.name}). Run it "
+                           "first, or name it with --study / --sweep-dir / --storage.")
     try:
         study = optuna.load_study(study_name=sweep.name, storage=storage(sweep))
     except KeyError:

@@ -252,16 +252,21 @@ def _follow(sweep: Sweep, procs: list[Any], on_trial: Callable[[Entry], None]) -
         raise
 
 
-def write_best(sweep: Sweep, board: list[Entry]) -> Path | None:
+def write_best(sweep: Sweep, board: list[Entry]) -> tuple[Path | None, str | None]:
     """The best trial's config (as it trained: its parameters, seed and threads) as SWEEP_DIR/best.yaml, named after
-    the sweep and writing its runs where the original config does."""
-    from fcclass.files import atomic_write_text
+    the sweep and writing its runs where the original config does; or None and why not, where the best trial's run
+    was deleted or damaged since, or the file cannot be written (the leaderboard does not need it)."""
+    from fcclass.files import atomic_write_text, os_error_reason
     from fcclass.runs.checkpoint import run_config
 
     best = next((e for e in board if e.state == "complete" and e.run_dir), None)
     if best is None:
-        return None
-    raw = run_config(best.run_dir).to_dict()  # the run's config.yaml, read and validated by the run directory's owner
+        return None, None
+    try:
+        raw = run_config(best.run_dir).to_dict()  # the run's config.yaml, read and validated by the run directory's owner
+    except FcclassError as e:
+        return None, (f"The best trial ({best.number})'s run cannot give its config, so best.yaml is not written: {e} "
+                      "(Its parameters are in the leaderboard.)")
     raw["name"] = f"{sweep.base['name']}-best"
     raw["train"]["runs_dir"] = sweep.base["train"]["runs_dir"]
     raw.pop("sweep", None)
@@ -269,5 +274,9 @@ def write_best(sweep: Sweep, board: list[Entry]) -> Path | None:
     header = (f"# The best trial ({best.number}) of sweep '{sweep.name}': {best.metric or sweep.opts.metric} {best.value:.4f} "
               "with " + ", ".join(f"{k}={v}" for k, v in best.params.items()) + ".\n# Reproduce it with: fcclass train -c "
               + str(path) + "\n")
-    atomic_write_text(path, header + yaml.safe_dump(raw, sort_keys=False))
-    return path
+    try:
+        atomic_write_text(path, header + yaml.safe_dump(raw, sort_keys=False))
+    except (OSError, FcclassError) as e:
+        reason = os_error_reason(e) if isinstance(e, OSError) else str(e)
+        return None, f"The best config could not be written to {path}: {reason}."
+    return path, None
