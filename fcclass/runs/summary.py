@@ -28,7 +28,7 @@ LIMIT = 16 << 20  # bytes; a record is a few KB
 # What the figures of a record can be: a value outside these makes the record damaged (listed as such), never a crash
 # in a table, an overflow in a plot or NaN in --json output.
 Fraction = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
-Loss = Annotated[float, Field(ge=0, le=1e9, allow_inf_nan=False)]
+Loss = Annotated[float, Field(ge=0, le=3.4028234663852886e38, allow_inf_nan=False)]  # any finite float32: a poor model's loss is large, not damaged
 Seconds = Annotated[float, Field(ge=0, le=1e10, allow_inf_nan=False)]
 Count = Annotated[int, Field(ge=0, le=10**15)]
 
