@@ -14,7 +14,7 @@ from pathlib import Path
 from fcclass import memory
 from fcclass.errors import FcclassError, ModelError
 from fcclass.experiments.sweep import Sweep, storage_url, trial_config
-from fcclass.files import RunWriteError
+from fcclass.files import RunWriteError, open_regular
 from fcclass.memory import human, model_bytes, network_sizes
 
 WORKER_BYTES = 800_000_000  # a worker process before its model: Python, PyTorch, Optuna, a small dataset (measured ~0.9 GB)
@@ -50,6 +50,17 @@ def check_folder(folder: Path) -> None:
         return
 
 
+def _head(path: Path, what: str, size: int) -> bytes | None:
+    """The first ``size`` bytes of the storage file at ``path``; None when there is none yet (or it is empty)."""
+    kind = _kind(path)
+    if kind is not None:
+        raise _not_storage(path, f"is {kind}, not {what}")
+    if not path.exists() or path.stat().st_size == 0:
+        return None
+    with os.fdopen(open_regular(path), "rb") as f:  # a regular file only: never waits on a FIFO swapped in meanwhile
+        return f.read(size)
+
+
 def _kind(path: Path) -> str | None:
     """None for a missing path or a regular file (symlinks followed), else what it is."""
     try:
@@ -81,13 +92,9 @@ def _check_sqlite(url: str) -> None:
                            "would be kept. Give a file: --storage sqlite:///path/study.db (or leave --storage out: "
                            "SWEEP_DIR/study.db).")
     path = Path(db.removeprefix("file:").split("?")[0])
-    kind = _kind(path)
-    if kind is not None:
-        raise _not_storage(path, f"is {kind}, not an SQLite file")
-    if not path.exists() or path.stat().st_size == 0:
+    head = _head(path, "an SQLite file", len(SQLITE_MAGIC))
+    if head is None:
         return
-    with open(path, "rb") as f:
-        head = f.read(len(SQLITE_MAGIC))
     if head != SQLITE_MAGIC:
         raise _not_storage(path, "is not an SQLite database")
     try:
@@ -100,13 +107,10 @@ def _check_sqlite(url: str) -> None:
 
 
 def _check_journal(path: Path) -> None:
-    kind = _kind(path)
-    if kind is not None:
-        raise _not_storage(path, f"is {kind}, not a journal file")
-    if not path.exists() or path.stat().st_size == 0:
+    head = _head(path, "a journal file", 1 << 16)
+    if head is None:
         return
-    with open(path, "rb") as f:
-        first = f.readline(1 << 16)
+    first = head.split(b"\n", 1)[0]
     try:
         record = json.loads(first)
     except ValueError:
