@@ -207,3 +207,18 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_an_int8_models_recorded_description_is_read_through_the_guarded_reader(tmp_path: Path) -> None:
+    import os
+
+    from fcclass.inference.export import _recorded_description
+
+    good = tmp_path / "good.json"
+    good.write_text('{"class_names": ["a", "b"]}')
+    assert _recorded_description(good) == {"class_names": ["a", "b"]}
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "text.json").write_text("not json")
+    os.mkfifo(tmp_path / "fifo.json")  # never opened for a blocking read: described afresh instead
+    for name in ("list.json", "text.json", "fifo.json", "missing.json"):
+        assert _recorded_description(tmp_path / name) is None

@@ -16,7 +16,7 @@ from torch import nn
 
 from fcclass.data import LUMA
 from fcclass.errors import FcclassError
-from fcclass.files import check_output, is_stream, write_output
+from fcclass.files import check_output, is_stream, read_regular, write_output
 from fcclass.inference.load import Inference, load_for_inference
 from fcclass.inference.onnx import OnnxNet
 
@@ -96,10 +96,20 @@ def _export_int8(inf: Inference, fmt: str, out: str | Path | None) -> Exported:
         write_output(target, inf.model.path.read_bytes(), "the model")
         done.written.append(target)
     if sidecar is not None and (sidecar.absolute() != source.absolute() or not source.is_file()):
-        facts = json.loads(source.read_text(encoding="utf-8")) if source.is_file() else describe(inf, fmt, target.name)
+        facts = _recorded_description(source) or describe(inf, fmt, target.name)
         write_output(sidecar, json.dumps(facts | {"file": target.name}, indent=2) + "\n", "the model's description")
         done.written.append(sidecar)
     return done
+
+
+def _recorded_description(source: Path) -> dict[str, Any] | None:
+    """The description compress wrote beside an int8 model (read through the guarded reader), or None when it is
+    missing or unusable (then it is described afresh)."""
+    try:
+        facts = json.loads(read_regular(source, 1 << 20).decode("utf-8"))
+    except (OSError, ValueError):  # missing, a FIFO or device, too large, not UTF-8 or not JSON
+        return None
+    return facts if isinstance(facts, dict) else None
 
 
 def _export_onnx(model: nn.Module, example: torch.Tensor, target: Path) -> None:
