@@ -210,8 +210,6 @@ def _umask() -> int:
 
 
 def test_an_int8_models_recorded_description_is_read_through_the_guarded_reader(tmp_path: Path) -> None:
-    import os
-
     from fcclass.inference.export import _recorded_description
 
     good = tmp_path / "good.json"
