@@ -273,7 +273,10 @@ def test_a_killed_rank_takes_the_job_down_and_the_run_resumes(tmp_path: Path) ->
     killed = time.time()
     _, err = job.communicate(timeout=60)
     assert job.returncode == 1 and time.time() - killed < 30
-    assert "lost contact with the other processes" in err and "rank 1 was killed by SIGKILL" in err
+    assert "rank 1 was killed by SIGKILL" in err
+    # Rank 0 says it lost contact when it notices before torchrun's agent stops it; when the agent is first (a race
+    # of a few hundred milliseconds, seen in CI), the agent's summary says so instead. Either way the job is down.
+    assert "lost contact with the other processes" in err or "rank 0 was stopped by torchrun" in err
     assert "Traceback" not in err
     run = next((tmp_path / "runs").iterdir())
     done = len(_metrics(run))
