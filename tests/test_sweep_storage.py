@@ -186,9 +186,8 @@ def test_a_sweep_folder_that_cannot_be_made_is_refused(tmp_path: Path, monkeypat
 
 def test_more_workers_than_cores_or_memory_are_refused_before_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from fcclass import memory
-    from fcclass.experiments import sweep_checks
 
-    monkeypatch.setattr(sweep_checks, "usable_cores", lambda: 2)
+    monkeypatch.setattr(memory, "cores", lambda: 2)
     args = ["sweep", *TINY, "--set", f"train.runs_dir={tmp_path / 'runs'}", "-p", "optimizer.lr=0.1,0.01"]
     res = runner.invoke(app, [*args, "--workers", "8"])
     assert res.exit_code == 1 and "--workers 8 runs 8 trials at once, but this machine gives fcclass 2 core(s)" in res.stderr

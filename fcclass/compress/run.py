@@ -31,7 +31,7 @@ from fcclass.data import data_root as data_location
 from fcclass.errors import CheckpointError, FcclassError
 from fcclass.files import RunWriteError, os_error_reason, write_json
 from fcclass.inference.load import Inference, load_for_inference
-from fcclass.inference.metrics import Score, score
+from fcclass.inference.metrics import Score, rounded, score
 from fcclass.inference.onnx import INT8_MODEL, OnnxNet
 from fcclass.model.network import Network
 from fcclass.runs.checkpoint import Checkpoint, lock_run
@@ -350,7 +350,7 @@ def _row(model: str, runtime: str, path: Path, counts: tuple[int, int]) -> Row:
 
 def _accuracy(predict: Predict, batches: list[tuple[np.ndarray, np.ndarray]]) -> float:
     total = sum((score(torch.from_numpy(predict(x)).clamp_min(1e-30).log(), torch.from_numpy(y)) for x, y in batches), Score())  # log: OnnxNet's logits
-    return round(total.accuracy, 6) if total.images else 0.0
+    return rounded(total.accuracy) if total.images else 0.0
 
 
 def latencies(predicts: Sequence[Predict], pixels: np.ndarray, rounds: int = 3) -> list[tuple[float, float]]:

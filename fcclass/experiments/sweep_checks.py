@@ -120,17 +120,10 @@ def _check_journal(path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- workers
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        return os.cpu_count() or 1
-
-
 def check_workers(sweep: Sweep) -> None:
     """More workers than cores spin against each other and each holds a whole process's memory: refused unless
     --oversubscribe; and the workers' memory, planned from the largest trial, must fit in what is free."""
-    workers, cores = sweep.opts.workers, usable_cores()
+    workers, cores = sweep.opts.workers, memory.cores()
     if workers <= 1:
         return
     if workers > cores and not sweep.opts.oversubscribe:

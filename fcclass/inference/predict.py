@@ -119,7 +119,7 @@ def _fill(preds: Sequence[Prediction], logits: torch.Tensor, names: list[str], k
     top_i = ranked(logits, k)
     top_p = torch.softmax(logits, dim=1).gather(1, top_i)
     for pred, ps, idx in zip(preds, top_p.tolist(), top_i.tolist()):
-        pred.top_k = [{"label": names[i], "probability": round(p, 6)} for p, i in zip(ps, idx)]
+        pred.top_k = [{"label": names[i], "probability": rounded(p)} for p, i in zip(ps, idx)]
         pred.label, pred.probability = names[idx[0]], pred.top_k[0]["probability"]
 
 
