@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -45,10 +46,17 @@ def train(
                                         "(DistributedDataParallel, started through torchrun: one per GPU, or gloo on CPUs). "
                                         "data.batch_size is the global batch. For several machines run torchrun yourself (README)."),
     oversubscribe: bool = typer.Option(False, "--oversubscribe", help="With --nproc-per-node: start more processes than CPU cores."),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start from the weights of a trained run (its best.pt) or a "
+                                             "checkpoint file: same as model.init_from (its layers/exclude/freeze keys still apply)."),
     json_out: Optional[str] = JsonOpt,
 ) -> None:
     """Train a model from a YAML config (default: the Fashion-MNIST CNN) into runs/<name>-<timestamp>/."""
     _check_json_target(json_out)
+    if init_from is not None:
+        if resume is not None:
+            raise FcclassError(f"--init-from starts a new run from '{init_from}'s weights; --resume continues a run from its own, "
+                               "so they cannot be combined.")
+        set_ = [*(set_ or []), f"model.init_from.path={json.dumps(str(init_from))}"]
     if nproc is not None and "WORLD_SIZE" not in os.environ and not print_config:
         _launch(nproc, config, set_, resume, data_root, log_interval, test, json_out, oversubscribe)
         return

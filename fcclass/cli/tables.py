@@ -182,16 +182,28 @@ def _duration(seconds: Any) -> str:
 def runs_table(rows: list[Any], runs_dir: Any, total: int | None = None) -> Table:
     shown = f"{len(rows)} of {total} (filtered)" if total is not None else str(len(rows))
     table = Table(title=f"Runs in {clean(runs_dir)}: {shown}", title_justify="left")
+    transfer = any(r.init_from for r in rows)  # the column only where some run started from another's weights
     for name, justify in (("Run", "left"), ("Started", "left"), ("Dataset", "left"), ("Params", "right"), ("Epochs", "right"),
                           ("Best val acc", "right"), ("Test acc", "right"), ("Wall", "right"), ("State", "left")):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    if transfer:
+        table.add_column("Init from")
     for r in rows:
         epochs = f"{r.epochs_done}/{r.epochs_planned}" if r.epochs_planned else str(r.epochs_done)
         started = (r.started or "-")[:16].replace("T", " ")
         style = STATE_STYLE.get(r.state, "")
         table.add_row(clean(r.name), clean(started), clean(r.dataset or "-"), f"{r.params:,}" if r.params else "-", epochs,
-                      _pct(r.val_accuracy), _pct(r.test_accuracy), _duration(r.wall_seconds), f"[{style}]{r.state}[/{style}]")
+                      _pct(r.val_accuracy), _pct(r.test_accuracy), _duration(r.wall_seconds), f"[{style}]{r.state}[/{style}]",
+                      *([clean(_source_name(r.init_from))] if transfer else []))
     return table
+
+
+def _source_name(path: str | None) -> str:
+    """A source run by its folder's name (a checkpoint file by its run's and its own), as the Run column names runs."""
+    if not path:
+        return "-"
+    p = Path(path)
+    return f"{p.parent.name}/{p.name}" if p.suffix == ".pt" else p.name
 
 
 def compare_tables(rows: list[Any], diffs: list[tuple[str, list[Any]]]) -> list[Table]:

@@ -85,7 +85,13 @@ def config_from_dict(
         for section in (OptimizerConfig, SchedulerConfig):
             if isinstance(raw.get(section.section), dict):
                 raw[section.section] = section.drop_keys_not_read(raw[section.section])
-    set_at = {apply_override(raw, item): clip(item) for item in overrides or []}  # a key set twice: the last --set counts
+    set_at = {}
+    for item in [None, *(overrides or [])]:  # a key set twice: the last --set counts
+        if item is not None:
+            set_at[apply_override(raw, item)] = clip(item)
+        model = raw.get("model")
+        if isinstance(model, dict) and isinstance(model.get("init_from"), str):  # the short form, so --set reaches its keys
+            model["init_from"] = {"path": model["init_from"]}
     try:
         return Config.model_validate(raw)
     except ValidationError as e:

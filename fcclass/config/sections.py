@@ -42,9 +42,32 @@ Activation_ = Activation  # the layer's former name here, kept for imports writt
 
 
 # ----------------------------------------------------------------------------- model
+LayerNames = Annotated[list[Annotated[str, Field(min_length=1, max_length=200)]], Field(max_length=10_000)]
+
+
+def _init_from(value: Any) -> Any:
+    """``init_from: RUN_DIR`` is short for ``init_from: {path: RUN_DIR}``."""
+    return {"path": value} if isinstance(value, str) else value
+
+
+class InitFromConfig(Strict):
+    """Weights from another run (fcclass.model.init_from): its best.pt, or a checkpoint file."""
+
+    path: Annotated[str, Field(min_length=1)]  # a run directory (its best.pt) or a checkpoint file
+    layers: LayerNames | None = None  # load only these layers (their names in this model); None: every one that fits
+    exclude: LayerNames = []  # never load these, e.g. [dense_1] to train a new classifier
+    freeze: bool = False  # the layers loaded stay fixed (as trainable: false) until train.unfreeze
+
+
 class ModelConfig(Strict):
     input_shape: Annotated[list[PositiveInt], Field(min_length=1, max_length=3)] | None = None
     layers: Annotated[list[LayerSpec], Field(min_length=1)]
+    init_from: Annotated[InitFromConfig | None, BeforeValidator(_init_from)] = None
+
+    def with_init_from(self, path: str | Path) -> "ModelConfig":
+        """This config starting from ``path`` (`fcclass train --init-from`), keeping init_from's other keys."""
+        current = self.init_from or InitFromConfig(path=str(path))
+        return self.model_copy(update={"init_from": current.model_copy(update={"path": str(path)})})
 
     @field_validator("input_shape")
     @classmethod
@@ -262,6 +285,14 @@ def _class_weight(value: Any) -> str | dict[str, float] | None:
     return weights
 
 
+class UnfreezeConfig(Strict):
+    """fastai's fine_tune: the layers frozen at the start (trainable: false, init_from.freeze) train from epoch
+    ``epoch`` on, and from then the learning rate of every layer is the schedule's times ``lr_scale``."""
+
+    epoch: Annotated[int, Field(ge=2, le=1_000_000)]  # the first epoch in which every layer trains
+    lr_scale: float = Field(0.1, gt=0.0, le=1000.0)
+
+
 class TrainConfig(Strict):
     epochs: Annotated[int, Field(gt=0, le=1_000_000)] = 10
     device: str = "auto"
@@ -279,6 +310,7 @@ class TrainConfig(Strict):
     # A run of fewer optimizer steps than this at data.batch_size (a quick try) halves its batch, down to 16, and scales
     # the learning rate with it (training.schedule.plan_batch); 0: always data.batch_size
     short_run_steps: NonNegativeInt = 0
+    unfreeze: UnfreezeConfig | None = None  # {epoch: N, lr_scale: S}: train the frozen layers too from epoch N
 
     @field_validator("device")
     @classmethod

@@ -186,9 +186,7 @@ def dropout(layer: Dropout, shape: Shape, ctx: BuildContext) -> Built:
 def batch_normalization(layer: BatchNormalization, shape: Shape, ctx: BuildContext) -> Built:
     norm_cls = nn.BatchNorm2d if len(shape) == 3 else nn.BatchNorm1d
     norm = norm_cls(shape[0], eps=layer.epsilon, momentum=1.0 - layer.momentum)  # torch's momentum weighs the new value
-    if not layer.trainable:
-        ctx.frozen_norms.append(norm)
-    return [norm], shape
+    return [norm], shape  # trainable: false fixes its statistics too (network._freeze)
 
 
 def activation(layer: Activation, shape: Shape, ctx: BuildContext) -> Built:

@@ -98,6 +98,38 @@ class Network(nn.Module):
             norm.eval()
         return self
 
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self.body._modules)
+
+    def frozen_layers(self) -> list[str]:
+        """The layers whose weights are all fixed (trainable: false, or frozen by init_from.freeze)."""
+        return [name for name, block in self.body.named_children()
+                if any(True for _ in block.parameters()) and not any(p.requires_grad for p in block.parameters())]
+
+    def freeze(self, names: list[str]) -> None:
+        """Fix the weights and normalisation statistics of the layers ``names``, as trainable: false does."""
+        for name in names:
+            self._frozen_norms += [m for m in _freeze(self.body.get_submodule(name)) if m not in self._frozen_norms]
+        self._count_trainable()
+        self.train(self.training)
+
+    def unfreeze(self) -> list[nn.Parameter]:
+        """Every layer trains from now on (train.unfreeze); returns the parameters that were fixed."""
+        thawed = [p for p in self.parameters() if not p.requires_grad]
+        for p in thawed:
+            p.requires_grad_(True)
+        self._frozen_norms = []
+        self._count_trainable()
+        self.train(self.training)
+        return thawed
+
+    def _count_trainable(self) -> None:
+        for info, block in zip(self.infos, self.body.children()):
+            trainable = sum(p.numel() for p in block.parameters() if p.requires_grad)
+            info.non_trainable_params += info.trainable_params - trainable
+            info.trainable_params = trainable
+
     def summary(self) -> Summary:
         total = sum(li.params for li in self.infos)
         trainable = sum(li.trainable_params for li in self.infos)
@@ -131,7 +163,7 @@ def _build(model_cfg: ModelConfig, input_shape: Shape | list[int], num_classes: 
     infos: list[LayerInfo] = []
     regularized: list[tuple[nn.Module, float, float]] = []
     frozen_norms: list[nn.Module] = []
-    for i, (layer, name) in enumerate(zip(layers, _layer_names(layers))):
+    for i, (layer, name) in enumerate(zip(layers, layer_names(layers))):
         ctx = BuildContext(
             where=f"model.layers[{i}] ({layer.type} '{name}')",
             num_classes=num_classes,
@@ -148,8 +180,7 @@ def _build(model_cfg: ModelConfig, input_shape: Shape | list[int], num_classes: 
             raise ModelError(f"{ctx.where} is too large to build ({str(e).splitlines()[0][:120]}); make it smaller.") from None
         block = parts[0] if len(parts) == 1 else nn.Sequential(*parts)
         if not layer.trainable:
-            for p in block.parameters():
-                p.requires_grad_(False)
+            frozen_norms.extend(_freeze(block))
         blocks[name] = block
         infos.append(_layer_info(name, layer.type, shape, block, layer.trainable))
 
@@ -174,7 +205,7 @@ def _network_input(layers: list[L.LayerBase], input_shape: Shape | list[int]) ->
     return ((math.prod(shape),) if flatten_input else shape), flatten_input
 
 
-def _layer_names(layers: list[L.LayerBase]) -> list[str]:
+def layer_names(layers: list[L.LayerBase]) -> list[str]:
     """Keras's names (conv2d, conv2d_1, max_pooling2d...) unless the config names the layer; they key the state_dict."""
     names: list[str] = []
     counters: dict[str, int] = {}
@@ -190,6 +221,14 @@ def _layer_names(layers: list[L.LayerBase]) -> list[str]:
             raise ModelError(f"model.layers[{i}] ({layer.type}): the layer name '{name}' {problem}; give each layer a unique name.")
         names.append(name)
     return names
+
+
+def _freeze(block: nn.Module) -> list[nn.Module]:
+    """Fix ``block``'s weights (no gradient: the optimizer leaves them out) and return its normalisation layers, whose
+    statistics must stay fixed too (Keras runs a frozen BatchNormalization in inference mode)."""
+    for p in block.parameters():
+        p.requires_grad_(False)
+    return [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
 def _layer_info(name: str, type_name: str, shape: Shape, block: nn.Module, trainable: bool) -> LayerInfo:

@@ -69,6 +69,18 @@ class SkippedFile(Record):
     reason: str
 
 
+class InitFromRecord(Record):
+    """Where a run's starting weights came from (model.init_from) and what became of each layer."""
+
+    path: str  # model.init_from.path: the source run directory or checkpoint file
+    checkpoint: str | None = None  # the file read
+    epoch: Count | None = None  # the source checkpoint's completed epochs
+    loaded: list[str] = []
+    skipped: list[str] = []  # matched, but the shapes differ
+    new: list[str] = []
+    frozen: list[str] = []  # fixed by init_from.freeze (until train.unfreeze)
+
+
 class Summary(Record):
     """RUN_DIR/summary.json. Every key is optional on read: runs of earlier versions lack some, and `fcclass runs`
     lists whatever a record holds; the keys are written in this order."""
@@ -94,6 +106,7 @@ class Summary(Record):
     dataset: str | None = None
     data: str | None = None  # the data's root or folder
     skipped: list[SkippedFile] | None = None  # files left out as unreadable (data.on_unreadable: skip), every one
+    init_from: InitFromRecord | None = None  # model.init_from: the weights the run started from
     params: Count | None = None
     trainable_params: Count | None = None
     epochs: Epochs | None = None

@@ -67,6 +67,10 @@ class ConsoleProgress(Callback):
 
     def on_epoch_start(self, trainer: "Trainer", epoch: int) -> None:
         self.last_line = time.monotonic()
+        u = trainer.cfg.train.unfreeze
+        if u is not None and epoch == u.epoch and epoch > 1:
+            self.console.print(f"Epoch {epoch}: every layer trains from now on (train.unfreeze), at the scheduled learning "
+                               f"rate x {u.lr_scale:g}.", highlight=False)
         if self.console.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 

@@ -17,6 +17,7 @@ def print_training_header(console: Console, trainer: Any) -> None:
     from fcclass.device import precision_name
 
     console.print(summary_table(trainer.model.summary()))
+    print_start_weights(console, trainer)
     resumed = ""
     if trainer.resumed:
         resumed = f"   [yellow]resuming after epoch {trainer.state.epoch}[/yellow]"
@@ -47,6 +48,37 @@ def print_training_header(console: Console, trainer: Any) -> None:
     for note in trainer.data.notes:
         console.print(f"[yellow]{escape(note)}[/yellow]")
     print_skipped(console, trainer.skipped_files())
+
+
+def print_start_weights(console: Console, trainer: Any) -> None:
+    """Where a new run's weights come from (model.init_from: the table of loaded, skipped and new layers, and how the
+    source's preprocessing differs), and the frozen layers' plan (train.unfreeze)."""
+    init_from = trainer.init_from
+    if init_from is not None:
+        table = Table(title=f"Weights from {escape(shown(init_from.checkpoint))} (epoch {init_from.epoch})", title_justify="left")
+        for name in ("Layer (type)", "Param #", "Weights", "From"):
+            table.add_column(name, justify="right" if name == "Param #" else "left")
+        colour = {"loaded": "green", "skipped": "yellow", "new": "cyan"}
+        for t in init_from.transfer.layers:
+            status = t.status + (" (frozen)" if t.name in init_from.frozen else "") + (f": {t.why}" if t.why else "")
+            table.add_row(escape(f"{t.name} ({t.type})"), f"{t.params:,}", f"[{colour[t.status]}]{escape(status)}[/]",
+                          escape(t.source or ""))
+        console.print(table)
+        for note in init_from.notes:
+            console.print(f"[yellow]{escape(note)}[/yellow]", highlight=False)
+    if trainer.cfg.train.unfreeze is not None:
+        console.print(unfreeze_line(trainer), highlight=False)
+
+
+def unfreeze_line(trainer: Any) -> str:
+    u = trainer.cfg.train.unfreeze
+    frozen = trainer.model.frozen_layers()
+    if trainer.thawed:
+        return f"Every layer trains (train.unfreeze from epoch {u.epoch}), at the scheduled learning rate x {u.lr_scale:g}."
+    if not frozen:
+        return (f"train.unfreeze: no layer is frozen, so from epoch {u.epoch} only the learning rate changes (x {u.lr_scale:g}).")
+    return (f"Frozen until epoch {u.epoch} (train.unfreeze): {', '.join(frozen)}. From epoch {u.epoch} every layer trains, "
+            f"at the scheduled learning rate x {u.lr_scale:g}.")
 
 
 SHOWN_SKIPPED = 10  # unreadable files named on screen; the run record lists every one

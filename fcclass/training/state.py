@@ -32,6 +32,7 @@ class TrainState:
     es_wait: int = 0  # early stopping: epochs since it improved
     stopped_early: bool = False
     batch_size: int | None = None  # the batch the run trains with (train.short_run_steps may have made it smaller)
+    frozen: list[str] = field(default_factory=list)  # the layers init_from.freeze fixed when the run started
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -48,6 +48,7 @@ from fcclass.training.distributed import (
 )
 from fcclass.training.schedule import LRSchedule, plan_batch
 from fcclass.training.state import TrainResult, TrainState, keep_zeros, stop_on_signals
+from fcclass.training.transfer import everything_frozen_message, scaled_lr, start_weights, thaw
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -72,6 +73,8 @@ class Trainer:
         plan = build_model(cfg.model, self.input_shape, data.info.num_classes, device="meta")
         check_training(plan, min(cfg.data.batch_size, len(data.train)), self.device)  # before a single weight is allocated
         self.model: Network = build_model(cfg.model, self.input_shape, data.info.num_classes).to(self.device)
+        self.lr_factor, self.thawed = 1.0, False  # train.unfreeze: its lr_scale once every layer trains
+        self.init_from = start_weights(self, mean, std)
         self.net = self._wrap_ddp()  # what training steps call: the model itself, or its DDP wrapper under torchrun
         self.class_weights = class_weights(cfg.train.class_weight, data.info)
         d = cfg.data
@@ -86,9 +89,11 @@ class Trainer:
                                        num_workers=d.num_workers, skip=skip) if len(data.val) else None)
         self.train_prep = BatchPreprocess(mean, std, d.augment, cfg.seed)
         self.eval_prep = BatchPreprocess(mean, std)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if not params:
-            raise FcclassError("Every layer is frozen (trainable: false), so there is nothing to train; unfreeze at least one layer.")
+        if not any(p.requires_grad for p in self.model.parameters()):
+            raise FcclassError(everything_frozen_message(cfg))
+        # frozen weights have no gradient, so the optimizer leaves them be; it holds them only when train.unfreeze will
+        # thaw them (its state then keeps one layout across a resume)
+        params = [p for p in self.model.parameters() if p.requires_grad or cfg.train.unfreeze is not None]
         self.params = params
         self.optimizer = OPTIMIZERS[cfg.optimizer.name](params, self.batch.scaled_optimizer(cfg.optimizer))
         self.schedule = LRSchedule(self.optimizer, self.batch.scaled_scheduler(cfg.scheduler), cfg.train.epochs, len(self.train_loader))
@@ -100,14 +105,14 @@ class Trainer:
         self.lock: Any = None  # held while this process trains the run (runs.lock_run)
         self.stopped_by: str | None = None  # a callback ended training after an epoch (e.g. "pruned" by a sweep)
 
-    def _wrap_ddp(self) -> nn.Module:
+    def _wrap_ddp(self, convert: bool = True) -> nn.Module:
         """Under torchrun, DistributedDataParallel around the model (its gradients averaged over the ranks in backward);
         with train.sync_batchnorm, BatchNormalization first becomes SyncBatchNorm (batch statistics over every rank)."""
         if not self.job.enabled:
             return self.model
         from torch.nn.parallel import DistributedDataParallel
 
-        if self.cfg.train.sync_batchnorm:
+        if self.cfg.train.sync_batchnorm and convert:
             if self.device.type != "cuda":
                 raise FcclassError(SYNC_BATCHNORM_NEEDS_CUDA)
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
@@ -179,6 +184,7 @@ class Trainer:
             with stop_on_signals() as stop:
                 self._stop = stop
                 for epoch in range(self.state.epoch + 1, self.cfg.train.epochs + 1):
+                    thaw(self, epoch)
                     self._emit("on_epoch_start", epoch)
                     started = time.perf_counter()
                     row = self.train_epoch(epoch)
@@ -229,7 +235,7 @@ class Trainer:
         stop = False
         started = time.perf_counter()
         for batch, (x, y) in enumerate(self._batches(), 1):
-            lr_sum += self.schedule.lr
+            lr_sum += self.schedule.lr * self.lr_factor
             # the job's batch, of which this rank has its part; one process: the batch less its unreadable files (skip)
             whole = self.train_loader.global_size(batch - 1) if self.job.enabled else y.numel()
             if not whole or not y.numel():
@@ -294,18 +300,19 @@ class Trainer:
         total = total + reg if reg is not None else total
         self.optimizer.zero_grad(set_to_none=True)
         clip = self.cfg.train.grad_clip
-        if self.scaler is not None:
-            self.scaler.scale(total).backward()
-            if clip:
-                self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.params, clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            total.backward()
-            if clip:
-                nn.utils.clip_grad_norm_(self.params, clip)
-            self.optimizer.step()
+        with scaled_lr(self.optimizer, self.lr_factor):
+            if self.scaler is not None:
+                self.scaler.scale(total).backward()
+                if clip:
+                    self.scaler.unscale_(self.optimizer)
+                    nn.utils.clip_grad_norm_(self.params, clip)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                total.backward()
+                if clip:
+                    nn.utils.clip_grad_norm_(self.params, clip)
+                self.optimizer.step()
         self.schedule.after_batch()
         return loss.detach(), logits.detach(), y
 
