@@ -53,7 +53,7 @@ def _init_from(value: Any) -> Any:
 class InitFromConfig(Strict):
     """Weights from another run (fcclass.model.init_from): its best.pt, or a checkpoint file."""
 
-    path: Annotated[str, Field(min_length=1)]  # a run directory (its best.pt) or a checkpoint file
+    path: Annotated[str, Field(min_length=1)] | None = None  # a run directory (its best.pt) or a checkpoint file; --init-from sets it
     layers: LayerNames | None = None  # load only these layers (their names in this model); None: every one that fits
     exclude: LayerNames = []  # never load these, e.g. [dense_1] to train a new classifier
     freeze: bool = False  # the layers loaded stay fixed (as trainable: false) until train.unfreeze
@@ -290,7 +290,7 @@ class UnfreezeConfig(Strict):
     ``epoch`` on, and from then the learning rate of every layer is the schedule's times ``lr_scale``."""
 
     epoch: Annotated[int, Field(ge=2, le=1_000_000)]  # the first epoch in which every layer trains
-    lr_scale: float = Field(0.1, gt=0.0, le=1000.0)
+    lr_scale: float = Field(0.5, gt=0.0, le=1000.0)  # fastai fine_tune halves the rate
 
 
 class TrainConfig(Strict):

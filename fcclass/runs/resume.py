@@ -59,7 +59,8 @@ def with_absolute_paths(cfg: Config) -> Config:
     data = cfg.data.model_copy(update={"root": absolute(cfg.data.root), "path": absolute(cfg.data.path),
                                        "cache_dir": absolute(cfg.data.cache_dir)})
     train = cfg.train.model_copy(update={"runs_dir": absolute(cfg.train.runs_dir)})
-    model = cfg.model if cfg.model.init_from is None else cfg.model.with_init_from(absolute(cfg.model.init_from.path) or "")
+    model = cfg.model if cfg.model.init_from is None or cfg.model.init_from.path is None else \
+        cfg.model.with_init_from(absolute(cfg.model.init_from.path) or "")
     return cfg.model_copy(update={"data": data, "train": train, "model": model})
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from fcclass.config.sections import Config
-from fcclass.errors import CheckpointError, FcclassError, ModelError
+from fcclass.errors import CheckpointError, ConfigError, FcclassError, ModelError
 from fcclass.model.init_from import LOADED, SourceModel, Transfer, load_transfer, plan_transfer
 from fcclass.model.network import Network
 
@@ -20,7 +20,7 @@ from fcclass.model.network import Network
 class InitFrom:
     """Where a new run's weights came from and what became of each layer (the header's table, summary.json)."""
 
-    path: str  # model.init_from.path, as configured (made absolute)
+    path: str  # model.init_from.path (made absolute)
     checkpoint: Path
     epoch: int  # the source checkpoint's completed epochs
     transfer: Transfer
@@ -69,6 +69,9 @@ def apply_init_from(cfg: Config, model: Network, class_names: list[str], input_s
     spec = cfg.model.init_from
     if spec is None:
         return None
+    if spec.path is None:
+        raise ConfigError("model.init_from has no path: name the run to start from with --init-from RUN_DIR (or "
+                          "model.init_from.path: RUN_DIR), or remove model.init_from.")
     checkpoint, ckpt = source_checkpoint(spec.path)
     transfer, loads = plan_transfer(model, cfg.model.layers, class_names, _source_model(ckpt, checkpoint), spec)
     if not loads:
@@ -76,7 +79,7 @@ def apply_init_from(cfg: Config, model: Network, class_names: list[str], input_s
         raise ModelError(f"model.init_from: no layer of this model can take weights from '{checkpoint}' ({reasons}). "
                          "Give a run whose layers have the same names and shapes, or choose them with init_from.layers.")
     load_transfer(model, loads)
-    result = InitFrom(spec.path, checkpoint, int(ckpt.epoch), transfer,
+    result = InitFrom(str(spec.path), checkpoint, int(ckpt.epoch), transfer,
                       preprocessing_notes(list(ckpt.input_shape), list(ckpt.mean), list(ckpt.std), input_shape, mean, std))
     if spec.freeze:
         result.frozen = transfer.named(LOADED)
