@@ -412,3 +412,30 @@ def test_more_processes_than_cores_or_memory_are_refused_before_any_starts(tmp_p
     res = CliRunner().invoke(app, [*args, "--oversubscribe"])
     assert res.exit_code == 1 and "Starting 64 training processes (about" in res.stderr and "4.0 GB is available" in res.stderr, res.stderr
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+@needs_fashion
+def test_two_processes_start_from_a_run_freeze_and_thaw_together_as_one_process_does(tmp_path: Path) -> None:
+    """model.init_from with init_from.freeze and train.unfreeze under torchrun: every rank loads the same weights, the
+    frozen layers are left out of DDP's gradient reduction until epoch 2, when each rank thaws them and the wrapper is
+    made again. The metrics match one process's."""
+    from fcclass.config.load import load_config
+    from fcclass.training.fit import fit
+
+    config = _config(tmp_path, n=1000, epochs=2)
+    source = fit(load_config(config, [f"train.runs_dir={tmp_path / 'source'}", "train.epochs=1"])).run_dir
+    sets = [f"model.init_from.path={source}", "model.init_from.freeze=true", "model.init_from.exclude=[dense_1]",
+            "train.unfreeze={epoch: 2, lr_scale: 0.5}"]
+    single = fit(load_config(config, [*sets, f"train.runs_dir={tmp_path / 'single'}"]))
+    out = subprocess.run([*FCCLASS, "train", "-c", str(config), "--nproc-per-node", "2", *(f"--set={s}" for s in sets)],
+                         cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run_dir = next((tmp_path / "runs").iterdir())
+    _close(_metrics(run_dir), _metrics(single.run_dir))
+    assert "Epoch 2: every layer trains from now on" in out.stdout
+    import torch
+
+    first, last = (torch.load(source / "best.pt", weights_only=True)["model_state"],
+                   torch.load(run_dir / "last.pt", weights_only=True)["model_state"])
+    assert not torch.equal(first["body.conv2d.0.weight"], last["body.conv2d.0.weight"])  # thawed at epoch 2
