@@ -273,3 +273,22 @@ def test_a_layer_loads_whatever_its_activation_and_padding_and_its_tensors_land_
     assert torch.equal(dst.body.conv2d.weight, src.body.conv2d[0].weight)
     assert torch.equal(dst.body.dense.bias, src.body.dense[0].bias)
     assert torch.allclose(torch.relu(dst.body.conv2d(x)), src.body.conv2d(x))
+
+
+@needs_fashion
+def test_a_run_started_from_a_deleted_run_still_resumes_and_compresses_with_fine_tuning(
+        trained_run: Path, clothes_folder: Path, tmp_path: Path) -> None:
+    """The source is read once, when the run starts: a resume or compress --finetune later never reads it again."""
+    import shutil
+
+    source = tmp_path / "source"
+    shutil.copytree(trained_run, source)
+    code, output, run = _train(tmp_path, "-c", str(_config(tmp_path, clothes_folder)), "--init-from", str(source),
+                               "--set", "model.init_from.freeze=true", "--set", "train.unfreeze={epoch: 2}")
+    assert code == 0, output
+    shutil.rmtree(source)
+    code, output, _ = _train(tmp_path, "--resume", str(run), "--set", "train.epochs=2")
+    assert code == 0 and "every layer trains from now on" in output, output
+    out = runner.invoke(app, ["compress", str(run), "--prune", "0.5", "--finetune", "1", "--out", str(tmp_path / "small")])
+    assert out.exit_code == 0, out.output
+    assert "Weights from" not in out.output and "Frozen until" not in out.output

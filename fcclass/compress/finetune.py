@@ -47,10 +47,12 @@ def check_overrides(epochs: int, overrides: Sequence[str]) -> None:
 
 def finetune_config(cfg: Config, epochs: int, keep_pruned: bool, runs_dir: Path, overrides: Sequence[str]) -> Config:
     """The pruned run's config: ``epochs`` of fine-tuning at a tenth of the learning rate (``--set`` changes it), with
-    pruned weights kept at zero when the pruning was unstructured."""
+    pruned weights kept at zero when the pruning was unstructured; without the source's model.init_from and
+    train.unfreeze, which were about how the source started."""
     check_overrides(epochs, overrides)
     raw = cfg.to_dict()
-    raw["train"].update(keep_pruned=keep_pruned, runs_dir=str(runs_dir))
+    raw["train"].update(keep_pruned=keep_pruned, runs_dir=str(runs_dir), unfreeze=None)
+    raw["model"]["init_from"] = None  # the weights are the pruned model's, not those the source run started from
     if epochs:
         raw["optimizer"]["lr"] = raw["optimizer"]["lr"] * FINETUNE_LR
         raw["train"]["epochs"] = epochs
