@@ -150,6 +150,7 @@ def _build(model_cfg: ModelConfig, input_shape: Shape | list[int], num_classes: 
         if not layer.trainable:
             for p in block.parameters():
                 p.requires_grad_(False)
+            frozen_norms.extend(m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
         blocks[name] = block
         infos.append(_layer_info(name, layer.type, shape, block, layer.trainable))
 
