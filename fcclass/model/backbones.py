@@ -192,7 +192,10 @@ def file_state(path: Path, where: str) -> dict[str, Any]:
                          + " Give the path of a .pth state_dict, a torchvision weight name (DEFAULT), or null.")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):  # torch refuses objects it does not know; other refusals are bytes no pickle
+            raise ModelError(f"{where}: '{path}' is not a readable PyTorch weights file ({str(e)[:120]}); it may be damaged or "
+                             "incomplete.") from None
         raise ModelError(f"{where}: '{path}' holds Python objects, not only tensors, so fcclass does not load it (it could run "
                          "code). Save the weights alone: torch.save(model.state_dict(), path).") from None
     except Exception as e:  # torch.load on arbitrary bytes raises what its unpickler meets: KeyError, ValueError, EOFError...
