@@ -273,6 +273,8 @@ def test_a_frozen_backbone_trains_summarises_exports_and_evaluates(resnet18_file
         want = load_for_inference(run_dir, device="cpu").model.predict_proba(x).numpy()
     got = onnxruntime.InferenceSession(str(run_dir / "model.onnx")).run(None, {"image": x.numpy()})[0]
     assert abs(got - want).max() < 1e-4  # the normalisation inside the model went into the ONNX file
+    described = json.loads((run_dir / "model.onnx.json").read_text())["input"]["normalization_inside_model"]
+    assert described == {"mean": IMAGENET[0], "std": IMAGENET[1]}  # the backbone's, not the run's empty mean/std
 
 
 @needs_fashion

@@ -49,6 +49,15 @@ def normalises_input(model_cfg: ModelConfig, normalize: Any = "auto") -> bool:
     return normalises
 
 
+def first_layer_stats(model: nn.Module) -> tuple[list[float], list[float]] | None:
+    """The mean and std a model's first layer normalises its input with (a pretrained Backbone's), if it does."""
+    body = getattr(model, "body", None)
+    first = next(iter(body.children()), None) if isinstance(body, nn.Sequential) else None
+    if isinstance(first, BackboneModule) and first.normalise:
+        return [round(v, 6) for v in first.input_mean.flatten().tolist()], [round(v, 6) for v in first.input_std.flatten().tolist()]
+    return None
+
+
 class BackboneModule(nn.Module):
     """The feature extractor, with 1-channel images repeated to 3 channels and, when asked, the weights'
     normalisation before it."""
