@@ -238,10 +238,13 @@ def frozen_config(tmp_path: Path, weights: Path) -> Path:
 
 @needs_fashion
 def test_a_frozen_backbone_trains_summarises_exports_and_evaluates(resnet18_file: Path, tmp_path: Path) -> None:
-    cfg = frozen_config(tmp_path, resnet18_file)
+    weights = tmp_path / "resnet18.pth"
+    weights.write_bytes(resnet18_file.read_bytes())
+    cfg = frozen_config(tmp_path, weights)
     res = runner.invoke(app, ["train", "-c", str(cfg)])
     assert res.exit_code == 0, res.output
-    assert f"Backbone 'backbone': resnet18, weights from {resnet18_file}; input normalised" in res.output
+    assert f"Backbone 'backbone': resnet18, weights from {weights}; input normalised" in res.output
+    weights.unlink()  # the run's checkpoints hold the weights: nothing below reads the file
     (run_dir,) = (tmp_path / "runs").iterdir()
     best = torch.load(run_dir / "best.pt", weights_only=False)
     state = {k.removeprefix("body.backbone.features."): v for k, v in best["model_state"].items() if k.startswith("body.backbone.features.")}
@@ -275,6 +278,9 @@ def test_a_frozen_backbone_trains_summarises_exports_and_evaluates(resnet18_file
     assert abs(got - want).max() < 1e-4  # the normalisation inside the model went into the ONNX file
     described = json.loads((run_dir / "model.onnx.json").read_text())["input"]["normalization_inside_model"]
     assert described == {"mean": IMAGENET[0], "std": IMAGENET[1]}  # the backbone's, not the run's empty mean/std
+    resumed = runner.invoke(app, ["train", "--resume", str(run_dir), "--set", "train.epochs=2", "--no-test"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "epoch 2/2" in resumed.output and "Backbone 'backbone'" not in resumed.output
 
 
 @needs_fashion

@@ -19,7 +19,7 @@ from fcclass.device import select_device
 from fcclass.errors import CheckpointError
 from fcclass.files import RunWriteError, os_error_reason
 from fcclass.memory import check_training
-from fcclass.model.backbones import normalises_input
+from fcclass.model.backbones import load_pretrained, normalises_input
 from fcclass.model.network import build_model
 from fcclass.runs.checkpoint import BEST, Checkpoint, lock_run
 from fcclass.runs.create import create_run_dir, start_run, write_config
@@ -79,6 +79,8 @@ def start_trainer(cfg: Config, callbacks: Sequence[Callback] = ()) -> Trainer:
                             progress=decode_progress(callbacks))
     mean, std = ([], []) if by_model else normalization(cfg.data, data)
     trainer = Trainer(cfg, None, data, mean, std, TrainState(), callbacks)
+    # Pretrained backbones: into a new run only (resumed and compress's fine-tuned runs have the weights in a checkpoint).
+    trainer.weight_notes = load_pretrained(trainer.model, cfg.model)
     if not job.is_main:
         return trainer  # only rank 0 writes the run directory
     record = data.record()

@@ -29,7 +29,6 @@ from fcclass.errors import FcclassError
 from fcclass.inference.load import inference_dtype, run_model
 from fcclass.inference.metrics import Score, count_correct, score
 from fcclass.memory import check_training
-from fcclass.model.backbones import load_pretrained
 from fcclass.model.network import Network, build_model
 from fcclass.runs.checkpoint import Checkpoint
 from fcclass.runs.metrics import monitored
@@ -73,7 +72,6 @@ class Trainer:
         plan = build_model(cfg.model, self.input_shape, data.info.num_classes, device="meta")
         check_training(plan, min(cfg.data.batch_size, len(data.train)), self.device)  # before a single weight is allocated
         self.model: Network = build_model(cfg.model, self.input_shape, data.info.num_classes).to(self.device)
-        self.weight_notes = load_pretrained(self.model, cfg.model) if not resumed else []  # a checkpoint has them already
         self.net = self._wrap_ddp()  # what training steps call: the model itself, or its DDP wrapper under torchrun
         self.class_weights = class_weights(cfg.train.class_weight, data.info)
         d = cfg.data
