@@ -95,6 +95,7 @@ def test_every_layer_type_builds() -> None:
     examples = {
         "Conv2D": {"filters": 4, "kernel_size": 3}, "MaxPooling2D": {}, "AveragePooling2D": {}, "BatchNormalization": {},
         "Activation": {"activation": "relu"}, "Dropout": {"rate": 0.1},
+        "Backbone": {"arch": "mobilenet_v3_small", "weights": None},
     }
     assert set(examples) | {"Flatten", "Dense", "GlobalAveragePooling2D"} == set(LAYER_CLASSES)
     for type_name, args in examples.items():

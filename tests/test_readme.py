@@ -726,6 +726,39 @@ def _config_reference(ex: readme.Example, ws: Workspace) -> None:
     assert set(shown["scheduler"]) <= set(real["scheduler"]) and set(shown["optimizer"]) <= set(real["optimizer"])
 
 
+# ----------------------------------------------------------------------------- pretrained backbones
+BACKBONE_YAML = "yaml: name: fashion-resnet18 / model:"
+
+
+def backbone_folder(ws: Workspace) -> Path:
+    """A folder with the README's resnet18.yaml and, as its weights file, a torchvision resnet18's state_dict (random
+    weights: what the examples show does not depend on their values, and the test machine has no internet)."""
+    import torch
+    import torchvision
+
+    folder = ws.folder("backbone")
+    (yaml_block,) = [b for b in readme.shown_blocks() if readme.block_key(b) == BACKBONE_YAML]
+    (folder / "resnet18.yaml").write_text("\n".join(yaml_block.lines) + "\n")
+    (folder / "weights").mkdir()
+    torch.save(torchvision.models.resnet18().state_dict(), folder / "weights" / "resnet18-f37072fd.pth")
+    return folder
+
+
+@block(BACKBONE_YAML)
+def _backbone_config(ex: readme.Example, ws: Workspace) -> None:
+    res = cli("fcclass config -c resnet18.yaml --json -", backbone_folder(ws))
+    assert res.code == 0, res.output
+    layer = json.loads(res.stdout)["model"]["layers"][0]
+    assert layer == {"type": "Backbone", "name": None, "trainable": False, "arch": "resnet18", "weights": "weights/resnet18-f37072fd.pth"}
+
+
+@example("fcclass summary -c resnet18.yaml", "fcclass train -c resnet18.yaml")
+def _backbone_commands(ex: readme.Example, ws: Workspace) -> None:
+    res = cli(ex.command, backbone_folder(ws), extra=SMALL if " train " in f" {ex.command} " else [])
+    assert res.code == 0, res.output
+    assert_shown(ex.output, res.output, numbers=False)
+
+
 # ----------------------------------------------------------------------------- your own images
 
 

@@ -4,6 +4,7 @@ for unknown keys, and the --set override a problem comes from, if any."""
 from __future__ import annotations
 
 import difflib
+import re
 import typing
 from typing import Any
 
@@ -68,14 +69,16 @@ def _problem(err: Any, loc: tuple[Any, ...], root: type[BaseModel]) -> str:
         return f"{path}: unknown key. {_did_you_mean(loc, root)}"
     if kind == "union_tag_invalid":
         tag = err.get("ctx", {}).get("tag", "?")
-        return f"{path}.type: unknown layer type {short(tag)}. Valid layer types: {', '.join(LAYER_CLASSES)}."
+        return f"{path}.type: unknown layer type {short(tag)}. {_close(tag, list(LAYER_CLASSES))}Valid layer types: {', '.join(LAYER_CLASSES)}."
     if kind == "union_tag_not_found":
         return f"{path}: a layer needs 'type', one of: {', '.join(LAYER_CLASSES)}."
     if kind == "missing":
         return f"{path}: required key is missing."
     got = err.get("input")
     if kind in ("literal_error", "enum"):
-        return f"{path}: got {short(got)}; valid values are {err['msg'].removeprefix('Input should be ')}."
+        valid = err["msg"].removeprefix("Input should be ")
+        hint = _close(got, re.findall(r"'([^']*)'", valid)) if isinstance(got, str) else ""
+        return f"{path}: got {short(got)}; {hint.replace('Did', 'did')}{'V' if hint else 'v'}alid values are {valid}."
     shown = "" if isinstance(got, dict) or got is None else f" (got {short(got)})"
     return f"{path}: {err['msg'].removeprefix('Value error, ')}{shown}."
 
@@ -97,15 +100,18 @@ def _dotted(loc: tuple[Any, ...]) -> str:
     return out or "config"
 
 
+def _close(bad: str, valid: list[str]) -> str:
+    """'Did you mean 'x'? ' for the valid name closest to ``bad``, or nothing."""
+    close = difflib.get_close_matches(str(bad)[:100], valid, n=1, cutoff=0.6)
+    return f"Did you mean '{close[0]}'? " if close else ""
+
+
 def _did_you_mean(loc: tuple[Any, ...], root: type[BaseModel]) -> str:
     model = _model_at(loc[:-1], root)
     if model is None:
         return "Remove it."
     valid = list(model.model_fields)
-    bad = str(loc[-1])[:100]
-    close = difflib.get_close_matches(bad, valid, n=1, cutoff=0.6)
-    hint = f"Did you mean '{close[0]}'? " if close else ""
-    return f"{hint}Valid keys here: {', '.join(valid)}."
+    return f"{_close(str(loc[-1]), valid)}Valid keys here: {', '.join(valid)}."
 
 
 def _model_at(loc: tuple[Any, ...], root: type[BaseModel]) -> type[BaseModel] | None:

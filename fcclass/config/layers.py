@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, ClassVar, Literal, Union
 
 from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
 
-from fcclass.config.registries import ACTIVATIONS, INITIALIZERS
+from fcclass.config.registries import ACTIVATIONS, BACKBONES, INITIALIZERS
 from fcclass.config.schema import Size2, Strict
 
 if TYPE_CHECKING:
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 Shape = tuple[int, ...]
 ActivationName = Literal[tuple(ACTIVATIONS)]  # type: ignore[valid-type]
 Initializer = Literal[tuple(INITIALIZERS)]  # type: ignore[valid-type]
+BackboneArch = Literal[tuple(BACKBONES)]  # type: ignore[valid-type]
 
 
 def fmt_shape(shape: Shape) -> str:
@@ -104,6 +105,17 @@ class Activation(LayerBase):
     activation: ActivationName
 
 
+class Backbone(LayerBase):
+    """A pretrained torchvision model's feature extractor (Keras's applications with include_top=False). ``weights``:
+    a torchvision weight name (DEFAULT, IMAGENET1K_V1: capitals, digits and underscores), a path to a saved state_dict,
+    or null for random weights."""
+
+    type: Literal["Backbone"]
+    arch: BackboneArch
+    weights: Annotated[str, Field(min_length=1)] | None = "DEFAULT"
+    needs_image: ClassVar[bool] = True
+
+
 LAYER_CLASSES: dict[str, type[LayerBase]] = {
     "Conv2D": Conv2D,
     "MaxPooling2D": MaxPooling2D,
@@ -114,6 +126,7 @@ LAYER_CLASSES: dict[str, type[LayerBase]] = {
     "Dropout": Dropout,
     "BatchNormalization": BatchNormalization,
     "Activation": Activation,
+    "Backbone": Backbone,
 }
 
 LayerSpec = Annotated[

@@ -94,7 +94,21 @@ LAYER_ALIASES: dict[str, str] = {
     "batchnormalization": "BatchNormalization",
     "batchnorm": "BatchNormalization",
     "activation": "Activation",
+    "backbone": "Backbone",
 }
+
+# torchvision models whose feature extractor a Backbone layer can be (fcclass.model.backbones keeps what comes before
+# their pooling and classifier), named as torchvision.models.get_model and pytorch/examples' ImageNet script name them.
+# A plain list: loading a config must not import torchvision (tests/test_backbone.py checks each name exists there).
+BACKBONES: tuple[str, ...] = (
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+    "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2",
+    "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
+    *(f"efficientnet_b{i}" for i in range(8)), "efficientnet_v2_s", "efficientnet_v2_m", "efficientnet_v2_l",
+    "convnext_tiny", "convnext_small", "convnext_base", "convnext_large",
+    "densenet121", "densenet161", "densenet169", "densenet201",
+    "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn",
+)
 
 
 # ----------------------------------------------------------------------------- optimizers and schedulers

@@ -19,6 +19,7 @@ from fcclass.errors import FcclassError
 from fcclass.files import check_output, is_stream, read_regular, write_output
 from fcclass.inference.load import Inference, load_for_inference
 from fcclass.inference.onnx import OnnxNet
+from fcclass.model.backbones import first_layer_stats
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
 
@@ -127,6 +128,14 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, target: Path) -> None:
         program.save(str(target))
 
 
+def _normalization(inf: Inference) -> dict[str, list[float]]:
+    """The run's mean and std, or, when its first layer normalises instead (a pretrained Backbone), that layer's (over
+    3 channels: a grayscale image is repeated to 3 before)."""
+    mean, std = list(inf.checkpoint.mean), list(inf.checkpoint.std)
+    stats = None if mean else first_layer_stats(inf.model)
+    return {"mean": stats[0], "std": stats[1]} if stats else {"mean": mean, "std": std}
+
+
 def describe(inf: Inference, fmt: str, filename: str) -> dict[str, Any]:
     c, h, w = inf.image_shape
     return {
@@ -145,7 +154,7 @@ def describe(inf: Inference, fmt: str, filename: str) -> dict[str, Any]:
                 "divide the uint8 pixel values by 255",
                 "layout: channels first (N, C, H, W)",
             ],
-            "normalization_inside_model": {"mean": list(inf.checkpoint.mean), "std": list(inf.checkpoint.std)},
+            "normalization_inside_model": _normalization(inf),
             "luma_weights": list(LUMA),
         },
         "output": {"name": "probabilities", "shape": ["batch", len(inf.class_names)],

@@ -17,6 +17,7 @@ from torch import nn
 from fcclass.config.layers import (
     Activation,
     AveragePooling2D,
+    Backbone,
     BatchNormalization,
     Conv2D,
     Dense,
@@ -32,6 +33,7 @@ from fcclass.config.layers import (
 )
 from fcclass.config.registries import ACTIVATIONS, INITIALIZERS, MONOTONIC_ACTIVATIONS
 from fcclass.errors import ModelError
+from fcclass.model.backbones import backbone_block
 
 BEFORE_FLATTEN = "; move it before Flatten/Dense layers"
 
@@ -193,6 +195,11 @@ def activation(layer: Activation, shape: Shape, ctx: BuildContext) -> Built:
     return ([] if ctx.final_softmax and layer.activation == "softmax" else _activation(layer.activation)), shape
 
 
+def backbone(layer: Backbone, shape: Shape, ctx: BuildContext) -> Built:
+    block, out = backbone_block(layer, _image(shape, ctx, BEFORE_FLATTEN), ctx.where, first=ctx.previous is None)
+    return [block], out
+
+
 BUILDERS: dict[type[LayerBase], Callable[..., Built]] = {
     Conv2D: conv2d,
     MaxPooling2D: pooling,
@@ -203,4 +210,5 @@ BUILDERS: dict[type[LayerBase], Callable[..., Built]] = {
     Dropout: dropout,
     BatchNormalization: batch_normalization,
     Activation: activation,
+    Backbone: backbone,
 }

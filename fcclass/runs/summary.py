@@ -107,6 +107,7 @@ class Summary(Record):
     data: str | None = None  # the data's root or folder
     skipped: list[SkippedFile] | None = None  # files left out as unreadable (data.on_unreadable: skip), every one
     init_from: InitFromRecord | None = None  # model.init_from: the weights the run started from
+    pretrained: list[str] | None = None  # its pretrained backbones' weights: which, from which file
     params: Count | None = None
     trainable_params: Count | None = None
     epochs: Epochs | None = None

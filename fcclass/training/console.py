@@ -17,6 +17,8 @@ def print_training_header(console: Console, trainer: Any) -> None:
     from fcclass.device import precision_name
 
     console.print(summary_table(trainer.model.summary()))
+    for note in getattr(trainer, "weight_notes", []):  # pretrained backbones: which weights, from where
+        console.print(escape(note), highlight=False)
     print_start_weights(console, trainer)
     resumed = ""
     if trainer.resumed:

@@ -105,6 +105,7 @@ class RunRecord(Callback):
             dataset=cfg.data.dataset,
             data=getattr(cfg.data, cfg.data.location_key),
             init_from=InitFromRecord(**trainer.init_from.record()) if trainer.init_from is not None else old.init_from,
+            pretrained=trainer.weight_notes or old.pretrained,
             params=counts.total_params,
             trainable_params=counts.trainable_params,
             epochs=Epochs(planned=cfg.train.epochs, done=trainer.state.epoch),

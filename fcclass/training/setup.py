@@ -19,6 +19,7 @@ from fcclass.device import select_device
 from fcclass.errors import CheckpointError
 from fcclass.files import RunWriteError, os_error_reason
 from fcclass.memory import check_training
+from fcclass.model.backbones import normalises_input
 from fcclass.model.network import build_model
 from fcclass.runs.checkpoint import BEST, Checkpoint, lock_run
 from fcclass.runs.create import create_run_dir, start_run, write_config
@@ -71,11 +72,13 @@ def start_trainer(cfg: Config, callbacks: Sequence[Callback] = ()) -> Trainer:
     job, _ = init(cfg.train.device)
     check_same_config(job, cfg.to_dict())
     check_fits_early(cfg)
+    # A first layer that normalises its input itself (a pretrained Backbone) gets the pixels as they are.
+    by_model = normalises_input(cfg.model, cfg.data.normalize)
     with main_first(job):  # each machine's first process downloads, unpacks or caches the data for the others
         data = load_dataset(cfg.data, cfg.seed, splits=("train", "val"),  # the test split is recorded, not loaded
                             progress=decode_progress(callbacks))
-    mean, std = normalization(cfg.data, data)
-    trainer = Trainer(cfg, None, data, mean, std, TrainState(), callbacks)
+    mean, std = ([], []) if by_model else normalization(cfg.data, data)
+    trainer = Trainer(cfg, None, data, mean, std, TrainState(), callbacks, new_weights=True)
     if not job.is_main:
         return trainer  # only rank 0 writes the run directory
     record = data.record()

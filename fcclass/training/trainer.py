@@ -58,7 +58,7 @@ class Trainer:
     run directory, through its built-in callbacks."""
 
     def __init__(self, cfg: Config, run_dir: Path | None, data: Dataset, mean: list[float], std: list[float],
-                 state: TrainState, callbacks: Sequence[Callback] = (), resumed: bool = False) -> None:
+                 state: TrainState, callbacks: Sequence[Callback] = (), resumed: bool = False, new_weights: bool = False) -> None:
         assert data.train is not None and data.val is not None
         self.cfg, self.run_dir, self.data, self.mean, self.std, self.state = cfg, run_dir, data, mean, std, state
         self.job, device = init(cfg.train.device)  # torchrun: this rank, its device, the process group
@@ -74,7 +74,8 @@ class Trainer:
         check_training(plan, min(cfg.data.batch_size, len(data.train)), self.device)  # before a single weight is allocated
         self.model: Network = build_model(cfg.model, self.input_shape, data.info.num_classes).to(self.device)
         self.lr_factor, self.thawed = 1.0, False  # train.unfreeze: its lr_scale once every layer trains
-        self.init_from = start_weights(self, mean, std)
+        self.weight_notes: list[str] = []  # pretrained backbones: which weights, from where
+        self.init_from = start_weights(self, mean, std, new_weights)
         self.net = self._wrap_ddp()  # what training steps call: the model itself, or its DDP wrapper under torchrun
         self.class_weights = class_weights(cfg.train.class_weight, data.info)
         d = cfg.data

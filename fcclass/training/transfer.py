@@ -144,13 +144,18 @@ def scaled_lr(optimizer: Any, factor: float) -> Iterator[None]:
             group["lr"] = lr
 
 
-def start_weights(trainer: Any, mean: list[float], std: list[float]) -> InitFrom | None:
-    """A new run's weights from model.init_from (frozen with init_from.freeze); a resumed run freezes again what its
-    start froze. Either thaws every layer when train.unfreeze's epoch has come (a run resumed after it)."""
+def start_weights(trainer: Any, mean: list[float], std: list[float], new: bool) -> InitFrom | None:
+    """A new run's (``new``) weights: its pretrained backbones' files, then model.init_from (frozen with
+    init_from.freeze), which may overwrite them. A resumed run freezes again what its start froze (its weights come
+    from its checkpoint, as do those compress fine-tunes). Any of them thaws every layer when train.unfreeze's epoch
+    has come (a run resumed after it)."""
+    from fcclass.model.backbones import load_pretrained
+
     init_from = None
     if trainer.resumed:
         refreeze(trainer.model, trainer.state.frozen)
-    else:
+    elif new:
+        trainer.weight_notes = load_pretrained(trainer.model, trainer.cfg.model)
         init_from = apply_init_from(trainer.cfg, trainer.model, list(trainer.data.info.class_names), trainer.input_shape, mean, std)
         trainer.state.frozen = init_from.frozen if init_from is not None else []
     first = unfreeze_epoch(trainer.cfg)
