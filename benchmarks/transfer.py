@@ -116,12 +116,18 @@ def main() -> None:
         "frozen throughout": ["model.init_from.freeze=true"],
     }
     results: dict[str, Any] = {}
+    done_file = args.work / f"rows-{args.epochs}-{args.unfreeze}-{args.lr_scale}.json"  # finished rows: a rerun goes on
+    done = json.loads(done_file.read_text()) if done_file.exists() else {}
     for n in args.sizes:
         for seed in args.seeds:
             common = [f"data.path={folders[f'ft{n}']}", f"seed={seed}", f"name=ft{n}"]
-            row = {"seed": seed, "from scratch": train(config, *common)["test"]["accuracy"]}
-            for name, sets in variants.items():
-                row[name] = train(config, *common, *sets, init_from=Path(source["run_dir"]))["test"]["accuracy"]
+            row = done.get(f"{n}-{seed}")
+            if row is None:
+                row = {"seed": seed, "from scratch": train(config, *common)["test"]["accuracy"]}
+                for name, sets in variants.items():
+                    row[name] = train(config, *common, *sets, init_from=Path(source["run_dir"]))["test"]["accuracy"]
+                done[f"{n}-{seed}"] = row
+                done_file.write_text(json.dumps(done))
             results.setdefault(str(n), []).append(row)
             print(f"{n:>4} per label, seed {seed}: " + ", ".join(f"{k} {v:.2%}" for k, v in row.items() if k != "seed"), flush=True)
     print(f"\nTest accuracy on the 5,000 test images of the 5 new labels, mean of seeds {args.seeds} (each seed's in brackets); "
