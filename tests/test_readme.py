@@ -1127,6 +1127,58 @@ def test_readme_example_slow(name: str, ex: Any, check: Check, ws: Workspace, re
     check.how(ex, ws)
 
 
+# ----------------------------------------------------------------------------- transfer learning
+SHOES_YAML = "yaml: # The default model on your own #x# grayscale images, starting from another run's weights / name: sh"
+SOURCE_RUN = "pretrain-20261207-175540"
+
+
+def _shoes(ws: Workspace) -> Path:
+    """The README's shoes example, small: ``data/shoes`` (train/ and test/ of three labels of real Fashion-MNIST PNGs),
+    shoes.yaml as the README shows it, and runs/pretrain-20261207-175540: a copy of the home run (the default model
+    on all ten labels), so its classifier is trained on other labels, as the README's is."""
+    if not hasattr(ws, "shoes_dir"):
+        folder = ws.factory.mktemp("shoes")
+        ws.image_folder(folder / "data" / "shoes" / "train", {"Sandal": 30, "Shirt": 30, "Sneaker": 30})
+        ws.image_folder(folder / "data" / "shoes" / "test", {"Sandal": 10, "Shirt": 10, "Sneaker": 10})
+        (block,) = [b for b in readme.shown_blocks() if readme.block_key(b) == SHOES_YAML]
+        (folder / "shoes.yaml").write_text("\n".join(block.lines) + "\n")
+        shutil.copytree(ws.home / "runs" / ws.trained.name, folder / "runs" / SOURCE_RUN)
+        ws.shoes_dir = folder
+    return ws.shoes_dir
+
+
+@block(SHOES_YAML)
+def _shoes_config(ex: readme.Example, ws: Workspace) -> None:
+    from fcclass.config.load import load_config
+
+    cfg = load_config(_shoes(ws) / "shoes.yaml")
+    assert cfg.model.init_from is not None and cfg.model.init_from.freeze and cfg.train.unfreeze.epoch == 2
+
+
+@example(f"fcclass train -c shoes.yaml --init-from runs/{SOURCE_RUN}")
+def _shoes_transfer(ex: readme.Example, ws: Workspace) -> None:
+    """The weights table (every layer of the body loaded and frozen, a new classifier), the notes, the thaw at epoch 2,
+    with numbers abstracted; then the loaded layers are the source's own at epoch 0 (last.pt before the first step is
+    gone by then, so: frozen through epoch 1, which trains only the head)."""
+    import torch
+
+    folder = _shoes(ws)
+    res = cli(ex.command, folder, extra=["--set", "train.epochs=10"])
+    assert res.code == 0, res.output
+    assert_shown(ex.output, res.stdout)
+    (run,) = [p for p in (folder / "runs").iterdir() if p.name.startswith("shoes-")]
+    record = json.loads((run / "summary.json").read_text())["init_from"]
+    assert record["loaded"] == record["frozen"] == ["conv2d", "conv2d_1", "batch_normalization", "dense"]
+    source = torch.load(folder / "runs" / SOURCE_RUN / "best.pt", weights_only=True)["model_state"]
+    assert source["body.dense.0.weight"].shape == torch.load(run / "best.pt", weights_only=True)["model_state"]["body.dense.0.weight"].shape
+
+
+@example("fcclass train -c shoes.yaml --init-from runs/pretrain", kind="error")
+def _shoes_missing_source(ex: readme.Example, ws: Workspace) -> None:
+    folder = _shoes(ws)
+    check_error(ex, folder, {"/tmp/rtl": str(folder)})
+
+
 HOW_TO_REGISTER = ("Add it to tests/test_readme.py: a check (@example for a `$` command or an fcclass line of a bash block, @block "
                    "for a block shown without a command, @json_example for a --json paragraph), or not_run(...) with the reason.")
 
