@@ -192,3 +192,51 @@ def test_the_batcher_runs_requests_that_arrive_together_as_one_batch() -> None:
     assert batcher.submit(torch.zeros(2, 1)).result(5)[1] == 2
     batcher.close(5)
     off.close(5)
+
+
+def _copy_run(run: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(run, tmp_path / run.name))
+
+
+def test_runtime_onnx_needs_an_exported_or_compressed_model(trained_run: Path, tmp_path: Path) -> None:
+    from fcclass.errors import FcclassError
+
+    run = _copy_run(trained_run, tmp_path)
+    (run / "model.onnx").unlink(missing_ok=True)
+    with pytest.raises(FcclassError, match=r"has no ONNX model .*`fcclass export .*`fcclass compress .* --quantize int8`"):
+        load_served(run, "onnx", device="cpu")
+    with pytest.raises(FcclassError, match="--runtime must be torch or onnx"):
+        load_served(run, "tensorrt", device="cpu")
+
+
+@pytest.mark.slow
+def test_onnx_runtimes_serve_the_exported_and_the_int8_model(trained_run: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fcclass.cli import app
+
+    run = _copy_run(trained_run, tmp_path)
+    runner = CliRunner()
+    assert runner.invoke(app, ["export", str(run)]).exit_code == 0
+    int8 = tmp_path / "int8"
+    res = runner.invoke(app, ["compress", str(run), "--quantize", "int8", "--calibration", "300", "--rounds", "1", "--out", str(int8)])
+    assert res.exit_code == 0, res.output
+    torch_preds = [p.to_dict() for p in predict(SAMPLES, run, top_k=3, device="cpu")]
+    for served_run, runtime, precision, model_file in ((run, "onnx", "fp32", "model.onnx"), (int8, None, "int8", "model.int8.onnx"),
+                                                       (int8, "onnx", "int8", "model.int8.onnx"), (int8, "torch", "fp32", "best.pt")):
+        service = Service(lambda r=served_run, rt=runtime: load_served(r, rt, device="cpu"))
+        service.start()
+        assert service.loaded.wait(60) and service.error is None, service.error
+        client = TestClient(create_app(service))
+        info = client.get("/v1/info").json()
+        assert (info["runtime"], info["precision"], Path(info["model_file"]).name) == (runtime or "onnx", precision, model_file)
+        got = client.post("/v1/predict", files=_files(*SAMPLES)).json()["predictions"]
+        want = [p.to_dict() | {"path": Path(p.path).name} for p in predict(SAMPLES, served_run, top_k=3, device="cpu")]
+        if runtime != "torch":  # what `fcclass predict` gives for the run: the int8 model of a compressed run
+            assert got == want if runtime is None else [g["label"] for g in got] == [w["label"] for w in want]
+        assert [g["label"] for g in got] == [p["label"] for p in torch_preds] or precision == "int8"
+        for g, t in zip(got, torch_preds):
+            assert g["probability"] == pytest.approx(t["probability"], abs=1e-4 if precision == "fp32" else 0.1)  # int8: close, not equal
+        service.close()
