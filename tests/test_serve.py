@@ -148,10 +148,12 @@ def test_with_an_api_key_every_api_call_needs_the_header(trained_run: Path) -> N
 
 
 def test_a_request_waiting_past_the_timeout_is_answered_503(trained_run: Path) -> None:
-    # the batch waits a second for company; the request may wait a twentieth of that
+    # another request on its way (its upload still arriving) makes the batch wait up to a second for it; this
+    # request may wait a twentieth of that
     client = _client(trained_run, Limits(max_batch=64, max_wait_ms=1000, timeout_s=0.05))
     started = time.monotonic()
-    res = client.post("/v1/predict", files=_files(SAMPLES[0]))
+    with client.app.state.service.batcher.arriving():
+        res = client.post("/v1/predict", files=_files(SAMPLES[0]))
     assert res.status_code == 503 and "Timed out after 0.05 s" in res.json()["error"]
     assert time.monotonic() - started < 0.9
 
@@ -179,7 +181,13 @@ def test_the_batcher_runs_requests_that_arrive_together_as_one_batch() -> None:
         return x.float().flatten(1)
 
     batcher = Batcher(forward, max_batch=8, max_wait=0.5)
-    futures = [batcher.submit(torch.full((n, 1), i)) for i, n in enumerate([1, 2, 3, 4])]
+    on_their_way = [batcher.arriving() for _ in range(4)]  # four requests received at once, still being decoded
+    for request in on_their_way:
+        request.__enter__()
+    futures = []
+    for i, (n, request) in enumerate(zip([1, 2, 3, 4], on_their_way)):
+        futures.append(batcher.submit(torch.full((n, 1), i)))
+        request.__exit__(None, None, None)
     results = [f.result(5) for f in futures]
     assert seen == [6, 4]  # 1+2+3 fill 6; the 4 would make 10 > 8, so it runs next
     assert [(r[0].flatten().tolist(), r[1]) for r in results] == [([0], 6), ([1, 1], 6), ([2] * 3, 6), ([3] * 4, 4)]
@@ -187,9 +195,12 @@ def test_the_batcher_runs_requests_that_arrive_together_as_one_batch() -> None:
     seen.clear()
     futures = [off.submit(torch.full((1, 1), i)) for i in range(3)]
     assert [f.result(5)[1] for f in futures] == [1, 1, 1] and seen == [1, 1, 1]
-    cancelled = batcher.submit(torch.zeros(1, 1))
-    cancelled.cancel()  # a request that timed out before its batch started is left out
-    assert batcher.submit(torch.zeros(2, 1)).result(5)[1] == 2
+    started = time.monotonic()  # a lone request (none other on its way) does not wait for company
+    assert batcher.submit(torch.zeros(1, 1)).result(5)[1] == 1 and time.monotonic() - started < 0.25
+    with batcher.arriving():
+        cancelled = batcher.submit(torch.zeros(1, 1))
+        cancelled.cancel()  # a request that timed out before its batch started is left out
+        assert batcher.submit(torch.zeros(2, 1)).result(5)[1] == 2
     batcher.close(5)
     off.close(5)
 

@@ -65,10 +65,24 @@ def _check_bad_inputs(url: str) -> None:
         assert client.get(f"{url}/healthz").status_code == 200 and _post(client, url, SAMPLES[:1]).status_code == 200
 
 
+def _slow_upload(url: str, image: Path) -> httpx.Response:
+    """A multipart upload of ``image`` whose second half comes a second after the first."""
+    body = (b"--b\r\nContent-Disposition: form-data; name=\"files\"; filename=\"" + image.name.encode() + b"\"\r\n"
+            b"Content-Type: image/png\r\n\r\n" + image.read_bytes() + b"\r\n--b--\r\n")
+
+    def halves() -> Any:
+        yield body[: len(body) // 2]
+        time.sleep(1.0)
+        yield body[len(body) // 2 :]
+
+    with httpx.Client(headers=KEY, timeout=30) as client:
+        return client.post(f"{url}/v1/predict", content=halves(), headers={"content-type": "multipart/form-data; boundary=b"})
+
+
 def test_a_real_server_answers_as_predict_does_under_load_and_stops_cleanly(trained_run: Path, clothes_folder: Path) -> None:
     images = SAMPLES + sorted(clothes_folder.rglob("*.png"))[::20]  # 3 gray PNGs and 9 RGB ones (converted to gray)
     want = _cli_predictions(trained_run, images)
-    server = ServeProcess.start(str(trained_run), "--max-batch", "16", "--max-wait-ms", "300", "--max-files", "16",
+    server = ServeProcess.start(str(trained_run), "--max-batch", "16", "--max-wait-ms", "50", "--max-files", "16",
                                 "--max-upload-mb", "1", "--host", "0.0.0.0", env={"FCCLASS_API_KEY": "k-123"})
     try:
         assert not any("Warning" in line for line in server.lines)  # 0.0.0.0, but with a key
@@ -78,11 +92,11 @@ def test_a_real_server_answers_as_predict_does_under_load_and_stops_cleanly(trai
         assert res.status_code == 200 and res.json()["predictions"] == [want[f.name] for f in images]
         _check_concurrent(server.url, images, want)
         _check_bad_inputs(server.url)
-        # SIGTERM while a request waits for its batch (300 ms): it is answered, then the process exits 0
+        # SIGTERM while a request is in flight (its upload half sent): it is answered, then the process exits 0
         answer: list[httpx.Response] = []
-        waiting = threading.Thread(target=lambda: answer.append(_post(httpx.Client(headers=KEY, timeout=30), server.url, SAMPLES[:1])))
+        waiting = threading.Thread(target=lambda: answer.append(_slow_upload(server.url, SAMPLES[0])))
         waiting.start()
-        time.sleep(0.1)
+        time.sleep(0.4)
         status, out = server.stop(signal.SIGTERM)
         waiting.join(10)
     finally:

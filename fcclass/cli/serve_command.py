@@ -27,6 +27,8 @@ def serve(
     max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", help="Largest request body, in MB (413 above)."),
     max_files: int = typer.Option(64, "--max-files", help="Most images in one request (413 above)."),
     timeout: float = typer.Option(30.0, "--timeout", help="Seconds a request may wait for the model before it is answered 503."),
+    threads: int = typer.Option(1, "--threads", min=1, help="Threads the model runs on. 1 (the default) leaves the other cores to "
+                                                             "reading and decoding requests; more helps large models in large batches."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="FCCLASS_API_KEY", show_envvar=True,
                                           help="Require this key in the X-API-Key header (all but /healthz, /readyz and the static pages)."),
     runs_dir: Path = RunsDirOpt,
@@ -53,7 +55,7 @@ def serve(
                           "it can use the model. Set one with --api-key or FCCLASS_API_KEY.[/yellow]", highlight=False)
     sock = bind(host, port)
     address = url(sock)
-    service = Service(lambda: load_served(run_dir, runtime, runs_dir=runs_dir, device=device), limits)
+    service = Service(lambda: load_served(run_dir, runtime, runs_dir=runs_dir, device=device, threads=threads), limits)
 
     def ready(s: Any) -> None:
         if s.served is None:

@@ -76,9 +76,10 @@ async def predict(request: Request) -> Response:
     served = _served(request)
     service: Service = request.app.state.service
     started = time.perf_counter()
-    images, top_k = await read_images(request, service.limits.max_files)
-    batch = await run_in_threadpool(_decode_all, served, images)
-    future = service.batcher.submit(batch)
+    with service.batcher.arriving():
+        images, top_k = await read_images(request, service.limits.max_files)
+        batch = await run_in_threadpool(_decode_all, served, images)
+        future = service.batcher.submit(batch)
     left = service.limits.timeout_s - (time.perf_counter() - started)
     try:
         logits, batch_size = await asyncio.wait_for(asyncio.wrap_future(future), timeout=max(left, 0.001))

@@ -1,16 +1,20 @@
 """Dynamic batching: one inference thread takes the images of the requests that arrive together (up to ``max_batch``
 images, waiting at most ``max_wait`` seconds after the first for more) and runs them as one batch, so concurrent
-clients share forward passes instead of contending for the cores. ``max_batch=1`` turns it off: one request at a
-time, as it came."""
+clients share forward passes instead of contending for the cores. It waits only while more requests are on their
+way (received, still being read or decoded: ``arriving``), so a lone client pays no wait. ``max_batch=1`` turns it
+off: one request at a time, as it came."""
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
+
+POLL = 0.0005  # seconds: how often a waiting batch looks again whether requests are still on their way
 
 
 @dataclass
@@ -28,9 +32,22 @@ class Batcher:
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._held: _Job | None = None  # taken from the queue but did not fit the last batch
         self._stopping = False
+        self._arriving = 0  # requests received but not submitted yet
+        self._lock = threading.Lock()
         self.batches = self.images = 0
         self._thread = threading.Thread(target=self._loop, name="fcclass-inference", daemon=True)
         self._thread.start()
+
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Around reading and decoding a request, up to its ``submit``: a batch being formed waits for it."""
+        with self._lock:
+            self._arriving += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._arriving -= 1
 
     def submit(self, images: Any) -> Future:
         """The images' logits, later: a Future of (logits, size of the batch they ran in). Cancelling it before its
@@ -53,9 +70,12 @@ class Batcher:
         jobs, count = [first], len(first.images)
         deadline = time.monotonic() + self.max_wait
         while count < self.max_batch and not self._stopping:
+            left = deadline - time.monotonic()
             try:
-                job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                job = self._queue.get(timeout=min(left, POLL)) if self._arriving and left > 0 else self._queue.get_nowait()
             except queue.Empty:
+                if self._arriving and left > 0:
+                    continue
                 break
             if job is None:
                 self._stopping = True

@@ -68,16 +68,21 @@ def _sha256(path: Path) -> str:
 
 
 def load_served(run: str | Path | None, runtime: str | None = None, *, runs_dir: str | Path = "runs",
-                device: str = "auto") -> Served:
+                device: str = "auto", threads: int | None = None) -> Served:
     """The run's model as ``fcclass predict`` uses it (``runtime`` None: a compressed run's int8 ONNX model, else the
     PyTorch checkpoint), or in the runtime asked for: torch (a compressed run's float weights) or onnx (a compressed
-    run's int8 model, else the run's model.onnx written by ``fcclass export``)."""
+    run's int8 model, else the run's model.onnx written by ``fcclass export``). ``threads``: the model's threads
+    (PyTorch's, and ONNX Runtime's, which takes PyTorch's number); None leaves PyTorch's setting."""
+    import torch
+
     from fcclass.inference.export import FORMATS
     from fcclass.inference.load import load_for_inference, with_onnx_model
     from fcclass.inference.onnx import INT8_MODEL, OnnxNet
 
     if runtime is not None and runtime not in RUNTIMES:
         raise FcclassError(f"--runtime must be torch or onnx, not '{runtime}'.")
+    if threads is not None:
+        torch.set_num_threads(threads)
     inf = load_for_inference(run, runs_dir=runs_dir, device=device)
     inf.image_shape  # noqa: B018 - refuses a model trained on feature vectors
     if runtime == "torch" and isinstance(inf.model, OnnxNet):
