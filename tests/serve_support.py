@@ -12,6 +12,7 @@ import sys
 import time
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 
 from conftest import ROOT
 
@@ -46,10 +47,10 @@ class ServeProcess:
     lines: list[str]
 
     @classmethod
-    def start(cls, *args: str, env: dict[str, str] | None = None, timeout: float = 90) -> ServeProcess:
+    def start(cls, *args: str, env: dict[str, str] | None = None, timeout: float = 90, cwd: Path = ROOT) -> ServeProcess:
         proc = subprocess.Popen([sys.executable, "-m", "fcclass", "serve", "--port", "0", *args], stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "300", **(env or {})},
-                                cwd=ROOT)
+                                cwd=cwd)
         lines: list[str] = []
         deadline = time.monotonic() + timeout
         url = None

@@ -23,7 +23,7 @@ def serve(
                                                                   "ONNX model, else the PyTorch checkpoint). onnx on an uncompressed run "
                                                                   "serves its model.onnx from `fcclass export`."),
     max_batch: int = typer.Option(32, "--max-batch", help="Most images run as one batch; 1 turns dynamic batching off."),
-    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", help="How long a batch waits for more requests after its first."),
+    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", help="How long a batch may wait for more requests after its first (only while more are arriving)."),
     max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", help="Largest request body, in MB (413 above)."),
     max_files: int = typer.Option(64, "--max-files", help="Most images in one request (413 above)."),
     timeout: float = typer.Option(30.0, "--timeout", help="Seconds a request may wait for the model before it is answered 503."),
@@ -62,7 +62,7 @@ def serve(
             return
         served = s.served
         _print_notes(console, [served.inference.note] if served.inference.note else [])
-        batching = f"batches of up to {limits.max_batch}, waiting {limits.max_wait_ms:g} ms" if limits.max_batch > 1 else "batching off"
+        batching = f"batches of up to {limits.max_batch}, waiting up to {limits.max_wait_ms:g} ms" if limits.max_batch > 1 else "batching off"
         console.print(f"Serving {escape(str(served.model_file))} ({served.runtime}, {served.precision}, {len(served.inference.class_names)} labels; "
                       f"{batching}) on {address}", highlight=False)
         console.print(f"Ready (pid {os.getpid()}): the page at {address}/, the API docs at {address}/docs. Ctrl-C or SIGTERM stops it.",

@@ -7,14 +7,12 @@ off: one request at a time, as it came."""
 from __future__ import annotations
 
 import contextlib
-import queue
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
-
-POLL = 0.0005  # seconds: how often a waiting batch looks again whether requests are still on their way
 
 
 @dataclass
@@ -29,11 +27,10 @@ class Batcher:
 
     def __init__(self, forward: Callable[[Any], Any], max_batch: int, max_wait: float) -> None:
         self.forward, self.max_batch, self.max_wait = forward, max_batch, max_wait
-        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._held: _Job | None = None  # taken from the queue but did not fit the last batch
-        self._stopping = False
+        self._jobs: deque[_Job] = deque()
         self._arriving = 0  # requests received but not submitted yet
-        self._lock = threading.Lock()
+        self._closing = False
+        self._changed = threading.Condition()  # a job submitted, a request no longer arriving, or closing
         self.batches = self.images = 0
         self._thread = threading.Thread(target=self._loop, name="fcclass-inference", daemon=True)
         self._thread.start()
@@ -41,57 +38,59 @@ class Batcher:
     @contextlib.contextmanager
     def arriving(self) -> Iterator[None]:
         """Around reading and decoding a request, up to its ``submit``: a batch being formed waits for it."""
-        with self._lock:
+        with self._changed:
             self._arriving += 1
         try:
             yield
         finally:
-            with self._lock:
+            with self._changed:
                 self._arriving -= 1
+                self._changed.notify()
 
     def submit(self, images: Any) -> Future:
         """The images' logits, later: a Future of (logits, size of the batch they ran in). Cancelling it before its
         batch starts (a request that timed out) leaves it out of the batch."""
         job = _Job(images)
-        self._queue.put(job)
+        with self._changed:
+            self._jobs.append(job)
+            self._changed.notify()
         return job.future
 
     def close(self, timeout: float | None = None) -> None:
         """Finish the jobs already submitted, then stop the thread."""
-        self._queue.put(None)
+        with self._changed:
+            self._closing = True
+            self._changed.notify()
         self._thread.join(timeout)
 
-    def _collect(self) -> list[_Job]:
-        first = self._held if self._held is not None else self._queue.get()
-        self._held = None
-        if first is None:
-            self._stopping = True
-            return []
-        jobs, count = [first], len(first.images)
-        deadline = time.monotonic() + self.max_wait
-        while count < self.max_batch and not self._stopping:
-            left = deadline - time.monotonic()
-            try:
-                job = self._queue.get(timeout=min(left, POLL)) if self._arriving and left > 0 else self._queue.get_nowait()
-            except queue.Empty:
-                if self._arriving and left > 0:
+    def _collect(self) -> list[_Job] | None:
+        """The next batch: the first job waiting (None: closing and none left), then those that fit, waiting for more
+        while requests are arriving, until ``max_wait`` has passed."""
+        with self._changed:
+            while not self._jobs:
+                if self._closing:
+                    return None
+                self._changed.wait()
+            jobs = [self._jobs.popleft()]
+            count, deadline = len(jobs[0].images), time.monotonic() + self.max_wait
+            while count < self.max_batch:
+                if self._jobs:
+                    if count + len(self._jobs[0].images) > self.max_batch:
+                        break  # it starts the next batch
+                    jobs.append(self._jobs.popleft())
+                    count += len(jobs[-1].images)
                     continue
-                break
-            if job is None:
-                self._stopping = True
-            elif count + len(job.images) > self.max_batch:
-                self._held = job
-                break
-            else:
-                jobs.append(job)
-                count += len(job.images)
-        return jobs
+                left = deadline - time.monotonic()
+                if not self._arriving or left <= 0 or self._closing:
+                    break
+                self._changed.wait(left)
+            return jobs
 
     def _loop(self) -> None:
         import torch
 
-        while not (self._stopping and self._held is None):
-            live = [job for job in self._collect() if job.future.set_running_or_notify_cancel()]
+        while (jobs := self._collect()) is not None:
+            live = [job for job in jobs if job.future.set_running_or_notify_cancel()]
             if not live:
                 continue
             try:

@@ -68,12 +68,14 @@ def run(app: Any, service: Service, sock: socket.socket, ready: Callable[[Servic
     def loaded(s: Service) -> None:
         if s.error is not None:
             server.should_exit = True
-        ready(s)
+        if not server.should_exit:  # stopped while loading: not "ready" after all
+            ready(s)
 
     service.start(loaded)
     try:
         server.run(sockets=[sock])
     finally:
+        service.loaded.wait()  # stopped while loading: let that end, so that no thread is left printing as Python exits
         service.close()
         sock.close()
     if service.error is not None:
