@@ -50,10 +50,10 @@ def serve(
     if runtime is not None and runtime not in ("torch", "onnx"):
         raise FcclassError(f"--runtime must be torch or onnx, not '{runtime}'.")
     console = _console()
+    sock = bind(host, port)
     if not is_loopback(host) and not api_key:
         err_console.print(f"[yellow]Warning: listening on {escape(host)} (not this machine only) without an API key: anyone who can reach "
                           "it can use the model. Set one with --api-key or FCCLASS_API_KEY.[/yellow]", highlight=False)
-    sock = bind(host, port)
     address = url(sock)
     service = Service(lambda: load_served(run_dir, runtime, runs_dir=runs_dir, device=device, threads=threads), limits)
 
