@@ -1,5 +1,5 @@
 """A real `fcclass serve` process on a free port, as a user runs it: its predictions are `fcclass predict --json`'s,
-dozens of concurrent clients are all answered (in shared batches), every bad input is a 4xx and the server stays up,
+dozens of concurrent clients are all answered (in shared batches, bad uploads among them), every bad input is a 4xx and the server stays up,
 the API key from the environment, SIGTERM and Ctrl-C finish the requests in flight and exit 0; a port in use and a
 missing run are clear errors. The ONNX runtimes are in the slow tests."""
 
@@ -41,9 +41,19 @@ def _post(client: httpx.Client, url: str, files: list[Path], **kwargs: Any) -> h
 
 
 def _check_concurrent(url: str, images: list[Path], want: dict[str, dict[str, Any]]) -> None:
+    """64 concurrent clients, with 16 bad uploads among them: every good one answered right, every bad one refused."""
+    bad = list(bad_files().items()) * 4
+
+    def send_bad(i: int) -> httpx.Response:
+        name, (data, _, _) = bad[i]
+        return client.post(f"{url}/v1/predict", files=[("files", (name, data, "image/png"))])
+
     with httpx.Client(headers=KEY, timeout=60) as client:
-        with ThreadPoolExecutor(64) as pool:
-            answers = list(pool.map(lambda i: _post(client, url, [images[i % len(images)]]), range(64)))
+        with ThreadPoolExecutor(80) as pool:
+            good = [pool.submit(_post, client, url, [images[i % len(images)]]) for i in range(64)]
+            refused = [pool.submit(send_bad, i) for i in range(16)]
+            answers = [f.result() for f in good]
+            assert [f.result().status_code for f in refused] == [status for _, (_, status, _) in bad]
     assert [r.status_code for r in answers] == [200] * 64
     for i, res in enumerate(answers):
         got = res.json()["predictions"][0]
