@@ -42,13 +42,12 @@ def serve(
     except ImportError:
         raise FcclassError("fcclass serve needs Starlette, uvicorn and python-multipart: pip install 'fcclass[serve]'.") from None
     from fcclass.serve.app import create_app
-    from fcclass.serve.model import Limits, Service, load_served
+    from fcclass.serve.model import Limits, Service, check_runtime, load_served
     from fcclass.serve.server import bind, is_loopback, run, url
 
     limits = Limits(max_batch, max_wait_ms, max_upload_mb, max_files, timeout)
     limits.check()
-    if runtime is not None and runtime not in ("torch", "onnx"):
-        raise FcclassError(f"--runtime must be torch or onnx, not '{runtime}'.")
+    check_runtime(runtime)  # before the port is taken and the model loaded
     console = _console()
     sock = bind(host, port)
     if not is_loopback(host) and not api_key:

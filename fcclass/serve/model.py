@@ -77,6 +77,11 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def check_runtime(runtime: str | None) -> None:
+    if runtime is not None and runtime not in RUNTIMES:
+        raise FcclassError(f"--runtime must be {' or '.join(RUNTIMES)}, not '{runtime}'.")
+
+
 def load_served(run: str | Path | None, runtime: str | None = None, *, runs_dir: str | Path = "runs",
                 device: str = "auto", threads: int | None = None) -> Served:
     """The run's model as ``fcclass predict`` uses it (``runtime`` None: a compressed run's int8 ONNX model, else the
@@ -85,12 +90,12 @@ def load_served(run: str | Path | None, runtime: str | None = None, *, runs_dir:
     (PyTorch's, and ONNX Runtime's, which takes PyTorch's number); None leaves PyTorch's setting."""
     import torch
 
+    from fcclass.device import precision_name
     from fcclass.inference.export import FORMATS
     from fcclass.inference.load import load_for_inference, with_onnx_model
     from fcclass.inference.onnx import INT8_MODEL, OnnxNet
 
-    if runtime is not None and runtime not in RUNTIMES:
-        raise FcclassError(f"--runtime must be torch or onnx, not '{runtime}'.")
+    check_runtime(runtime)
     if threads is not None:
         torch.set_num_threads(threads)
     inf = load_for_inference(run, runs_dir=runs_dir, device=device)
@@ -112,8 +117,7 @@ def load_served(run: str | Path | None, runtime: str | None = None, *, runs_dir:
     if isinstance(inf.model, OnnxNet):
         model_file = Path(inf.model.path)
         return Served(inf, "onnx", "int8" if model_file.name == INT8_MODEL else "fp32", model_file, _sha256(model_file))
-    precision = {None: "fp32"}.get(inf.amp_dtype, str(inf.amp_dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace("float16", "fp16"))
-    return Served(inf, "torch", precision, inf.path, _sha256(inf.path))
+    return Served(inf, "torch", precision_name(inf.amp_dtype), inf.path, _sha256(inf.path))
 
 
 @dataclass
