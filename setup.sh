@@ -83,6 +83,20 @@ if command -v apt-get >/dev/null 2>&1 && [ ! -d /usr/share/datasets/fashion-mnis
   fi
 fi
 
+# The browser test of `fcclass serve`'s page drives Debian's chromium with Playwright (which cannot download its own
+# browser here); without it that test is skipped.
+if command -v apt-get >/dev/null 2>&1 && ! command -v chromium >/dev/null 2>&1; then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  echo "==> Installing Debian's chromium with apt-get (about 100 MB; for the browser test of fcclass serve's page)"
+  t=$SECONDS
+  if $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null; then
+    echo "    done ($(took "$t"))"
+  else
+    echo "warning: could not install chromium; the browser test of fcclass serve's page will be skipped." >&2
+  fi
+fi
+
 PYTHON="${PYTHON:-python3}"
 if [ -x .venv/bin/python ]; then
   echo "==> Using the existing .venv ($(.venv/bin/python --version 2>&1))"

@@ -19,3 +19,7 @@ class ModelError(FcclassError):
 
 class CheckpointError(FcclassError):
     """A run directory or checkpoint is missing, corrupt or unsafe."""
+
+
+class NotAnImageError(DataError):
+    """A file that is not an image Pillow can read (another format, corrupt header, empty): the server's 415."""

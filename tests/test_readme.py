@@ -629,6 +629,53 @@ def _compress(ex: readme.Example, ws: Workspace) -> None:
     assert_shown(ex.output, res.output)
 
 
+# ----------------------------------------------------------------------------- serve
+SERVE = "fcclass serve runs/fashion-cnn-20261207-180312"
+CURL_OK = "curl -s -F files=@samples/test_0.png 'http://127.0.0.1:8000/v1/predict?top_k=2'"
+CURL_BAD = "curl -s -F files=@samples/not_an_image.png http://127.0.0.1:8000/v1/predict"
+
+
+@example(SERVE, kind="slow")
+def _serve(ex: readme.Example, ws: Workspace) -> None:
+    """The shown start-up lines, then Ctrl-C: the line saying it stopped, exit status 0."""
+    from serve_support import ServeProcess
+
+    home = ws.home  # trains the runs (ws.trained) the first time
+    server = ServeProcess.start(f"runs/{ws.trained.name}", cwd=home)
+    status, rest = server.stop(signal.SIGINT)
+    out = "\n".join(server.lines) + "\n" + rest
+    assert status == 0 and "Traceback" not in out, out
+    assert_shown(ex.output, out.replace("--port 0", ""), {"runs/fashion-cnn-20261207-180312": f"runs/{ws.trained.name}"})
+
+
+@example(CURL_OK, CURL_BAD, kind="slow")
+def _curl(ex: readme.Example, ws: Workspace) -> None:
+    """curl as shown, against a real server: the answer has the shown shape, predict's label and probability for the
+    file, and the shown error for the non-image, word for word."""
+    from serve_support import ServeProcess
+
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    home = ws.home  # trains the runs (ws.trained) the first time
+    server = ServeProcess.start(f"runs/{ws.trained.name}", cwd=home)
+    try:
+        argv = shlex.split(ex.command.replace("http://127.0.0.1:8000", server.url))
+        out = subprocess.run(argv, cwd=ws.home, capture_output=True, text=True, timeout=60)
+    finally:
+        server.stop()
+    real, shown = json.loads(out.stdout), json.loads("\n".join(ex.output))
+    if "error" in shown:
+        assert real == shown
+        return
+    predicted = json.loads(cli("fcclass predict samples/test_0.png --top-k 2 --json -", ws.home).stdout)[0]
+    assert real["predictions"] == [predicted | {"path": "test_0.png"}]
+    assert set(real) == set(shown) and set(real["predictions"][0]) == set(shown["predictions"][0])
+
+
+JSON["`fcclass predict --json` gives for the same file"] = Check(NOT_RUN, "tests/test_serve_process.py compares a real server's "
+                                                                          "answers with `fcclass predict --json` for 12 PNGs")
+
+
 # ----------------------------------------------------------------------------- summary, bench, init
 @example("fcclass summary --set model.layers.0.filters=100000000")
 def _summary_of_an_absurd_model(ex: readme.Example, ws: Workspace) -> None:

@@ -21,6 +21,7 @@ from fcclass.data.images import (
     LUMA,
     MAX_IMAGE_PIXELS,
     convert_channels,
+    decode_resized,
     decode_threads,
     describe_bad_files,
     image_size,
@@ -40,7 +41,7 @@ from fcclass.errors import DataError
 
 __all__ = [
     "BatchPreprocess", "DataInfo", "Dataset", "FileLoader", "IMAGE_EXTENSIONS", "LUMA", "MAX_IMAGE_PIXELS", "Progress", "Split",
-    "SplitRecord", "TensorLoader", "augment_batch", "cache_folder", "channel_stats", "class_counts", "convert_channels", "data_root",
+    "SplitRecord", "TensorLoader", "augment_batch", "cache_folder", "channel_stats", "class_counts", "convert_channels", "data_root", "decode_resized",
     "class_weights", "dataset_from_record", "record_differences", "decode_threads", "describe", "normalization", "epoch_seed", "is_image_name",
     "list_images", "load_dataset", "load_image", "load_resized",
     "make_loader", "resize_uint8", "rotate", "stratified_take", "unpack_debian_copy",

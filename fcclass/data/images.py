@@ -3,18 +3,19 @@ and channel conversion. Training, evaluation and prediction all read pixels thro
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, BinaryIO, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from fcclass.errors import DataError
+from fcclass.errors import DataError, NotAnImageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 MAX_IMAGE_PIXELS = 89_478_485  # Pillow's default bomb limit (~0.25 GB of RGBA), enforced as an error
@@ -64,35 +65,44 @@ def _open_checked(path: Path) -> Any:
         raise DataError(f"{path}: is a folder, not an image.")
     if not stat.S_ISREG(mode):  # a FIFO would block forever, a device could be endless
         raise DataError(f"{path}: not a regular file (a pipe, socket or device); refused.")
+    return _open_image(path, path)
+
+
+def _open_image(source: Path | BinaryIO, name: str | Path) -> Any:
+    """Pillow's lazy open of a file or an in-memory upload, refusing bombs; errors name ``name``."""
     try:
-        img = Image.open(path)
+        img = Image.open(source)
     except Image.DecompressionBombError:
-        raise DataError(_bomb_message(path)) from None
+        raise DataError(_bomb_message(name)) from None
     except UnidentifiedImageError:
-        raise DataError(f"{path}: not an image file Pillow can read (corrupt, empty or another format).") from None
+        raise NotAnImageError(f"{name}: not an image file Pillow can read (corrupt, empty or another format).") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{path}: cannot decode image ({e}); the file is corrupt or truncated.") from None
+        raise DataError(f"{name}: cannot decode image ({e}); the file is corrupt or truncated.") from None
     width, height = img.size
     if width * height > MAX_IMAGE_PIXELS:
         img.close()
-        raise DataError(_bomb_message(path))
+        raise DataError(_bomb_message(name))
     return img
 
 
-def _bomb_message(path: Path) -> str:
+def _bomb_message(path: str | Path) -> str:
     return f"{path}: image is too large (over {MAX_IMAGE_PIXELS:,} pixels); refused as a possible decompression bomb. Downscale it first."
 
 
 def load_image(path: str | Path, channels: int) -> torch.Tensor:
     """Decode one image file to uint8 (channels, H, W). Raises DataError naming the file."""
+    path = Path(path)
+    return _pixels(_open_checked(path), path, channels)
+
+
+def _pixels(opened: Any, name: str | Path, channels: int) -> torch.Tensor:
     import numpy as np
 
-    path = Path(path)
-    with _open_checked(path) as img:
+    with opened as img:
         try:
             img = _to_mode(ImageOps.exif_transpose(img), "L" if channels == 1 else "RGB")
         except (OSError, SyntaxError, ValueError) as e:
-            raise DataError(f"{path}: cannot decode image ({e}); the file is corrupt or truncated.") from None
+            raise DataError(f"{name}: cannot decode image ({e}); the file is corrupt or truncated.") from None
     t = torch.from_numpy(np.array(img, dtype=np.uint8))
     return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
 
@@ -100,6 +110,15 @@ def load_image(path: str | Path, channels: int) -> torch.Tensor:
 def load_resized(path: str | Path, channels: int, size: Sequence[int]) -> torch.Tensor:
     """One image file as the model sees it before normalisation: uint8 (channels, *size). Shared by every path."""
     return resize_uint8(load_image(path, channels).unsqueeze(0), size)[0]
+
+
+def decode_resized(data: bytes, name: str, channels: int, size: Sequence[int]) -> torch.Tensor:
+    """An image file's bytes (an upload, say) as ``load_resized`` gives the file: the same decoder, bomb guard,
+    conversion and resize. Raises DataError starting with ``name``."""
+    if not data:
+        raise NotAnImageError(f"{name}: empty file (0 bytes), not an image.")
+    image = _pixels(_open_image(io.BytesIO(data), name), name, channels)
+    return resize_uint8(image.unsqueeze(0), size)[0]
 
 
 def image_size(path: str | Path) -> tuple[int, int]:

@@ -153,27 +153,30 @@ def load_for_inference(run: str | Path | None = None, checkpoint: str | Path | N
                               f"Checkpoint '{resolved.checkpoint}' holds untrained weights (epoch 0: saved when its run started, "
                               "before any epoch completed). Resume that run with `fcclass train --resume RUN_DIR`, or use another checkpoint.")
     cfg, model = rebuild(ckpt, resolved.checkpoint)
+    loaded = Inference(model.to(dev).eval(), ckpt, resolved.checkpoint, resolved.run_dir, cfg, dev,
+                       select_precision(precision, dev), BatchPreprocess(ckpt.mean, ckpt.std), resolved.note)
     if checkpoint is None and resolved.run_dir is not None:
-        deployed = _int8_model(resolved.run_dir, resolved.note, ckpt)
-        if deployed is not None:  # a run made by `fcclass compress --quantize int8`: its model is the int8 one
-            return Inference(deployed[0], ckpt, resolved.checkpoint, resolved.run_dir, cfg, torch.device("cpu"), None,
-                             BatchPreprocess([], []), deployed[1])
-    return Inference(model.to(dev).eval(), ckpt, resolved.checkpoint, resolved.run_dir, cfg, dev,
-                     select_precision(precision, dev), BatchPreprocess(ckpt.mean, ckpt.std), resolved.note)
+        from fcclass.inference.onnx import INT8_MODEL
+
+        int8 = resolved.run_dir / INT8_MODEL
+        # A run made by `fcclass compress --quantize int8`: its model is the int8 one. compress.json is written last,
+        # so a compression that did not finish is never used.
+        if int8.is_file() and (resolved.run_dir / COMPRESSED).is_file():
+            return with_onnx_model(loaded, int8, f"Model: {int8} (int8, ONNX Runtime on the CPU); its float weights: "
+                                                 f"--checkpoint {resolved.run_dir / 'best.pt'}")
+    return loaded
 
 
-def _int8_model(run_dir: Path, note: str | None, ckpt: Checkpoint) -> tuple[Any, str] | None:
-    """The int8 ONNX model of a compressed run, run by ONNX Runtime on the CPU, and the note saying so; None for
-    other runs. compress.json is written last, so a compression that did not finish is never used. The model must
-    take the run's images and give its classes' scores (OnnxNet.check_fits)."""
-    from fcclass.inference.onnx import INT8_MODEL, OnnxNet
+def with_onnx_model(inf: Inference, path: Path, said: str) -> Inference:
+    """``inf`` with its model replaced by the ONNX file ``path`` (an int8 model of compress, or export's model.onnx:
+    pixels in [0, 1] in, probabilities out), run by ONNX Runtime on the CPU; ``said`` is added to its note. The model
+    must take the run's images and give its classes' scores (OnnxNet.check_fits)."""
+    from fcclass.inference.onnx import OnnxNet
 
-    if not ((run_dir / INT8_MODEL).is_file() and (run_dir / COMPRESSED).is_file()):
-        return None
-    said = f"Model: {run_dir / INT8_MODEL} (int8, ONNX Runtime on the CPU); its float weights: --checkpoint {run_dir / 'best.pt'}"
-    net = OnnxNet(run_dir / INT8_MODEL)
-    net.check_fits(ckpt.input_shape, ckpt.class_names, run_dir)
-    return net, f"{note}. {said}" if note else said
+    net = OnnxNet(path)
+    net.check_fits(inf.checkpoint.input_shape, inf.class_names, inf.run_dir or path.parent)
+    return Inference(net, inf.checkpoint, inf.path, inf.run_dir, inf.config, torch.device("cpu"), None,
+                     BatchPreprocess([], []), f"{inf.note}. {said}" if inf.note else said)
 
 
 def rebuild(ckpt: Checkpoint, path: Path) -> tuple[Config, Network]:

@@ -11,7 +11,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from fcclass.data import decode_threads, is_image_name, list_images, load_resized, make_loader
+from fcclass.data import decode_resized, decode_threads, is_image_name, list_images, load_resized, make_loader
 from fcclass.errors import DataError, FcclassError
 from fcclass.inference.evaluate import read_part
 from fcclass.inference.load import Inference, load_for_inference
@@ -121,6 +121,22 @@ def _fill(preds: Sequence[Prediction], logits: torch.Tensor, names: list[str], k
     for pred, ps, idx in zip(preds, top_p.tolist(), top_i.tolist()):
         pred.top_k = [{"label": names[i], "probability": rounded(p)} for p, i in zip(ps, idx)]
         pred.label, pred.probability = names[idx[0]], pred.top_k[0]["probability"]
+
+
+def labelled(paths: Sequence[str], logits: torch.Tensor, names: list[str], top_k: int) -> list[Prediction]:
+    """Predictions named ``paths`` from their images' logits, as ``predict`` gives them (a server's, say)."""
+    if top_k < 1:
+        raise FcclassError("top_k must be at least 1.")
+    preds = [Prediction(path) for path in paths]
+    _fill(preds, logits, names, min(top_k, len(names)))
+    return preds
+
+
+def decode_upload(inf: Inference, data: bytes, name: str) -> torch.Tensor:
+    """An image file's bytes as ``predict`` reads the file: uint8 (C, H, W) at the model's input size. Raises
+    DataError starting with ``name``."""
+    channels, height, width = inf.image_shape
+    return decode_resized(data, name, channels, (height, width))
 
 
 def _decoded(inf: Inference, entries: list[Path | tuple[Path, str]], batch_size: int,
