@@ -138,13 +138,18 @@ def test_readyz_is_503_until_the_model_is_loaded(trained_run: Path) -> None:
 def test_with_an_api_key_every_api_call_needs_the_header(trained_run: Path) -> None:
     client = _client(trained_run, api_key="s3cret")
     for path, method in (("/v1/info", "GET"), ("/v1/predict", "POST")):
-        for headers, words in (({}, "no X-API-Key header"), ({"X-API-Key": "wrong"}, "wrong X-API-Key")):
+        for headers, words in (({}, "no X-API-Key header"), ({"X-API-Key": "wrong"}, "a wrong API key")):
             res = client.request(method, path, headers=headers, files=_files(SAMPLES[0]) if method == "POST" else None)
             assert res.status_code == 401 and words in res.json()["error"], (path, res.text)
     assert client.post("/v1/predict", files=_files(SAMPLES[0]), headers={"X-API-Key": "s3cret"}).status_code == 200
     assert client.get("/v1/info", headers={"X-API-Key": "s3cret"}).status_code == 200
-    for path in ("/healthz", "/readyz", "/"):
+    for path in ("/healthz", "/readyz"):  # only the probes are open
         assert client.get(path).status_code == 200
+    for path in ("/", "/docs", "/openapi.json"):  # the page and the docs too need the key: a browser gives it in the URL
+        assert client.get(path).status_code == 401
+        assert client.get(path, headers={"X-API-Key": "s3cret"}).status_code == 200
+        assert client.get(f"{path}?api_key=s3cret").status_code == 200
+        assert client.get(f"{path}?api_key=nope").status_code == 401
 
 
 def test_a_request_waiting_past_the_timeout_is_answered_503(trained_run: Path) -> None:

@@ -69,3 +69,29 @@ def test_the_page_shows_the_label_of_picked_and_dropped_images(trained_run: Path
         status, out = server.stop()
     assert status == 0, out
     assert screenshot.stat().st_size > 10_000
+
+
+def test_with_an_api_key_the_page_opens_with_the_key_in_its_url_and_sends_it(trained_run: Path) -> None:
+    """--api-key: the page without the key is a 401; opened as /?api_key=KEY it loads the model's info and labels an
+    image (its calls carry the key as the X-API-Key header)."""
+    assert CHROMIUM is not None, "FCCLASS_REQUIRE_BROWSER=1 but chromium is not installed (apt-get install chromium)"
+    if REQUIRED:
+        from playwright.sync_api import sync_playwright
+    else:
+        sync_playwright = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (pip install -e '.[dev]')").sync_playwright
+    want = predict([SAMPLES[0]], trained_run, device="cpu")[0].label
+    server = ServeProcess.start(str(trained_run.absolute()), "--api-key", "k-42")
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM)
+            page = browser.new_page()
+            assert page.goto(server.url + "/").status == 401
+            assert page.goto(server.url + "/?api_key=k-42").status == 200
+            page.wait_for_selector("#model:has-text('10 labels')")
+            page.set_input_files("#files", str(SAMPLES[0]))
+            page.wait_for_selector(".result .label")
+            assert page.inner_text(".result .label") == want
+            browser.close()
+    finally:
+        status, out = server.stop()
+    assert status == 0, out

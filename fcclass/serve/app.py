@@ -23,22 +23,28 @@ from fcclass.serve.model import Served, Service
 from fcclass.serve.uploads import ApiError, BodyLimit, BodyTooLarge, read_images, too_large
 
 DEFAULT_TOP_K = 3  # as `fcclass predict`
-OPEN_PATHS = ("/healthz", "/readyz", "/", "/docs", "/openapi.json")  # static pages: they call the API with the key typed in
+OPEN_PATHS = ("/healthz", "/readyz")  # what a load balancer or orchestrator probes, without the key
 
 
 class ApiKey:
-    """With a key set, every path but OPEN_PATHS needs it in the X-API-Key header (401 without)."""
+    """With a key set, every path but OPEN_PATHS needs it: in the X-API-Key header, or, for a browser opening the page
+    or the docs (which cannot send a header), as ``?api_key=KEY`` in the URL; the page then sends it as the header."""
 
     def __init__(self, app: ASGIApp, key: str | None) -> None:
         self.app, self.key = app, key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.key and scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            from urllib.parse import parse_qs
+
             given = dict(scope["headers"]).get(b"x-api-key", b"")
+            if not given:
+                given = (parse_qs(scope.get("query_string", b"").decode("latin-1")).get("api_key") or [""])[0].encode("latin-1")
             if not hmac.compare_digest(given, self.key.encode()):
-                why = "a wrong X-API-Key header" if given else "no X-API-Key header"
+                why = "a wrong API key" if given else "no X-API-Key header (nor ?api_key= in the URL)"
                 await ApiError(401, f"This server needs an API key: the request has {why}. Send the key the server was started "
-                                    "with (--api-key or FCCLASS_API_KEY) as the X-API-Key header.").response()(scope, receive, send)
+                                    "with (--api-key or FCCLASS_API_KEY) as the X-API-Key header; in a browser, open "
+                                    "/?api_key=KEY.").response()(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
