@@ -119,7 +119,8 @@ def test_unfreeze_trains_every_layer_from_its_epoch_at_the_scaled_rate_and_resum
     code, output, run = _train(tmp_path, "-c", str(config), "--init-from", str(trained_run), "--set",
                                "model.init_from.freeze=true", "--set", "train.unfreeze={epoch: 3, lr_scale: 0.25}")
     assert code == 0, output
-    assert "Frozen until epoch 3 (train.unfreeze): conv2d, conv2d_1, batch_normalization, dense" in output
+    assert "train.unfreeze.epoch 3 comes after this run's last epoch (1): conv2d, conv2d_1, batch_normalization, dense stay " \
+        "frozen throughout" in " ".join(output.split())
     source = _state(trained_run / "best.pt")
     code, output, _ = _train(tmp_path, "--resume", str(run), "--set", "train.epochs=2")
     assert code == 0, output
@@ -206,7 +207,8 @@ def test_init_from_keys_naming_no_layer_of_the_model_are_errors() -> None:
 
 # ----------------------------------------------------------------------------- mistakes
 @needs_fashion
-@pytest.mark.parametrize("case", ["missing", "untrained", "not_a_checkpoint", "no_layer_fits", "everything_frozen", "epoch_1"])
+@pytest.mark.parametrize("case", ["missing", "untrained", "no_best", "not_a_checkpoint", "no_layer_fits", "everything_frozen",
+                                  "epoch_1"])
 def test_init_from_mistakes_are_messages_and_leave_no_run(case: str, trained_run: Path, clothes_folder: Path, tmp_path: Path) -> None:
     config = _config(tmp_path, clothes_folder)
     source, sets = str(trained_run), []
@@ -216,6 +218,12 @@ def test_init_from_mistakes_are_messages_and_leave_no_run(case: str, trained_run
         (tmp_path / "half").mkdir()
         (tmp_path / "half" / "config.yaml").write_text((trained_run / "config.yaml").read_text())
         source = str(tmp_path / "half")
+    elif case == "no_best":  # a finished run whose best.pt was deleted: its last.pt is named, not "untrained"
+        import shutil
+
+        shutil.copytree(trained_run, tmp_path / "nobest")
+        (tmp_path / "nobest" / "best.pt").unlink()
+        source = str(tmp_path / "nobest")
     elif case == "not_a_checkpoint":
         source = str(config)
     elif case == "no_layer_fits":  # an MLP: its dense takes 784 inputs, the source's 2,352
@@ -230,9 +238,12 @@ def test_init_from_mistakes_are_messages_and_leave_no_run(case: str, trained_run
     expected = {
         "missing": "model.init_from: '" + source + "' does not exist. Give a run directory made by `fcclass train`",
         "untrained": "model.init_from: '" + source + "' has no checkpoint",
+        "no_best": f"model.init_from: '{source}' has no best.pt (its last.pt holds epoch 3): give that file, --init-from {source}/last.pt",
         "not_a_checkpoint": "model.init_from: '" + source + "' is not a checkpoint",
         "no_layer_fits": "model.init_from: no layer of this model can take weights from",
-        "everything_frozen": "init_from.freeze fixed every layer it loaded and no other layer trains",
+        "everything_frozen": "Every layer with weights is frozen, so there is nothing to train: init_from.freeze fixed conv2d (the "
+                             "layers it loaded); trainable: false fixes conv2d_1, batch_normalization, dense, dense_1. To train, set "
+                             "trainable: true on a layer (the classifier, say) or set init_from.freeze: false.",
         "epoch_1": "train.unfreeze.epoch",
     }[case]
     assert code == 1 and expected in " ".join(output.split()), output
@@ -292,3 +303,14 @@ def test_a_run_started_from_a_deleted_run_still_resumes_and_compresses_with_fine
     out = runner.invoke(app, ["compress", str(run), "--prune", "0.5", "--finetune", "1", "--out", str(tmp_path / "small")])
     assert out.exit_code == 0, out.output
     assert "Weights from" not in out.output and "Frozen until" not in out.output
+
+
+def test_a_backbone_weights_file_is_recorded_absolute_and_a_weight_name_as_it_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run's config.yaml trains again from any folder: a relative weights file is made absolute, as data.path is."""
+    from fcclass.config.load import load_config
+    from fcclass.runs.resume import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    layers = "[{type: Backbone, arch: resnet18, weights: w/r18.pth}, {type: Backbone, arch: resnet18, name: b2}, {type: Flatten}, {type: Dense}]"
+    cfg = with_absolute_paths(load_config(None, [f"model.layers={layers}"]))
+    assert cfg.model.layers[0].weights == str(tmp_path / "w" / "r18.pth") and cfg.model.layers[1].weights == "DEFAULT"

@@ -7,6 +7,7 @@ loading a config (and `fcclass --help`) must not pay for it.
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Annotated, ClassVar, Literal, Union
 
 from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
@@ -21,6 +22,9 @@ Shape = tuple[int, ...]
 ActivationName = Literal[tuple(ACTIVATIONS)]  # type: ignore[valid-type]
 Initializer = Literal[tuple(INITIALIZERS)]  # type: ignore[valid-type]
 BackboneArch = Literal[tuple(BACKBONES)]  # type: ignore[valid-type]
+
+
+WEIGHT_NAME = re.compile(r"[A-Z][A-Z0-9_]*")  # a torchvision weight name (DEFAULT, IMAGENET1K_V1); anything else is a file
 
 
 def fmt_shape(shape: Shape) -> str:
@@ -114,6 +118,11 @@ class Backbone(LayerBase):
     arch: BackboneArch
     weights: Annotated[str, Field(min_length=1)] | None = "DEFAULT"
     needs_image: ClassVar[bool] = True
+
+    @property
+    def weights_file(self) -> str | None:
+        """``weights`` when it names a file (anything but a torchvision weight name in capitals), else None."""
+        return self.weights if self.weights is not None and not WEIGHT_NAME.fullmatch(self.weights) else None
 
 
 LAYER_CLASSES: dict[str, type[LayerBase]] = {

@@ -22,12 +22,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from fcclass.config.layers import Backbone, Shape, fmt_shape
+from fcclass.config.layers import WEIGHT_NAME, Backbone, Shape, fmt_shape
 from fcclass.config.sections import ModelConfig, NormalizeStats
 from fcclass.errors import ConfigError, ModelError
 
 HEAD = ("avgpool", "fc", "classifier")  # the first of these children ends a torchvision model's feature extractor
-WEIGHT_NAME = re.compile(r"[A-Z][A-Z0-9_]*")  # DEFAULT, IMAGENET1K_V1; anything else is a file's path
 # torchvision's DenseNet files keep the old names 'norm.1', 'conv.2' for what the model calls norm1, conv2
 _OLD_DENSENET_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
 
@@ -197,8 +196,11 @@ def file_state(path: Path, where: str) -> dict[str, Any]:
     """The state_dict in a local weights file: a torchvision model's state_dict (as torchvision's own .pth files are),
     or one inside {"state_dict": ...} or {"model": ...}; DDP's 'module.' prefix is dropped."""
     if not path.is_file():
+        named = WEIGHT_NAME.fullmatch(path.name.upper()) and not path.exists() and "." not in path.name
         raise ModelError(f"{where}: weights file '{path}' " + ("is not a file." if path.exists() else "does not exist.")
-                         + " Give the path of a .pth state_dict, a torchvision weight name (DEFAULT), or null.")
+                         + (f" Did you mean the torchvision weight name {path.name.upper()} (in capitals)?" if named else "")
+                         + " Give the path of a .pth state_dict (a relative one is read from the folder fcclass runs in), a "
+                         "torchvision weight name (DEFAULT), or null.")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -60,7 +61,11 @@ def with_absolute_paths(cfg: Config) -> Config:
                                        "cache_dir": absolute(cfg.data.cache_dir)})
     train = cfg.train.model_copy(update={"runs_dir": absolute(cfg.train.runs_dir)})
     model = cfg.model if cfg.model.init_from is None or cfg.model.init_from.path is None else \
-        cfg.model.with_init_from(absolute(cfg.model.init_from.path) or "")
+        cfg.model.with_init_from(os.path.normpath(absolute(cfg.model.init_from.path) or ""))
+    # a Backbone's weights file, like the data, is found from anywhere (the run's config.yaml trains again elsewhere)
+    layers = [layer.model_copy(update={"weights": absolute(layer.weights_file)}) if getattr(layer, "weights_file", None) else layer
+              for layer in model.layers]
+    model = model.model_copy(update={"layers": layers})
     return cfg.model_copy(update={"data": data, "train": train, "model": model})
 
 

@@ -62,7 +62,7 @@ def print_start_weights(console: Console, trainer: Any) -> None:
             table.add_column(name, justify="right" if name == "Param #" else "left")
         colour = {"loaded": "green", "skipped": "yellow", "new": "cyan"}
         for t in init_from.transfer.layers:
-            status = t.status + (" (frozen)" if t.name in init_from.frozen else "") + (f": {t.why}" if t.why else "")
+            status = t.status + (" (frozen)" if t.name in init_from.fixed else "") + (f": {t.why}" if t.why else "")
             table.add_row(escape(f"{t.name} ({t.type})"), f"{t.params:,}", f"[{colour[t.status]}]{escape(status)}[/]",
                           escape(t.source or ""))
         console.print(table)
@@ -77,6 +77,11 @@ def unfreeze_line(trainer: Any) -> str:
     frozen = trainer.model.frozen_layers()
     if trainer.thawed:
         return f"Every layer trains (train.unfreeze from epoch {u.epoch}), at the scheduled learning rate x {u.lr_scale:g}."
+    epochs = trainer.cfg.train.epochs
+    if u.epoch > epochs:
+        return (f"[yellow]train.unfreeze.epoch {u.epoch} comes after this run's last epoch ({epochs}): "
+                f"{', '.join(frozen) or 'no layer'} stay{'s' if len(frozen) == 1 else ''} frozen throughout. Set train.unfreeze.epoch "
+                f"to {epochs} or less, or train longer (--resume RUN --set train.epochs=N reaches it).[/yellow]")
     if not frozen:
         return (f"train.unfreeze: no layer is frozen, so from epoch {u.epoch} only the learning rate changes (x {u.lr_scale:g}).")
     return (f"Frozen until epoch {u.epoch} (train.unfreeze): {', '.join(frozen)}. From epoch {u.epoch} every layer trains, "

@@ -91,7 +91,7 @@ class Trainer:
         self.train_prep = BatchPreprocess(mean, std, d.augment, cfg.seed)
         self.eval_prep = BatchPreprocess(mean, std)
         if not any(p.requires_grad for p in self.model.parameters()):
-            raise FcclassError(everything_frozen_message(cfg))
+            raise FcclassError(everything_frozen_message(cfg, self.model, self.state.frozen))
         # frozen weights have no gradient, so the optimizer leaves them be; it holds them only when train.unfreeze will
         # thaw them (its state then keeps one layout across a resume)
         params = [p for p in self.model.parameters() if p.requires_grad or cfg.train.unfreeze is not None]

@@ -5,6 +5,7 @@ fcclass.model.init_from's; this module finds the source, reports what was loaded
 from __future__ import annotations
 
 import math
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,22 +26,30 @@ class InitFrom:
     epoch: int  # the source checkpoint's completed epochs
     transfer: Transfer
     notes: list[str] = field(default_factory=list)  # how the source's preprocessing differs from this run's
-    frozen: list[str] = field(default_factory=list)  # the layers init_from.freeze fixed
+    frozen: list[str] = field(default_factory=list)  # the layers init_from.freeze fixed (a resumed run fixes them again)
+    fixed: list[str] = field(default_factory=list)  # the loaded layers that start fixed: by init_from.freeze or trainable: false
 
     def record(self) -> dict[str, Any]:
         return {"path": self.path, "checkpoint": str(self.checkpoint), "epoch": self.epoch,
                 "loaded": self.transfer.named(LOADED), "skipped": self.transfer.named("skipped"),
-                "new": self.transfer.named("new"), "frozen": list(self.frozen)}
+                "new": self.transfer.named("new"), "frozen": list(self.fixed)}
 
 
 def source_checkpoint(path: str) -> Any:
     """The checkpoint ``model.init_from`` names: a run directory's best.pt, or a checkpoint file."""
     from fcclass.runs.checkpoint import Checkpoint, resolve_checkpoint
+    from fcclass.runs.layout import BEST, LAST
 
-    where = Path(path)
+    where = Path(os.path.normpath(path))
     if not where.exists():
-        raise CheckpointError(f"model.init_from: '{path}' does not exist. Give a run directory made by `fcclass train` "
-                              "(`fcclass runs` lists them) or a checkpoint file (a run's best.pt).")
+        raise CheckpointError(f"model.init_from: '{where}' does not exist. Give a run directory made by `fcclass train` "
+                              "(`fcclass runs` lists them) or a checkpoint file (a run's best.pt); a relative path is read "
+                              "from the folder fcclass runs in.")
+    if where.is_dir() and not (where / BEST).is_file() and (where / LAST).is_file():
+        last = _epoch_of(where / LAST)
+        if last:
+            raise CheckpointError(f"model.init_from: '{where}' has no {BEST} (its {LAST} holds epoch {last}): give that file, "
+                                  f"--init-from {where / LAST}, or resume the run to write {BEST} again.")
     try:
         resolved = resolve_checkpoint(where if where.is_dir() else None, None if where.is_dir() else where)
         ckpt = Checkpoint.load(resolved.checkpoint)
@@ -50,6 +59,15 @@ def source_checkpoint(path: str) -> Any:
         raise CheckpointError(f"model.init_from: '{resolved.checkpoint}' holds untrained weights (epoch 0). Give a trained "
                               "run, or resume that one first.")
     return resolved.checkpoint, ckpt
+
+
+def _epoch_of(path: Path) -> int:
+    from fcclass.runs.checkpoint import Checkpoint
+
+    try:
+        return int(Checkpoint.load(path).epoch)
+    except CheckpointError:
+        return 0
 
 
 def _source_model(ckpt: Any, checkpoint: Path) -> SourceModel:
@@ -84,6 +102,7 @@ def apply_init_from(cfg: Config, model: Network, class_names: list[str], input_s
     if spec.freeze:
         result.frozen = transfer.named(LOADED)
         model.freeze(result.frozen)
+    result.fixed = [name for name in model.frozen_layers() if name in transfer.named(LOADED)]
     return result
 
 
@@ -119,12 +138,19 @@ def unfreeze_epoch(cfg: Config) -> int | None:
     return cfg.train.unfreeze.epoch if cfg.train.unfreeze is not None else None
 
 
-def everything_frozen_message(cfg: Config) -> str:
-    spec = cfg.model.init_from
-    if spec is not None and spec.freeze:
-        return ("init_from.freeze fixed every layer it loaded and no other layer trains, so there is nothing to train. Give "
-                "the model a new classifier (init_from.exclude: [the last Dense's name]) or set init_from.freeze: false.")
-    return "Every layer is frozen (trainable: false), so there is nothing to train; unfreeze at least one layer."
+def everything_frozen_message(cfg: Config, model: Network, by_init: list[str]) -> str:
+    """Why nothing would train: each layer with weights, and what fixed it (init_from.freeze, or trainable: false)."""
+    names = model.layer_names
+    flagged = [n for n, layer in zip(names, cfg.model.layers) if not layer.trainable and n in model.frozen_layers()]
+    init = [n for n in by_init if n not in flagged]
+    causes = "; ".join(part for part in (
+        f"init_from.freeze fixed {', '.join(init)} (the layers it loaded)" if init else "",
+        f"trainable: false fixes {', '.join(flagged)}" if flagged else "") if part)
+    fixes = ["set trainable: true on a layer (the classifier, say)"]
+    if init:
+        fixes.append("set init_from.freeze: false" + (", or give the model a new classifier (init_from.exclude: [its name])"
+                                                       if not flagged else ""))
+    return f"Every layer with weights is frozen, so there is nothing to train: {causes}. To train, {' or '.join(fixes)}."
 
 
 @contextmanager
