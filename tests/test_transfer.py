@@ -203,12 +203,16 @@ def test_init_from_keys_naming_no_layer_of_the_model_are_errors() -> None:
 
     with pytest.raises(ModelError, match="init_from.exclude names 'dense_9', which is not a layer of this model; its layers are conv2d"):
         _plan([CONV, FLAT, HEAD], [CONV, FLAT, HEAD], [1, 6, 6], (ABC, ABC), exclude=["dense_9"])
+    with pytest.raises(ModelError, match="init_from.layers names 'flatten', which has no weights to load; the layers with weights are conv2d, dense"):
+        _plan([CONV, FLAT, HEAD], [CONV, FLAT, HEAD], [1, 6, 6], (ABC, ABC), layers=["flatten"])
+    with pytest.raises(ModelError, match="names 'dense' in both layers"):
+        _plan([CONV, FLAT, HEAD], [CONV, FLAT, HEAD], [1, 6, 6], (ABC, ABC), layers=["dense"], exclude=["dense"])
 
 
 # ----------------------------------------------------------------------------- mistakes
 @needs_fashion
-@pytest.mark.parametrize("case", ["missing", "untrained", "no_best", "not_a_checkpoint", "no_layer_fits", "everything_frozen",
-                                  "epoch_1"])
+@pytest.mark.parametrize("case", ["missing", "untrained", "no_best", "not_a_checkpoint", "runs_folder", "torchvision_file",
+                                  "no_layer_fits", "everything_frozen", "epoch_1"])
 def test_init_from_mistakes_are_messages_and_leave_no_run(case: str, trained_run: Path, clothes_folder: Path, tmp_path: Path) -> None:
     config = _config(tmp_path, clothes_folder)
     source, sets = str(trained_run), []
@@ -226,6 +230,11 @@ def test_init_from_mistakes_are_messages_and_leave_no_run(case: str, trained_run
         source = str(tmp_path / "nobest")
     elif case == "not_a_checkpoint":
         source = str(config)
+    elif case == "runs_folder":
+        source = str(trained_run.parent)
+    elif case == "torchvision_file":
+        torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "resnet18.pth")
+        source = str(tmp_path / "resnet18.pth")
     elif case == "no_layer_fits":  # an MLP: its dense takes 784 inputs, the source's 2,352
         sets = ["model.layers=[{type: Flatten}, {type: Dense, units: 256}, {type: Dense}]"]
     elif case == "everything_frozen":  # a 10-label folder would load the head too; here: freeze, and exclude nothing new
@@ -240,6 +249,8 @@ def test_init_from_mistakes_are_messages_and_leave_no_run(case: str, trained_run
         "untrained": "model.init_from: '" + source + "' has no checkpoint",
         "no_best": f"model.init_from: '{source}' has no best.pt (its last.pt holds epoch 3): give that file, --init-from {source}/last.pt",
         "not_a_checkpoint": "model.init_from: '" + source + "' is not a checkpoint",
+        "runs_folder": f"It is a folder of 1 run(s): name one of them, e.g. --init-from {trained_run}.",
+        "torchvision_file": "A torchvision model's weights file is not a run's checkpoint: use it as the weights of a Backbone layer",
         "no_layer_fits": "model.init_from: no layer of this model can take weights from",
         "everything_frozen": "Every layer with weights is frozen, so there is nothing to train: init_from.freeze fixed conv2d (the "
                              "layers it loaded); trainable: false fixes conv2d_1, batch_normalization, dense, dense_1. To train, set "

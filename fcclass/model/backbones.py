@@ -205,14 +205,13 @@ def file_state(path: Path, where: str) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "Unsupported global" not in str(e):  # torch refuses objects it does not know; other refusals are bytes no pickle
-            raise ModelError(f"{where}: '{path}' is not a readable PyTorch weights file ({str(e)[:120]}); it may be damaged or "
-                             "incomplete.") from None
+            raise ModelError(f"{where}: '{path}' is not a readable PyTorch weights file: it is damaged, truncated or of "
+                             "another format. Give a file saved with torch.save(model.state_dict(), path).") from None
         raise ModelError(f"{where}: '{path}' holds Python objects, not only tensors, so fcclass does not load it (it could run "
                          "code). Save the weights alone: torch.save(model.state_dict(), path).") from None
-    except Exception as e:  # torch.load on arbitrary bytes raises what its unpickler meets: KeyError, ValueError, EOFError...
-        why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
-        raise ModelError(f"{where}: '{path}' is not a readable PyTorch weights file ({why}); it may "
-                         "be damaged or incomplete.") from None
+    except Exception:  # noqa: BLE001 - torch.load on arbitrary bytes raises what its unpickler meets: KeyError, EOFError...
+        raise ModelError(f"{where}: '{path}' is not a readable PyTorch weights file: it is damaged, truncated or of "
+                         "another format. Give a file saved with torch.save(model.state_dict(), path).") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

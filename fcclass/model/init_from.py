@@ -90,7 +90,7 @@ def plan_transfer(model: Network, layers: list[L.LayerBase], class_names: list[s
                   spec: InitFromConfig) -> tuple[Transfer, dict[str, dict[str, torch.Tensor]]]:
     """Which layers of ``model`` (built from ``layers``) load which source tensors; nothing is loaded yet."""
     names, src_names = model.layer_names, layer_names(source.layers)
-    _check_names(spec, names)
+    _check_names(spec, model)
     same_labels = list(class_names) == list(source.class_names)
     src_head = _last_dense(source.layers, src_names)
     transfer, loads = Transfer(), {}
@@ -121,13 +121,24 @@ def plan_transfer(model: Network, layers: list[L.LayerBase], class_names: list[s
     return transfer, loads
 
 
-def _check_names(spec: InitFromConfig, names: list[str]) -> None:
+def _check_names(spec: InitFromConfig, model: Network) -> None:
+    names = model.layer_names
+    weighted = [n for n in names if model.body.get_submodule(n).state_dict()]
     for key, wanted in (("layers", spec.layers or []), ("exclude", spec.exclude)):
         unknown = [n for n in wanted if n not in names]
         if unknown:
             raise ModelError(f"model.init_from.{key} names {', '.join(repr(n) for n in unknown[:5])}, which "
                              f"{'is not a layer' if len(unknown) == 1 else 'are not layers'} of this model; its layers are "
                              f"{', '.join(names)} (`fcclass summary` lists them).")
+        empty = [n for n in wanted if n not in weighted]
+        if empty:
+            raise ModelError(f"model.init_from.{key} names {', '.join(repr(n) for n in empty[:5])}, which "
+                             f"{'has' if len(empty) == 1 else 'have'} no weights to load; the layers with weights are "
+                             f"{', '.join(weighted)}.")
+    both = [n for n in spec.layers or [] if n in spec.exclude]
+    if both:
+        raise ModelError(f"model.init_from names {', '.join(repr(n) for n in both[:5])} in both layers (load) and exclude "
+                         "(do not load); keep each in one of them.")
 
 
 def load_transfer(model: Network, loads: dict[str, dict[str, torch.Tensor]]) -> None:

@@ -54,11 +54,25 @@ def source_checkpoint(path: str) -> Any:
         resolved = resolve_checkpoint(where if where.is_dir() else None, None if where.is_dir() else where)
         ckpt = Checkpoint.load(resolved.checkpoint)
     except CheckpointError as e:
-        raise CheckpointError(f"model.init_from: {e}") from None
+        raise CheckpointError(f"model.init_from: {e}{_hint(where)}") from None
     if ckpt.epoch < 1:
         raise CheckpointError(f"model.init_from: '{resolved.checkpoint}' holds untrained weights (epoch 0). Give a trained "
                               "run, or resume that one first.")
     return resolved.checkpoint, ckpt
+
+
+def _hint(where: Path) -> str:
+    """What the user probably meant: one of the runs in a runs folder, or a Backbone for a torchvision weights file."""
+    from fcclass.runs.layout import is_run_dir
+
+    if where.is_dir():
+        runs = sorted((p for p in where.iterdir() if is_run_dir(p)), key=lambda p: p.stat().st_mtime)
+        if runs:
+            return f" It is a folder of {len(runs)} run(s): name one of them, e.g. --init-from {runs[-1]}."
+    elif where.suffix in (".pth", ".pt") and where.is_file():
+        return (" A torchvision model's weights file is not a run's checkpoint: use it as the weights of a Backbone layer "
+                f"({{type: Backbone, arch: ..., weights: {where}}}).")
+    return ""
 
 
 def _epoch_of(path: Path) -> int:
