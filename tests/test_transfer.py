@@ -325,3 +325,18 @@ def test_a_backbone_weights_file_is_recorded_absolute_and_a_weight_name_as_it_is
     layers = "[{type: Backbone, arch: resnet18, weights: w/r18.pth}, {type: Backbone, arch: resnet18, name: b2}, {type: Flatten}, {type: Dense}]"
     cfg = with_absolute_paths(load_config(None, [f"model.layers={layers}"]))
     assert cfg.model.layers[0].weights == str(tmp_path / "w" / "r18.pth") and cfg.model.layers[1].weights == "DEFAULT"
+
+
+def test_frozen_batchnorm_stays_in_inference_mode_after_syncbatchnorm_conversion() -> None:
+    """train.sync_batchnorm (GPUs under torchrun) replaces every BatchNorm module: a frozen one must stay frozen."""
+    from torch import nn
+
+    from fcclass.config.sections import ModelConfig
+    from fcclass.model.network import build_model
+
+    cfg = ModelConfig.model_validate({"layers": [CONV, {"type": "BatchNormalization", "trainable": False}, FLAT, HEAD]})
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(build_model(cfg, [1, 6, 6], 3))
+    model.freeze(model.frozen_layers())
+    model.train()
+    assert isinstance(model.body.batch_normalization, nn.SyncBatchNorm) and not model.body.batch_normalization.training
+    assert model.body.conv2d.training

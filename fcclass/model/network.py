@@ -109,6 +109,7 @@ class Network(nn.Module):
 
     def freeze(self, names: list[str]) -> None:
         """Fix the weights and normalisation statistics of the layers ``names``, as trainable: false does."""
+        self._frozen_norms = [m for m in self._frozen_norms if any(m is n for n in self.modules())]  # still in the model
         for name in names:
             self._frozen_norms += [m for m in _freeze(self.body.get_submodule(name)) if m not in self._frozen_norms]
         self._count_trainable()

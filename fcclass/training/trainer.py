@@ -117,6 +117,7 @@ class Trainer:
             if self.device.type != "cuda":
                 raise FcclassError(SYNC_BATCHNORM_NEEDS_CUDA)
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            self.model.freeze(self.model.frozen_layers())  # the frozen layers' norms are new modules now
         try:
             return DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         except RuntimeError as e:
