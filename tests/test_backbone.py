@@ -74,8 +74,13 @@ def test_each_arch_has_a_feature_extractor_of_image_shape(arch: str) -> None:
     assert shape[0] == {"densenet121": 1024, "mobilenet_v2": 1280, "vgg11_bn": 512, "convnext_tiny": 768}.get(arch, shape[0])
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v3_small", "efficientnet_b0"])
-@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
+# each arch at one input shape in the default suite (resnet18 at both), the other with -m slow: the builds cost seconds
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize(("arch", "shape"), [
+    ("resnet18", (1, 28, 28)), ("resnet18", (3, 32, 32)), ("mobilenet_v3_small", (3, 32, 32)), ("efficientnet_b0", (1, 28, 28)),
+    pytest.param("mobilenet_v3_small", (1, 28, 28), marks=SLOW), pytest.param("efficientnet_b0", (3, 32, 32), marks=SLOW)])
 def test_a_backbone_builds_for_small_images_with_a_pooling_and_dense_head(arch: str, shape: tuple[int, int, int]) -> None:
     net = build_model(model_cfg(arch), shape, 10)
     out = net.body.backbone(torch.rand(2, *shape))
@@ -283,6 +288,7 @@ def test_a_frozen_backbone_trains_summarises_exports_and_evaluates(resnet18_file
     assert "epoch 2/2" in resumed.output and "Backbone 'backbone'" not in resumed.output
 
 
+@pytest.mark.slow  # the frozen test above trains the same way; this one checks that trainable: true lets them move
 @needs_fashion
 def test_a_trainable_backbone_moves_its_batchnorm_statistics(resnet18_file: Path, tmp_path: Path) -> None:
     from fcclass.config.load import load_config

@@ -297,6 +297,7 @@ def test_a_layer_loads_whatever_its_activation_and_padding_and_its_tensors_land_
     assert torch.allclose(torch.relu(dst.body.conv2d(x)), src.body.conv2d(x))
 
 
+@pytest.mark.slow  # a resume and a compress with fine-tuning: about 11 s
 @needs_fashion
 def test_a_run_started_from_a_deleted_run_still_resumes_and_compresses_with_fine_tuning(
         trained_run: Path, clothes_folder: Path, tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from torch import nn
 from fcclass.config.layers import WEIGHT_NAME, Backbone, Shape, fmt_shape
 from fcclass.config.sections import ModelConfig, NormalizeStats
 from fcclass.errors import ConfigError, ModelError
+from fcclass.files import shown
 
 HEAD = ("avgpool", "fc", "classifier")  # the first of these children ends a torchvision model's feature extractor
 # torchvision's DenseNet files keep the old names 'norm.1', 'conv.2' for what the model calls norm1, conv2
@@ -160,7 +161,7 @@ def load_pretrained(model: nn.Module, model_cfg: ModelConfig) -> list[str]:
             weights = named_weights(layer.arch, layer.weights, where)
             state, source = torchvision_state(weights, where), f"torchvision weights {weights.name} from {cached_file(weights)}"
         else:
-            state, source = file_state(Path(layer.weights).expanduser(), where), f"weights from {layer.weights}"
+            state, source = file_state(Path(layer.weights).expanduser(), where), f"weights from {shown(Path(layer.weights))}"
         fit_state(block.features, state, source, layer.arch, where)
         how = ("input normalised with the weights' mean/std" if block.normalise else
                "input not normalised by the backbone (it is not the first layer)")
