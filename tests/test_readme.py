@@ -667,7 +667,8 @@ def _curl(ex: readme.Example, ws: Workspace) -> None:
     if "error" in shown:
         assert real == shown
         return
-    predicted = json.loads(cli("fcclass predict samples/test_0.png --top-k 2 --json -", ws.home).stdout)[0]
+    # the served run by name: other examples may have trained newer runs in the same folder by now
+    predicted = json.loads(cli(f"fcclass predict samples/test_0.png --run runs/{ws.trained.name} --top-k 2 --json -", ws.home).stdout)[0]
     assert real["predictions"] == [predicted | {"path": "test_0.png"}]
     assert set(real) == set(shown) and set(real["predictions"][0]) == set(shown["predictions"][0])
 
