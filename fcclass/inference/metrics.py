@@ -71,3 +71,38 @@ def score(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0
         return Score()
     loss = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum", label_smoothing=label_smoothing)
     return Score(float(loss), int(count_correct(logits, labels)), int(labels.numel()))
+
+
+@dataclass(frozen=True)
+class CalibrationBin:
+    """One bin of a reliability diagram: the images whose confidence (highest probability) lies in (low, high]."""
+
+    low: float
+    high: float
+    images: int
+    confidence: float  # mean confidence of its images (0 when empty)
+    accuracy: float  # fraction of its images predicted right (0 when empty)
+
+
+def calibration_bins(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> list[CalibrationBin]:
+    """The images grouped by confidence into ``bins`` equal-width bins over [0, 1] (the first also holds 0), each with
+    its mean confidence and accuracy: the reliability diagram, and the expected calibration error's parts."""
+    confidence, guess = probs.float().max(1)
+    correct = (guess == labels).float()
+    edges = torch.linspace(0, 1, bins + 1)
+    which = torch.bucketize(confidence.cpu(), edges[1:-1])
+    out = []
+    for b in range(bins):
+        mask = which == b
+        n = int(mask.sum())
+        out.append(CalibrationBin(float(edges[b]), float(edges[b + 1]), n, float(confidence.cpu()[mask].mean()) if n else 0.0,
+                                  float(correct.cpu()[mask].mean()) if n else 0.0))
+    return out
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
+    """ECE: the gap between confidence and accuracy averaged over ``calibration_bins``, weighted by their images
+    (0: a model's confidence is its accuracy; 0.1: ten points off on average)."""
+    parts = calibration_bins(probs, labels, bins)
+    total = sum(b.images for b in parts)
+    return sum(b.images * abs(b.accuracy - b.confidence) for b in parts) / total if total else float("nan")
