@@ -111,3 +111,20 @@ def test_eval_html_writes_the_report_beside_the_checkpoint(trained_run: Path, tm
     page = run / "report.html"
     assert "Wrote report:" in result.output and page.is_file()
     assert "<h2>Misclassified images</h2>" in page.read_text(encoding="utf-8")
+
+
+def test_a_10000_image_100_label_page_stays_under_5_mb() -> None:
+    """The worst case the size promise covers: 100 labels (the matrices become images) and 32x32 RGB thumbnails."""
+    from fcclass.report.build import GALLERY_CAP, RunData
+    from fcclass.report.page import page
+    from fcclass.report.sections import run_sections
+
+    logits, labels = _random_logits(1, k=100, n=10_000)
+    report = compute_report(logits, labels, [f"label {i}" for i in range(100)])
+    generator = torch.Generator().manual_seed(0)
+    data = RunData(Path("runs/cifar100-20261207-000000"), report, lambda idx: torch.randint(0, 256, (len(idx), 3, 32, 32), dtype=torch.uint8,
+                                                                                           generator=generator))
+    html = page("worst case", run_sections(data))
+    assert len(html.encode()) < 5_000_000
+    assert html.count("<img ") == GALLERY_CAP + 1  # the gallery, capped, and the row-normalised matrix as one image
+    assert f"The {GALLERY_CAP} of" in html and "misclassified images with the highest loss" in html

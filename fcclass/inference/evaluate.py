@@ -11,7 +11,7 @@ import torch
 from fcclass.data import make_loader
 from fcclass.errors import FcclassError
 from fcclass.inference.load import load_for_inference
-from fcclass.inference.metrics import expected_calibration_error, predicted, rounded, score
+from fcclass.inference.metrics import average_precision, expected_calibration_error, predicted, rounded, score
 
 
 @dataclass
@@ -97,7 +97,7 @@ def compute_report(logits: torch.Tensor, labels: torch.Tensor, class_names: list
     f1 = multiclass_f1_score(preds, labels, average=None, **args)
     support = torch.bincount(labels, minlength=k)
     probs = logits.float().softmax(1)
-    ap, macro_ap = average_precision(probs, labels)
+    ap, macro_ap = label_average_precision(probs, labels)
     per_class = {
         name: {"accuracy": _r(recall[i]), "precision": _r(precision[i]), "f1": _r(f1[i]), "support": int(support[i]),
                "average_precision": ap[i]}
@@ -129,15 +129,13 @@ def compute_report(logits: torch.Tensor, labels: torch.Tensor, class_names: list
     )
 
 
-def average_precision(probs: torch.Tensor, labels: torch.Tensor) -> tuple[list[float | None], float | None]:
-    """Each label's one-vs-rest average precision (the area under its precision-recall steps, as scikit-learn's
-    average_precision_score), and their mean over the labels with images (None for a label without any)."""
-    from torchmetrics.functional.classification import binary_average_precision
-
+def label_average_precision(probs: torch.Tensor, labels: torch.Tensor) -> tuple[list[float | None], float | None]:
+    """Each label's one-vs-rest average precision (metrics.average_precision) and their mean over the labels with images
+    (None for a label without any)."""
     out: list[float | None] = []
     for i in range(probs.shape[1]):
-        target = (labels == i).long()
-        out.append(_r(binary_average_precision(probs[:, i], target)) if int(target.sum()) else None)
+        target = labels == i
+        out.append(_r(average_precision(probs[:, i], target)) if bool(target.any()) else None)
     present = [v for v in out if v is not None]
     return out, (_r(sum(present) / len(present)) if present else None)
 

@@ -106,3 +106,24 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: 
     parts = calibration_bins(probs, labels, bins)
     total = sum(b.images for b in parts)
     return sum(b.images * abs(b.accuracy - b.confidence) for b in parts) / total if total else float("nan")
+
+
+def precision_recall_curve(scores: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One label's one-vs-rest precision and recall at each distinct score taken as the threshold, highest score
+    first (``target``: 1 where the image has the label). Tied scores are one threshold, as in scikit-learn."""
+    order = torch.argsort(scores.float(), descending=True, stable=True)
+    s, t = scores.float()[order], target[order].double()
+    tp, seen = t.cumsum(0), torch.arange(1, len(t) + 1, dtype=torch.float64)
+    last = torch.ones(len(s), dtype=torch.bool)
+    last[:-1] = s[1:] != s[:-1]  # the last image of each run of equal scores
+    tp, seen = tp[last], seen[last]
+    positives = t.sum().clamp_min(1)
+    return tp / seen, tp / positives
+
+
+def average_precision(scores: torch.Tensor, target: torch.Tensor) -> float:
+    """The area under a label's precision-recall steps, sum over thresholds of (recall gained) x precision: scikit-learn's
+    average_precision_score and torchmetrics' average precision without thresholds."""
+    precision, recall = precision_recall_curve(scores, target)
+    gained = torch.diff(recall, prepend=torch.zeros(1, dtype=recall.dtype))
+    return float((gained * precision).sum())

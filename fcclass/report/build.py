@@ -82,18 +82,18 @@ def misclassified(report: Any, cap: int = GALLERY_CAP) -> tuple[list[int], int]:
 
 
 def pr_curves(report: Any, points: int = PR_POINTS) -> list[tuple[str, list[float], list[float], float | None]]:
-    """Each label's one-vs-rest precision-recall curve (torchmetrics), thinned to about ``points`` points, and its
-    average precision (the report's)."""
-    from torchmetrics.functional.classification import binary_precision_recall_curve
+    """Each label's one-vs-rest precision-recall curve (the one its average precision is the area under), thinned to
+    about ``points`` points, and that average precision (the report's)."""
+    from fcclass.inference.metrics import precision_recall_curve
 
     out = []
     for i, name in enumerate(report.class_names):
-        target = (report.labels == i).long()
-        if not int(target.sum()):
+        target = report.labels == i
+        if not bool(target.any()):
             continue
-        precision, recall, _ = binary_precision_recall_curve(report.probabilities[:, i], target)
+        precision, recall = precision_recall_curve(report.probabilities[:, i], target)
         step = max(1, len(recall) // points)
-        keep = list(range(0, len(recall), step)) + [len(recall) - 1]
-        out.append((name, [float(recall[k]) for k in keep], [float(precision[k]) for k in keep],
+        keep = [0, *range(step, len(recall), step), len(recall) - 1]
+        out.append((name, [0.0] + [float(recall[k]) for k in keep], [float(precision[0])] + [float(precision[k]) for k in keep],
                     report.per_class[name]["average_precision"]))
     return out

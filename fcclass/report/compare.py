@@ -9,7 +9,7 @@ from typing import Any
 from fcclass.errors import FcclassError
 from fcclass.report.build import GALLERY_CAP, RunData, per_image_loss
 from fcclass.report.images import thumbnails
-from fcclass.report.sections import confusion_table, metric_rows, pct, section
+from fcclass.report.sections import confusion_view, metric_rows, pct, section
 
 COMPARE_NAV = [("metrics", "Metrics"), ("per-label", "Per-label F1"), ("confusion", "Confusion matrices"),
                ("disagreements", "Right in one, wrong in the other"), ("curves", "Training curves"), ("config", "Config differences")]
@@ -85,8 +85,8 @@ def f1_deltas(a: RunData, b: RunData) -> str:
 
 
 def both_confusions(a: RunData, b: RunData) -> str:
-    body = (f'<div class="pair">{confusion_table(a.report, True, f"A: {a.name} (row-normalised)")}'
-            f'{confusion_table(b.report, True, f"B: {b.name} (row-normalised)")}</div>')
+    body = (f'<div class="pair">{confusion_view(a.report, True, f"A: {a.name} (row-normalised)")}'
+            f'{confusion_view(b.report, True, f"B: {b.name} (row-normalised)")}</div>')
     return section("confusion", "Confusion matrices", body)
 
 

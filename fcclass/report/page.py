@@ -24,7 +24,9 @@ caption{text-align:left;font-weight:600;padding:4px 0}.confusion td{min-width:34
 figure img{width:64px;height:64px;image-rendering:pixelated;object-fit:contain;border:1px solid #ccc}
 .chart text{font-size:11px;fill:#333}.chart .t{font-size:13px;font-weight:600}.chart .frame{fill:none;stroke:#999}
 .chart .grid{stroke:#eee}.chart .mark{stroke:#d62728;stroke-dasharray:4 3}.chart .marktext{fill:#d62728}
-header td{text-align:left}pre{background:#f7f7f7;padding:10px;overflow:auto}.better{color:#2a7d2a}.worse{color:#c62828}footer{margin-top:32px;color:#777}
+header td{text-align:left}figure.matrix{width:auto}
+figure.matrix img{width:auto;height:auto;max-width:600px;image-rendering:pixelated}
+pre{background:#f7f7f7;padding:10px;overflow:auto}.better{color:#2a7d2a}.worse{color:#c62828}footer{margin-top:32px;color:#777}
 """
 
 SCRIPT = """

@@ -100,11 +100,36 @@ def confusion_table(r: Any, normalise: bool, caption: str) -> str:
             f'<tbody>{"".join(rows)}</tbody></table>')
 
 
+TABLE_LABELS = 25  # above this many labels a confusion matrix is drawn as an image: two 100 x 100 tables would pass 5 MB
+
+
+def confusion_image(r: Any, caption: str) -> str:
+    """The row-normalised matrix as a PNG heatmap (one 6 x 6 pixel square per cell; green diagonal, red elsewhere)."""
+    import torch
+
+    from fcclass.report.images import png_data_url
+
+    rows = r.confusion.float() / r.confusion.sum(1, keepdim=True).clamp_min(1)
+    eye = torch.eye(len(r.class_names), dtype=torch.bool)
+    shade = (255 * (1 - rows.clamp(0, 1) ** 0.5)).to(torch.uint8)
+    full = torch.full_like(shade, 255)
+    image = torch.stack([torch.where(eye, shade, full), torch.where(eye, full, shade), shade])  # green on the diagonal, red off it
+    image = image.repeat_interleave(6, 1).repeat_interleave(6, 2)
+    return f'<figure class="matrix"><img src="{png_data_url(image, limit=None)}" alt="{escape(caption)}"><figcaption>{escape(caption)}</figcaption></figure>'
+
+
+def confusion_view(r: Any, normalise: bool, caption: str) -> str:
+    if len(r.class_names) > TABLE_LABELS:
+        return confusion_image(r, caption + " (drawn as an image: rows are true labels, columns predicted, in label order; "
+                                           "eval.json holds the counts)") if normalise else ""
+    return confusion_table(r, normalise, caption)
+
+
 def confusion(data: RunData) -> str:
     r = data.report
     pairs = "".join(f"<li><b>{escape(p['true'])}</b> taken for <b>{escape(p['predicted'])}</b>: {p['count']:,} "
                     f"({p['fraction_of_true']:.2%} of {escape(p['true'])})</li>" for p in r.confused_pairs(10))
-    body = (f'<div class="pair">{confusion_table(r, False, "Counts")}{confusion_table(r, True, "Row-normalised (fraction of each true label)")}</div>'
+    body = (f'<div class="pair">{confusion_view(r, False, "Counts")}{confusion_view(r, True, "Row-normalised (fraction of each true label)")}</div>'
             f'<h3>Most confused pairs</h3><ol id="confused-pairs">{pairs or "<li>none: every image is predicted right</li>"}</ol>')
     return section("confusion", "Confusion matrix", body)
 

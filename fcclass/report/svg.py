@@ -87,6 +87,8 @@ class Plot:
 
     def svg(self, label: str, legend_columns: int = 1, left: bool = False) -> str:
         rows = []
+        if len(self.legend) > 12:  # too many to read: the lines carry their names on hover, and the table beside lists them
+            self.legend = []
         for k, (name, stroke, dashed) in enumerate(self.legend):
             col, row = k % legend_columns, k // legend_columns
             x = PAD_L + 8 + 120 * col if left else W - PAD_R - 120 * (legend_columns - col)
