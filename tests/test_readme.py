@@ -697,6 +697,18 @@ def _report(ex: readme.Example, ws: Workspace) -> None:
         assert re.findall(r"<h2>([^<]+)</h2>", page) == SECTION_TITLES
 
 
+@json_example("so its numbers are the ones")
+def _report_numbers(anchor: str, ws: Workspace) -> None:
+    """The report's accuracy, macro F1, log loss and ECE are `fcclass eval --json`'s, formatted as eval shows them."""
+    want = json_of("fcclass eval --json - --no-save", ws.home)
+    res = cli("fcclass report -o numbers.html", ws.home)
+    assert res.code == 0, res.output
+    page = (ws.home / "numbers.html").read_text(encoding="utf-8")
+    for key, text in (("accuracy", f"{want['accuracy']:.2%}"), ("macro_avg.f1", f"{want['macro_avg']['f1']:.2%}"),
+                      ("log_loss", f"{want['log_loss']:.4f}"), ("expected_calibration_error", f"{want['expected_calibration_error']:.2%}")):
+        assert f'data-key="{key}">{text}<' in page
+
+
 # ----------------------------------------------------------------------------- summary, bench, init
 @example("fcclass summary --set model.layers.0.filters=100000000")
 def _summary_of_an_absurd_model(ex: readme.Example, ws: Workspace) -> None:

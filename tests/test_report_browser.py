@@ -37,7 +37,7 @@ def _playwright() -> Any:
 def _open(pw: Any, path: Path, screenshot: Path | None = None) -> Any:
     """Open ``path`` from disk; returns the page after checking what every report must be."""
     browser = pw.chromium.launch(executable_path=CHROMIUM)
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page = browser.new_page(viewport={"width": 1280, "height": 1450})  # the screenshot: header, metrics, per-label table, matrices
     problems: list[str] = []
     page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type in ("error", "warning") else None)
     page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
