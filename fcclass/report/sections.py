@@ -164,7 +164,7 @@ def reliability(data: RunData) -> str:
 
 def precision_recall(data: RunData) -> str:
     curves = pr_curves(data.report)
-    chart = pr_chart([(f"{name} (AP {ap:.2%})", rec, prec) for name, rec, prec, ap in curves])
+    chart = pr_chart([(f"{name[:12]} {ap:.2%}", rec, prec) for name, rec, prec, ap in curves])
     ap = "".join(f"<tr><td>{escape(n)}</td><td>{pct(a)}</td></tr>" for n, _, _, a in curves)
     table = f'<table class="small"><thead><tr><th>Label</th><th>Average precision</th></tr></thead><tbody>{ap}</tbody></table>'
     return section("precision-recall", "Precision–recall", f'<div class="pair">{chart}{table}</div>')

@@ -8,7 +8,7 @@ from html import escape
 from typing import Sequence
 
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
-W, H, PAD_L, PAD_R, PAD_T, PAD_B = 420, 300, 52, 12, 26, 40
+W, H, PAD_L, PAD_R, PAD_T, PAD_B = 430, 300, 64, 12, 26, 40
 
 
 @dataclass
@@ -35,8 +35,6 @@ def _fmt(v: float) -> str:
         return "0"
     if abs(v) >= 100:
         return f"{v:.0f}"
-    if abs(v) < 0.01:
-        return f"{v:.0e}"
     return f"{v:.3g}"
 
 
@@ -82,8 +80,10 @@ class Plot:
                           f'height="{max(base - top, 0):.1f}" fill="{fill}" opacity="0.75"><title>{escape(tip)}</title></rect>')
 
     def vline(self, x: float, label: str) -> None:
+        right = self.px(x) > (PAD_L + W - PAD_R) / 2  # the label goes on the side with room
         self.parts.append(f'<line x1="{self.px(x):.1f}" x2="{self.px(x):.1f}" y1="{PAD_T}" y2="{H - PAD_B}" class="mark"/>'
-                          f'<text x="{self.px(x) + 3:.1f}" y="{PAD_T + 12}" class="marktext">{escape(label)}</text>')
+                          f'<text x="{self.px(x) + (-3 if right else 3):.1f}" y="{PAD_T + 12}" text-anchor="{"end" if right else "start"}" '
+                          f'class="marktext">{escape(label)}</text>')
 
     def svg(self, label: str, legend_columns: int = 1, left: bool = False) -> str:
         rows = []
@@ -91,11 +91,11 @@ class Plot:
             self.legend = []
         for k, (name, stroke, dashed) in enumerate(self.legend):
             col, row = k % legend_columns, k // legend_columns
-            x = PAD_L + 8 + 120 * col if left else W - PAD_R - 120 * (legend_columns - col)
+            x = PAD_L + 6 + 150 * col if left else W - PAD_R - 150 * (legend_columns - col)
             y = H - PAD_B - 8 - 13 * (len(self.legend) // legend_columns - row)
             dash = ' stroke-dasharray="5 3"' if dashed else ""
             rows.append(f'<line x1="{x}" x2="{x + 16}" y1="{y - 4}" y2="{y - 4}" stroke="{stroke}" stroke-width="2"{dash}/>'
-                        f'<text x="{x + 20}" y="{y}">{escape(name[:18])}</text>')
+                        f'<text x="{x + 20}" y="{y}">{escape(name[:22])}</text>')
         return (f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {W} {H}" width="{W}" height="{H}" role="img" '
                 f'aria-label="{escape(label)}" class="chart">{"".join(self.parts)}{"".join(rows)}</svg>')
 
