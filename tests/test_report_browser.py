@@ -94,3 +94,26 @@ def test_the_comparison_page_loads_offline_with_both_runs(trained_run: Path, tmp
         assert "train.epochs" in diff and "data.limit_train" in diff
         assert "A right, B wrong" in page.inner_text("#disagreements")
         browser.close()
+
+
+@pytest.mark.slow
+def test_the_serve_page_links_the_report(trained_run: Path, tmp_path: Path) -> None:
+    """`fcclass serve` on a run with a report: its page shows a link to it, and the link opens the report."""
+    sync_playwright = _playwright()
+    from serve_support import ServeProcess
+
+    run = Path(shutil.copytree(trained_run, tmp_path / trained_run.name))
+    write_report(run, device="cpu")
+    server = ServeProcess.start(str(run))
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM)
+            page = browser.new_page()
+            page.goto(server.url + "/")
+            page.click("#report-link")
+            page.wait_for_selector("h2:has-text('Misclassified images')")
+            assert page.url == server.url + "/report"
+            browser.close()
+    finally:
+        status, out = server.stop()
+    assert status == 0, out
