@@ -1,6 +1,8 @@
 """The loss and accuracy of a model over a split, computed in one place: validation, `fcclass eval` (and the test
 pass at the end of training), bench's time-to-accuracy and compress's table all call ``score``, so the same model on
-the same images shows the same numbers wherever they appear."""
+the same images shows the same numbers wherever they appear. The calibration (``calibration_bins``,
+``expected_calibration_error``) and precision-recall figures (``precision_recall_curve``, ``average_precision``) that
+`fcclass eval --json` and `fcclass report` show are computed here too, once."""
 
 from __future__ import annotations
 
