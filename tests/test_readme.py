@@ -677,7 +677,7 @@ JSON["`fcclass predict --json` gives for the same file"] = Check(NOT_RUN, "tests
 
 
 # ----------------------------------------------------------------------------- report
-REPORT_RUN, REPORT_OTHER = "fashion-cnn-RUNTS", "fashion-cnn-5k-OTHERTS"
+REPORT_RUN, REPORT_OTHER = "fashion-cnn-20261207-190923", "fashion-cnn-5k-20261207-192334"
 SECTION_TITLES = ["Metrics", "Per-label table", "Confusion matrix", "Misclassified images", "Reliability", "Precision–recall",
                   "Training curves", "Config"]
 

@@ -82,7 +82,7 @@ def per_label(data: RunData) -> str:
 
 
 def _heat(fraction: float, diagonal: bool) -> str:
-    alpha = 0.08 + 0.85 * fraction if fraction > 0 else 0
+    alpha = 0.08 + 0.85 * fraction ** 0.5 if fraction > 0 else 0  # square root: a 5% confusion stands out, not only a 50% one
     return f"background:rgba({'44,160,44' if diagonal else '214,39,40'},{alpha:.2f})"
 
 
