@@ -128,3 +128,19 @@ def test_a_10000_image_100_label_page_stays_under_5_mb() -> None:
     assert len(html.encode()) < 5_000_000
     assert html.count("<img ") == GALLERY_CAP + 1  # the gallery, capped, and the row-normalised matrix as one image
     assert f"The {GALLERY_CAP} of" in html and "misclassified images with the highest loss" in html
+
+
+def test_compare_refuses_runs_evaluated_on_other_images_or_labels() -> None:
+    from fcclass.errors import FcclassError
+    from fcclass.report.build import RunData
+    from fcclass.report.compare import check_comparable
+
+    def data(name: str, seed: int, n: int = 200, names: tuple[str, ...] = ("a", "b", "c")) -> RunData:
+        logits, labels = _random_logits(seed, k=len(names), n=n)
+        return RunData(Path("runs") / name, compute_report(logits, labels, list(names)), lambda idx: None)
+
+    check_comparable(data("one", 0), data("two", 0))  # the same images and labels: fine
+    with pytest.raises(FcclassError, match="different test splits"):
+        check_comparable(data("one", 0), data("two", 1))
+    with pytest.raises(FcclassError, match="different labels"):
+        check_comparable(data("one", 0), data("two", 0, names=("a", "b", "d")))
