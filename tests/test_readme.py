@@ -677,6 +677,39 @@ JSON["`fcclass predict --json` gives for the same file"] = Check(NOT_RUN, "tests
                                                                           "answers with `fcclass predict --json` for 12 PNGs")
 
 
+# ----------------------------------------------------------------------------- report
+REPORT_RUN, REPORT_OTHER = "fashion-cnn-20261207-190923", "fashion-cnn-5k-20261207-192334"
+SECTION_TITLES = ["Metrics", "Per-label table", "Confusion matrix", "Misclassified images", "Reliability", "Precision–recall",
+                  "Training curves", "Config"]
+
+
+@example(f"fcclass report runs/{REPORT_RUN}", f"fcclass report runs/{REPORT_RUN} --compare runs/{REPORT_OTHER} -o compare.html")
+def _report(ex: readme.Example, ws: Workspace) -> None:
+    """The shown line, and a page with every section (of a run) or both runs' (a comparison), as one file."""
+    paths = {REPORT_RUN: ws.trained.name, REPORT_OTHER: ws.lr01.name}
+    res = cli(ex.command, ws.home, paths)
+    assert res.code == 0, res.output
+    assert_shown(ex.output, res.output, paths)
+    if "--compare" in ex.command:
+        page = (ws.home / "compare.html").read_text(encoding="utf-8")
+        assert ws.trained.name in page and ws.lr01.name in page and "<h2>Config differences</h2>" in page
+    else:
+        page = (ws.trained / "report.html").read_text(encoding="utf-8")
+        assert re.findall(r"<h2>([^<]+)</h2>", page) == SECTION_TITLES
+
+
+@json_example("so its numbers are the ones")
+def _report_numbers(anchor: str, ws: Workspace) -> None:
+    """The report's accuracy, macro F1, log loss and ECE are `fcclass eval --json`'s, formatted as eval shows them."""
+    want = json_of("fcclass eval --json - --no-save", ws.home)
+    res = cli("fcclass report -o numbers.html", ws.home)
+    assert res.code == 0, res.output
+    page = (ws.home / "numbers.html").read_text(encoding="utf-8")
+    for key, text in (("accuracy", f"{want['accuracy']:.2%}"), ("macro_avg.f1", f"{want['macro_avg']['f1']:.2%}"),
+                      ("log_loss", f"{want['log_loss']:.4f}"), ("expected_calibration_error", f"{want['expected_calibration_error']:.2%}")):
+        assert f'data-key="{key}">{text}<' in page
+
+
 # ----------------------------------------------------------------------------- summary, bench, init
 @example("fcclass summary --set model.layers.0.filters=100000000")
 def _summary_of_an_absurd_model(ex: readme.Example, ws: Workspace) -> None:

@@ -256,3 +256,20 @@ def test_onnx_runtimes_serve_the_exported_and_the_int8_model(trained_run: Path, 
         for g, t in zip(got, torch_preds):
             assert g["probability"] == pytest.approx(t["probability"], abs=1e-4 if precision == "fp32" else 0.1)  # int8: close, not equal
         service.close()
+
+
+def test_the_page_links_the_runs_report_once_it_is_written(trained_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from fcclass.report import write_report
+
+    run = Path(shutil.copytree(trained_run, tmp_path / trained_run.name))
+    client = _client(run)
+    assert client.get("/v1/info").json()["report"] is None
+    res = client.get("/report")
+    assert res.status_code == 404 and "fcclass report" in res.json()["error"]
+    write_report(run, device="cpu")  # while the server runs: the next request finds it
+    assert client.get("/v1/info").json()["report"] == "/report"
+    res = client.get("/report")
+    assert res.status_code == 200 and "<h2>Misclassified images</h2>" in res.text
+    assert 'link.id = "report-link"' in client.get("/").text  # the page adds the link when /v1/info names the report

@@ -38,6 +38,8 @@ def eval_(
     normalize: bool = typer.Option(False, "--normalize", help="Show the confusion matrix as fractions of each true label."),
     misclassified: int = typer.Option(0, "--misclassified", min=0, max=400, help="Save a PNG grid of N (at most 400) misclassified images."),
     save: bool = typer.Option(True, "--save/--no-save", help="Write eval.json and confusion_matrix.png beside the checkpoint."),
+    html: bool = typer.Option(False, "--html", help="Also write the HTML report of this evaluation (report.html beside the checkpoint; "
+                                                    "see `fcclass report`)."),
     json_out: Optional[str] = JsonOpt,
     runs_dir: Path = RunsDirOpt,
     data_root: Optional[Path] = DataRootOpt,
@@ -46,13 +48,18 @@ def eval_(
 ) -> None:
     """Evaluate the best checkpoint: per-label accuracy, precision, F1, confusion matrix, most confused pairs."""
     _check_json_target(json_out)
-    from fcclass.inference.evaluate import evaluate
+    from fcclass.inference.evaluate import evaluate_split
     from fcclass.training.callbacks import DecodeProgress
 
     console = _human_console(json_out)
-    report = evaluate(run_dir, checkpoint, split=split, runs_dir=runs_dir, data_root=data_root, device=device,
-                      save=save, misclassified=misclassified, allow_changed_data=allow_changed_data,
-                      progress=DecodeProgress(console))
+    report, images = evaluate_split(run_dir, checkpoint, split=split, runs_dir=runs_dir, data_root=data_root, device=device,
+                                    save=save, misclassified=misclassified, allow_changed_data=allow_changed_data,
+                                    progress=DecodeProgress(console))
+    if html:
+        from fcclass.report import write_report
+
+        page, _ = write_report(split=split, evaluated=(report, images))
+        report.files["report"] = str(page)
     _print_notes(console, report.notes)
     if json_out != "-":
         from fcclass.cli.tables import confused_pairs_table, confusion_table, eval_table

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from fcclass.data import make_loader
 from fcclass.errors import FcclassError
 from fcclass.inference.load import load_for_inference
-from fcclass.inference.metrics import predicted, rounded, score
+from fcclass.inference.metrics import average_precision, expected_calibration_error, predicted, rounded, score
 
 
 @dataclass
@@ -27,6 +27,8 @@ class EvalReport:
     macro: dict[str, float] = field(default_factory=dict)
     weighted: dict[str, float] = field(default_factory=dict)
     top5_accuracy: float | None = None
+    calibration_error: float = float("nan")  # ECE over 15 confidence bins (metrics.expected_calibration_error)
+    probabilities: torch.Tensor | None = field(default=None, repr=False)  # softmax of the logits, N x classes
     checkpoint: str = ""
     split: str = "test"
     files: dict[str, str] = field(default_factory=dict)
@@ -60,6 +62,8 @@ class EvalReport:
             "split": self.split,
             "checkpoint": self.checkpoint,
             "top5_accuracy": self.top5_accuracy,
+            "log_loss": self.loss,
+            "expected_calibration_error": self.calibration_error,
             "macro_avg": self.macro,
             "weighted_avg": self.weighted,
             "labels": self.class_names,
@@ -92,8 +96,11 @@ def compute_report(logits: torch.Tensor, labels: torch.Tensor, class_names: list
     precision = multiclass_precision(preds, labels, average=None, **args)
     f1 = multiclass_f1_score(preds, labels, average=None, **args)
     support = torch.bincount(labels, minlength=k)
+    probs = logits.float().softmax(1)
+    ap, macro_ap = label_average_precision(probs, labels)
     per_class = {
-        name: {"accuracy": _r(recall[i]), "precision": _r(precision[i]), "f1": _r(f1[i]), "support": int(support[i])}
+        name: {"accuracy": _r(recall[i]), "precision": _r(precision[i]), "f1": _r(f1[i]), "support": int(support[i]),
+               "average_precision": ap[i]}
         for i, name in enumerate(class_names)
     }
     averages = {}
@@ -103,6 +110,7 @@ def compute_report(logits: torch.Tensor, labels: torch.Tensor, class_names: list
             "recall": _r(multiclass_recall(preds, labels, average=average, **args)),
             "f1": _r(multiclass_f1_score(preds, labels, average=average, **args)),
         }
+    averages["macro"]["average_precision"] = macro_ap
     top5 = _r(multiclass_accuracy(logits, labels, average="micro", top_k=5, **args)) if k > 5 else None
     return EvalReport(
         accuracy=_r(total.accuracy),
@@ -116,16 +124,39 @@ def compute_report(logits: torch.Tensor, labels: torch.Tensor, class_names: list
         macro=averages["macro"],
         weighted=averages["weighted"],
         top5_accuracy=top5,
+        calibration_error=_r(expected_calibration_error(probs, labels)),
+        probabilities=probs,
     )
+
+
+def label_average_precision(probs: torch.Tensor, labels: torch.Tensor) -> tuple[list[float | None], float | None]:
+    """Each label's one-vs-rest average precision (metrics.average_precision) and their mean over the labels with images
+    (None for a label without any)."""
+    out: list[float | None] = []
+    for i in range(probs.shape[1]):
+        target = labels == i
+        out.append(_r(average_precision(probs[:, i], target)) if bool(target.any()) else None)
+    present = [v for v in out if v is not None]
+    return out, (_r(sum(present) / len(present)) if present else None)
 
 
 def evaluate(run: str | Path | None = None, checkpoint: str | Path | None = None, *, split: str = "test",
              runs_dir: str | Path = "runs", data_root: str | Path | None = None, device: str = "auto",
              batch_size: int = 256, save: bool = False, misclassified: int = 0, allow_changed_data: bool = False,
              progress: Any = None) -> EvalReport:
+    """Evaluate the best checkpoint of ``run`` (default: the newest trained run) or ``checkpoint``: see ``evaluate_split``."""
+    return evaluate_split(run, checkpoint, split=split, runs_dir=runs_dir, data_root=data_root, device=device, batch_size=batch_size,
+                          save=save, misclassified=misclassified, allow_changed_data=allow_changed_data, progress=progress)[0]
+
+
+def evaluate_split(run: str | Path | None = None, checkpoint: str | Path | None = None, *, split: str = "test",
+                   runs_dir: str | Path = "runs", data_root: str | Path | None = None, device: str = "auto",
+                   batch_size: int = 256, save: bool = False, misclassified: int = 0, allow_changed_data: bool = False,
+                   progress: Any = None) -> tuple[EvalReport, Callable[[torch.Tensor], torch.Tensor]]:
     """Evaluate the best checkpoint of ``run`` (default: the newest trained run) or ``checkpoint`` on the split the run
-    recorded (``data_root``: where the run's data is now, if it moved; ``allow_changed_data``: use the recorded files
-    as they are now, skipping vanished ones, instead of refusing).
+    recorded, and a function giving the split's images (uint8, N x C x H x W) at indices of the report's rows
+    (``data_root``: where the run's data is now, if it moved; ``allow_changed_data``: use the recorded files as they are
+    now, skipping vanished ones, instead of refusing).
 
     ``save`` writes ``eval.json`` and ``confusion_matrix.png`` beside the checkpoint (``eval-val.json``... for the
     validation split); ``misclassified`` > 0 also draws that many misclassified images to ``misclassified.png``.
@@ -150,7 +181,7 @@ def evaluate(run: str | Path | None = None, checkpoint: str | Path | None = None
     report.skipped = [{"path": str(path), "reason": why} for path, why in ds.skipped]
     if save or misclassified:
         _save_artifacts(report, part, ds, inf.path.parent, save, misclassified)
-    return report
+    return report, lambda idx: split_images(part, idx, ds)
 
 
 def read_part(part: Any, loader: Any, ds: Any) -> tuple[Any, str | None]:
@@ -177,7 +208,7 @@ def _save_artifacts(report: EvalReport, part: Any, ds: Any, out_dir: Path, save:
     try:
         if misclassified:
             wrong = (report.predictions != report.labels).nonzero().flatten()[:misclassified]
-            images = _split_images(part, wrong, ds)
+            images = split_images(part, wrong, ds)
             names = report.class_names
             captions = [f"true: {names[int(report.labels[i])]}\npred: {names[int(report.predictions[i])]}" for i in wrong.tolist()]
             targets["misclassified"] = plot_image_grid(images, captions, out_dir / f"misclassified{suffix}.png",
@@ -191,7 +222,7 @@ def _save_artifacts(report: EvalReport, part: Any, ds: Any, out_dir: Path, save:
     report.files = {k: str(v) for k, v in targets.items()}
 
 
-def _split_images(part: Any, idx: torch.Tensor, ds: Any) -> torch.Tensor:
+def split_images(part: Any, idx: torch.Tensor, ds: Any) -> torch.Tensor:
     """uint8 (N, C, H, W) images of a split, as the model saw them before normalisation."""
     from fcclass.data import load_resized
 

@@ -1,6 +1,8 @@
 """The loss and accuracy of a model over a split, computed in one place: validation, `fcclass eval` (and the test
 pass at the end of training), bench's time-to-accuracy and compress's table all call ``score``, so the same model on
-the same images shows the same numbers wherever they appear."""
+the same images shows the same numbers wherever they appear. The calibration (``calibration_bins``,
+``expected_calibration_error``) and precision-recall figures (``precision_recall_curve``, ``average_precision``) that
+`fcclass eval --json` and `fcclass report` show are computed here too, once."""
 
 from __future__ import annotations
 
@@ -71,3 +73,59 @@ def score(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0
         return Score()
     loss = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum", label_smoothing=label_smoothing)
     return Score(float(loss), int(count_correct(logits, labels)), int(labels.numel()))
+
+
+@dataclass(frozen=True)
+class CalibrationBin:
+    """One bin of a reliability diagram: the images whose confidence (highest probability) lies in (low, high]."""
+
+    low: float
+    high: float
+    images: int
+    confidence: float  # mean confidence of its images (0 when empty)
+    accuracy: float  # fraction of its images predicted right (0 when empty)
+
+
+def calibration_bins(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> list[CalibrationBin]:
+    """The images grouped by confidence into ``bins`` equal-width bins over [0, 1] (the first also holds 0), each with
+    its mean confidence and accuracy: the reliability diagram, and the expected calibration error's parts."""
+    confidence, guess = probs.float().max(1)
+    correct = (guess == labels).float()
+    edges = torch.linspace(0, 1, bins + 1)
+    which = torch.bucketize(confidence.cpu(), edges[1:-1])
+    out = []
+    for b in range(bins):
+        mask = which == b
+        n = int(mask.sum())
+        out.append(CalibrationBin(float(edges[b]), float(edges[b + 1]), n, float(confidence.cpu()[mask].mean()) if n else 0.0,
+                                  float(correct.cpu()[mask].mean()) if n else 0.0))
+    return out
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
+    """ECE: the gap between confidence and accuracy averaged over ``calibration_bins``, weighted by their images
+    (0: a model's confidence is its accuracy; 0.1: ten points off on average)."""
+    parts = calibration_bins(probs, labels, bins)
+    total = sum(b.images for b in parts)
+    return sum(b.images * abs(b.accuracy - b.confidence) for b in parts) / total if total else float("nan")
+
+
+def precision_recall_curve(scores: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One label's one-vs-rest precision and recall at each distinct score taken as the threshold, highest score
+    first (``target``: 1 where the image has the label). Tied scores are one threshold, as in scikit-learn."""
+    order = torch.argsort(scores.float(), descending=True, stable=True)
+    s, t = scores.float()[order], target[order].double()
+    tp, seen = t.cumsum(0), torch.arange(1, len(t) + 1, dtype=torch.float64)
+    last = torch.ones(len(s), dtype=torch.bool)
+    last[:-1] = s[1:] != s[:-1]  # the last image of each run of equal scores
+    tp, seen = tp[last], seen[last]
+    positives = t.sum().clamp_min(1)
+    return tp / seen, tp / positives
+
+
+def average_precision(scores: torch.Tensor, target: torch.Tensor) -> float:
+    """The area under a label's precision-recall steps, sum over thresholds of (recall gained) x precision: scikit-learn's
+    average_precision_score and torchmetrics' average precision without thresholds."""
+    precision, recall = precision_recall_curve(scores, target)
+    gained = torch.diff(recall, prepend=torch.zeros(1, dtype=recall.dtype))
+    return float((gained * precision).sum())

@@ -2,7 +2,7 @@
 
 A run directory holds config.yaml (the resolved config), classes.json, splits.json (the recorded splits),
 metrics.csv, summary.json (the run record), best.pt and last.pt (the checkpoints), tracking.json (its MLflow run,
-when tracked) and .lock (held while a process trains it). Runs of earlier versions may lack summary.json and
+when tracked), report.html (`fcclass report`) and .lock (held while a process trains it). Runs of earlier versions may lack summary.json and
 splits.json; a run listed from its summary alone may have nothing else."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ CONFIG, CLASSES, SPLITS = "config.yaml", "classes.json", "splits.json"
 SUMMARY, METRICS, TRACKING = "summary.json", "metrics.csv", "tracking.json"
 BEST, LAST, LOCK = "best.pt", "last.pt", ".lock"
 COMPRESSED = "compress.json"  # a compressed run's before/after record; with model.int8.onnx, its deployed model
+REPORT = "report.html"  # `fcclass report`'s page of the test split (report-val.html: of the validation split); `fcclass serve` links it
 
 
 def is_run_dir(path: Path) -> bool:

@@ -107,6 +107,14 @@ async def info(request: Request) -> Response:
                                          "max_upload_mb": limits.max_upload_mb, "max_files": limits.max_files})
 
 
+async def report(request: Request) -> Response:
+    """The run's `fcclass report` page, read when asked (it may be written while the server runs)."""
+    path = _served(request).report_file()
+    if path is None:
+        raise ApiError(404, "This run has no report yet: write it with `fcclass report RUN` (report.html in the run), then reload.")
+    return HTMLResponse(path.read_text(encoding="utf-8"))
+
+
 async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
@@ -151,6 +159,7 @@ def create_app(service: Service, api_key: str | None = None) -> Starlette:
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/v1/info", info),
+        Route("/report", report),
         Route("/v1/predict", predict, methods=["POST"]),
     ]
     limit = service.limits.max_upload_bytes

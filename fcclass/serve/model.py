@@ -66,7 +66,15 @@ class Served:
         return {"labels": inf.class_names, "input_shape": list(inf.image_shape), "preprocessing": described["preprocessing"],
                 "normalization": described["normalization_inside_model"], "run": str(inf.run_dir.absolute()) if inf.run_dir else None,
                 "model_file": str(self.model_file.absolute()), "model_sha256": self.sha256, "runtime": self.runtime,
-                "precision": self.precision, "device": str(inf.device)}
+                "precision": self.precision, "device": str(inf.device), "report": "/report" if self.report_file() else None}
+
+    def report_file(self) -> Path | None:
+        """The run's `fcclass report` page (report.html), when one has been written."""
+        from fcclass.runs.layout import REPORT
+
+        run_dir = self.inference.run_dir
+        path = run_dir / REPORT if run_dir is not None else None
+        return path if path is not None and path.is_file() else None
 
 
 def _sha256(path: Path) -> str:
