@@ -70,11 +70,9 @@ def page(title: str, parts: list[str], nav: list[tuple[str, str]] = NAV) -> str:
 
 
 def write_page(text: str, out: Path) -> Path:
-    from fcclass.errors import FcclassError
+    """The page, written as every output a user names is (files.write_output: atomic, never through a symlink or
+    into a folder, a failure named with its cause)."""
+    from fcclass.files import write_output
 
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text, encoding="utf-8")
-    except OSError as e:
-        raise FcclassError(f"Cannot write the report to '{out}': {e.strerror}. Choose another place with -o.") from None
+    write_output(out, text, "the report")
     return out
