@@ -32,10 +32,6 @@ HEAD = ("avgpool", "fc", "classifier")  # the first of these children ends a tor
 _OLD_DENSENET_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
 
 
-def is_weight_name(weights: str) -> bool:
-    return WEIGHT_NAME.fullmatch(weights) is not None
-
-
 def normalises_input(model_cfg: ModelConfig, normalize: Any = "auto") -> bool:
     """True when the model's first layer is a Backbone with weights: it normalises the pixels with its weights' mean
     and std, so the data pipeline must not (mean and std [] in the run). ``normalize`` (data.normalize) given as
@@ -104,7 +100,7 @@ def backbone_block(layer: Backbone, shape: tuple[int, int, int], where: str, fir
                          f"input has {channels} channels (input shape {fmt_shape(shape)}). Set data.channels: 3.")
     stats = None
     if layer.weights is not None:
-        weights = named_weights(layer.arch, layer.weights if is_weight_name(layer.weights) else "DEFAULT", where)
+        weights = named_weights(layer.arch, "DEFAULT" if layer.weights_file else layer.weights, where)
         preset = weights.transforms()
         stats = (list(preset.mean), list(preset.std)) if first else None
     out = output_shape(layer.arch, height, width)
@@ -157,11 +153,12 @@ def load_pretrained(model: nn.Module, model_cfg: ModelConfig) -> list[str]:
         if not isinstance(layer, Backbone) or layer.weights is None:
             continue
         where = f"model.layers[{i}] (Backbone '{name}')"
-        if is_weight_name(layer.weights):
+        if layer.weights_file is None:
             weights = named_weights(layer.arch, layer.weights, where)
             state, source = torchvision_state(weights, where), f"torchvision weights {weights.name} from {cached_file(weights)}"
         else:
-            state, source = file_state(Path(layer.weights).expanduser(), where), f"weights from {shown(Path(layer.weights))}"
+            path = Path(layer.weights_file).expanduser()
+            state, source = file_state(path, where), f"weights from {shown(path)}"
         fit_state(block.features, state, source, layer.arch, where)
         how = ("input normalised with the weights' mean/std" if block.normalise else
                "input not normalised by the backbone (it is not the first layer)")

@@ -115,15 +115,13 @@ class Network(nn.Module):
         self._count_trainable()
         self.train(self.training)
 
-    def unfreeze(self) -> list[nn.Parameter]:
-        """Every layer trains from now on (train.unfreeze); returns the parameters that were fixed."""
-        thawed = [p for p in self.parameters() if not p.requires_grad]
-        for p in thawed:
+    def unfreeze(self) -> None:
+        """Every layer trains from now on (train.unfreeze), its normalisation statistics included."""
+        for p in self.parameters():
             p.requires_grad_(True)
         self._frozen_norms = []
         self._count_trainable()
         self.train(self.training)
-        return thawed
 
     def _count_trainable(self) -> None:
         for info, block in zip(self.infos, self.body.children()):

@@ -17,7 +17,7 @@ def print_training_header(console: Console, trainer: Any) -> None:
     from fcclass.device import precision_name
 
     console.print(summary_table(trainer.model.summary()))
-    for note in getattr(trainer, "weight_notes", []):  # pretrained backbones: which weights, from where
+    for note in trainer.weight_notes:  # pretrained backbones: which weights, from where
         console.print(escape(note), highlight=False)
     print_start_weights(console, trainer)
     resumed = ""

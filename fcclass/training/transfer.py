@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 from fcclass.config.sections import Config
 from fcclass.errors import CheckpointError, ConfigError, FcclassError, ModelError
-from fcclass.model.init_from import LOADED, SourceModel, Transfer, load_transfer, plan_transfer
+from fcclass.model.init_from import LOADED, NEW, SKIPPED, SourceModel, Transfer, load_transfer, plan_transfer
 from fcclass.model.network import Network
 
 
@@ -31,8 +31,8 @@ class InitFrom:
 
     def record(self) -> dict[str, Any]:
         return {"path": self.path, "checkpoint": str(self.checkpoint), "epoch": self.epoch,
-                "loaded": self.transfer.named(LOADED), "skipped": self.transfer.named("skipped"),
-                "new": self.transfer.named("new"), "frozen": list(self.fixed)}
+                "loaded": self.transfer.named(LOADED), "skipped": self.transfer.named(SKIPPED),
+                "new": self.transfer.named(NEW), "frozen": list(self.fixed)}
 
 
 def source_checkpoint(path: str) -> Any:
@@ -154,8 +154,8 @@ def unfreeze_epoch(cfg: Config) -> int | None:
 
 def everything_frozen_message(cfg: Config, model: Network, by_init: list[str]) -> str:
     """Why nothing would train: each layer with weights, and what fixed it (init_from.freeze, or trainable: false)."""
-    names = model.layer_names
-    flagged = [n for n, layer in zip(names, cfg.model.layers) if not layer.trainable and n in model.frozen_layers()]
+    frozen = model.frozen_layers()
+    flagged = [n for n, layer in zip(model.layer_names, cfg.model.layers) if not layer.trainable and n in frozen]
     init = [n for n in by_init if n not in flagged]
     causes = "; ".join(part for part in (
         f"init_from.freeze fixed {', '.join(init)} (the layers it loaded)" if init else "",
@@ -209,12 +209,11 @@ def _unfreeze(trainer: Any) -> None:
     trainer.lr_factor, trainer.thawed = trainer.cfg.train.unfreeze.lr_scale, True
 
 
-def thaw(trainer: Any, epoch: int) -> bool:
+def thaw(trainer: Any, epoch: int) -> None:
     """train.unfreeze: from its epoch on every layer trains, at the scheduled learning rate times its lr_scale. Under
     torchrun the DDP wrapper is made again: it reduces only the gradients of weights that trained when it was made."""
     if epoch != unfreeze_epoch(trainer.cfg) or trainer.thawed:
-        return False
+        return
     _unfreeze(trainer)
     if trainer.job.enabled:
         trainer.net = trainer._wrap_ddp(convert=False)
-    return True
