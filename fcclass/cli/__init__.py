@@ -6,6 +6,7 @@ imported here, in the order --help lists them."""
 from fcclass.cli import (
     bench_command,
     compress_command,
+    data_command,
     model_commands,
     report_command,
     run_commands,
@@ -16,7 +17,7 @@ from fcclass.cli import (
 from fcclass.cli.common import app
 
 __all__ = ["app", "main", "run_commands", "model_commands", "compress_command", "bench_command", "runs_command",
-           "sweep_command", "serve_command", "report_command"]
+           "sweep_command", "serve_command", "report_command", "data_command"]
 
 
 def main() -> None:  # pragma: no cover

@@ -233,6 +233,11 @@ class ImageFolderSet:
     """The user's own images: one sub-folder per class."""
 
 
+@dataclass(frozen=True)
+class ShardSet(ImageFolderSet):
+    """A packed dataset (`fcclass data pack`): data.path is its folder or s3://bucket/prefix, data.version the version."""
+
+
 DATASETS: dict[str, TorchvisionSet | ImageFolderSet] = {
     "fashion_mnist": TorchvisionSet(
         "FashionMNIST", (1, 28, 28), 10, "/usr/share/datasets/fashion-mnist", "dataset-fashion-mnist"
@@ -242,4 +247,5 @@ DATASETS: dict[str, TorchvisionSet | ImageFolderSet] = {
     "cifar10": TorchvisionSet("CIFAR10", (3, 32, 32), 10),
     "cifar100": TorchvisionSet("CIFAR100", (3, 32, 32), 100),
     "imagefolder": ImageFolderSet(),
+    "shards": ShardSet(),
 }

@@ -131,6 +131,9 @@ class DataConfig(Strict):
     root: str = "data"
     download: bool = True  # torchvision sets: download when data.root lacks them and the network allows
     path: str | None = None
+    # shards: which version of the packed dataset at data.path (an id or a prefix of one); null: the newest, and the
+    # run records the id it resolved to
+    version: Annotated[str, Field(pattern=r"^[0-9a-f]{4,64}$")] | None = None
     val_split: float = Field(0.1, ge=0.0, lt=1.0)
     test_split: float = Field(0.1, gt=0.0, lt=1.0)  # imagefolder without a test/ folder
     limit_train: PositiveInt | None = None
@@ -156,11 +159,13 @@ class DataConfig(Strict):
     @property
     def location_key(self) -> str:
         """The key that says where the data is: data.path for an image folder, data.root for torchvision sets."""
-        return "path" if self.dataset == "imagefolder" else "root"
+        return "path" if self.dataset in ("imagefolder", "shards") else "root"
 
     def moved_to(self, place: str | Path) -> "DataConfig":
-        """This config with the data at ``place`` (made absolute): how --data-root and `fcclass runs relocate` apply."""
-        return self.model_copy(update={self.location_key: str(Path(place).expanduser().absolute())})
+        """This config with the data at ``place`` (made absolute; an s3:// URL as it is): how --data-root and
+        `fcclass runs relocate` apply."""
+        where = str(place) if str(place).startswith("s3://") else str(Path(place).expanduser().absolute())
+        return self.model_copy(update={self.location_key: where})
 
     @model_validator(mode="after")
     def _imagefolder_needs_path(self) -> "DataConfig":
@@ -168,6 +173,10 @@ class DataConfig(Strict):
             raise ValueError(
                 "dataset 'imagefolder' needs data.path: a folder with one sub-folder of images per class"
             )
+        if self.dataset == "shards" and not self.path:
+            raise ValueError("dataset 'shards' needs data.path: the folder or s3://bucket/prefix `fcclass data pack` wrote")
+        if self.version is not None and self.dataset != "shards":
+            raise ValueError("data.version applies to data.dataset: shards only (a packed dataset's version)")
         return self
 
 

@@ -72,6 +72,7 @@ class Dataset:
     name: str = ""  # the config's data.dataset
     notes: list[str] = field(default_factory=list)  # what the user should know about the data (changed files...)
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # files left out as unreadable (data.on_unreadable: skip), why
+    version: str | None = None  # a packed dataset's version (data.dataset: shards)
     _record: SplitRecord | None = None
     _source: Source | None = field(default=None, repr=False)
     _chosen: dict[str, tuple[str, torch.Tensor]] | None = field(default=None, repr=False)
@@ -182,7 +183,7 @@ def load_dataset(cfg: DataConfig, seed: int, splits: Sequence[str] = SPLIT_NAMES
     """Draw new train/val/test splits from the data (stratified, seeded) and load the ones asked for (all three are
     drawn and recorded either way). ``progress`` shows an image folder's decode cache being built."""
     only_test = set(splits) == {"test"} and isinstance(DATASETS[cfg.dataset], TorchvisionSet)
-    source = open_source(cfg, pools=("test",) if only_test else ("train", "test"))
+    source = open_source(cfg, pools=("test",) if only_test else ("train", "test"), progress=progress)
     chosen = draw_splits(source.pools, cfg, seed)
     skipped = _check_readable(source, chosen, cfg.on_unreadable == "skip")
     chosen = _leave_out(source, chosen, skipped)
@@ -193,21 +194,22 @@ def load_dataset(cfg: DataConfig, seed: int, splits: Sequence[str] = SPLIT_NAMES
     if source.kind == "files":
         pools = {name: pool.files or [] for name, pool in source.pools.items()}
         found, cache_notes = _use_cache(cfg, source.root, pools, {name: chosen[name] for name in splits}, parts, channels, size,
-                                        progress, facts)
+                                        progress, facts, source.pool_dirs)
         skipped, chosen, notes = skipped + found, _leave_out(source, chosen, found), notes + cache_notes
     info = _info(source.class_names, channels, size, parts)
     test_pool, test_idx = chosen["test"]
     info.test_counts = class_counts(source.pools[test_pool].labels[test_idx], len(source.class_names))
-    return Dataset(info, parts, size, channels, cfg.dataset, notes, skipped, _source=source, _chosen=chosen, _facts=facts)
+    return Dataset(info, parts, size, channels, cfg.dataset, notes, skipped, source.version, _source=source, _chosen=chosen, _facts=facts)
 
 
 def _use_cache(cfg: DataConfig, root: Path, pools: dict[str, list[Path]], wanted: dict[str, tuple[str, torch.Tensor]],
                parts: dict[str, Split], channels: int, size: Sequence[int], progress: Progress | None,
-               facts: dict[Path, Facts] | None = None) -> tuple[list[tuple[Path, str]], list[str]]:
+               facts: dict[Path, Facts] | None = None, pool_dirs: dict[str, Path] | None = None
+               ) -> tuple[list[tuple[Path, str]], list[str]]:
     """Point each split whose pool is cached at the pool's memory-mapped images (its rows in the pool); the others
     keep their files and stream. The cache's build finds files whose pixel data is corrupt: with data.on_unreadable:
     skip they are left out of ``parts`` and returned (file, why). Returns them and the cache's notes."""
-    pixels, notes, bad = cached_pools(cfg, root, pools, wanted, channels, size, progress, facts)
+    pixels, notes, bad = cached_pools(cfg, root, pools, wanted, channels, size, progress, facts, pool_dirs)
     found: list[tuple[Path, str]] = []
     for name, (pool, rows) in wanted.items():
         if pool not in pixels:
@@ -246,22 +248,27 @@ def dataset_from_record(cfg: DataConfig, record: SplitRecord, splits: Sequence[s
         notes: list[str] = []
         skipped: list[tuple[Path, str]] = []
     else:
-        parts, notes = _file_splits(record, splits, base, allow_changed)
-        pools, wanted = _recorded_pools(base, parts)
+        packed = open_source(cfg, progress=progress) if record.dataset == "shards" else None  # fetches what the cache lacks
+        if packed is not None:
+            base = packed.root
+        parts, notes = _file_splits(record, splits, base, allow_changed, count_added=packed is None)
+        pools, wanted = _recorded_pools(base, parts, packed)
         skipped = [(base / s["file"], s["reason"]) for s in record.skipped]
         if skipped:
             notes.append(f"{len(skipped):,} unreadable file(s) of '{base}' were left out of this run's splits when it was trained "
                          f"(data.on_unreadable: skip): {describe_bad_files(skipped, shown=3)}. splits.json lists them all.")
-        found, cache_notes = _use_cache(cfg, base, pools, wanted, parts, record.channels, size, progress)
+        found, cache_notes = _use_cache(cfg, base, pools, wanted, parts, record.channels, size, progress,
+                                        pool_dirs=packed.pool_dirs if packed is not None else None)
         notes += cache_notes + ([f"{len(found):,} recorded file(s) cannot be decoded now and are left out (data.on_unreadable: skip): "
                                  f"{describe_bad_files(found, shown=3)}."] if found else [])
         skipped += found
     info = _info(record.class_names, record.channels, size, parts)
     info.test_counts = record.label_counts("test") or []
-    return Dataset(info, parts, size, record.channels, record.dataset, notes, skipped, _record=record)
+    return Dataset(info, parts, size, record.channels, record.dataset, notes, skipped, cfg.version, _record=record)
 
 
-def _file_splits(record: SplitRecord, splits: Sequence[str], base: Path, allow_changed: bool) -> tuple[dict[str, Split], list[str]]:
+def _file_splits(record: SplitRecord, splits: Sequence[str], base: Path, allow_changed: bool, count_added: bool = True
+                 ) -> tuple[dict[str, Split], list[str]]:
     if not base.is_dir():
         raise DataError(f"The run's image folder '{base}' is not there any more (moved or deleted). "
                         "Point the run at the folder's new place with --data-root DIR, or record that place once for every "
@@ -282,7 +289,7 @@ def _file_splits(record: SplitRecord, splits: Sequence[str], base: Path, allow_c
         parts[name] = Split(torch.tensor([rec["labels"][i] for i in keep], dtype=torch.long),
                             files=[base / rec["files"][i] for i in keep])
     recorded = {f for rec in record.splits.values() for f in rec["files"]} | {s["file"] for s in record.skipped}
-    added = sum(1 for f in list_images(base) if f.relative_to(base).as_posix() not in recorded)
+    added = sum(1 for f in list_images(base) if f.relative_to(base).as_posix() not in recorded) if count_added else 0
     if added:
         notes.append(f"{added:,} image(s) in '{base}' are not in any split recorded for this run (added after training); "
                      "they are left out.")
@@ -309,12 +316,13 @@ def record_differences(cfg: DataConfig, record: SplitRecord, root: str | Path) -
     return []
 
 
-def _recorded_pools(base: Path, parts: dict[str, Split]) -> tuple[dict[str, list[Path]], dict[str, tuple[str, torch.Tensor]]]:
+def _recorded_pools(base: Path, parts: dict[str, Split], source: Source | None = None
+                    ) -> tuple[dict[str, list[Path]], dict[str, tuple[str, torch.Tensor]]]:
     """The folder's pools as they are now, and each recorded split as (pool, its rows there): what the cache is keyed
     by, so a resume or an eval reuses the cache its training built. A split with a file outside the pools (the
     layout changed) is left out, to stream."""
     try:
-        source = imagefolder_source(base)
+        source = source or imagefolder_source(base)
     except DataError:
         return {}, {}
     where = {f: (name, i) for name, pool in source.pools.items() for i, f in enumerate(pool.files or [])}
@@ -332,6 +340,12 @@ def describe(cfg: DataConfig) -> tuple[tuple[int, int, int], int]:
     spec = DATASETS[cfg.dataset]
     if isinstance(spec, TorchvisionSet):
         (c, h, w), num_classes = spec.shape, spec.num_classes
+    elif cfg.dataset == "shards":
+        from fcclass.data.shards.source import pin_version
+
+        m, _ = pin_version(cfg)
+        c, num_classes = 3, len(m.labels)
+        h, w = m.first_size or (cfg.image_size or (0, 0))
     else:
         from fcclass.data.sources import imagefolder_source
 

@@ -179,14 +179,15 @@ def _remove_stale(entry: Entry) -> bool:
 
 # ----------------------------------------------------------------------------- deciding
 def cached_pools(cfg: Any, root: Path, pools: dict[str, Sequence[Path]], wanted: dict[str, tuple[str, torch.Tensor]],
-                 channels: int, size: Sequence[int], progress: Progress | None = None, facts: dict[Path, Facts] | None = None
-                 ) -> tuple[dict[str, torch.Tensor], list[str], dict[str, dict[int, str]]]:
+                 channels: int, size: Sequence[int], progress: Progress | None = None, facts: dict[Path, Facts] | None = None,
+                 pool_dirs: dict[str, Path] | None = None) -> tuple[dict[str, torch.Tensor], list[str], dict[str, dict[int, str]]]:
     """The memory-mapped images of each pool (image files under ``root``) that the ``wanted`` splits ({split: (pool,
     rows)}) read, reused or built as ``cfg`` (a DataConfig) says; a pool left out streams from its files, and the
     notes say why. Files the run reads that cannot be decoded are a DataError, as streaming gives, or with
     data.on_unreadable: skip returned as {pool: {row: why}} for the caller to leave out. The files the run reads are
     hashed (a cache is served only if it decoded that content); ``facts`` gets {file: (size, mtime_ns, hash)}, for
-    the run's splits.json to reuse rather than hash them again."""
+    the run's splits.json to reuse rather than hash them again. ``pool_dirs``: the folder that names each pool's
+    cache, where it is not root/<pool> (a packed dataset's version)."""
     if cfg.cache == "off":
         return {}, [], {}
     folder = cache_folder(cfg.cache_dir)
@@ -197,7 +198,7 @@ def cached_pools(cfg: Any, root: Path, pools: dict[str, Sequence[Path]], wanted:
         rows = [idx for pool, idx in wanted.values() if pool == name]
         if not rows or not files:
             continue
-        pool_dir = root / name if (root / name).is_dir() else root  # train/, test/, val/; or the folder itself
+        pool_dir = (pool_dirs or {}).get(name) or (root / name if (root / name).is_dir() else root)  # train/, test/, val/; or the folder
         needed = torch.cat(rows).unique()
         pixels, bad, note = _pool_pixels(cfg, folder, root, pool_dir, list(files), needed, channels, size, progress,
                                          facts if facts is not None else {})

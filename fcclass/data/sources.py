@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import torch
 
-from fcclass.config.registries import DATASETS, TorchvisionSet
+from fcclass.config.registries import DATASETS, ShardSet, TorchvisionSet
 from fcclass.config.sections import DataConfig
 from fcclass.data.images import list_images
 from fcclass.data.splits import Split
@@ -34,6 +34,8 @@ class Source:
     pools: dict[str, Pool] = field(default_factory=dict)
     shape: tuple[int, int, int] | None = None  # C, H, W of torchvision sets
     notes: list[str] = field(default_factory=list)  # what the user should know (e.g. a dataset was unpacked)
+    pool_dirs: dict[str, Path] = field(default_factory=dict)  # the folder naming each pool's decode cache (default: root/<pool>)
+    version: str | None = None  # a packed dataset's version id
 
 
 def data_root(cfg: DataConfig) -> Path:
@@ -41,15 +43,22 @@ def data_root(cfg: DataConfig) -> Path:
     return Path(getattr(cfg, cfg.location_key)).expanduser().absolute()
 
 
-def open_source(cfg: DataConfig, pools: Sequence[str] = ("train", "test"), fetch: bool = True) -> Source:
+def open_source(cfg: DataConfig, pools: Sequence[str] = ("train", "test"), fetch: bool = True, progress: Any = None) -> Source:
     """Read the dataset's pools; a pool not asked for stays out (the test set is not read for training, etc.).
     ``fetch``: a torchvision set missing from data.root may be unpacked from Debian's copy or downloaded there;
-    False (a folder the user named with --data-root) only reads what is there."""
+    False (a folder the user named with --data-root) only reads what is there. A packed dataset (shards) fetches the
+    shards its version lacks in the local cache (``progress`` shows it)."""
     spec = DATASETS[cfg.dataset]
     if isinstance(spec, TorchvisionSet):
         if not fetch:
             cfg = cfg.model_copy(update={"download": False})
         return _torchvision_source(spec, cfg, pools, fetch)
+    if isinstance(spec, ShardSet):
+        from fcclass.data.shards.source import shards_source
+
+        got = shards_source(cfg, progress)
+        return Source("files", got["root"], got["labels"], {k: Pool(labels, files=files) for k, (labels, files) in got["pools"].items()},
+                      notes=got["notes"], pool_dirs=got["pool_dirs"], version=got["version"])
     return imagefolder_source(data_root(cfg))
 
 

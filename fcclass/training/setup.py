@@ -77,6 +77,8 @@ def start_trainer(cfg: Config, callbacks: Sequence[Callback] = ()) -> Trainer:
     with main_first(job):  # each machine's first process downloads, unpacks or caches the data for the others
         data = load_dataset(cfg.data, cfg.seed, splits=("train", "val"),  # the test split is recorded, not loaded
                             progress=decode_progress(callbacks))
+    if data.version is not None:  # a packed dataset: the version it resolved to, recorded in the run's config
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"version": data.version})})
     mean, std = ([], []) if by_model else normalization(cfg.data, data)
     trainer = Trainer(cfg, None, data, mean, std, TrainState(), callbacks, new_weights=True)
     if not job.is_main:

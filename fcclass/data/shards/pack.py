@@ -1,0 +1,267 @@
+"""`fcclass data pack`: an image folder or a built-in dataset, packed into content-named shards and a new version.
+
+Images are stored as their encoded bytes (an image folder's files as they are; a built-in set's images as PNG), so
+size, channels, crops, rotation and normalisation stay training-time settings. Only images the newest version does
+not hold yet are written, into new shards (WebDataset tars, written with its TarWriter at a fixed mtime, so the same
+images give the same bytes and the same name); the manifest comes last. Packing the same images again writes nothing
+and returns the same version; an interrupted pack leaves no version behind, and packing again skips the shards it
+had written."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from fcclass.data.shards.manifest import FIXED_MTIME, MARKER, Image, Manifest, Shard, check_marker, marker
+from fcclass.data.shards.store import FolderStore, S3Store, open_store
+from fcclass.data.shards.versions import newest, read_versions
+from fcclass.errors import DataError
+
+TAR_BLOCK = 512
+
+
+@dataclass
+class Item:
+    """One source image: where it goes and how to read its encoded bytes."""
+
+    split: str
+    label: int
+    name: str
+    ext: str
+    read: Callable[[], bytes]
+    hash: str = ""
+
+
+@dataclass
+class PackResult:
+    version: str
+    images: int
+    shards: int
+    bytes_written: int
+    bytes_total: int
+    new_images: int
+    reused: bool  # the version existed already: nothing was written
+    parent: str | None
+    dest: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "images": self.images, "shards": self.shards, "bytes_written": self.bytes_written,
+                "bytes_total": self.bytes_total, "new_images": self.new_images, "existed": self.reused, "parent": self.parent,
+                "dest": self.dest}
+
+
+def source_items(source: str, data_root: str = "data") -> tuple[list[str], list[Item], str]:
+    """(labels, images, what the source is) of an image folder or a built-in dataset name."""
+    from fcclass.config.registries import DATASETS, TorchvisionSet
+
+    spec = DATASETS.get(source)
+    if isinstance(spec, TorchvisionSet):
+        return _builtin_items(source, data_root)
+    path = Path(source).expanduser().absolute()
+    if not path.exists():
+        known = ", ".join(k for k, v in DATASETS.items() if isinstance(v, TorchvisionSet))
+        raise DataError(f"'{source}' is neither a folder nor a built-in dataset ({known}). Give an image folder "
+                        "(one sub-folder per label, or train/ and test/ with one per label) or a dataset name.")
+    from fcclass.data.sources import imagefolder_source
+
+    src = imagefolder_source(path)
+    items = []
+    for split, pool in src.pools.items():
+        for f, label in zip(pool.files or [], pool.labels.tolist()):
+            ext = f.suffix.lower().lstrip(".") or "img"
+            items.append(Item(split, int(label), f.relative_to(path).as_posix(), ext, _reader(f)))
+    return list(src.class_names), items, str(path)
+
+
+def _reader(path: Path) -> Callable[[], bytes]:
+    def read() -> bytes:
+        try:
+            return path.read_bytes()
+        except OSError as e:
+            raise DataError(f"Cannot read '{path}' while packing: {e.strerror or e}. Fix or remove the file and pack again.") from None
+    return read
+
+
+def _builtin_items(name: str, data_root: str) -> tuple[list[str], list[Item], str]:
+    from fcclass.config.sections import DataConfig
+    from fcclass.data.sources import open_source
+
+    src = open_source(DataConfig(dataset=name, root=data_root))
+    items = []
+    for split, pool in src.pools.items():
+        images = pool.images
+        assert images is not None
+        for i, label in enumerate(pool.labels.tolist()):
+            items.append(Item(split, int(label), f"{name}:{split}[{i}]", "png", _png(images, i)))
+    return list(src.class_names), items, name
+
+
+def _png(images: Any, i: int) -> Callable[[], bytes]:
+    def encode() -> bytes:
+        from PIL import Image as PILImage
+
+        x = images[i].numpy()
+        img = PILImage.fromarray(x[0] if x.shape[0] == 1 else x.transpose(1, 2, 0))
+        buf = io.BytesIO()
+        img.save(buf, format="PNG", compress_level=6)
+        return buf.getvalue()
+    return encode
+
+
+def _tar_bytes(n: int) -> int:
+    return TAR_BLOCK + -(-n // TAR_BLOCK) * TAR_BLOCK
+
+
+def _groups(items: list[Item], sizes: dict[str, int], shard_bytes: float) -> Iterator[list[Item]]:
+    group: list[Item] = []
+    size = 0
+    for item in items:
+        if group and size + _tar_bytes(sizes[item.hash]) > shard_bytes:
+            yield group
+            group, size = [], 0
+        group.append(item)
+        size += _tar_bytes(sizes[item.hash])
+    if group:
+        yield group
+
+
+def _write_tar(group: list[Item]) -> bytes:
+    import webdataset as wds
+
+    buf = io.BytesIO()
+    with wds.TarWriter(buf, user="", group="", mode=0o444, encoder=False, mtime=FIXED_MTIME) as sink:
+        for item in group:
+            sink.write({"__key__": item.hash, item.ext: item.read()})
+    return buf.getvalue()
+
+
+def prepare_place(store: FolderStore | S3Store) -> None:
+    """A new packed dataset's marker, or a check that the place already is one; a place that holds anything else is
+    refused (nothing is written there)."""
+    store.check_place()
+    if store.size(MARKER) is not None:
+        check_marker(store.read(MARKER, limit=1 << 16), store.where(MARKER))
+        return
+    found = store.list()
+    if found:
+        shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+        raise DataError(f"'{store.url}' holds {len(found):,} file(s) that are not an fcclass packed dataset ({shown}). Pack into "
+                        "an empty or new folder (or bucket prefix), or into a place an earlier `fcclass data pack` wrote.")
+    store.write(MARKER, marker())
+
+
+def pack(source: str, dest: str, shard_mb: float = 64.0, data_root: str = "data", progress: Any = None) -> PackResult:
+    """Pack ``source`` into ``dest`` as a new version (or the existing one, when it holds exactly these images)."""
+    if not shard_mb > 0:
+        raise DataError(f"--shard-mb must be more than 0 (got {shard_mb:g}); e.g. 64, or 0.25 for small test sets.")
+    store = open_store(dest)
+    labels, items, what = source_items(source, data_root)
+    prepare_place(store)
+    parent = newest(read_versions(store))
+    sizes = _hash_all(items, progress)
+    known = _intact(store, parent) if parent is not None and parent.labels == labels else {}
+    new: dict[str, Item] = {}
+    for item in items:
+        if item.hash not in known and item.hash not in new:
+            new[item.hash] = item
+    shards: list[Shard] = []
+    where: dict[str, tuple[int, str]] = {}  # image hash -> (shard index in this version, extension)
+    if parent is not None:
+        for h, img in known.items():
+            where[h] = (img.shard, img.ext)
+    used = sorted({where[i.hash][0] for i in items if i.hash in where})
+    remap = {old: k for k, old in enumerate(used)}
+    shards = [parent.shards[old] for old in used] if parent is not None else []
+    where = {h: (remap[s], e) for h, (s, e) in where.items() if s in remap}
+    written = _write_new(store, list(new.values()), sizes, shard_mb * 1e6, shards, where, progress)
+    images = [Image(i.split, i.label, i.hash, where[i.hash][0], where[i.hash][1], i.name) for i in items]
+    first = next((i for i in items if i.split == "train"), None)
+    m = Manifest(labels, shards, images, datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                 parent.id if parent is not None else None, what, _first_size(first))
+    existed = store.size(m.key) is not None
+    if existed and written == 0:  # the same images: the version that holds them, as it was recorded
+        from fcclass.data.shards.versions import read_version
+
+        m = read_version(store, m.id)
+    if not existed:
+        data = m.to_json()
+        store.write(m.key, data)
+        written += len(data)
+    return PackResult(m.id, len(images), len(shards), written, m.nbytes, len(new), existed and written == 0, m.parent, store.url)
+
+
+def _intact(store: FolderStore | S3Store, parent: Manifest) -> dict[str, Image]:
+    """The parent's images whose shard is still there at its size: a missing or truncated shard's images are packed
+    again (how a removed bad shard is repaired)."""
+    whole = {k for k, shard in enumerate(parent.shards) if store.size(shard.file) == shard.bytes}
+    return {i.hash: i for i in parent.images if i.shard in whole}
+
+
+def _hash_all(items: list[Item], progress: Any) -> dict[str, int]:
+    """Read and hash every image (on threads); {hash: encoded size}."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fcclass.data.images import decode_threads
+
+    def one(item: Item) -> int:
+        data = item.read()
+        item.hash = hashlib.sha256(data).hexdigest()
+        return len(data)
+
+    if progress is not None:
+        progress.start(len(items), "Reading and hashing the images")
+    sizes = {}
+    try:
+        with ThreadPoolExecutor(max_workers=decode_threads()) as pool:
+            for k, (item, n) in enumerate(zip(items, pool.map(one, items)), 1):
+                sizes[item.hash] = n
+                if progress is not None and (k % 256 == 0 or k == len(items)):
+                    progress.advance(k)
+    finally:
+        if progress is not None:
+            progress.end()
+    return sizes
+
+
+def _write_new(store: FolderStore | S3Store, new: list[Item], sizes: dict[str, int], shard_bytes: float, shards: list[Shard],
+               where: dict[str, tuple[int, str]], progress: Any) -> int:
+    """Pack the ``new`` images into shards appended to ``shards``; a shard already in the store (an interrupted pack
+    wrote it) is not written again. Returns the bytes written."""
+    written = 0
+    if progress is not None and new:
+        progress.start(len(new), f"Packing {len(new):,} new image(s) into shards")
+    done = 0
+    try:
+        for group in _groups(new, sizes, shard_bytes):
+            data = _write_tar(group)
+            sha = hashlib.sha256(data).hexdigest()
+            shard = Shard(f"shards/{sha}.tar", len(data), sha)
+            if store.size(shard.file) != len(data):
+                store.write(shard.file, data)
+                written += len(data)
+            for item in group:
+                where[item.hash] = (len(shards), item.ext)
+            shards.append(shard)
+            done += len(group)
+            if progress is not None:
+                progress.advance(done)
+    finally:
+        if progress is not None and new:
+            progress.end()
+    return written
+
+
+def _first_size(item: Item | None) -> list[int]:
+    if item is None:
+        return []
+    try:
+        from PIL import Image as PILImage
+
+        with PILImage.open(io.BytesIO(item.read())) as img:
+            return [int(img.size[1]), int(img.size[0])]
+    except Exception:  # noqa: BLE001 - an unreadable first image: training names it; the size is only a hint
+        return []
