@@ -88,7 +88,7 @@ def _versions_table(url: str, versions: list[dict[str, Any]]) -> Table:
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for v in versions:
         splits = v["splits"]
-        table.add_row(v["id"], v["created"].replace("T", " ").removesuffix("+00:00"), f"{v['images']:,}",
+        table.add_row(v["id"], v["created"][:19].replace("T", " "), f"{v['images']:,}",
                       *(f"{splits.get(s, 0):,}" for s in ("train", "val", "test")),
                       str(len(next(iter(v["labels"].values()), {}))), str(v["shards"]), _mb(v["bytes"]), v["parent"] or "")
     return table

@@ -192,7 +192,8 @@ def runs_table(rows: list[Any], runs_dir: Any, total: int | None = None) -> Tabl
         epochs = f"{r.epochs_done}/{r.epochs_planned}" if r.epochs_planned else str(r.epochs_done)
         started = (r.started or "-")[:16].replace("T", " ")
         style = STATE_STYLE.get(r.state, "")
-        table.add_row(clean(r.name), clean(started), clean(r.dataset or "-"), f"{r.params:,}" if r.params else "-", epochs,
+        dataset = f"{r.dataset} {r.data_version}" if getattr(r, "data_version", None) else (r.dataset or "-")
+        table.add_row(clean(r.name), clean(started), clean(dataset), f"{r.params:,}" if r.params else "-", epochs,
                       _pct(r.val_accuracy), _pct(r.test_accuracy), _duration(r.wall_seconds), f"[{style}]{r.state}[/{style}]",
                       *([clean(_source_name(r.init_from))] if transfer else []))
     return table

@@ -195,7 +195,7 @@ def load_dataset(cfg: DataConfig, seed: int, splits: Sequence[str] = SPLIT_NAMES
         pools = {name: pool.files or [] for name, pool in source.pools.items()}
         found, cache_notes = _use_cache(cfg, source.root, pools, {name: chosen[name] for name in splits}, parts, channels, size,
                                         progress, facts, source.pool_dirs)
-        skipped, chosen, notes = skipped + found, _leave_out(source, chosen, found), notes + cache_notes
+        skipped, chosen, notes = skipped + found, _leave_out(source, chosen, found), notes + cache_notes + _trimmed(cfg, source)
     info = _info(source.class_names, channels, size, parts)
     test_pool, test_idx = chosen["test"]
     info.test_counts = class_counts(source.pools[test_pool].labels[test_idx], len(source.class_names))
@@ -221,6 +221,17 @@ def _use_cache(cfg: DataConfig, root: Path, pools: dict[str, list[Path]], wanted
             found += [(pools[pool][row], gone[row]) for row in rows.tolist() if row in gone]
             parts[name] = parts[name].subset(torch.tensor(keep, dtype=torch.long))
     return found, notes
+
+
+def _trimmed(cfg: DataConfig, source: Source | None) -> list[str]:
+    """A packed dataset's cache folder brought back under data.cache_max_gb once the decode cache is built (least
+    recently used shards and files first, never a shard in use); a note when what is in use is over the limit."""
+    if source is None or source.version is None:
+        return []
+    from fcclass.data.shards.cache import make_room
+
+    note = make_room(source.root.parent, cfg.cache_max_gb * 1e9)
+    return [note] if note else []
 
 
 def _info(class_names: list[str], channels: int, size: Sequence[int], parts: dict[str, Split]) -> DataInfo:
@@ -259,7 +270,7 @@ def dataset_from_record(cfg: DataConfig, record: SplitRecord, splits: Sequence[s
                          f"(data.on_unreadable: skip): {describe_bad_files(skipped, shown=3)}. splits.json lists them all.")
         found, cache_notes = _use_cache(cfg, base, pools, wanted, parts, record.channels, size, progress,
                                         pool_dirs=packed.pool_dirs if packed is not None else None)
-        notes += cache_notes + ([f"{len(found):,} recorded file(s) cannot be decoded now and are left out (data.on_unreadable: skip): "
+        notes += cache_notes + _trimmed(cfg, packed) + ([f"{len(found):,} recorded file(s) cannot be decoded now and are left out (data.on_unreadable: skip): "
                                  f"{describe_bad_files(found, shown=3)}."] if found else [])
         skipped += found
     info = _info(record.class_names, record.channels, size, parts)

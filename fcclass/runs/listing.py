@@ -41,6 +41,7 @@ class RunRow:
     state: str  # one of summary.STATES, or "damaged"
     damaged: str | None = None  # why the run cannot be described: its file and the problem
     init_from: str | None = None  # model.init_from: the run (or checkpoint file) its weights started from
+    data_version: str | None = None  # a packed dataset's version (data.dataset: shards)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -92,7 +93,8 @@ def run_row(run_dir: Path) -> RunRow:
     best, test, epochs = summary.best or Best(), summary.test or TestFigures(), summary.epochs or Epochs()
     return RunRow(run_dir.name, str(run_dir), summary.started, summary.dataset, summary.params, epochs.done, epochs.planned,
                   best.epoch, best.val_accuracy, best.val_loss, test.accuracy, test.loss, summary.wall_seconds,
-                  live_state(run_dir, summary), init_from=summary.init_from.path if summary.init_from else None)
+                  live_state(run_dir, summary), init_from=summary.init_from.path if summary.init_from else None,
+                  data_version=summary.data_version)
 
 
 def damaged_row(run_dir: Path, why: str) -> RunRow:

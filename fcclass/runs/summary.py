@@ -105,6 +105,7 @@ class Summary(Record):
     command: str | None = None
     dataset: str | None = None
     data: str | None = None  # the data's root or folder
+    data_version: str | None = None  # a packed dataset's version (data.dataset: shards), as resolved when the run started
     skipped: list[SkippedFile] | None = None  # files left out as unreadable (data.on_unreadable: skip), every one
     init_from: InitFromRecord | None = None  # model.init_from: the weights the run started from
     pretrained: list[str] | None = None  # its pretrained backbones' weights: which, from which file

@@ -111,7 +111,9 @@ def data_table(trainer: Any) -> Table:
     many of each label an epoch draws."""
     info, weights = trainer.data.info, trainer.class_weights
     drawn = balanced_draws(info.train_counts) if trainer.cfg.data.sampler == "balanced" else None
-    table = Table(title=f"Data: {escape(trainer.cfg.data.dataset)}", title_justify="left")
+    data = trainer.cfg.data
+    packed = f" {data.path}, version {data.version}" if data.version else ""
+    table = Table(title=f"Data: {escape(data.dataset + packed)}", title_justify="left")
     test = bool(info.test_counts)
     for name, wanted in (("Label", True), ("Train", True), ("Val", True), ("Test (held out)", test),
                          ("Class weight", weights is not None), ("Drawn / epoch", drawn is not None)):

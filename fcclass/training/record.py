@@ -104,6 +104,7 @@ class RunRecord(Callback):
             **environment(trainer),
             dataset=cfg.data.dataset,
             data=getattr(cfg.data, cfg.data.location_key),
+            data_version=cfg.data.version,
             init_from=InitFromRecord(**trainer.init_from.record()) if trainer.init_from is not None else old.init_from,
             pretrained=trainer.weight_notes or old.pretrained,
             params=counts.total_params,

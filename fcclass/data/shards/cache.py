@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,8 @@ from fcclass.errors import DataError
 from fcclass.files import atomic_write_bytes, os_error_reason
 from fcclass.memory import human
 
-_HELD: dict[str, int] = {}  # shard -> fd of its lock file, held (shared) while this process lives
+FETCH_THREADS = 4
+_HELD: dict[Path, int] = {}  # a shard's lock file -> its fd, held (shared) while this process lives
 _MEMBER = re.compile(r"^([0-9a-f]{64})\.([a-z0-9]{1,8})$")
 
 
@@ -69,9 +71,9 @@ def keep_manifest(root: Path, url: str, m: Manifest) -> None:
 
 def _hold(root: Path, sha: str) -> None:
     """Mark shard ``sha`` in use by this process (a shared lock, kept) and as just used."""
-    if sha in _HELD:
-        return
     lock = root / "blobs" / f"{sha}.lock"
+    if lock in _HELD:
+        return
     lock.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
     try:
@@ -79,7 +81,7 @@ def _hold(root: Path, sha: str) -> None:
     except OSError:
         pass  # a file system without flock: no protection from eviction by another process
     os.utime(fd)
-    _HELD[sha] = fd
+    _HELD[lock] = fd
 
 
 def release_all() -> None:
@@ -99,22 +101,20 @@ def ensure(m: Manifest, root: Path, store: Any, limit_bytes: float, progress: An
     if not missing:
         return notes
     need = sum(s.bytes for s in missing)
-    over = make_room(root.parent, limit_bytes, need)
+    make_room(root.parent, limit_bytes, need)  # the caller trims again once the decode cache is built, and says if over
     opened = store()
     if progress is not None:
         progress.start(len(missing), f"Fetching {len(missing)} shard(s) ({human(need)}) of version {m.id} from {opened.url}")
-    try:
-        for k, shard in enumerate(missing, 1):
-            _fetch(opened, shard, root)
-            if progress is not None:
-                progress.advance(k)
+    try:  # on threads: an object store answers each request after a round trip
+        with ThreadPoolExecutor(max_workers=FETCH_THREADS) as pool:
+            for k, _ in enumerate(pool.map(lambda s: _fetch(opened, s, root), missing), 1):
+                if progress is not None:
+                    progress.advance(k)
     finally:
         if progress is not None:
             progress.end()
     notes.append(f"Shards: fetched {len(missing)} of the {len(m.shards)} of version {m.id} ({human(need)}) into {root}; "
                  "later runs of this version read them from there.")
-    if over:
-        notes.append(over)
     return notes
 
 

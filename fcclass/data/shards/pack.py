@@ -180,7 +180,7 @@ def pack(source: str, dest: str, shard_mb: float = 64.0, data_root: str = "data"
     written = _write_new(store, list(new.values()), sizes, shard_mb * 1e6, shards, where, progress)
     images = [Image(i.split, i.label, i.hash, where[i.hash][0], where[i.hash][1], i.name) for i in items]
     first = next((i for i in items if i.split == "train"), None)
-    m = Manifest(labels, shards, images, datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    m = Manifest(labels, shards, images, datetime.now(timezone.utc).isoformat(timespec="microseconds"),
                  parent.id if parent is not None else None, what, _first_size(first))
     existed = store.size(m.key) is not None
     if existed and written == 0:  # the same images: the version that holds them, as it was recorded

@@ -34,13 +34,15 @@ def pin_version(cfg: Any) -> tuple[Manifest, list[str]]:
         m = cached_manifest(root, url, cfg.version)
         if m is not None:
             return m, []
+    store = open_store(cfg.path)
     try:
-        m = resolve(open_store(cfg.path), cfg.version)
+        m = resolve(store, cfg.version)
     except DataError as e:
         cached = cached_manifest(root, url, None) if cfg.version is None else None
-        if cached is None or "did not answer" not in str(e):
+        if cached is None or not store.unreachable:
             raise
-        return cached, [f"Shards: {e} Training on version {cached.id} ({cached.created}), the newest in the local cache."]
+        why = str(e) if url.startswith("s3://") else f"The folder '{url}' is not there (a share not mounted?)."
+        return cached, [f"Shards: {why} Using version {cached.id} ({cached.created}), the newest of it in the local cache."]
     keep_manifest(root, url, m)
     return m, []
 

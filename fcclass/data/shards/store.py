@@ -47,6 +47,11 @@ class FolderStore:
     def _path(self, key: str) -> Path:
         return self.root / key
 
+    @property
+    def unreachable(self) -> bool:
+        """The folder is not there at all (a share not mounted, a disk not attached)."""
+        return not self.root.exists()
+
     def check_place(self) -> None:
         if self.root.exists() and not self.root.is_dir():
             raise DataError(f"'{self.root}' is a file, not a folder: a packed dataset is a folder. Give another --out.")
@@ -124,6 +129,11 @@ class S3Store:
 
     def where(self, key: str) -> str:
         return f"{self.url}/{key}"
+
+    @property
+    def unreachable(self) -> bool:
+        """The endpoint did not answer (refused, timed out)."""
+        return self._down is not None
 
     def _path(self, key: str) -> str:
         return "/".join(p for p in (self.bucket, self.prefix, key) if p)
