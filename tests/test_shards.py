@@ -115,9 +115,9 @@ def test_training_settings_change_without_a_repack(folder: Path, tmp_path: Path)
 
 
 def test_the_cache_stays_under_its_limit_and_keeps_shards_in_use(folder: Path, tmp_path: Path) -> None:
+    from fcclass.config.sections import DataConfig
     from fcclass.data.shards import cache as shard_cache
     from fcclass.data.shards.source import shards_source
-    from fcclass.config.sections import DataConfig
 
     a, b = tmp_path / "a", tmp_path / "b"
     sub = tmp_path / "two"
