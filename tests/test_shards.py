@@ -247,3 +247,35 @@ def test_two_runs_share_one_cache(folder: Path, tmp_path: Path) -> None:
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert len(list((tmp_path / "runs").iterdir())) == 2
+
+
+@pytest.mark.slow
+def test_two_processes_train_from_shards_like_one(folder: Path, tmp_path: Path) -> None:
+    """`--nproc-per-node 2` from a packed dataset with a cold cache: rank 0 fetches, the other waits and reads the same
+    files; every step of every epoch has a part for each rank (no hang at an epoch's end), and the run matches a
+    one-process run of the same version (each image read once per epoch across the ranks)."""
+    import subprocess
+    import sys
+
+    import torch
+
+    dest = tmp_path / "packed"
+    version = pack_json(folder, dest)["version"]
+    config = shards_config(tmp_path, dest, epochs=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    out = subprocess.run([sys.executable, "-m", "fcclass", "train", "-c", str(config), "--nproc-per-node", "2", "--set",
+                          "train.device=cpu"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    two = newest_run(tmp_path)
+    assert json.loads((two / "summary.json").read_text())["distributed"]["processes"] == 2
+    cli("train", "-c", str(config), "--set", f"train.runs_dir={tmp_path / 'single'}")
+    one = sorted((tmp_path / "single").iterdir())[-1]
+    for run in (one, two):
+        assert yaml.safe_load((run / "config.yaml").read_text())["data"]["version"] == version
+    rows = [[line.split(",") for line in (run / "metrics.csv").read_text().splitlines()] for run in (one, two)]
+    head = rows[0][0]
+    for col in ("train_loss", "val_loss"):
+        k = head.index(col)
+        a = torch.tensor([float(r[k]) for r in rows[0][1:]])
+        b = torch.tensor([float(r[k]) for r in rows[1][1:]])
+        assert torch.allclose(a, b, atol=2e-3), (col, a, b)

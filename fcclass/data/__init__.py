@@ -355,8 +355,7 @@ def describe(cfg: DataConfig) -> tuple[tuple[int, int, int], int]:
         from fcclass.data.shards.source import pin_version
 
         m, _ = pin_version(cfg)
-        c, num_classes = 3, len(m.labels)
-        h, w = m.first_size or (cfg.image_size or (0, 0))
+        (c, h, w), num_classes = m.first_shape or (3, *(cfg.image_size or (0, 0))), len(m.labels)
     else:
         from fcclass.data.sources import imagefolder_source
 

@@ -58,7 +58,7 @@ def open_source(cfg: DataConfig, pools: Sequence[str] = ("train", "test"), fetch
 
         got = shards_source(cfg, progress)
         return Source("files", got["root"], got["labels"], {k: Pool(labels, files=files) for k, (labels, files) in got["pools"].items()},
-                      notes=got["notes"], pool_dirs=got["pool_dirs"], version=got["version"])
+                      shape=got["shape"], notes=got["notes"], pool_dirs=got["pool_dirs"], version=got["version"])
     return imagefolder_source(data_root(cfg))
 
 

@@ -63,7 +63,7 @@ class Manifest:
     created: str = ""
     parent: str | None = None
     source: str = ""
-    first_size: list[int] = field(default_factory=list)  # [H, W] of the first training image (for `fcclass summary`)
+    first_shape: list[int] = field(default_factory=list)  # [C, H, W] of the first training image: the default shape
     id: str = ""
 
     def __post_init__(self) -> None:
@@ -93,7 +93,7 @@ class Manifest:
 
     def to_json(self) -> bytes:
         return json.dumps({"format": FORMAT, "schema": SCHEMA, "id": self.id, "created": self.created, "parent": self.parent,
-                           "source": self.source, "first_size": self.first_size, "labels": self.labels,
+                           "source": self.source, "first_shape": self.first_shape, "labels": self.labels,
                            "shards": [[s.file, s.bytes, s.sha256] for s in self.shards],
                            "images": [[i.split, i.label, i.hash, i.shard, i.ext, i.name] for i in self.images]},
                           separators=(",", ":")).encode("utf-8", "surrogateescape")
@@ -158,9 +158,9 @@ def _build(raw: dict[str, Any]) -> Manifest:
         images.append(Image(split, label, h, shard, ext, name))
     if not any(i.split == "train" for i in images):
         raise ValueError("no training images")
-    size = raw.get("first_size") or []
-    if not (isinstance(size, list) and all(type(v) is int for v in size)):
-        raise ValueError("bad first_size")
+    size = raw.get("first_shape") or []
+    if not (isinstance(size, list) and len(size) in (0, 3) and all(type(v) is int and v > 0 for v in size)):
+        raise ValueError("bad first_shape")
     parent = raw.get("parent")
     return Manifest(labels, shards, images, str(raw.get("created", "")), parent if isinstance(parent, str) else None,
                     str(raw.get("source", "")), size)

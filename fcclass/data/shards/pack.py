@@ -181,7 +181,7 @@ def pack(source: str, dest: str, shard_mb: float = 64.0, data_root: str = "data"
     images = [Image(i.split, i.label, i.hash, where[i.hash][0], where[i.hash][1], i.name) for i in items]
     first = next((i for i in items if i.split == "train"), None)
     m = Manifest(labels, shards, images, datetime.now(timezone.utc).isoformat(timespec="microseconds"),
-                 parent.id if parent is not None else None, what, _first_size(first))
+                 parent.id if parent is not None else None, what, _first_shape(first))
     existed = store.size(m.key) is not None
     if existed and written == 0:  # the same images: the version that holds them, as it was recorded
         from fcclass.data.shards.versions import read_version
@@ -255,13 +255,15 @@ def _write_new(store: FolderStore | S3Store, new: list[Item], sizes: dict[str, i
     return written
 
 
-def _first_size(item: Item | None) -> list[int]:
+def _first_shape(item: Item | None) -> list[int]:
+    """[channels, height, width] of the first training image (grayscale modes: 1 channel, others 3): the shape a
+    run trains at unless data.channels / data.image_size say otherwise."""
     if item is None:
         return []
     try:
         from PIL import Image as PILImage
 
         with PILImage.open(io.BytesIO(item.read())) as img:
-            return [int(img.size[1]), int(img.size[0])]
-    except Exception:  # noqa: BLE001 - an unreadable first image: training names it; the size is only a hint
+            return [1 if img.mode in ("1", "L", "LA", "I", "I;16", "F") else 3, int(img.size[1]), int(img.size[0])]
+    except Exception:  # noqa: BLE001 - an unreadable first image: training names it; the shape is only a default
         return []

@@ -62,4 +62,5 @@ def shards_source(cfg: Any, progress: Any = None) -> dict[str, Any]:
         pools[split] = (torch.tensor([i.label for i in chosen], dtype=torch.long), files)
         pool_dirs[split] = root / "pools" / m.id / split
         pool_dirs[split].mkdir(parents=True, exist_ok=True)
-    return {"labels": list(m.labels), "root": root, "pools": pools, "pool_dirs": pool_dirs, "version": m.id, "notes": notes}
+    return {"labels": list(m.labels), "root": root, "pools": pools, "pool_dirs": pool_dirs, "version": m.id, "notes": notes,
+            "shape": tuple(m.first_shape) if m.first_shape else None}
