@@ -3,6 +3,7 @@ from the shard cache, the cache limit, and every bad input (tests/test_shards_s3
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import DATA_ROOT, needs_fashion
 from typer.testing import CliRunner
 
 from fcclass.cli import app
@@ -187,15 +189,20 @@ def test_bad_shards_are_named(folder: Path, tmp_path: Path, how: str) -> None:
 
 
 @pytest.mark.parametrize("content", [b"[" * 200_000 + b"]" * 200_000, b'{"format": "something else"}', b"\x00garbage",
-                                     "damaged"])
-def test_bad_manifests_are_refused(folder: Path, tmp_path: Path, content: bytes | str) -> None:
+                                     b"\x1f\x8b\x08\x00garbage", "damaged", "bomb"])
+def test_bad_manifests_are_refused(folder: Path, tmp_path: Path, content: bytes | str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fcclass.data.shards import manifest as manifest_mod
+
+    monkeypatch.setattr(manifest_mod, "MAX_MANIFEST", 100_000)  # a gzip bomb: decompression stops past the limit
     dest = tmp_path / "packed"
     version = pack_json(folder, dest)["version"]
-    manifest = dest / "versions" / f"{version}.json"
+    manifest = dest / "versions" / f"{version}.json.gz"
     if content == "damaged":
-        raw = json.loads(manifest.read_text())
+        raw = json.loads(gzip.decompress(manifest.read_bytes()))
         raw["images"][0][1] = (raw["images"][0][1] + 1) % 3  # a label changed after writing
-        manifest.write_text(json.dumps(raw))
+        manifest.write_bytes(gzip.compress(json.dumps(raw).encode()))
+    elif content == "bomb":
+        manifest.write_bytes(gzip.compress(b" " * 200_000))
     else:
         manifest.write_bytes(content)  # type: ignore[arg-type]
     out = cli("data", "ls", str(dest), code=1)
@@ -279,3 +286,39 @@ def test_two_processes_train_from_shards_like_one(folder: Path, tmp_path: Path) 
         a = torch.tensor([float(r[k]) for r in rows[0][1:]])
         b = torch.tensor([float(r[k]) for r in rows[1][1:]])
         assert torch.allclose(a, b, atol=2e-3), (col, a, b)
+
+
+@pytest.mark.slow
+@needs_fashion
+def test_a_pack_killed_mid_way_leaves_earlier_versions_whole(folder: Path, tmp_path: Path) -> None:
+    """kill -9 while Fashion-MNIST (70,000 images) is being packed beside an earlier version: no half version is
+    visible, the earlier one verifies and trains, and packing again writes only the shards that were not written."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    dest = tmp_path / "packed"
+    earlier = pack_json(folder, dest)["version"]
+    proc = subprocess.Popen([sys.executable, "-m", "fcclass", "data", "pack", "fashion_mnist", "--out", str(dest), "--shard-mb", "4",
+                             "--data-root", str(DATA_ROOT)], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shards = dest / "shards"
+    earlier_shards = set(shards.iterdir())
+    before = len(earlier_shards)
+    deadline = time.monotonic() + 240
+    while len(list(shards.iterdir())) < before + 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    listed = json.loads(cli("data", "ls", str(dest), "--json", "-"))
+    assert [v["id"] for v in listed["versions"]] == [earlier]
+    assert "match their hashes" in cli("data", "verify", str(dest))
+    kept = {p: (p.stat().st_ino, p.stat().st_size) for p in set(shards.iterdir()) - earlier_shards if not p.name.startswith(".")}
+    assert kept  # the whole shards the killed pack wrote (its temp file, if any, is named with a dot)
+    out = cli("data", "pack", "fashion_mnist", "--out", str(dest), "--shard-mb", "4", "--data-root", str(DATA_ROOT), "--json", "-")
+    done = json.loads(out[out.index("{"):])
+    manifest = (dest / "versions" / f"{done['version']}.json.gz").stat().st_size
+    assert done["images"] == 70000
+    assert done["bytes_written"] == done["bytes_total"] - sum(size for _, size in kept.values()) + manifest  # only the rest
+    assert all(p.stat().st_ino == ino for p, (ino, _) in kept.items())  # not written again
+    assert [v["id"] for v in json.loads(cli("data", "ls", str(dest), "--json", "-"))["versions"]] == [earlier, done["version"]]

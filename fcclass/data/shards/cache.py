@@ -2,7 +2,7 @@
 
     shards/blobs/<sha256>/<image hash>.<ext>   a shard's images, extracted (fixed mtime), once its bytes matched its hash
     shards/blobs/<sha256>.lock                 its lock file (holds its size); its mtime is when it was last used
-    shards/manifests/<place>/<id>.json         manifests read before (versions are immutable: no network needed again)
+    shards/manifests/<place>/<id>.json.gz      manifests read before (versions are immutable: no network needed again)
     shards/pools/<id>/<split>/                 the folder the decode cache names a version's split by
 
 A shard is fetched (hash checked; fetched once more when it does not match, then named), extracted into a temp
@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from fcclass.data.shards.manifest import FIXED_MTIME, Manifest, parse
+from fcclass.data.shards.manifest import FIXED_MTIME, IMAGE_HASH_HEX, SUFFIX, Manifest, parse
 from fcclass.data.shards.store import FolderStore, S3Store
 from fcclass.data.shards.versions import shard_problem
 from fcclass.errors import DataError
@@ -35,7 +35,7 @@ from fcclass.memory import human
 
 FETCH_THREADS = 4
 _HELD: dict[Path, int] = {}  # a shard's lock file -> its fd, held (shared) while this process lives
-_MEMBER = re.compile(r"^([0-9a-f]{64})\.([a-z0-9]{1,8})$")
+_MEMBER = re.compile(r"^([0-9a-f]{%d})\.([a-z0-9]{1,8})$" % IMAGE_HASH_HEX)
 
 
 def place_key(url: str) -> str:
@@ -49,10 +49,11 @@ def cached_manifest(root: Path, url: str, vid: str | None) -> Manifest | None:
     if not folder.is_dir():
         return None
     found = []
-    for path in folder.glob("*.json"):
-        if vid is None or path.stem.startswith(vid):
+    for path in folder.glob(f"*{SUFFIX}"):
+        name = path.name[: -len(SUFFIX)]
+        if vid is None or name.startswith(vid):
             try:
-                found.append(parse(path.read_bytes(), str(path), expected_id=path.stem))
+                found.append(parse(path.read_bytes(), str(path), expected_id=name))
             except (OSError, DataError):
                 continue
     found.sort(key=lambda m: (m.created, m.id))
@@ -60,7 +61,7 @@ def cached_manifest(root: Path, url: str, vid: str | None) -> Manifest | None:
 
 
 def keep_manifest(root: Path, url: str, m: Manifest) -> None:
-    path = root / "manifests" / place_key(url) / f"{m.id}.json"
+    path = root / "manifests" / place_key(url) / f"{m.id}{SUFFIX}"
     if not path.exists():
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -149,7 +150,7 @@ def _extract(data: bytes, sha: str, root: Path, where: str) -> None:
         for sample in tar_file_iterator(io.BytesIO(data)):
             name = sample["fname"]
             hit = _MEMBER.match(name)
-            if hit is None or hashlib.sha256(sample["data"]).hexdigest() != hit.group(1):
+            if hit is None or hashlib.sha256(sample["data"]).hexdigest()[:IMAGE_HASH_HEX] != hit.group(1):
                 raise DataError(f"The shard {where} holds '{name[:80]}', not an image named by its hash: it was not written by "
                                 "`fcclass data pack`. Pack the images again into a new place.")
             path = tmp / name

@@ -2,18 +2,20 @@
 
     DEST/fcclass-dataset.json       the marker: this place holds an fcclass packed dataset
     DEST/shards/<sha256>.tar        immutable shards named by their content (WebDataset tars: <image hash>.<ext>)
-    DEST/versions/<id>.json         immutable manifests, written last (atomically)
+    DEST/versions/<id>.json.gz      immutable manifests (gzip'd JSON), written last (atomically)
 
-A manifest lists the labels, the shards (file, bytes, sha256) and every image: [split, label, content hash (sha256
-of its encoded bytes), shard index, extension, name in the source]. Its id is a digest of those three, so the same
+A manifest lists the labels, the shards (file, bytes, sha256) and every image: [split, label, content hash (the first 128 bits
+of the sha256 of its encoded bytes), shard index, extension, name in the source]. Its id is a digest of those three, so the same
 images packed again give the same id (and nothing is written), and a manifest whose bytes were damaged no longer
 matches its file name. ``created``, ``parent`` and ``source`` are told but not part of the id."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import re
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +26,9 @@ MARKER = "fcclass-dataset.json"
 FORMAT = "fcclass-shards"
 SCHEMA = 1
 FIXED_MTIME = 946684800  # 2000-01-01: shards are reproducible, and so are the files extracted from them
-MAX_MANIFEST = 512 << 20  # bytes: about 4 million images
+MAX_MANIFEST = 512 << 20  # bytes of JSON (once decompressed): about 4 million images
+SUFFIX = ".json.gz"
+IMAGE_HASH_HEX = 32  # 128 bits of sha256: an image's name in its shard and in the manifest
 SPLITS = ("train", "val", "test")
 _HEX = re.compile(r"^[0-9a-f]{16,64}$")
 _EXT = re.compile(r"^[a-z0-9]{1,8}$")
@@ -77,7 +81,7 @@ class Manifest:
 
     @property
     def key(self) -> str:
-        return f"versions/{self.id}.json"
+        return f"versions/{self.id}{SUFFIX}"
 
     def counts(self) -> dict[str, dict[str, int]]:
         """{split: {label: images}} in label order."""
@@ -92,11 +96,12 @@ class Manifest:
         return sum(s.bytes for s in self.shards)
 
     def to_json(self) -> bytes:
-        return json.dumps({"format": FORMAT, "schema": SCHEMA, "id": self.id, "created": self.created, "parent": self.parent,
+        """The manifest as stored: gzip'd JSON (a fixed mtime, so the same manifest gives the same bytes)."""
+        return gzip.compress(json.dumps({"format": FORMAT, "schema": SCHEMA, "id": self.id, "created": self.created, "parent": self.parent,
                            "source": self.source, "first_shape": self.first_shape, "labels": self.labels,
                            "shards": [[s.file, s.bytes, s.sha256] for s in self.shards],
                            "images": [[i.split, i.label, i.hash, i.shard, i.ext, i.name] for i in self.images]},
-                          separators=(",", ":")).encode("utf-8", "surrogateescape")
+                          separators=(",", ":")).encode("utf-8", "surrogateescape"), compresslevel=6, mtime=0)
 
 
 def marker() -> bytes:
@@ -120,6 +125,7 @@ def parse(data: bytes, where: str, expected_id: str | None = None) -> Manifest:
     """The manifest in ``data`` (read from ``where``), checked: a damaged, foreign or hostile file is a DataError."""
     bad = f"The manifest '{where}' is damaged or not from fcclass"
     fix = "Run `fcclass data verify`, pack again (a new version is written beside it), or use another --version."
+    data = _gunzip(data, bad, fix)
     if len(data) > MAX_MANIFEST:
         raise DataError(f"{bad}: it is {len(data):,} bytes (at most {MAX_MANIFEST:,}). {fix}")
     try:
@@ -135,6 +141,20 @@ def parse(data: bytes, where: str, expected_id: str | None = None) -> Manifest:
     if m.id != raw.get("id") or (expected_id is not None and m.id != expected_id):
         raise DataError(f"{bad}: its contents do not match its id (changed after it was written). {fix}")
     return m
+
+
+def _gunzip(data: bytes, bad: str, fix: str) -> bytes:
+    """``data`` decompressed, at most MAX_MANIFEST + 1 bytes of it (a gzip bomb stops there); plain JSON as it is."""
+    if not data.startswith(b"\x1f\x8b"):
+        return data
+    try:
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        out = d.decompress(data, MAX_MANIFEST + 1)
+    except zlib.error as e:
+        raise DataError(f"{bad}: its compressed data is damaged ({e}). {fix}") from None
+    if len(out) <= MAX_MANIFEST and not d.eof:
+        raise DataError(f"{bad}: it is cut short (truncated). {fix}")
+    return out
 
 
 def _build(raw: dict[str, Any]) -> Manifest:

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from fcclass.data.shards.manifest import FIXED_MTIME, MARKER, Image, Manifest, Shard, check_marker, marker
+from fcclass.data.shards.manifest import FIXED_MTIME, IMAGE_HASH_HEX, MARKER, Image, Manifest, Shard, check_marker, marker
 from fcclass.data.shards.store import FolderStore, S3Store, open_store
 from fcclass.data.shards.versions import newest, read_versions
 from fcclass.errors import DataError
@@ -209,7 +209,7 @@ def _hash_all(items: list[Item], progress: Any) -> dict[str, int]:
 
     def one(item: Item) -> int:
         data = item.read()
-        item.hash = hashlib.sha256(data).hexdigest()
+        item.hash = hashlib.sha256(data).hexdigest()[:IMAGE_HASH_HEX]
         return len(data)
 
     if progress is not None:

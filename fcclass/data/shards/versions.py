@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from fcclass.data.shards.manifest import MARKER, MAX_MANIFEST, Manifest, check_marker, parse
+from fcclass.data.shards.manifest import MARKER, MAX_MANIFEST, SUFFIX, Manifest, check_marker, parse
 from fcclass.data.shards.store import FolderStore, S3Store
 from fcclass.errors import DataError
 
@@ -20,17 +20,17 @@ def check_dataset(store: FolderStore | S3Store) -> None:
 
 
 def version_ids(store: FolderStore | S3Store) -> list[str]:
-    return sorted(k[len("versions/"):-len(".json")] for k in store.list("versions") if k.endswith(".json") and k.count("/") == 1)
+    return sorted(k[len("versions/"):-len(SUFFIX)] for k in store.list("versions") if k.endswith(SUFFIX) and k.count("/") == 1)
 
 
 def read_version(store: FolderStore | S3Store, vid: str) -> Manifest:
     try:
-        data = store.read(f"versions/{vid}.json", limit=MAX_MANIFEST)
+        data = store.read(f"versions/{vid}{SUFFIX}", limit=MAX_MANIFEST)
     except FileNotFoundError:
         known = version_ids(store)
         raise DataError(f"'{store.url}' has no version '{vid}'. Its versions: {', '.join(known) if known else 'none yet'}. "
                         f"Set data.version to one of them (or leave it out for the newest); `fcclass data ls {store.url}` lists them.") from None
-    return parse(data, store.where(f"versions/{vid}.json"), expected_id=vid)
+    return parse(data, store.where(f"versions/{vid}{SUFFIX}"), expected_id=vid)
 
 
 def read_versions(store: FolderStore | S3Store) -> list[Manifest]:
