@@ -30,7 +30,7 @@ from fcclass.data.shards.manifest import FIXED_MTIME, IMAGE_HASH_HEX, SUFFIX, Ma
 from fcclass.data.shards.store import FolderStore, S3Store
 from fcclass.data.shards.versions import shard_problem
 from fcclass.errors import DataError
-from fcclass.files import atomic_write_bytes, os_error_reason
+from fcclass.files import atomic_write_bytes, os_error_reason, shown
 from fcclass.memory import human
 
 FETCH_THREADS = 4
@@ -114,7 +114,7 @@ def ensure(m: Manifest, root: Path, store: Any, limit_bytes: float, progress: An
     finally:
         if progress is not None:
             progress.end()
-    notes.append(f"Shards: fetched {len(missing)} of the {len(m.shards)} of version {m.id} ({human(need)}) into {root}; "
+    notes.append(f"Shards: fetched {len(missing)} of the {len(m.shards)} of version {m.id} ({human(need)}) into {shown(root)}; "
                  "later runs of this version read them from there.")
     return notes
 
