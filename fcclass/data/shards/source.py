@@ -42,7 +42,7 @@ def pin_version(cfg: Any) -> tuple[Manifest, list[str]]:
         if cached is None or not store.unreachable:
             raise
         why = str(e) if url.startswith("s3://") else f"The folder '{url}' is not there (a share not mounted?)."
-        return cached, [f"Shards: {why} Using version {cached.id} ({cached.created}), the newest of it in the local cache."]
+        return cached, [f"Shards: {why} Using version {cached.id} ({cached.created[:19].replace('T', ' ')}), the newest of it in the local cache."]
     keep_manifest(root, url, m)
     return m, []
 

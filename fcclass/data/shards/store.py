@@ -203,9 +203,10 @@ class S3Store:
         if "NoSuchBucket" in text:
             return (f"The bucket '{self.bucket}' does not exist at {where}. Create it, or check the bucket name and AWS_ENDPOINT_URL.")
         if any(k in low for k in ("timeout", "timed out", "connect", "endpoint", "refused", "unreachable", "name or service")):
-            self._down = (f"The S3 endpoint {where} did not answer (while reading {what}: {_short(e)}); fcclass gave up after "
-                          f"{CONNECT_TIMEOUT} s to connect and {READ_TIMEOUT} s for a reply, twice. Check that the server runs "
-                          "and AWS_ENDPOINT_URL points at it; runs of a version already in the local cache train without it.")
+            waited = (f" (fcclass waits {CONNECT_TIMEOUT} s for a connection and {READ_TIMEOUT} s for a reply, and tries twice)"
+                      if "timeout" in low or "timed out" in low else "")
+            self._down = (f"The S3 endpoint {where} did not answer (while reading {what}: {_short(e)}){waited}. Check that the "
+                          "server runs and AWS_ENDPOINT_URL points at it; runs of a version already in the local cache train without it.")
             return self._down
         return f"S3 request for {what} at {where} failed: {_short(e)}. Check the bucket, the credentials and AWS_ENDPOINT_URL."
 
