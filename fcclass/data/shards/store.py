@@ -119,7 +119,7 @@ class S3Store:
             fs = s3fs.S3FileSystem(
                 anon=False, endpoint_url=endpoint, skip_instance_cache=True, use_listings_cache=False,
                 config_kwargs={"connect_timeout": CONNECT_TIMEOUT, "read_timeout": READ_TIMEOUT,
-                               "retries": {"max_attempts": 1, "mode": "standard"}})
+                               "retries": {"total_max_attempts": 1, "mode": "standard"}})
             fs.retries = 2  # s3fs's own retries (a class attribute, 5); a constructor kwarg would go to aiobotocore's session
             self._fs = fs
         return self._fs
