@@ -14,7 +14,7 @@ import torch
 
 from fcclass.data.shards.cache import cached_manifest, ensure, keep_manifest
 from fcclass.data.shards.manifest import Manifest
-from fcclass.data.shards.store import open_store
+from fcclass.data.shards.store import EndpointDown, open_store
 from fcclass.data.shards.versions import resolve
 from fcclass.errors import DataError
 
@@ -38,7 +38,7 @@ def pin_version(cfg: Any) -> tuple[Manifest, list[str]]:
         m = resolve(open_store(cfg.path), cfg.version)
     except DataError as e:
         cached = cached_manifest(root, url, None) if cfg.version is None else None
-        if cached is None or "did not answer" not in str(e):
+        if cached is None or not isinstance(e, EndpointDown):
             raise
         return cached, [f"Shards: {e} Training on version {cached.id} ({cached.created}), the newest in the local cache."]
     keep_manifest(root, url, m)

@@ -20,6 +20,10 @@ CONNECT_TIMEOUT = 5
 READ_TIMEOUT = 15
 
 
+class EndpointDown(DataError):
+    """The S3 endpoint could not be reached or did not answer (a run of a cached version goes on without it)."""
+
+
 def is_remote(dest: str) -> bool:
     return dest.startswith("s3://")
 
@@ -163,7 +167,7 @@ class S3Store:
 
     def _call(self, fn: Any, what: str) -> Any:
         if self._down is not None:
-            raise DataError(self._down)
+            raise EndpointDown(self._down)
         try:
             return fn()
         except FileNotFoundError as e:
@@ -174,7 +178,8 @@ class S3Store:
         except DataError:
             raise
         except Exception as e:  # noqa: BLE001 - botocore, aiohttp and s3fs raise many types for one cause
-            raise DataError(self._explain(e, what)) from None
+            why = self._explain(e, what)
+            raise (EndpointDown(why) if self._down is not None else DataError(why)) from None
 
     def _bucket_missing(self, e: BaseException) -> bool:
         text = f"{e!r} {getattr(e, '__cause__', '')!r}"
@@ -194,8 +199,10 @@ class S3Store:
         if "NoSuchBucket" in text:
             return (f"The bucket '{self.bucket}' does not exist at {where}. Create it, or check the bucket name and AWS_ENDPOINT_URL.")
         if any(k in low for k in ("timeout", "timed out", "connect", "endpoint", "refused", "unreachable", "name or service")):
-            self._down = (f"The S3 endpoint {where} did not answer (while reading {what}: {_short(e)}); fcclass gave up after "
-                          f"{CONNECT_TIMEOUT} s to connect and {READ_TIMEOUT} s for a reply, twice. Check that the server runs "
+            unreachable = any(k in low for k in ("could not connect", "refused", "unreachable", "name or service"))
+            how = ("could not be reached (nothing accepted the connection)" if unreachable else
+                   f"did not answer (fcclass gave up after {CONNECT_TIMEOUT} s to connect and {READ_TIMEOUT} s for a reply, twice)")
+            self._down = (f"The S3 endpoint {where} {how} while reading {what}: {_short(e)}. Check that the server runs "
                           "and AWS_ENDPOINT_URL points at it; runs of a version already in the local cache train without it.")
             return self._down
         return f"S3 request for {what} at {where} failed: {_short(e)}. Check the bucket, the credentials and AWS_ENDPOINT_URL."
