@@ -14,7 +14,7 @@ import torch
 
 from fcclass.data.shards.cache import cached_manifest, ensure, keep_manifest
 from fcclass.data.shards.manifest import Manifest
-from fcclass.data.shards.store import open_store
+from fcclass.data.shards.store import EndpointDown, open_store
 from fcclass.data.shards.versions import resolve
 from fcclass.errors import DataError
 
@@ -39,7 +39,7 @@ def pin_version(cfg: Any) -> tuple[Manifest, list[str]]:
         m = resolve(store, cfg.version)
     except DataError as e:
         cached = cached_manifest(root, url, None) if cfg.version is None else None
-        if cached is None or not store.unreachable:
+        if cached is None or not (isinstance(e, EndpointDown) or store.unreachable):
             raise
         why = str(e) if url.startswith("s3://") else f"The folder '{url}' is not there (a share not mounted?)."
         return cached, [f"Shards: {why} Using version {cached.id} ({cached.created[:19].replace('T', ' ')}), the newest of it in the local cache."]

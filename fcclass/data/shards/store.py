@@ -20,6 +20,10 @@ CONNECT_TIMEOUT = 5
 READ_TIMEOUT = 15
 
 
+class EndpointDown(DataError):
+    """The S3 endpoint could not be reached or did not answer (a run of a cached version goes on without it)."""
+
+
 def is_remote(dest: str) -> bool:
     return dest.startswith("s3://")
 
@@ -121,11 +125,12 @@ class S3Store:
             except ImportError:
                 raise DataError("s3:// places need s3fs: pip install 'fcclass[shards]'.") from None
             endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3") or None
-            self._fs = s3fs.S3FileSystem(
+            fs = s3fs.S3FileSystem(
                 anon=False, endpoint_url=endpoint, skip_instance_cache=True, use_listings_cache=False,
                 config_kwargs={"connect_timeout": CONNECT_TIMEOUT, "read_timeout": READ_TIMEOUT,
-                               "retries": {"max_attempts": 1, "mode": "standard"}})
-            self._fs.retries = 2  # s3fs's own retries (a class attribute, 5 by default)
+                               "retries": {"total_max_attempts": 1, "mode": "standard"}})
+            fs.retries = 2  # s3fs's own retries (a class attribute, 5); a constructor kwarg would go to aiobotocore's session
+            self._fs = fs
         return self._fs
 
     def where(self, key: str) -> str:
@@ -172,7 +177,7 @@ class S3Store:
 
     def _call(self, fn: Any, what: str) -> Any:
         if self._down is not None:
-            raise DataError(self._down)
+            raise EndpointDown(self._down)
         try:
             return fn()
         except FileNotFoundError as e:
@@ -183,7 +188,8 @@ class S3Store:
         except DataError:
             raise
         except Exception as e:  # noqa: BLE001 - botocore, aiohttp and s3fs raise many types for one cause
-            raise DataError(self._explain(e, what)) from None
+            why = self._explain(e, what)
+            raise (EndpointDown(why) if self._down is not None else DataError(why)) from None
 
     def _bucket_missing(self, e: BaseException) -> bool:
         text = f"{e!r} {getattr(e, '__cause__', '')!r}"
@@ -203,10 +209,11 @@ class S3Store:
         if "NoSuchBucket" in text:
             return (f"The bucket '{self.bucket}' does not exist at {where}. Create it, or check the bucket name and AWS_ENDPOINT_URL.")
         if any(k in low for k in ("timeout", "timed out", "connect", "endpoint", "refused", "unreachable", "name or service")):
-            waited = (f" (fcclass waits {CONNECT_TIMEOUT} s for a connection and {READ_TIMEOUT} s for a reply, and tries twice)"
-                      if "timeout" in low or "timed out" in low else "")
-            self._down = (f"The S3 endpoint {where} did not answer (while reading {what}: {_short(e)}){waited}. Check that the "
-                          "server runs and AWS_ENDPOINT_URL points at it; runs of a version already in the local cache train without it.")
+            unreachable = any(k in low for k in ("could not connect", "refused", "unreachable", "name or service"))
+            how = ("could not be reached (nothing accepted the connection)" if unreachable else
+                   f"did not answer (fcclass gave up after {CONNECT_TIMEOUT} s to connect and {READ_TIMEOUT} s for a reply, twice)")
+            self._down = (f"The S3 endpoint {where} {how} while reading {what}: {_short(e)}. Check that the server runs "
+                          "and AWS_ENDPOINT_URL points at it; runs of a version already in the local cache train without it.")
             return self._down
         return f"S3 request for {what} at {where} failed: {_short(e)}. Check the bucket, the credentials and AWS_ENDPOINT_URL."
 
