@@ -116,10 +116,12 @@ class S3Store:
             except ImportError:
                 raise DataError("s3:// places need s3fs: pip install 'fcclass[shards]'.") from None
             endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3") or None
-            self._fs = s3fs.S3FileSystem(
-                anon=False, endpoint_url=endpoint, skip_instance_cache=True, use_listings_cache=False, retries=2,
+            fs = s3fs.S3FileSystem(
+                anon=False, endpoint_url=endpoint, skip_instance_cache=True, use_listings_cache=False,
                 config_kwargs={"connect_timeout": CONNECT_TIMEOUT, "read_timeout": READ_TIMEOUT,
                                "retries": {"max_attempts": 1, "mode": "standard"}})
+            fs.retries = 2  # s3fs's own tries: an attribute (passed to __init__ it would reach AioSession and fail)
+            self._fs = fs
         return self._fs
 
     def where(self, key: str) -> str:
