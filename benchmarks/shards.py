@@ -161,7 +161,7 @@ def repack_rows(rows: list[dict[str, Any]], tmp: Path, jpegs: Path, n: int, shar
     extra = max(1, n // 50)
     make_jpegs(jpegs, extra, first=n)
     wall, out = fcclass(["data", "pack", str(jpegs), "--out", str(tmp / "jpeg-pack"), "--shard-mb", str(shard_mb)])
-    manifest = (tmp / "jpeg-pack" / "versions" / f"{out['version']}.json").stat().st_size
+    manifest = (tmp / "jpeg-pack" / "versions" / f"{out['version']}.json.gz").stat().st_size
     row(rows, f"re-pack after +{extra:,} JPEGs (+2 %)", seconds=wall, images=out["images"], shards=out["shards"],
         bytes_total=out["bytes_total"], bytes_written=out["bytes_written"], manifest_bytes=manifest,
         written_share=f"{out['bytes_written'] / out['bytes_total']:.1%}",

@@ -1168,6 +1168,119 @@ JSON["`tests/test_readme.py` keeps this README true"] = Check(NOT_RUN, "describe
 
 
 # ----------------------------------------------------------------------------- the tests
+# ----------------------------------------------------------------------------- packed datasets on S3
+SHOWN_ENDPOINT = "http://127.0.0.1:9555"
+PACK = "fcclass data pack data/my_images --out s3://datasets/my_images"
+SHARDS_TRAIN = "fcclass train -c imagefolder --set data.dataset=shards --set data.path=s3://datasets/my_images --set train.epochs="
+
+
+class PackedPlace:
+    """The README's packed-dataset scenario: ``data/my_images`` (3 labels of real Fashion-MNIST PNGs) packed into
+    s3://datasets/my_images on a moto server of its own, then 30 images added and packed again; the outputs."""
+
+    def __init__(self, ws: "Workspace") -> None:
+        from s3_support import started
+
+        self.folder = ws.factory.mktemp("packed")
+        images = self.folder / "data" / "my_images"
+        ws.image_folder(images, {"ankle_boot": 60, "sandal": 60, "sneaker": 60})
+        self.server = started("datasets")
+        import atexit
+
+        atexit.register(self.server.stop)
+        self.env = {**self.server.env, "FCCLASS_CACHE_DIR": str(self.folder / "cache")}
+        self.first = self.run(PACK)
+        self.versions = [self.version(self.first)]
+        for label in ("ankle_boot", "sandal", "sneaker"):  # 30 new images: the others, flipped
+            from PIL import Image
+
+            for i, png in enumerate(sorted((images / label).glob("*.png"))[:10]):
+                Image.open(png).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(images / label / f"new-{i:02d}.png")
+        self.second = self.run(PACK)
+        self.versions.append(self.version(self.second))
+
+    def run(self, command: str, extra: list[str] | None = None) -> Ran:
+        res = cli(command, self.folder, extra=extra, env=self.env)
+        assert res.code == 0, res.output
+        return res
+
+    @staticmethod
+    def version(res: Ran) -> str:
+        return re.search(r"version (\w+)", res.output).group(1)  # type: ignore[union-attr]
+
+    def paths(self) -> dict[str, str]:
+        shown = ["33506d023c10bba2", "c4ae35ceb8a1916b"]
+        return {SHOWN_ENDPOINT: self.server.endpoint, **dict(zip(shown, self.versions))}
+
+
+def _packed(ws: "Workspace") -> PackedPlace:
+    if not hasattr(ws, "packed_place"):
+        ws.packed_place = PackedPlace(ws)
+    return ws.packed_place
+
+
+@example(PACK)
+def _pack(ex: readme.Example, ws: "Workspace") -> None:
+    place = _packed(ws)
+    res = place.second if "(30 new)" in " ".join(ex.output) else place.first
+    assert_shown(ex.output, res.output, place.paths())
+    assert "(parent" in place.second.output and place.versions[0] in place.second.output
+
+
+@example("fcclass data ls s3://datasets/my_images")
+def _pack_ls(ex: readme.Example, ws: "Workspace") -> None:
+    place = _packed(ws)
+    res = place.run(ex.command)
+    assert_shown(ex.output, res.output, place.paths())
+
+
+@json_example("`fcclass data ls --json -` gives the same as")
+def _pack_ls_json(anchor: str, ws: "Workspace") -> None:
+    place = _packed(ws)
+    data = json.loads(place.run("fcclass data ls s3://datasets/my_images --json -").stdout)
+    assert_shape(data, anchor)
+    assert [v["id"] for v in data["versions"]] == place.versions and data["versions"][1]["parent"] == place.versions[0]
+
+
+@json_example("prints `version`, `images`, `shards`, `bytes_written`")
+def _pack_json(anchor: str, ws: "Workspace") -> None:
+    place = _packed(ws)
+    data = json.loads(place.run(PACK + " --json -").stdout)  # nothing new: the same version, nothing written
+    assert {"version", "images", "shards", "bytes_written", "bytes_total"} <= set(data)
+    assert data["version"] == place.versions[1] and data["bytes_written"] == 0 and data["images"] == 210
+
+
+@example("fcclass data verify s3://datasets/my_images", kind="error")
+def _pack_unreachable(ex: readme.Example, ws: "Workspace") -> None:
+    from s3_support import free_port
+
+    place = _packed(ws)
+    dead = f"http://127.0.0.1:{free_port()}"
+    check_error(ex, place.folder, {SHOWN_ENDPOINT: dead}, env={**place.env, "AWS_ENDPOINT_URL": dead})
+
+
+@example(SHARDS_TRAIN + "3", kind="slow")
+def _train_from_shards(ex: readme.Example, ws: "Workspace") -> None:
+    place = _packed(ws)
+    res = place.run(ex.command + " --set data.version=" + place.versions[0], extra=IMAGE_SIZE)
+    assert_shown(ex.output, res.stdout, place.paths(), skip=(r"^Decoded images", r"^Shards: fetched"))
+    assert "Shards: fetched" in res.output and "Decoded images: cached" in res.output
+
+
+@example(SHARDS_TRAIN + "1", kind="slow")
+def _train_from_the_cache_offline(ex: readme.Example, ws: "Workspace") -> None:
+    """With the server stopped: a new run trains on the newest version in the cache, the first one (the run before
+    trained on it; the second was packed, never fetched)."""
+    place = _packed(ws)
+    place.run(SHARDS_TRAIN + "1 --set data.version=" + place.versions[0], extra=IMAGE_SIZE)
+    place.server.stop()
+    res = place.run(ex.command, extra=IMAGE_SIZE)
+    assert_shown(ex.output, res.stdout, place.paths())
+    assert f"Using version {place.versions[0]}" in " ".join(res.stdout.split())
+    first = sorted((place.folder / "runs").iterdir())[0]
+    assert place.run(f"fcclass eval {first} --no-save").code == 0  # a run of a cached version evaluates offline
+
+
 def _checks(kinds: tuple[str, ...]) -> list[tuple[str, Any, Check]]:
     """(name, example or JSON anchor, check) for every README example with a check of one of these kinds."""
     found = []
