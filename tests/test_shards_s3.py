@@ -113,6 +113,7 @@ def test_pack_into_s3_writes_several_shards_and_an_unchanged_repack_writes_nothi
     assert again["version"] == first["version"] and again["bytes_written"] == 0 and again["existed"] is True
 
 
+@pytest.mark.slow  # tests/test_shards.py checks the same on a folder in the default run
 def test_adding_images_writes_a_new_version_listed_and_verified(
         moto_s3: Moto, images: Path, packed: tuple[str, dict[str, Any]], tmp_path: Path) -> None:
     dest, first = packed
@@ -137,6 +138,7 @@ def test_adding_images_writes_a_new_version_listed_and_verified(
     assert second["version"] in ok.stdout and "match their hashes" in ok.stdout
 
 
+@pytest.mark.slow  # tests/test_shards.py checks the same on a folder in the default run
 def test_a_damaged_or_missing_shard_is_named_by_verify_and_by_training(moto_s3: Moto, images: Path, tmp_path: Path) -> None:
     dest = f"s3://{BUCKET}/damaged"
     pack(tmp_path, moto_s3.env, images, dest)
