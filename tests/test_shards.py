@@ -322,3 +322,27 @@ def test_a_pack_killed_mid_way_leaves_earlier_versions_whole(folder: Path, tmp_p
     assert done["bytes_written"] == done["bytes_total"] - sum(size for _, size in kept.values()) + manifest  # only the rest
     assert all(p.stat().st_ino == ino for p, (ino, _) in kept.items())  # not written again
     assert [v["id"] for v in json.loads(cli("data", "ls", str(dest), "--json", "-"))["versions"]] == [earlier, done["version"]]
+
+
+def test_a_packed_dataset_that_moved(folder: Path, tmp_path: Path) -> None:
+    """The folder moved (a new share, a new bucket): `--data-root` points one command at it, `runs relocate` records
+    it after checking it holds the run's version; a place without that version is refused, nothing written."""
+    dest = tmp_path / "packed"
+    version = pack_json(folder, dest)["version"]
+    cli("train", "-c", str(shards_config(tmp_path, dest, epochs=1)))
+    run = newest_run(tmp_path)
+    moved = tmp_path / "moved"
+    dest.rename(moved)
+    shutil.rmtree(tmp_path / "cache")  # nothing cached: the shards must come from the new place
+    assert "holds no packed dataset" in cli("eval", str(run), "--no-save", code=1)  # the recorded place is gone
+    out = cli("eval", str(run), "--no-save", "--data-root", str(moved))
+    assert "Shards: fetched" in out
+    before = (run / "config.yaml").read_text()
+    assert "holds no packed dataset" in cli("runs", "relocate", str(run), "--data-root", str(folder), code=1)
+    assert (run / "config.yaml").read_text() == before
+    out = cli("runs", "relocate", str(run), "--data-root", str(moved), "--json", "-")
+    assert json.loads(out[out.index("{"):])["new"] == str(moved)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["data"]["path"] == str(moved) and cfg["data"]["version"] == version
+    assert json.loads((run / "summary.json").read_text())["data"] == str(moved)
+    cli("eval", str(run), "--no-save")

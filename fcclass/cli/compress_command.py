@@ -41,7 +41,7 @@ def compress(
     set_: Optional[list[str]] = SetOpt,
     json_out: Optional[str] = JsonOpt,
     runs_dir: Path = RunsDirOpt,
-    data_root: Optional[Path] = DataRootOpt,
+    data_root: Optional[str] = DataRootOpt,
 ) -> None:
     """Make a smaller, faster copy of a trained run: pruning, fine-tuning, int8; measured before and after."""
     _check_json_target(json_out)

@@ -42,7 +42,7 @@ def eval_(
                                                     "see `fcclass report`)."),
     json_out: Optional[str] = JsonOpt,
     runs_dir: Path = RunsDirOpt,
-    data_root: Optional[Path] = DataRootOpt,
+    data_root: Optional[str] = DataRootOpt,
     allow_changed_data: bool = AllowChangedOpt,
     device: str = DeviceOpt,
 ) -> None:
@@ -89,7 +89,7 @@ def predict(
                                                                     "instead of the list of predictions alone."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per forward pass."),
     runs_dir: Path = RunsDirOpt,
-    data_root: Optional[Path] = DataRootOpt,
+    data_root: Optional[str] = DataRootOpt,
     allow_changed_data: bool = AllowChangedOpt,
     device: str = DeviceOpt,
 ) -> None:

@@ -21,7 +21,7 @@ def report(
     compare: Optional[Path] = typer.Option(None, "--compare", help="A second run, shown beside the first on the same split."),
     open_: bool = typer.Option(False, "--open", help="Open the page in the default web browser when written."),
     runs_dir: Path = RunsDirOpt,
-    data_root: Optional[Path] = DataRootOpt,
+    data_root: Optional[str] = DataRootOpt,
     allow_changed_data: bool = AllowChangedOpt,
     device: str = DeviceOpt,
 ) -> None:

@@ -35,7 +35,7 @@ def train(
     set_: Optional[list[str]] = SetOpt,
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue a run directory from its last completed epoch, with its own config "
                                           "(--set may change only train.epochs, early stopping, device, precision, threads and data locations)."),
-    data_root: Optional[Path] = typer.Option(None, "--data-root", help="With --resume: where the run's data is now, if it moved (the image "
+    data_root: Optional[str] = typer.Option(None, "--data-root", help="With --resume: where the run's data is now, if it moved (the image "
                                              "folder for imagefolder runs, the dataset root otherwise)."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the fully resolved config (YAML) and exit without training."),
     log_interval: float = typer.Option(10.0, "--log-interval", min=0, help="Written to a file or pipe: a progress line every N seconds during an epoch (0: "
@@ -127,7 +127,7 @@ def _reporting(json_out: Optional[str]) -> tuple[bool, Console, Optional[str]]:
     return False, Console(quiet=True), None
 
 
-def _launch(nproc: int, config: Optional[Path], set_: Optional[list[str]], resume: Optional[Path], data_root: Optional[Path],
+def _launch(nproc: int, config: Optional[Path], set_: Optional[list[str]], resume: Optional[Path], data_root: Optional[str],
             log_interval: float, test: bool, json_out: Optional[str], oversubscribe: bool = False) -> None:
     """--nproc-per-node: this same command, started N times by torchrun (after checking that they fit here)."""
     args = ["train", *(["-c", str(config)] if config is not None else []), *(f"--set={item}" for item in set_ or []),
@@ -165,7 +165,7 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def _resolved_config(config: Optional[Path], set_: Optional[list[str]], run: Optional[Path], data_root: Optional[Path] = None) -> Any:
+def _resolved_config(config: Optional[Path], set_: Optional[list[str]], run: Optional[Path], data_root: Optional[str] = None) -> Any:
     """The config a command would use: a run's (with resume's --set), or -c/--set (default: the shipped default)."""
     if run is not None:
         from fcclass.training.fit import resume_config

@@ -87,8 +87,9 @@ def compare(
 @_handle_errors
 def relocate(
     run: str = typer.Argument(..., metavar="RUN", help="A run directory, or a run name in --runs-dir."),
-    data_root: Path = typer.Option(..., "--data-root", help="Where the run's data is now: the image folder (data.path) for "
-                                   "imagefolder runs, the dataset root (data.root) for torchvision sets."),
+    data_root: str = typer.Option(..., "--data-root", help="Where the run's data is now: the image folder (data.path) for "
+                                  "imagefolder runs, the dataset root (data.root) for torchvision sets, the folder or "
+                                  "s3://bucket/prefix for packed datasets (shards)."),
     runs_dir: Path = RunsDirOpt,
     json_out: Optional[str] = JsonOpt,
 ) -> None:

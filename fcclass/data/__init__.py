@@ -259,10 +259,13 @@ def dataset_from_record(cfg: DataConfig, record: SplitRecord, splits: Sequence[s
         notes: list[str] = []
         skipped: list[tuple[Path, str]] = []
     else:
+        if record.dataset == "shards" and root is not None:  # --data-root: where the packed dataset is now
+            cfg = cfg.moved_to(root)
         packed = open_source(cfg, progress=progress) if record.dataset == "shards" else None  # fetches what the cache lacks
         if packed is not None:
             base = packed.root
         parts, notes = _file_splits(record, splits, base, allow_changed, count_added=packed is None)
+        notes = (packed.notes if packed is not None else []) + notes
         pools, wanted = _recorded_pools(base, parts, packed)
         skipped = [(base / s["file"], s["reason"]) for s in record.skipped]
         if skipped:

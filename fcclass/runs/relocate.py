@@ -37,6 +37,8 @@ def relocate(run_dir: str | Path, place: str | Path) -> Relocation:
     run_dir = Path(run_dir)
     if not is_run_dir(run_dir):
         raise FcclassError(f"'{run_dir}' is not a run directory (no {CONFIG}, {SUMMARY} or checkpoint). `fcclass runs` lists the runs.")
+    if _packed(run_dir):
+        return _relocate_packed(run_dir, str(place))
     new = Path(place).expanduser().absolute()
     if not new.is_dir():
         raise FcclassError(f"--data-root '{place}' {'is not a folder' if new.exists() else 'does not exist'}: give the folder the "
@@ -65,9 +67,42 @@ def relocate(run_dir: str | Path, place: str | Path) -> Relocation:
     return moved
 
 
-def _record_place(run_dir: Path, cfg: Any, record: Any, new: Path) -> list[str]:
-    """Write ``new`` into each file that records the data's place: the checkpoints' configs, splits.json, summary.json
-    and config.yaml (last, as the one users read)."""
+def _packed(run_dir: Path) -> bool:
+    try:
+        return run_config(run_dir).data.dataset == "shards"
+    except FcclassError:
+        return False  # the checks below say what is wrong with the run
+
+
+def _relocate_packed(run_dir: Path, place: str) -> Relocation:
+    """A packed dataset's run (data.dataset: shards) whose folder or bucket moved: ``place`` must hold the version
+    the run recorded; its data.path is rewritten (its splits.json names files of the local shard cache: unchanged)."""
+    from fcclass.data.shards.store import open_store
+    from fcclass.data.shards.versions import resolve
+
+    cfg = run_config(run_dir)
+    store = open_store(place)
+    m = resolve(store, cfg.data.version)
+    if m.id != cfg.data.version:
+        raise DataError(f"'{store.url}' does not hold version {cfg.data.version}, which run '{run_dir}' was trained on. Nothing was "
+                        "changed: give --data-root the place that holds it (`fcclass data ls PLACE` lists a place's versions).")
+    try:
+        lock = lock_run(run_dir)
+    except CheckpointError:
+        raise FcclassError(f"Run '{run_dir}' is being trained by another process right now; relocate it once that training "
+                           "has ended.") from None
+    try:
+        moved = Relocation(str(run_dir), "data.path", str(cfg.data.path), store.url, len(m.images), [])
+        if cfg.data.path != store.url:
+            moved.rewritten = _record_place(run_dir, cfg, None, store.url)
+    finally:
+        lock.close()
+    return moved
+
+
+def _record_place(run_dir: Path, cfg: Any, record: Any, new: Path | str) -> list[str]:
+    """Write ``new`` into each file that records the data's place: the checkpoints' configs, splits.json (unless
+    ``record`` is None), summary.json and config.yaml (last, as the one users read)."""
     key = cfg.data.location_key
     written = []
     try:
@@ -77,9 +112,10 @@ def _record_place(run_dir: Path, cfg: Any, record: Any, new: Path) -> list[str]:
                 ckpt.config = {**ckpt.config, "data": {**ckpt.config.get("data", {}), key: str(new)}}
                 ckpt.save(run_dir / name)
                 written.append(name)
-        record.root = new
-        write_splits(run_dir, record)
-        written.append(SPLITS)
+        if record is not None:
+            record.root = new
+            write_splits(run_dir, record)
+            written.append(SPLITS)
         summary = read_summary(run_dir)
         if summary is not None and summary.data is not None:
             summary.data = str(new)

@@ -74,7 +74,9 @@ def _hold(root: Path, sha: str) -> None:
     """Mark shard ``sha`` in use by this process (a shared lock, kept) and as just used."""
     lock = root / "blobs" / f"{sha}.lock"
     if lock in _HELD:
-        return
+        if lock.exists():
+            return
+        os.close(_HELD.pop(lock))  # the cache folder was deleted under this process: hold the new lock file
     lock.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
     try:
@@ -162,8 +164,12 @@ def _extract(data: bytes, sha: str, root: Path, where: str) -> None:
             if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
             shutil.rmtree(tmp, ignore_errors=True)  # another process extracted it first: the same bytes
-        with open(blobs / f"{sha}.lock", "r+") as f:
-            f.write(str(len(data)))
+        fd = os.open(blobs / f"{sha}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, str(len(data)).encode())
+        finally:
+            os.close(fd)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise DataError(f"Cannot write the shard cache '{blobs}': {os_error_reason(e)}. Free some space, or point data.cache_dir "
