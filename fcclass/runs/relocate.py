@@ -48,11 +48,7 @@ def relocate(run_dir: str | Path, place: str | Path) -> Relocation:
         raise FcclassError(f"'{run_dir}' has no {SPLITS} (made by an earlier fcclass), so there is nothing to check '{new}' "
                            "against. Pass --data-root to each command instead.")
     cfg = run_config(run_dir)
-    try:
-        lock = lock_run(run_dir)
-    except CheckpointError:
-        raise FcclassError(f"Run '{run_dir}' is being trained by another process right now; relocate it once that training "
-                           "has ended.") from None
+    lock = _lock(run_dir)
     try:
         differences = record_differences(cfg.data, record, new)
         if differences:
@@ -65,6 +61,14 @@ def relocate(run_dir: str | Path, place: str | Path) -> Relocation:
     finally:
         lock.close()
     return moved
+
+
+def _lock(run_dir: Path) -> Any:
+    try:
+        return lock_run(run_dir)
+    except CheckpointError:
+        raise FcclassError(f"Run '{run_dir}' is being trained by another process right now; relocate it once that training "
+                           "has ended.") from None
 
 
 def _packed(run_dir: Path) -> bool:
@@ -86,11 +90,7 @@ def _relocate_packed(run_dir: Path, place: str) -> Relocation:
     if m.id != cfg.data.version:
         raise DataError(f"'{store.url}' does not hold version {cfg.data.version}, which run '{run_dir}' was trained on. Nothing was "
                         "changed: give --data-root the place that holds it (`fcclass data ls PLACE` lists a place's versions).")
-    try:
-        lock = lock_run(run_dir)
-    except CheckpointError:
-        raise FcclassError(f"Run '{run_dir}' is being trained by another process right now; relocate it once that training "
-                           "has ended.") from None
+    lock = _lock(run_dir)
     try:
         moved = Relocation(str(run_dir), "data.path", str(cfg.data.path), store.url, len(m.images), [])
         if cfg.data.path != store.url:
