@@ -346,3 +346,21 @@ def test_a_packed_dataset_that_moved(folder: Path, tmp_path: Path) -> None:
     assert cfg["data"]["path"] == str(moved) and cfg["data"]["version"] == version
     assert json.loads((run / "summary.json").read_text())["data"] == str(moved)
     cli("eval", str(run), "--no-save")
+
+
+def test_resume_of_a_shard_run_continues_exactly(folder: Path, tmp_path: Path) -> None:
+    """Two epochs, then --resume to three, give the numbers of three epochs in one go (same version, same splits)."""
+    dest = tmp_path / "packed"
+    pack_json(folder, dest)
+    cli("train", "-c", str(shards_config(tmp_path, dest, epochs=3)), "--set", f"train.runs_dir={tmp_path / 'straight'}")
+    cli("train", "-c", str(shards_config(tmp_path, dest, epochs=2)), "--set", f"train.runs_dir={tmp_path / 'resumed'}")
+    resumed = sorted((tmp_path / "resumed").iterdir())[-1]
+    cli("train", "--resume", str(resumed), "--set", "train.epochs=3")
+    straight = sorted((tmp_path / "straight").iterdir())[-1]
+
+    def rows(run: Path) -> list[list[str]]:
+        lines = [line.split(",") for line in (run / "metrics.csv").read_text().splitlines()]
+        drop = {lines[0].index(c) for c in lines[0] if c in ("seconds", "wall_seconds")}
+        return [[v for k, v in enumerate(r) if k not in drop] for r in lines]
+
+    assert rows(resumed) == rows(straight)

@@ -31,7 +31,7 @@ def print_training_header(console: Console, trainer: Any) -> None:
         from fcclass.training.distributed import backend
 
         resumed = (f"   DDP: {job.world} processes on {job.nodes} machine(s), {backend(trainer.device.type)}, "
-                   f"global batch {trainer.cfg.data.batch_size}" + resumed)
+                   f"global batch {trainer.cfg.data.batch_size}{_dropped(trainer, job.world)}" + resumed)
     console.print(f"Device: [bold]{trainer.device}[/bold] ({precision_name(trainer.amp_dtype)}, {chosen})   "
                   f"Run: [bold]{escape(shown(trainer.run_dir))}[/bold]{resumed}", highlight=False)
     console.print(data_table(trainer))
@@ -104,6 +104,15 @@ def print_skipped(console: Console, files: list[Any], already: int = 0) -> None:
         console.print(f"[yellow]  {escape(shown(path))}: {escape(why)}[/yellow]", highlight=False)
     if len(new) > SHOWN_SKIPPED:
         console.print(f"[yellow]  and {len(new) - SHOWN_SKIPPED:,} more[/yellow]", highlight=False)
+
+
+def _dropped(trainer: Any, world: int) -> str:
+    """What every epoch leaves out so that each process takes part in every step: a last batch with fewer images
+    than processes (each image is otherwise read once per epoch, by one process)."""
+    n = len(trainer.data.train) if trainer.data.train is not None else 0
+    batch = trainer.batch.batch_size
+    last = n % batch
+    return f" (the last batch, {last} image(s), is fewer than the processes: left out of every epoch)" if 0 < last < world else ""
 
 
 def data_table(trainer: Any) -> Table:
