@@ -146,6 +146,7 @@ def _extract(data: bytes, sha: str, root: Path, where: str) -> None:
     blobs = root / "blobs"
     final = blobs / sha
     tmp = blobs / f".{sha}.{os.getpid()}.tmp"
+    used = 2 * 4096  # the folder and the lock file; then each file's space on disk (as `du` counts it: a small file takes a block)
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -158,6 +159,8 @@ def _extract(data: bytes, sha: str, root: Path, where: str) -> None:
             path = tmp / name
             path.write_bytes(sample["data"])
             os.utime(path, (FIXED_MTIME, FIXED_MTIME))
+            st = path.stat()
+            used += max(st.st_size, st.st_blocks * 512)
         try:
             os.rename(tmp, final)
         except OSError as e:
@@ -167,7 +170,7 @@ def _extract(data: bytes, sha: str, root: Path, where: str) -> None:
         fd = os.open(blobs / f"{sha}.lock", os.O_RDWR | os.O_CREAT, 0o666)
         try:
             os.ftruncate(fd, 0)
-            os.write(fd, str(len(data)).encode())
+            os.write(fd, str(used).encode())
         finally:
             os.close(fd)
     except OSError as e:
