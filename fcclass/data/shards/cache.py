@@ -116,6 +116,7 @@ def ensure(m: Manifest, root: Path, store: Any, limit_bytes: float, progress: An
     finally:
         if progress is not None:
             progress.end()
+    make_room(root.parent, limit_bytes)  # with the shards' real space on disk (the estimate above was their bytes)
     notes.append(f"Shards: fetched {len(missing)} of the {len(m.shards)} of version {m.id} ({human(need)}) into {shown(root)}; "
                  "later runs of this version read them from there.")
     return notes
