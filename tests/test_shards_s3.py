@@ -244,3 +244,7 @@ def test_training_from_s3_then_from_the_cache_once_the_server_is_gone(own_moto: 
     ev = cli(tmp_path, own_moto.env, "eval", str(run), "--json", "-")
     assert ev.returncode == 0, ev.stderr
     assert json.loads(ev.stdout)["num_samples"] > 0
+    resumed = cli(tmp_path, own_moto.env, "train", "--resume", str(run), "--set", "train.epochs=2")  # the server still gone
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((run / "summary.json").read_text())["epochs"]["done"] == 2
+    assert json.loads((run / "splits.json").read_text())["root"] == str(tmp_path / "cache" / "shards")  # not the bucket

@@ -110,9 +110,10 @@ def resume_trainer(run_dir: str | Path, overrides: Sequence[str] = (), callbacks
     record = read_splits(run_dir)
     if record is None:
         raise CheckpointError(f"Cannot resume '{run_dir}': its {SPLITS} is missing, so the data it trained on is unknown.")
+    packed = cfg.data.dataset == "shards"  # its place is data.path (a folder or s3://); its files are in the shard cache
     with main_first(job):
-        data = dataset_from_record(cfg.data, record, ("train", "val"), root=data_location(cfg.data), fetch=data_root is None,
-                                   progress=decode_progress(callbacks))
+        data = dataset_from_record(cfg.data, record, ("train", "val"), root=None if packed else data_location(cfg.data),
+                                   fetch=data_root is None, progress=decode_progress(callbacks))
     trainer = Trainer(cfg, run_dir, data, list(ckpt.mean), list(ckpt.std), state, callbacks, resumed=True)
     trainer.lock = lock
     trainer.restore(ckpt)
@@ -121,7 +122,7 @@ def resume_trainer(run_dir: str | Path, overrides: Sequence[str] = (), callbacks
     try:
         if cfg.to_dict() != ckpt.config:
             write_config(run_dir, cfg)
-        if data_location(cfg.data) != record.root:  # the data moved: eval and later resumes find it there
+        if not packed and data_location(cfg.data) != record.root:  # the data moved: eval and later resumes find it there
             record.root = data_location(cfg.data)
             write_splits(run_dir, record)
     except OSError as e:
