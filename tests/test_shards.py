@@ -156,7 +156,7 @@ def test_bad_places_and_versions(folder: Path, tmp_path: Path) -> None:
     dest = tmp_path / "packed"
     version = pack_json(folder, dest)["version"]
     out = cli("train", "-c", str(shards_config(tmp_path, dest, version="abcdef12")), code=1)
-    assert "no version" in out.lower() or "is not one of them" in out
+    assert "is not one of its versions" in out
     assert version in out
 
 
@@ -364,3 +364,23 @@ def test_resume_of_a_shard_run_continues_exactly(folder: Path, tmp_path: Path) -
         return [[v for k, v in enumerate(r) if k not in drop] for r in lines]
 
     assert rows(resumed) == rows(straight)
+
+
+def test_unreadable_files_are_named_before_packing(folder: Path, tmp_path: Path) -> None:
+    (folder / "sneaker" / "notes.png").write_text("not an image")
+    (folder / "tshirt" / "empty.jpg").write_bytes(b"")
+    out = cli("data", "pack", str(folder), "--out", str(tmp_path / "packed"), code=1)
+    assert "notes.png" in out and "empty.jpg" in out and "--skip-unreadable" in out
+    assert not (tmp_path / "packed").exists()  # nothing written
+    out = cli("data", "pack", str(folder), "--out", str(tmp_path / "packed"), "--skip-unreadable", "--shard-mb", "0.02")
+    assert "Left out 2 file(s)" in out and "180 images" in out
+    assert "inside the folder being packed" in cli("data", "pack", str(folder), "--out", str(folder / "packed"), code=1)
+    assert "names no bucket" in cli("data", "ls", "s3:///prefix", code=1)
+
+
+def test_predict_names_packed_images_as_the_source_did(folder: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "packed"
+    pack_json(folder, dest)
+    cli("train", "-c", str(shards_config(tmp_path, dest, epochs=1)))
+    out = cli("predict", "--run", str(newest_run(tmp_path)), "--split", "test")
+    assert "sneaker/" in out and "blobs/" not in out

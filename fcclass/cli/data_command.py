@@ -38,6 +38,8 @@ def pack(
                             "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL)."),
     shard_mb: float = typer.Option(64.0, "--shard-mb", help="Target size of a shard in MB (a fraction is fine, e.g. 0.25)."),
     data_root: str = typer.Option("data", "--data-root", help="Where built-in datasets are (data.root)."),
+    skip_unreadable: bool = typer.Option(False, "--skip-unreadable", help="Leave out files that cannot be read as images "
+                                         "(they are named) rather than stop."),
     json_out: Optional[str] = JsonOpt,
 ) -> None:
     """Pack SOURCE into --out as a new version: only images the newest version lacks are written (packing the same
@@ -46,8 +48,13 @@ def pack(
 
     _check_json_target(json_out)
     console = _human_console(json_out)
-    result = run_pack(source, out, shard_mb, data_root, _progress(console))
-    if result.reused:
+    result = run_pack(source, out, shard_mb, data_root, _progress(console), skip_unreadable)
+    for note in result.notes:
+        console.print(f"[yellow]{escape(note)}[/yellow]", highlight=False)
+    if result.reused and result.bytes_written:
+        line = (f"Version [bold]{result.version}[/bold] holds these {result.images:,} images; its missing or truncated shards "
+                f"were written again ({_mb(result.bytes_written)}).")
+    elif result.reused:
         line = f"Version [bold]{result.version}[/bold] already holds these {result.images:,} images: nothing written."
     else:
         line = (f"Packed version [bold]{result.version}[/bold]: {result.images:,} images ({result.new_images:,} new) in "
@@ -115,5 +122,5 @@ def verify(
     if bad:
         lines = "\n".join(f"  {s}: {p}" for s, p in bad)
         raise DataError(f"{len(bad)} of the {len(m.shards)} shards of version {m.id} are bad:\n{lines}\nDelete those shard files, "
-                        f"then pack the source images again into {store.url}: their images go into new shards of a new version.")
+                        f"then pack the source images again into {store.url}: the shards the newest version lacks are written again.")
     console.print(f"Version [bold]{m.id}[/bold]: all {len(m.shards)} shards ({_mb(m.nbytes)}) match their hashes.", highlight=False)

@@ -196,6 +196,7 @@ def load_dataset(cfg: DataConfig, seed: int, splits: Sequence[str] = SPLIT_NAMES
         found, cache_notes = _use_cache(cfg, source.root, pools, {name: chosen[name] for name in splits}, parts, channels, size,
                                         progress, facts, source.pool_dirs)
         skipped, chosen, notes = skipped + found, _leave_out(source, chosen, found), notes + cache_notes + _trimmed(cfg, source)
+    _name(parts, source)
     info = _info(source.class_names, channels, size, parts)
     test_pool, test_idx = chosen["test"]
     info.test_counts = class_counts(source.pools[test_pool].labels[test_idx], len(source.class_names))
@@ -221,6 +222,14 @@ def _use_cache(cfg: DataConfig, root: Path, pools: dict[str, list[Path]], wanted
             found += [(pools[pool][row], gone[row]) for row in rows.tolist() if row in gone]
             parts[name] = parts[name].subset(torch.tensor(keep, dtype=torch.long))
     return found, notes
+
+
+def _name(parts: dict[str, Split], source: Source | None) -> None:
+    """A packed dataset's splits name their images as the source did (``sandal/0007.png``), not by their file in the
+    shard cache: what prediction tables and reports show."""
+    if source is not None and source.names:
+        for split in parts.values():
+            split.names = [source.names.get(f, str(f)) for f in split.files or []]
 
 
 def _trimmed(cfg: DataConfig, source: Source | None) -> list[str]:
@@ -273,6 +282,7 @@ def dataset_from_record(cfg: DataConfig, record: SplitRecord, splits: Sequence[s
                          f"(data.on_unreadable: skip): {describe_bad_files(skipped, shown=3)}. splits.json lists them all.")
         found, cache_notes = _use_cache(cfg, base, pools, wanted, parts, record.channels, size, progress,
                                         pool_dirs=packed.pool_dirs if packed is not None else None)
+        _name(parts, packed)
         notes += cache_notes + _trimmed(cfg, packed) + ([f"{len(found):,} recorded file(s) cannot be decoded now and are left out (data.on_unreadable: skip): "
                                  f"{describe_bad_files(found, shown=3)}."] if found else [])
         skipped += found

@@ -36,6 +36,7 @@ class Source:
     notes: list[str] = field(default_factory=list)  # what the user should know (e.g. a dataset was unpacked)
     pool_dirs: dict[str, Path] = field(default_factory=dict)  # the folder naming each pool's decode cache (default: root/<pool>)
     version: str | None = None  # a packed dataset's version id
+    names: dict[Path, str] = field(default_factory=dict)  # a packed image's file in the shard cache -> its name in the source
 
 
 def data_root(cfg: DataConfig) -> Path:
@@ -58,7 +59,7 @@ def open_source(cfg: DataConfig, pools: Sequence[str] = ("train", "test"), fetch
 
         got = shards_source(cfg, progress)
         return Source("files", got["root"], got["labels"], {k: Pool(labels, files=files) for k, (labels, files) in got["pools"].items()},
-                      shape=got["shape"], notes=got["notes"], pool_dirs=got["pool_dirs"], version=got["version"])
+                      shape=got["shape"], notes=got["notes"], pool_dirs=got["pool_dirs"], version=got["version"], names=got["names"])
     return imagefolder_source(data_root(cfg))
 
 

@@ -223,7 +223,7 @@ def predict_split_with_summary(split: str, run: str | Path | None = None, checkp
                          skip=inf.config.data.on_unreadable == "skip")
     logits, labels = inf.run_loader(loader)
     part, found = read_part(part, loader, ds)
-    paths = [str(f) for f in part.files] if part.files is not None else part.names or [f"{ds.name}:{split}[{i}]" for i in range(len(part))]
+    paths = part.names or ([str(f) for f in part.files] if part.files is not None else [f"{ds.name}:{split}[{i}]" for i in range(len(part))])
     preds = [Prediction(path, true_label=names[int(y)]) for path, y in zip(paths, labels.tolist())]
     _fill(preds, logits, names, min(top_k, len(names)))
     summary = summarize(preds, names, score(logits, labels))

@@ -55,7 +55,7 @@ def config_for_resume(run_dir: Path, ckpt: Checkpoint, overrides: Sequence[str],
 def with_absolute_paths(cfg: Config) -> Config:
     """The config with its folders made absolute, so the run can be evaluated and resumed from anywhere."""
     def absolute(p: str | None) -> str | None:
-        return None if p is None else p if "://" in p else str(Path(p).expanduser().absolute())
+        return None if p is None else p if "://" in p else os.path.abspath(Path(p).expanduser())
 
     data = cfg.data.model_copy(update={"root": absolute(cfg.data.root), "path": absolute(cfg.data.path),
                                        "cache_dir": absolute(cfg.data.cache_dir)})

@@ -130,14 +130,14 @@ def _fetch(store: FolderStore | S3Store, shard: Any, root: Path) -> None:
             data = store.read(shard.file)
         except FileNotFoundError:
             raise DataError(f"The shard {store.where(shard.file)} is missing from the packed dataset. Pack the source images again "
-                            "into the same place (their images go into new shards of a new version) and train on that version.") from None
+                            "into the same place: the shards the newest version lacks are written again.") from None
         problem = shard_problem(store, shard.file, shard.bytes, shard.sha256, data)
         if problem is None:
             break
     if problem is not None:
         raise DataError(f"The shard {store.where(shard.file)} is bad ({problem}; fetched twice). Run `fcclass data verify "
                         f"{store.url}` to find every bad one; delete them, then pack the source images again into the same place "
-                        "(their images go into new shards of a new version).")
+                        "(the shards the newest version lacks are written again).")
     _extract(data, shard.sha256, root, store.where(shard.file))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,9 +45,10 @@ class PackResult:
     bytes_written: int
     bytes_total: int
     new_images: int
-    reused: bool  # the version existed already: nothing was written
+    reused: bool  # the version existed already (nothing written, unless shards of it were missing: written again)
     parent: str | None
     dest: str
+    notes: list[str]
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": self.version, "images": self.images, "shards": self.shards, "bytes_written": self.bytes_written,
@@ -54,8 +56,10 @@ class PackResult:
                 "dest": self.dest}
 
 
-def source_items(source: str, data_root: str = "data") -> tuple[list[str], list[Item], str]:
-    """(labels, images, what the source is) of an image folder or a built-in dataset name."""
+def source_items(source: str, data_root: str = "data", skip_unreadable: bool = False, notes: list[str] | None = None
+                 ) -> tuple[list[str], list[Item], str]:
+    """(labels, images, what the source is) of an image folder or a built-in dataset name. Files that cannot be read
+    as images are an error naming each (or, with ``skip_unreadable``, left out and told in ``notes``)."""
     from fcclass.config.registries import DATASETS, TorchvisionSet
 
     spec = DATASETS.get(source)
@@ -69,12 +73,37 @@ def source_items(source: str, data_root: str = "data") -> tuple[list[str], list[
     from fcclass.data.sources import imagefolder_source
 
     src = imagefolder_source(path)
+    bad = _unreadable_files(src, skip_unreadable, notes)
     items = []
     for split, pool in src.pools.items():
         for f, label in zip(pool.files or [], pool.labels.tolist()):
+            if f in bad:
+                continue
             ext = f.suffix.lower().lstrip(".") or "img"
             items.append(Item(split, int(label), f.relative_to(path).as_posix(), ext, _reader(f)))
     return list(src.class_names), items, str(path)
+
+
+def _unreadable_files(src: Any, skip: bool, notes: list[str] | None) -> set[Path]:
+    """The folder's files whose headers cannot be read as images (on threads): an error naming them, or with
+    ``skip`` the set to leave out (told in ``notes``)."""
+    from fcclass.data.images import describe_bad_files, unreadable, unreadable_error
+
+    files = [f for pool in src.pools.values() for f in pool.files or []]
+    bad = unreadable(files)
+    if bad and not skip:
+        raise unreadable_error(bad, of=len(files), hint=", or pack with --skip-unreadable to leave them out")
+    if bad and notes is not None:
+        notes.append(f"Left out {len(bad)} file(s) that cannot be read as images (--skip-unreadable): {describe_bad_files(bad, shown=5)}.")
+    return {f for f, _ in bad}
+
+
+def check_not_inside(source: Path, store: Any) -> None:
+    """A folder place inside the source folder would be packed into itself by the next pack."""
+    root = getattr(store, "root", None)
+    if root is not None and (root == source or source in root.parents):
+        raise DataError(f"--out '{root}' is inside the folder being packed ('{source}'): the next pack would read the shards as "
+                        "images. Give a place outside it.")
 
 
 def _reader(path: Path) -> Callable[[], bytes]:
@@ -154,12 +183,16 @@ def prepare_place(store: FolderStore | S3Store) -> None:
     store.write(MARKER, marker())
 
 
-def pack(source: str, dest: str, shard_mb: float = 64.0, data_root: str = "data", progress: Any = None) -> PackResult:
+def pack(source: str, dest: str, shard_mb: float = 64.0, data_root: str = "data", progress: Any = None,
+         skip_unreadable: bool = False) -> PackResult:
     """Pack ``source`` into ``dest`` as a new version (or the existing one, when it holds exactly these images)."""
     if not shard_mb > 0:
         raise DataError(f"--shard-mb must be more than 0 (got {shard_mb:g}); e.g. 64, or 0.25 for small test sets.")
     store = open_store(dest)
-    labels, items, what = source_items(source, data_root)
+    if Path(source).expanduser().is_dir():
+        check_not_inside(Path(os.path.abspath(Path(source).expanduser())), store)
+    notes: list[str] = []
+    labels, items, what = source_items(source, data_root, skip_unreadable, notes)
     prepare_place(store)
     parent = newest(read_versions(store))
     sizes = _hash_all(items, progress)
@@ -183,15 +216,16 @@ def pack(source: str, dest: str, shard_mb: float = 64.0, data_root: str = "data"
     m = Manifest(labels, shards, images, datetime.now(timezone.utc).isoformat(timespec="microseconds"),
                  parent.id if parent is not None else None, what, _first_shape(first))
     existed = store.size(m.key) is not None
-    if existed and written == 0:  # the same images: the version that holds them, as it was recorded
+    if existed:  # the same images: the version that holds them, as it was recorded (missing shards written again)
         from fcclass.data.shards.versions import read_version
 
         m = read_version(store, m.id)
-    if not existed:
+        new = {} if written == 0 else new
+    else:
         data = m.to_json()
         store.write(m.key, data)
         written += len(data)
-    return PackResult(m.id, len(images), len(shards), written, m.nbytes, len(new), existed and written == 0, m.parent, store.url)
+    return PackResult(m.id, len(images), len(shards), written, m.nbytes, len(new), existed, m.parent, store.url, notes)
 
 
 def _intact(store: FolderStore | S3Store, parent: Manifest) -> dict[str, Image]:

@@ -53,14 +53,15 @@ def shards_source(cfg: Any, progress: Any = None) -> dict[str, Any]:
     m, notes = pin_version(cfg)
     root = shard_root(cfg.cache_dir)
     notes += ensure(m, root, lambda: open_store(cfg.path), cfg.cache_max_gb * 1e9, progress)
-    pools, pool_dirs = {}, {}
+    pools, pool_dirs, names = {}, {}, {}
     for split in ("train", "val", "test"):
         chosen = sorted((i for i in m.images if i.split == split), key=lambda i: (i.label, i.name))
         if not chosen:
             continue
         files = [root / "blobs" / m.shards[i.shard].sha256 / i.member for i in chosen]
+        names.update((f, i.name) for f, i in zip(files, chosen) if f not in names)
         pools[split] = (torch.tensor([i.label for i in chosen], dtype=torch.long), files)
         pool_dirs[split] = root / "pools" / m.id / split
         pool_dirs[split].mkdir(parents=True, exist_ok=True)
-    return {"labels": list(m.labels), "root": root, "pools": pools, "pool_dirs": pool_dirs, "version": m.id, "notes": notes,
+    return {"labels": list(m.labels), "root": root, "pools": pools, "pool_dirs": pool_dirs, "version": m.id, "notes": notes, "names": names,
             "shape": tuple(m.first_shape) if m.first_shape else None}

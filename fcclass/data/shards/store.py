@@ -42,7 +42,7 @@ class FolderStore:
     """A packed dataset in a folder: files written atomically (temp file, fsync, rename)."""
 
     def __init__(self, dest: str) -> None:
-        self.root = Path(dest).expanduser().absolute()
+        self.root = Path(os.path.abspath(Path(dest).expanduser()))  # normalised: no '..' in what runs record
         self.url = str(self.root)
 
     def where(self, key: str) -> str:
@@ -108,8 +108,8 @@ class S3Store:
     """A packed dataset under s3://bucket/prefix, through s3fs (one PUT per object: atomic)."""
 
     def __init__(self, dest: str) -> None:
-        rest = dest[len("s3://"):].strip("/")
-        if not rest:
+        rest = dest[len("s3://"):].rstrip("/")
+        if not rest or rest.startswith("/"):
             raise DataError(f"'{dest}' names no bucket. Give s3://BUCKET or s3://BUCKET/PREFIX.")
         self.bucket, _, prefix = rest.partition("/")
         self.prefix = prefix.strip("/")
@@ -202,8 +202,11 @@ class S3Store:
         text = f"{type(e).__name__}: {e} {getattr(e, '__cause__', '')!r}"
         low = text.lower()
         where = self._endpoint()
-        if any(k in text for k in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "Forbidden", "403",
-                                   "NoCredentials", "Unable to locate credentials")) or isinstance(e, PermissionError):
+        if "NoCredentials" in text or "Unable to locate credentials" in text:
+            return ("No S3 credentials were found for s3://" + self.bucket + ". Set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                    "(or an AWS profile) to a key that may read and write that bucket.")
+        if any(k in text for k in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "Forbidden", "403")) \
+                or isinstance(e, PermissionError):
             return (f"{where} refused the credentials for s3://{self.bucket} ({_short(e)}). Set AWS_ACCESS_KEY_ID and "
                     "AWS_SECRET_ACCESS_KEY to a key that may read and write that bucket.")
         if "NoSuchBucket" in text:
@@ -212,7 +215,7 @@ class S3Store:
             unreachable = any(k in low for k in ("could not connect", "refused", "unreachable", "name or service"))
             how = ("could not be reached (nothing accepted the connection)" if unreachable else
                    f"did not answer (fcclass gave up after {CONNECT_TIMEOUT} s to connect and {READ_TIMEOUT} s for a reply, twice)")
-            self._down = (f"The S3 endpoint {where} {how} while reading {what}: {_short(e)}. Check that the server runs "
+            self._down = (f"The S3 endpoint {where} {how} (for {what}): {_short(e)}. Check that the server runs "
                           "and AWS_ENDPOINT_URL points at it; runs of a version already in the local cache train without it.")
             return self._down
         return f"S3 request for {what} at {where} failed: {_short(e)}. Check the bucket, the credentials and AWS_ENDPOINT_URL."

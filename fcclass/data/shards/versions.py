@@ -57,9 +57,9 @@ def resolve(store: FolderStore | S3Store, version: str | None) -> Manifest:
         return m
     hits = [v for v in ids if v.startswith(version)]
     if len(hits) != 1:
-        why = "matches several" if hits else "is not one of them"
-        raise DataError(f"data.version '{version}' {why}: the versions at '{store.url}' are {', '.join(ids)}. "
-                        f"Give one of those ids (`fcclass data ls {store.url}` lists them).")
+        why = "matches several of its versions" if hits else "is not one of its versions"
+        raise DataError(f"Version '{version}' {why} at '{store.url}': {', '.join(ids)}. Give one of those ids (or an unambiguous "
+                        f"prefix) as data.version or --version; `fcclass data ls {store.url}` lists them.")
     return read_version(store, hits[0])
 
 
