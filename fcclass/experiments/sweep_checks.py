@@ -9,6 +9,7 @@ import json
 import os
 import sqlite3
 import stat
+import time
 from pathlib import Path
 
 from fcclass import memory
@@ -97,13 +98,21 @@ def _check_sqlite(url: str) -> None:
         return
     if head != SQLITE_MAGIC:
         raise _not_storage(path, "is not an SQLite database")
-    try:
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as con:
-            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    except sqlite3.Error as e:
-        raise _not_storage(path, f"cannot be read as an SQLite database ({e})") from None
+    tables = _tables(path)
+    deadline = time.monotonic() + 15
+    while tables & OPTUNA_TABLES and not OPTUNA_TABLES <= tables and time.monotonic() < deadline:
+        time.sleep(0.2)  # another worker is creating the study's tables right now (seen half made in CI)
+        tables = _tables(path)
     if tables and not OPTUNA_TABLES <= tables:
         raise _not_storage(path, "is an SQLite database of something else (tables: " + ", ".join(sorted(tables)[:8]) + ")")
+
+
+def _tables(path: Path) -> set[str]:
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as con:
+            return {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    except sqlite3.Error as e:
+        raise _not_storage(path, f"cannot be read as an SQLite database ({e})") from None
 
 
 def _check_journal(path: Path) -> None:
