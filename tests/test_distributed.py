@@ -179,6 +179,7 @@ def test_two_processes_train_one_run_that_matches_one_process(tmp_path: Path) ->
 WEIGHTS = ", label_smoothing: 0.1, class_weight: {Shirt: 10.0, Sandal: 0.1, Bag: 0.1}"
 
 
+@pytest.mark.slow  # two torchrun processes: kept out of the default run's 5 minutes (CI runs them)
 @needs_fashion
 def test_two_processes_with_class_weights_match_one_process(tmp_path: Path) -> None:
     """With class weights (and label smoothing) the batch's loss is sum_i w_i l_i / sum_i w_i over the whole global

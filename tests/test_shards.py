@@ -242,6 +242,7 @@ def test_an_interrupted_pack_leaves_no_version_and_resumes(folder: Path, tmp_pat
     assert "match their hashes" in cli("data", "verify", str(dest))
 
 
+@pytest.mark.slow  # two or three CLI runs: kept out of the default run's 5 minutes
 def test_two_runs_share_one_cache(folder: Path, tmp_path: Path) -> None:
     import subprocess
     import sys
@@ -348,6 +349,7 @@ def test_a_packed_dataset_that_moved(folder: Path, tmp_path: Path) -> None:
     cli("eval", str(run), "--no-save")
 
 
+@pytest.mark.slow  # two or three CLI runs: kept out of the default run's 5 minutes
 def test_resume_of_a_shard_run_continues_exactly(folder: Path, tmp_path: Path) -> None:
     """Two epochs, then --resume to three, give the numbers of three epochs in one go (same version, same splits)."""
     dest = tmp_path / "packed"

@@ -197,6 +197,7 @@ def test_an_endpoint_that_accepts_and_never_answers(tmp_path: Path) -> None:
         server.close()
 
 
+@pytest.mark.slow  # a CLI process each: kept out of the default run's 5 minutes (CI runs them)
 def test_wrong_credentials_are_named(tmp_path: Path) -> None:
     # moto checks keys only with its IAM auth on (INITIAL_NO_AUTH_ACTION_COUNT=0): then "testing" is no known key
     server = started(INITIAL_NO_AUTH_ACTION_COUNT="0")
@@ -207,16 +208,19 @@ def test_wrong_credentials_are_named(tmp_path: Path) -> None:
         server.stop()
 
 
+@pytest.mark.slow  # a CLI process each: kept out of the default run's 5 minutes (CI runs them)
 def test_a_bucket_that_does_not_exist(moto_s3: Moto, tmp_path: Path) -> None:
     failed(cli(tmp_path, moto_s3.env, "data", "ls", "s3://no-such-bucket/x"), "bucket 'no-such-bucket' does not exist",
            moto_s3.endpoint)
 
 
+@pytest.mark.slow  # a CLI process each: kept out of the default run's 5 minutes (CI runs them)
 def test_an_empty_prefix_holds_no_dataset(moto_s3: Moto, tmp_path: Path) -> None:
     failed(cli(tmp_path, moto_s3.env, "data", "ls", f"s3://{BUCKET}/nothing-here"), "holds no packed dataset",
            "fcclass data pack")
 
 
+@pytest.mark.slow  # a CLI process each: kept out of the default run's 5 minutes (CI runs them)
 def test_an_unknown_version_lists_the_known_ones(moto_s3: Moto, packed: tuple[str, dict[str, Any]], tmp_path: Path) -> None:
     dest, first = packed
     failed(cli(tmp_path, moto_s3.env, "data", "verify", dest, "--version", "zzzz"), "'zzzz'", first["version"])

@@ -99,7 +99,7 @@ def _check_sqlite(url: str) -> None:
     if head != SQLITE_MAGIC:
         raise _not_storage(path, "is not an SQLite database")
     tables = _tables(path)
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 3
     while tables & OPTUNA_TABLES and not OPTUNA_TABLES <= tables and time.monotonic() < deadline:
         time.sleep(0.2)  # another worker is creating the study's tables right now (seen half made in CI)
         tables = _tables(path)
