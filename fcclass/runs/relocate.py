@@ -37,8 +37,9 @@ def relocate(run_dir: str | Path, place: str | Path) -> Relocation:
     run_dir = Path(run_dir)
     if not is_run_dir(run_dir):
         raise FcclassError(f"'{run_dir}' is not a run directory (no {CONFIG}, {SUMMARY} or checkpoint). `fcclass runs` lists the runs.")
-    if _packed(run_dir):
-        return _relocate_packed(run_dir, str(place))
+    packed = _packed_config(run_dir)
+    if packed is not None:
+        return _relocate_packed(run_dir, packed, str(place))
     new = Path(place).expanduser().absolute()
     if not new.is_dir():
         raise FcclassError(f"--data-root '{place}' {'is not a folder' if new.exists() else 'does not exist'}: give the folder the "
@@ -71,20 +72,21 @@ def _lock(run_dir: Path) -> Any:
                            "has ended.") from None
 
 
-def _packed(run_dir: Path) -> bool:
+def _packed_config(run_dir: Path) -> Any:
+    """The run's config if it trained on a packed dataset (data.dataset: shards), else None."""
     try:
-        return run_config(run_dir).data.dataset == "shards"
+        cfg = run_config(run_dir)
     except FcclassError:
-        return False  # the checks below say what is wrong with the run
+        return None  # the checks of an image folder's or torchvision run say what is wrong with the run
+    return cfg if cfg.data.dataset == "shards" else None
 
 
-def _relocate_packed(run_dir: Path, place: str) -> Relocation:
+def _relocate_packed(run_dir: Path, cfg: Any, place: str) -> Relocation:
     """A packed dataset's run (data.dataset: shards) whose folder or bucket moved: ``place`` must hold the version
     the run recorded; its data.path is rewritten (its splits.json names files of the local shard cache: unchanged)."""
     from fcclass.data.shards.store import open_store
     from fcclass.data.shards.versions import resolve
 
-    cfg = run_config(run_dir)
     store = open_store(place)
     m = resolve(store, cfg.data.version)
     if m.id != cfg.data.version:

@@ -31,7 +31,7 @@ def print_training_header(console: Console, trainer: Any) -> None:
         from fcclass.training.distributed import backend
 
         resumed = (f"   DDP: {job.world} processes on {job.nodes} machine(s), {backend(trainer.device.type)}, "
-                   f"global batch {trainer.cfg.data.batch_size}{_dropped(trainer, job.world)}" + resumed)
+                   f"global batch {trainer.cfg.data.batch_size}{_dropped(trainer)}" + resumed)
     console.print(f"Device: [bold]{trainer.device}[/bold] ({precision_name(trainer.amp_dtype)}, {chosen})   "
                   f"Run: [bold]{escape(shown(trainer.run_dir))}[/bold]{resumed}", highlight=False)
     console.print(data_table(trainer))
@@ -106,13 +106,14 @@ def print_skipped(console: Console, files: list[Any], already: int = 0) -> None:
         console.print(f"[yellow]  and {len(new) - SHOWN_SKIPPED:,} more[/yellow]", highlight=False)
 
 
-def _dropped(trainer: Any, world: int) -> str:
+def _dropped(trainer: Any) -> str:
     """What every epoch leaves out so that each process takes part in every step: a last batch with fewer images
     than processes (each image is otherwise read once per epoch, by one process)."""
+    from fcclass.data.loaders import epoch_batches
+
     n = len(trainer.data.train) if trainer.data.train is not None else 0
-    batch = trainer.batch.batch_size
-    last = n % batch
-    return f" (the last batch, {last} image(s), is fewer than the processes: left out of every epoch)" if 0 < last < world else ""
+    left = n - sum(size for _, _, size in epoch_batches(n, trainer.batch.batch_size, trainer.job))
+    return f" (the last batch, {left} image(s), is fewer than the processes: left out of every epoch)" if left else ""
 
 
 def data_table(trainer: Any) -> Table:

@@ -201,15 +201,7 @@ def pack(source: str, dest: str, shard_mb: float = 64.0, data_root: str = "data"
     for item in items:
         if item.hash not in known and item.hash not in new:
             new[item.hash] = item
-    shards: list[Shard] = []
-    where: dict[str, tuple[int, str]] = {}  # image hash -> (shard index in this version, extension)
-    if parent is not None:
-        for h, img in known.items():
-            where[h] = (img.shard, img.ext)
-    used = sorted({where[i.hash][0] for i in items if i.hash in where})
-    remap = {old: k for k, old in enumerate(used)}
-    shards = [parent.shards[old] for old in used] if parent is not None else []
-    where = {h: (remap[s], e) for h, (s, e) in where.items() if s in remap}
+    shards, where = _kept(parent, known, items)
     written = _write_new(store, list(new.values()), sizes, shard_mb * 1e6, shards, where, progress)
     images = [Image(i.split, i.label, i.hash, where[i.hash][0], where[i.hash][1], i.name) for i in items]
     first = next((i for i in items if i.split == "train"), None)
@@ -226,6 +218,16 @@ def pack(source: str, dest: str, shard_mb: float = 64.0, data_root: str = "data"
         store.write(m.key, data)
         written += len(data)
     return PackResult(m.id, len(images), len(shards), written, m.nbytes, len(new), existed, m.parent, store.url, notes)
+
+
+def _kept(parent: Manifest | None, known: dict[str, Image], items: list[Item]) -> tuple[list[Shard], dict[str, tuple[int, str]]]:
+    """The parent's shards that hold some of ``items`` (in their order there), and where each image they hold is:
+    {image hash: (shard index in the new version, extension)}."""
+    if parent is None or not known:
+        return [], {}
+    used = sorted({known[i.hash].shard for i in items if i.hash in known})
+    index = {old: k for k, old in enumerate(used)}
+    return [parent.shards[old] for old in used], {h: (index[img.shard], img.ext) for h, img in known.items() if img.shard in index}
 
 
 def _intact(store: FolderStore | S3Store, parent: Manifest) -> dict[str, Image]:

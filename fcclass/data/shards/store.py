@@ -172,7 +172,7 @@ class S3Store:
             found = self._call(lambda: self.fs.find(base), prefix or self.url)
         except FileNotFoundError:
             return []
-        start = len(self._path("")) + (1 if self.prefix else 0) if self.prefix else len(self.bucket) + 1
+        start = len(self._path("")) + 1  # "bucket/prefix/" or "bucket/"
         return sorted(p[start:] for p in found if not p[start:].rsplit("/", 1)[-1].startswith("."))
 
     def _call(self, fn: Any, what: str) -> Any:
